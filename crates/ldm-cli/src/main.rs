@@ -1,0 +1,98 @@
+//! `ldm`: the command-line front-end. It parses arguments, calls the libraries, and prints;
+//! no tensor math lives here.
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use ldm_models::model::ModelFolder;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(name = "ldm", version, about = "Stable Diffusion (latent diffusion) in Rust")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Describe a model folder: family, prediction type, parameters, dtypes, latent scaling.
+    Info {
+        /// A diffusers model folder (with model_index.json).
+        model: PathBuf,
+    },
+    /// Generate an image from a prompt (txt2img).
+    Generate {
+        /// The prompt.
+        prompt: String,
+        /// A diffusers model folder; the embedded model when omitted.
+        #[arg(long)]
+        model: Option<PathBuf>,
+    },
+}
+
+fn fmt_count(n: usize) -> String {
+    let s = n.to_string();
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+fn info(path: &PathBuf) -> Result<()> {
+    let folder = ModelFolder::open(path)?;
+    let family = folder.family();
+    let variant = if folder.is_inpainting() { " inpainting" } else { "" };
+    println!("model:            {}", path.display());
+    println!("pipeline:         {}", folder.index.class_name);
+    println!("family:           {family}{variant}");
+    println!("prediction type:  {}", folder.scheduler.prediction_type);
+    if let Some(class) = &folder.scheduler.class_name {
+        println!("scheduler:        {class}");
+    }
+    println!("latent scaling:   {}", folder.vae.scaling_factor);
+    if folder.vae.shift_factor != 0.0 {
+        println!("latent shift:     {}", folder.vae.shift_factor);
+    }
+    println!("latent channels:  {}", folder.vae.latent_channels);
+    let mut total = 0;
+    for component in folder.components() {
+        let s = folder
+            .summary(component)
+            .with_context(|| format!("reading {component} weights"))?;
+        total += s.parameters;
+        let dtypes: Vec<&str> = s.dtypes.keys().map(String::as_str).collect();
+        println!(
+            "{:<17} {:>15} parameters  {}",
+            format!("{component}:"),
+            fmt_count(s.parameters),
+            dtypes.join("+")
+        );
+    }
+    println!("{:<17} {:>15} parameters", "total:", fmt_count(total));
+    Ok(())
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Info { model } => info(&model),
+        Command::Generate { .. } => {
+            bail!("`ldm generate` is not implemented yet: the txt2img pipeline and the embedded model are still being built")
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

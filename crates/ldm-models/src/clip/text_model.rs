@@ -1,0 +1,216 @@
+//! The CLIP text transformer (Radford et al. 2021, §2.4; transformers' `CLIPTextModel` and
+//! `CLIPTextModelWithProjection`): token + position embeddings, pre-norm causal self-attention
+//! layers, a final LayerNorm, the pooled output at the end-of-text token, and an optional
+//! projection. Every layer's hidden state is returned for clip skip and SDXL's penultimate layer.
+
+use super::config::{Activation, ClipTextConfig, PoolAt};
+use crate::layers::attention::{causal_mask, merge_heads, scaled_dot_product, split_heads};
+use crate::layers::{gelu, quick_gelu};
+use candle_core::{DType, Result, Tensor};
+use candle_nn::{Embedding, LayerNorm, Linear, Module, VarBuilder};
+
+#[derive(Debug, Clone)]
+struct SelfAttention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    out_proj: Linear,
+    heads: usize,
+    scale: f64,
+}
+
+impl SelfAttention {
+    fn new(vb: VarBuilder, c: &ClipTextConfig) -> Result<Self> {
+        let d = c.hidden_size;
+        Ok(Self {
+            q_proj: candle_nn::linear(d, d, vb.pp("q_proj"))?,
+            k_proj: candle_nn::linear(d, d, vb.pp("k_proj"))?,
+            v_proj: candle_nn::linear(d, d, vb.pp("v_proj"))?,
+            out_proj: candle_nn::linear(d, d, vb.pp("out_proj"))?,
+            heads: c.num_attention_heads,
+            scale: 1.0 / ((d / c.num_attention_heads) as f64).sqrt(),
+        })
+    }
+
+    fn forward(&self, x: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        let q = split_heads(&self.q_proj.forward(x)?, self.heads)?;
+        let k = split_heads(&self.k_proj.forward(x)?, self.heads)?;
+        let v = split_heads(&self.v_proj.forward(x)?, self.heads)?;
+        let out = scaled_dot_product(&q, &k, &v, self.scale, Some(mask))?;
+        self.out_proj.forward(&merge_heads(&out)?)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct EncoderLayer {
+    layer_norm1: LayerNorm,
+    self_attn: SelfAttention,
+    layer_norm2: LayerNorm,
+    fc1: Linear,
+    fc2: Linear,
+    activation: Activation,
+}
+
+impl EncoderLayer {
+    fn new(vb: VarBuilder, c: &ClipTextConfig) -> Result<Self> {
+        let d = c.hidden_size;
+        Ok(Self {
+            layer_norm1: candle_nn::layer_norm(d, c.layer_norm_eps, vb.pp("layer_norm1"))?,
+            self_attn: SelfAttention::new(vb.pp("self_attn"), c)?,
+            layer_norm2: candle_nn::layer_norm(d, c.layer_norm_eps, vb.pp("layer_norm2"))?,
+            fc1: candle_nn::linear(d, c.intermediate_size, vb.pp("mlp").pp("fc1"))?,
+            fc2: candle_nn::linear(c.intermediate_size, d, vb.pp("mlp").pp("fc2"))?,
+            activation: c.activation,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        let x = (self.self_attn.forward(&self.layer_norm1.forward(x)?, mask)? + x)?;
+        let h = self.fc1.forward(&self.layer_norm2.forward(&x)?)?;
+        let h = match self.activation {
+            Activation::QuickGelu => quick_gelu(&h)?,
+            Activation::Gelu => gelu(&h)?,
+        };
+        self.fc2.forward(&h)? + x
+    }
+}
+
+/// What the text encoder returns.
+#[derive(Debug, Clone)]
+pub struct ClipTextOutput {
+    /// Final LayerNorm applied to the last layer: `[B, L, D]`.
+    pub last_hidden_state: Tensor,
+    /// The embeddings, then each layer's output (before the final norm): `layers + 1` tensors.
+    pub hidden_states: Vec<Tensor>,
+    /// `last_hidden_state` at the end-of-text token: `[B, D]`.
+    pub pooled: Tensor,
+    /// The projected pooled output `[B, P]` (`CLIPTextModelWithProjection` only).
+    pub text_embeds: Option<Tensor>,
+}
+
+impl ClipTextOutput {
+    /// The hidden state `skip` layers before the last (0 = last layer, before the final norm).
+    pub fn from_end(&self, skip: usize) -> Option<&Tensor> {
+        self.hidden_states.len().checked_sub(1 + skip).map(|i| &self.hidden_states[i])
+    }
+}
+
+/// `CLIPTextModel` (tower under `text_model.`) with `text_projection` when configured.
+#[derive(Debug, Clone)]
+pub struct ClipTextModel {
+    token_embedding: Embedding,
+    position_embedding: Embedding,
+    layers: Vec<EncoderLayer>,
+    final_layer_norm: LayerNorm,
+    text_projection: Option<Linear>,
+    pub config: ClipTextConfig,
+}
+
+impl ClipTextModel {
+    /// Builds the model; `vb` paths are the released keys (`text_model.*`, `text_projection`).
+    pub fn new(vb: VarBuilder, config: &ClipTextConfig) -> Result<Self> {
+        let c = config;
+        let tm = vb.pp("text_model");
+        let emb = tm.pp("embeddings");
+        let layers = (0..c.num_hidden_layers)
+            .map(|i| EncoderLayer::new(tm.pp("encoder").pp("layers").pp(i), c))
+            .collect::<Result<Vec<_>>>()?;
+        let text_projection = match c.projection_dim {
+            Some(p) => Some(candle_nn::linear_no_bias(c.hidden_size, p, vb.pp("text_projection"))?),
+            None => None,
+        };
+        Ok(Self {
+            token_embedding: candle_nn::embedding(c.vocab_size, c.hidden_size, emb.pp("token_embedding"))?,
+            position_embedding: candle_nn::embedding(
+                c.max_position_embeddings,
+                c.hidden_size,
+                emb.pp("position_embedding"),
+            )?,
+            layers,
+            final_layer_norm: candle_nn::layer_norm(c.hidden_size, c.layer_norm_eps, tm.pp("final_layer_norm"))?,
+            text_projection,
+            config: config.clone(),
+        })
+    }
+
+    /// `input_ids`: `[B, L]` token ids (any integer dtype), `L ≤ max_position_embeddings`.
+    pub fn forward(&self, input_ids: &Tensor) -> Result<ClipTextOutput> {
+        let (b, len) = input_ids.dims2()?;
+        if len > self.config.max_position_embeddings {
+            return Err(candle_core::Error::Msg(format!(
+                "{len} tokens exceed the text encoder's {} positions",
+                self.config.max_position_embeddings
+            )));
+        }
+        let ids = input_ids.to_dtype(DType::U32)?;
+        let id_rows = ids.to_vec2::<u32>()?;
+        if let Some(bad) = id_rows.iter().flatten().find(|&&id| id as usize >= self.config.vocab_size) {
+            return Err(candle_core::Error::Msg(format!(
+                "token id {bad} is outside the vocabulary of {}",
+                self.config.vocab_size
+            )));
+        }
+        let device = input_ids.device();
+        let positions = Tensor::arange(0u32, len as u32, device)?;
+        let mut x = self
+            .token_embedding
+            .forward(&ids)?
+            .broadcast_add(&self.position_embedding.forward(&positions)?)?;
+        let mask = causal_mask(len, device)?;
+        let mut hidden_states = Vec::with_capacity(self.layers.len() + 1);
+        hidden_states.push(x.clone());
+        for layer in &self.layers {
+            x = layer.forward(&x, &mask)?;
+            hidden_states.push(x.clone());
+        }
+        let last_hidden_state = self.final_layer_norm.forward(&x)?;
+        let pool_index: Vec<u32> = id_rows
+            .iter()
+            .enumerate()
+            .map(|(row, ids)| row as u32 * len as u32 + pool_position(ids, self.config.pool_at) as u32)
+            .collect();
+        let pool_index = Tensor::from_vec(pool_index, b, device)?;
+        let pooled = last_hidden_state
+            .reshape((b * len, ()))?
+            .index_select(&pool_index, 0)?; // [B, D]
+        let text_embeds = match &self.text_projection {
+            Some(p) => Some(p.forward(&pooled)?),
+            None => None,
+        };
+        Ok(ClipTextOutput {
+            last_hidden_state,
+            hidden_states,
+            pooled,
+            text_embeds,
+        })
+    }
+}
+
+/// The position whose hidden state is pooled: the first end-of-text id, or (legacy configs) the
+/// first position of the largest id — what `torch.argmax` returns. Falls back to the last token.
+fn pool_position(ids: &[u32], pool_at: PoolAt) -> usize {
+    match pool_at {
+        PoolAt::FirstEos(eos) => ids.iter().position(|&i| i == eos).unwrap_or(ids.len() - 1),
+        PoolAt::ArgMax => {
+            let mut best = 0;
+            for (i, &id) in ids.iter().enumerate() {
+                if id > ids[best] {
+                    best = i;
+                }
+            }
+            best
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pooling_positions() {
+        assert_eq!(pool_position(&[5, 1, 9, 7, 9], PoolAt::FirstEos(9)), 2);
+        assert_eq!(pool_position(&[5, 1, 3], PoolAt::FirstEos(9)), 2);
+        assert_eq!(pool_position(&[5, 11, 3, 11], PoolAt::ArgMax), 1);
+    }
+}

@@ -1,0 +1,97 @@
+//! Configs in two layers: serde structs mirroring diffusers' / transformers' `config.json` field for
+//! field, and validated configs with every per-block list spelled out and each quirk decoded once.
+
+use crate::error::{Error, Result};
+use serde::Deserialize;
+use std::path::Path;
+
+/// A config field that is either one value for every block or one value per block.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum OneOrMany<T> {
+    One(T),
+    Many(Vec<T>),
+}
+
+impl<T: Clone> OneOrMany<T> {
+    /// One value per block; `field` names the config field in the error.
+    pub fn per_block(&self, blocks: usize, field: &str) -> std::result::Result<Vec<T>, String> {
+        match self {
+            OneOrMany::One(v) => Ok(vec![v.clone(); blocks]),
+            OneOrMany::Many(v) if v.len() == blocks => Ok(v.clone()),
+            OneOrMany::Many(v) => Err(format!(
+                "`{field}` has {} entries but there are {blocks} blocks",
+                v.len()
+            )),
+        }
+    }
+}
+
+/// Reads and parses a JSON config file.
+pub fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    serde_json::from_str(&text).map_err(|e| Error::config(path, e.to_string()))
+}
+
+/// Sanity limit for channel counts and widths: far above any released model, far below overflow.
+pub(crate) const MAX_CHANNELS: usize = 1 << 16;
+
+pub(crate) fn check_range(
+    path: &Path,
+    field: &str,
+    value: usize,
+    min: usize,
+    max: usize,
+) -> Result<()> {
+    if value < min || value > max {
+        return Err(Error::config(
+            path,
+            format!("`{field}` = {value} is outside [{min}, {max}]"),
+        ));
+    }
+    Ok(())
+}
+
+pub(crate) fn check_groups(path: &Path, field: &str, channels: usize, groups: usize) -> Result<()> {
+    if groups == 0 || channels % groups != 0 {
+        return Err(Error::config(
+            path,
+            format!("{field}: {channels} channels cannot be split into {groups} groups"),
+        ));
+    }
+    Ok(())
+}
+
+/// `model_index.json` of a diffusers pipeline folder.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ModelIndex {
+    #[serde(rename = "_class_name")]
+    pub class_name: String,
+    #[serde(rename = "_diffusers_version", default)]
+    pub diffusers_version: Option<String>,
+    #[serde(flatten)]
+    pub components: std::collections::BTreeMap<String, serde_json::Value>,
+}
+
+impl ModelIndex {
+    /// Whether component `name` is present (listed and not `[null, null]`).
+    pub fn has(&self, name: &str) -> bool {
+        match self.components.get(name) {
+            Some(serde_json::Value::Array(a)) => a.iter().any(|v| !v.is_null()),
+            _ => false,
+        }
+    }
+}
+
+/// The fields of a diffusers `scheduler_config.json` that the networks' side needs to know.
+#[derive(Debug, Clone, Deserialize)]
+pub struct SchedulerConfigHead {
+    #[serde(rename = "_class_name", default)]
+    pub class_name: Option<String>,
+    #[serde(default = "default_prediction_type")]
+    pub prediction_type: String,
+}
+
+fn default_prediction_type() -> String {
+    "epsilon".into()
+}

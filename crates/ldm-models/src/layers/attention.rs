@@ -1,0 +1,98 @@
+//! Multi-head scaled dot-product attention ("Attention Is All You Need", eq. 1) and diffusers'
+//! `Attention` module (self- or cross-attention with `to_q`, `to_k`, `to_v`, `to_out.0`).
+
+use candle_core::{DType, Result, Tensor};
+use candle_nn::{Linear, Module, VarBuilder};
+
+/// `softmax(q kᵀ · scale + mask) v` over `[B, H, L, d]` tensors. Scores and softmax run in f32
+/// whatever the input dtype (what diffusers' `upcast_attention`/`upcast_softmax` ask for).
+pub fn scaled_dot_product(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    mask: Option<&Tensor>,
+) -> Result<Tensor> {
+    let dtype = v.dtype();
+    let q = q.to_dtype(DType::F32)?.contiguous()?;
+    let k = k.to_dtype(DType::F32)?.contiguous()?;
+    let scores = (q.matmul(&k.t()?)? * scale)?; // [B, H, Lq, Lk]
+    let scores = match mask {
+        Some(m) => scores.broadcast_add(m)?,
+        None => scores,
+    };
+    let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(dtype)?;
+    probs.matmul(&v.contiguous()?)
+}
+
+/// `[B, L, H·d]` → `[B, H, L, d]`.
+pub fn split_heads(x: &Tensor, heads: usize) -> Result<Tensor> {
+    let (b, l, c) = x.dims3()?;
+    x.reshape((b, l, heads, c / heads))?.transpose(1, 2)
+}
+
+/// `[B, H, L, d]` → `[B, L, H·d]`.
+pub fn merge_heads(x: &Tensor) -> Result<Tensor> {
+    let (b, h, l, d) = x.dims4()?;
+    x.transpose(1, 2)?.reshape((b, l, h * d))
+}
+
+/// diffusers' `Attention`: projections to `heads × dim_head`, attention, output projection.
+#[derive(Debug, Clone)]
+pub struct Attention {
+    to_q: Linear,
+    to_k: Linear,
+    to_v: Linear,
+    to_out: Linear,
+    heads: usize,
+    scale: f64,
+}
+
+impl Attention {
+    /// `context_dim` is `None` for self-attention; `qkv_bias` is diffusers' `bias`.
+    pub fn new(
+        vb: VarBuilder,
+        query_dim: usize,
+        context_dim: Option<usize>,
+        heads: usize,
+        dim_head: usize,
+        qkv_bias: bool,
+    ) -> Result<Self> {
+        let inner = heads * dim_head;
+        let context_dim = context_dim.unwrap_or(query_dim);
+        let lin = |vb: VarBuilder, i, o, bias: bool| {
+            if bias {
+                candle_nn::linear(i, o, vb)
+            } else {
+                candle_nn::linear_no_bias(i, o, vb)
+            }
+        };
+        Ok(Self {
+            to_q: lin(vb.pp("to_q"), query_dim, inner, qkv_bias)?,
+            to_k: lin(vb.pp("to_k"), context_dim, inner, qkv_bias)?,
+            to_v: lin(vb.pp("to_v"), context_dim, inner, qkv_bias)?,
+            to_out: candle_nn::linear(inner, query_dim, vb.pp("to_out").pp("0"))?,
+            heads,
+            scale: 1.0 / (dim_head as f64).sqrt(),
+        })
+    }
+
+    /// `x`: `[B, L, query_dim]`; `context`: `[B, Lc, context_dim]` or `None` for self-attention.
+    pub fn forward(&self, x: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
+        let context = context.unwrap_or(x);
+        let q = split_heads(&self.to_q.forward(x)?, self.heads)?;
+        let k = split_heads(&self.to_k.forward(context)?, self.heads)?;
+        let v = split_heads(&self.to_v.forward(context)?, self.heads)?;
+        let out = scaled_dot_product(&q, &k, &v, self.scale, None)?;
+        self.to_out.forward(&merge_heads(&out)?)
+    }
+}
+
+/// A causal mask `[L, L]`: 0 on and below the diagonal, -inf above.
+pub fn causal_mask(len: usize, device: &candle_core::Device) -> Result<Tensor> {
+    let mask: Vec<f32> = (0..len)
+        .flat_map(|i| (0..len).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
+        .collect();
+    Tensor::from_vec(mask, (len, len), device)
+}
+

@@ -1,0 +1,82 @@
+//! diffusers' `ResnetBlock2D`: pre-activation GroupNorm → SiLU → conv, twice, with the timestep
+//! embedding added between the two convolutions and a 1×1 shortcut when channels change
+//! (He et al., "Identity Mappings in Deep Residual Networks"; DDPM's U-Net, Ho et al. 2020).
+
+use super::conv2d;
+use candle_core::{Result, Tensor};
+use candle_nn::{Conv2d, GroupNorm, Linear, Module, VarBuilder};
+
+/// Shapes and norms of one ResNet block.
+#[derive(Debug, Clone, Copy)]
+pub struct ResnetConfig {
+    pub in_channels: usize,
+    pub out_channels: usize,
+    /// Width of the timestep embedding; `None` in the autoencoder.
+    pub temb_channels: Option<usize>,
+    pub groups: usize,
+    pub eps: f64,
+    pub output_scale_factor: f64,
+}
+
+/// One ResNet block.
+#[derive(Debug, Clone)]
+pub struct ResnetBlock2D {
+    norm1: GroupNorm,
+    conv1: Conv2d,
+    time_emb_proj: Option<Linear>,
+    norm2: GroupNorm,
+    conv2: Conv2d,
+    conv_shortcut: Option<Conv2d>,
+    output_scale_factor: f64,
+}
+
+impl ResnetBlock2D {
+    /// Builds the block; parameter paths are diffusers' (`norm1`, `conv1`, `time_emb_proj`, …).
+    pub fn new(vb: VarBuilder, c: ResnetConfig) -> Result<Self> {
+        let norm1 = candle_nn::group_norm(c.groups, c.in_channels, c.eps, vb.pp("norm1"))?;
+        let conv1 = conv2d(vb.pp("conv1"), c.in_channels, c.out_channels, 3, 1, 1)?;
+        let time_emb_proj = match c.temb_channels {
+            Some(t) => Some(candle_nn::linear(t, c.out_channels, vb.pp("time_emb_proj"))?),
+            None => None,
+        };
+        let norm2 = candle_nn::group_norm(c.groups, c.out_channels, c.eps, vb.pp("norm2"))?;
+        let conv2 = conv2d(vb.pp("conv2"), c.out_channels, c.out_channels, 3, 1, 1)?;
+        let conv_shortcut = if c.in_channels != c.out_channels {
+            Some(conv2d(vb.pp("conv_shortcut"), c.in_channels, c.out_channels, 1, 1, 0)?)
+        } else {
+            None
+        };
+        Ok(Self {
+            norm1,
+            conv1,
+            time_emb_proj,
+            norm2,
+            conv2,
+            conv_shortcut,
+            output_scale_factor: c.output_scale_factor,
+        })
+    }
+
+    /// `x`: `[B, C_in, H, W]`, `temb`: `[B, T]` → `[B, C_out, H, W]`.
+    pub fn forward(&self, x: &Tensor, temb: Option<&Tensor>) -> Result<Tensor> {
+        let h = self.conv1.forward(&self.norm1.forward(x)?.silu()?)?;
+        let h = match (&self.time_emb_proj, temb) {
+            (Some(proj), Some(temb)) => {
+                let t = proj.forward(&temb.silu()?)?.unsqueeze(2)?.unsqueeze(3)?;
+                h.broadcast_add(&t)?
+            }
+            _ => h,
+        };
+        let h = self.conv2.forward(&self.norm2.forward(&h)?.silu()?)?;
+        let shortcut = match &self.conv_shortcut {
+            Some(conv) => conv.forward(x)?,
+            None => x.clone(),
+        };
+        let out = (shortcut + h)?;
+        if self.output_scale_factor == 1.0 {
+            Ok(out)
+        } else {
+            out / self.output_scale_factor
+        }
+    }
+}

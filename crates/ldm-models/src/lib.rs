@@ -1,0 +1,15 @@
+//! `ldm-models`: Stable Diffusion's networks on candle — the KL autoencoder, the conditional
+//! U-Net and the CLIP text encoder — with configs mirroring diffusers' `config.json` and
+//! constructors whose parameter paths are the checkpoint keys, so one constructor both loads
+//! released weights and initialises training.
+
+pub mod clip;
+pub mod config;
+pub mod error;
+pub mod layers;
+pub mod model;
+pub mod unet;
+pub mod vae;
+pub mod weights;
+
+pub use error::{Error, Result};

@@ -1,0 +1,272 @@
+//! A diffusers pipeline folder (`model_index.json`, `unet/`, `vae/`, `text_encoder/`,
+//! `text_encoder_2/`, `tokenizer/`, `tokenizer_2/`, `scheduler/`): its validated configs, the
+//! model family they describe, header-only summaries, and strict loading of each network.
+
+use crate::clip::{ClipTextConfig, ClipTextModel, ClipTokenizer};
+use crate::config::{read_json, ModelIndex, SchedulerConfigHead};
+use crate::error::{Error, Result};
+use crate::unet::{UNet2DConditionModel, UNetConfig};
+use crate::vae::{AutoencoderKL, VaeConfig};
+use crate::weights::{component_files, rename, Checkpoint, Weights};
+use candle_core::{DType, Device};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// Which Stable Diffusion a folder holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    Sd1,
+    Sd2,
+    Sdxl,
+    SdxlRefiner,
+}
+
+impl std::fmt::Display for Family {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Family::Sd1 => "SD1",
+            Family::Sd2 => "SD2",
+            Family::Sdxl => "SDXL",
+            Family::SdxlRefiner => "SDXL refiner",
+        })
+    }
+}
+
+/// One of the two text encoders.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TextEncoderSlot {
+    First,
+    Second,
+}
+
+impl TextEncoderSlot {
+    fn encoder_dir(self) -> &'static str {
+        match self {
+            TextEncoderSlot::First => "text_encoder",
+            TextEncoderSlot::Second => "text_encoder_2",
+        }
+    }
+    fn tokenizer_dir(self) -> &'static str {
+        match self {
+            TextEncoderSlot::First => "tokenizer",
+            TextEncoderSlot::Second => "tokenizer_2",
+        }
+    }
+}
+
+/// A loaded network and the checkpoint tensors it did not use.
+#[derive(Debug)]
+pub struct Loaded<T> {
+    pub model: T,
+    pub unused: Vec<String>,
+}
+
+/// Parameter count and stored dtypes of one component, read from safetensors headers only.
+#[derive(Debug, Clone)]
+pub struct ComponentSummary {
+    pub name: String,
+    pub parameters: usize,
+    pub dtypes: BTreeMap<String, usize>,
+    pub files: Vec<PathBuf>,
+}
+
+/// A diffusers pipeline folder with its configs read and validated.
+#[derive(Debug, Clone)]
+pub struct ModelFolder {
+    pub root: PathBuf,
+    pub index: ModelIndex,
+    pub unet: UNetConfig,
+    pub vae: VaeConfig,
+    pub text_encoder: Option<ClipTextConfig>,
+    pub text_encoder_2: Option<ClipTextConfig>,
+    pub scheduler: SchedulerConfigHead,
+}
+
+impl ModelFolder {
+    /// Reads `model_index.json` and every component's config under `root`.
+    pub fn open(root: &Path) -> Result<Self> {
+        if !root.exists() {
+            return Err(Error::NotAModel {
+                path: root.to_path_buf(),
+                msg: "no such file or directory".into(),
+            });
+        }
+        if !root.is_dir() {
+            return Err(Error::NotAModel {
+                path: root.to_path_buf(),
+                msg: "is a file; single-file checkpoints are not supported yet — give a diffusers folder".into(),
+            });
+        }
+        let index_path = root.join("model_index.json");
+        if !index_path.exists() {
+            return Err(Error::NotAModel {
+                path: root.to_path_buf(),
+                msg: "not a diffusers model folder (no model_index.json)".into(),
+            });
+        }
+        let index: ModelIndex = read_json(&index_path)?;
+        let require = |name: &str| -> Result<PathBuf> {
+            let dir = root.join(name);
+            if !index.has(name) {
+                return Err(Error::NotAModel {
+                    path: index_path.clone(),
+                    msg: format!("model_index.json lists no `{name}` component"),
+                });
+            }
+            if !dir.is_dir() {
+                return Err(Error::NotAModel {
+                    path: root.to_path_buf(),
+                    msg: format!("component folder `{name}/` is missing"),
+                });
+            }
+            Ok(dir)
+        };
+        let unet = UNetConfig::from_file(&require("unet")?.join("config.json"))?;
+        let vae = VaeConfig::from_file(&require("vae")?.join("config.json"))?;
+        let scheduler: SchedulerConfigHead =
+            read_json(&require("scheduler")?.join("scheduler_config.json"))?;
+        let text = |name: &str| -> Result<Option<ClipTextConfig>> {
+            if !index.has(name) {
+                return Ok(None);
+            }
+            ClipTextConfig::from_file(&require(name)?.join("config.json")).map(Some)
+        };
+        let text_encoder = text("text_encoder")?;
+        let text_encoder_2 = text("text_encoder_2")?;
+        if text_encoder.is_none() && text_encoder_2.is_none() {
+            return Err(Error::NotAModel {
+                path: index_path,
+                msg: "no text encoder component".into(),
+            });
+        }
+        Ok(Self {
+            root: root.to_path_buf(),
+            index,
+            unet,
+            vae,
+            text_encoder,
+            text_encoder_2,
+            scheduler,
+        })
+    }
+
+    /// SD1, SD2, SDXL or the SDXL refiner, from the configs' structure.
+    pub fn family(&self) -> Family {
+        if self.unet.text_time.is_some() {
+            if self.text_encoder.is_none() {
+                Family::SdxlRefiner
+            } else {
+                Family::Sdxl
+            }
+        } else if self.unet.use_linear_projection
+            || self
+                .text_encoder
+                .as_ref()
+                .is_some_and(|t| t.activation == crate::clip::config::Activation::Gelu)
+        {
+            Family::Sd2
+        } else {
+            Family::Sd1
+        }
+    }
+
+    /// Whether the U-Net takes the masked image and mask (9 input channels).
+    pub fn is_inpainting(&self) -> bool {
+        self.unet.in_channels == 9
+    }
+
+    fn open_weights(&self, component: &str) -> Result<Arc<Weights>> {
+        let dir = self.root.join(component);
+        let mut ckpt = Checkpoint::open(&component_files(&dir)?)?;
+        if component.starts_with("text_encoder") {
+            let prefixed = rename::has_clip_prefix(ckpt.tensors().keys());
+            ckpt.map_keys(|k| rename::clip_text_key(k, prefixed));
+        } else if component == "vae" {
+            ckpt.map_keys(rename::vae_legacy_attention);
+        }
+        Ok(Weights::new(ckpt))
+    }
+
+    fn build<T>(
+        &self,
+        component: &str,
+        dtype: DType,
+        device: &Device,
+        ctor: impl FnOnce(candle_nn::VarBuilder) -> candle_core::Result<T>,
+    ) -> Result<Loaded<T>> {
+        let weights = self.open_weights(component)?;
+        let model = ctor(weights.var_builder(dtype, device))
+            .map_err(|e| Error::Msg(format!("loading {component}: {e}")))?;
+        Ok(Loaded {
+            model,
+            unused: weights.unused(),
+        })
+    }
+
+    /// Loads the U-Net, computing in `dtype`.
+    pub fn load_unet(&self, dtype: DType, device: &Device) -> Result<Loaded<UNet2DConditionModel>> {
+        self.build("unet", dtype, device, |vb| UNet2DConditionModel::new(vb, &self.unet))
+    }
+
+    /// Loads the autoencoder, computing in `dtype`.
+    pub fn load_vae(&self, dtype: DType, device: &Device) -> Result<Loaded<AutoencoderKL>> {
+        self.build("vae", dtype, device, |vb| AutoencoderKL::new(vb, &self.vae))
+    }
+
+    /// Loads a text encoder, computing in `dtype`.
+    pub fn load_text_encoder(
+        &self,
+        slot: TextEncoderSlot,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Loaded<ClipTextModel>> {
+        let config = match slot {
+            TextEncoderSlot::First => &self.text_encoder,
+            TextEncoderSlot::Second => &self.text_encoder_2,
+        };
+        let config = config.as_ref().ok_or_else(|| Error::NotAModel {
+            path: self.root.clone(),
+            msg: format!("this model has no `{}`", slot.encoder_dir()),
+        })?;
+        self.build(slot.encoder_dir(), dtype, device, |vb| ClipTextModel::new(vb, config))
+    }
+
+    /// Loads the tokenizer that goes with a text encoder.
+    pub fn load_tokenizer(&self, slot: TextEncoderSlot) -> Result<ClipTokenizer> {
+        ClipTokenizer::from_folder(&self.root.join(slot.tokenizer_dir()))
+    }
+
+    /// Names of the weight-bearing components present, in a fixed order.
+    pub fn components(&self) -> Vec<&'static str> {
+        let mut out = vec!["unet", "vae"];
+        if self.text_encoder.is_some() {
+            out.push("text_encoder");
+        }
+        if self.text_encoder_2.is_some() {
+            out.push("text_encoder_2");
+        }
+        out
+    }
+
+    /// Parameter count and dtypes of `component`, from its safetensors headers alone.
+    pub fn summary(&self, component: &str) -> Result<ComponentSummary> {
+        let files = component_files(&self.root.join(component))?;
+        let ckpt = Checkpoint::open(&files)?;
+        let mut parameters = 0;
+        let mut dtypes = BTreeMap::new();
+        for (name, entry) in ckpt.tensors() {
+            if rename::is_ignorable_buffer(name) {
+                continue;
+            }
+            parameters += entry.numel();
+            *dtypes.entry(format!("{:?}", entry.dtype)).or_insert(0) += entry.numel();
+        }
+        Ok(ComponentSummary {
+            name: component.to_string(),
+            parameters,
+            dtypes,
+            files,
+        })
+    }
+}

@@ -1,0 +1,277 @@
+//! The conditional U-Net of latent diffusion (Rombach et al. 2022, §3.3; Ronneberger et al. 2015;
+//! Ho et al. 2020, appendix B), as diffusers' `UNet2DConditionModel` computes it: a timestep
+//! embedding, ResNet blocks conditioned on it, spatial transformers cross-attending to the text,
+//! skip connections from each down-path stage to its up-path twin, and for SDXL the
+//! `text_time` added conditioning (pooled text embedding and size/crop micro-conditioning).
+
+pub mod config;
+pub mod transformer;
+
+pub use config::{BlockKind, UNetConfig};
+
+use crate::layers::conv2d;
+use crate::layers::resnet::{ResnetBlock2D, ResnetConfig};
+use crate::layers::sampling::{Downsample2D, Upsample2D};
+use crate::layers::timestep::{sinusoidal_embedding, TimestepEmbedding};
+use candle_core::{Result, Tensor};
+use candle_nn::{Conv2d, GroupNorm, Module, VarBuilder};
+use transformer::{Transformer2DModel, TransformerConfig};
+
+/// SDXL's added conditioning: pooled text embedding `[B, P]` and time ids `[B, 6]`
+/// (original height, width, crop top, left, target height, width).
+#[derive(Debug, Clone)]
+pub struct AddedCond {
+    pub text_embeds: Tensor,
+    pub time_ids: Tensor,
+}
+
+/// ResNets, each optionally followed by a spatial transformer.
+#[derive(Debug, Clone)]
+struct Stage {
+    resnets: Vec<ResnetBlock2D>,
+    attentions: Vec<Transformer2DModel>,
+}
+
+impl Stage {
+    fn forward_layer(&self, i: usize, x: &Tensor, emb: &Tensor, ctx: &Tensor) -> Result<Tensor> {
+        let x = self.resnets[i].forward(x, Some(emb))?;
+        match self.attentions.get(i) {
+            Some(attn) => attn.forward(&x, ctx),
+            None => Ok(x),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct DownBlock {
+    stage: Stage,
+    downsampler: Option<Downsample2D>,
+}
+
+#[derive(Debug, Clone)]
+struct UpBlock {
+    stage: Stage,
+    upsampler: Option<Upsample2D>,
+}
+
+/// diffusers' `UNet2DConditionModel`.
+#[derive(Debug, Clone)]
+pub struct UNet2DConditionModel {
+    time_embedding: TimestepEmbedding,
+    add_embedding: Option<TimestepEmbedding>,
+    conv_in: Conv2d,
+    down_blocks: Vec<DownBlock>,
+    mid_block: Stage,
+    up_blocks: Vec<UpBlock>,
+    conv_norm_out: GroupNorm,
+    conv_out: Conv2d,
+    pub config: UNetConfig,
+}
+
+impl UNet2DConditionModel {
+    /// Builds the U-Net; `vb` paths are the keys of `unet/diffusion_pytorch_model.safetensors`.
+    pub fn new(vb: VarBuilder, cfg: &UNetConfig) -> Result<Self> {
+        let ch = &cfg.block_out_channels;
+        let n = ch.len();
+        let temb = cfg.time_embed_dim;
+        let resnet_cfg = |i, o, scale| ResnetConfig {
+            in_channels: i,
+            out_channels: o,
+            temb_channels: Some(temb),
+            groups: cfg.norm_num_groups,
+            eps: cfg.norm_eps,
+            output_scale_factor: scale,
+        };
+        let transformer_cfg = |channels, heads, depth, context_dim| TransformerConfig {
+            channels,
+            heads,
+            depth,
+            context_dim,
+            groups: cfg.norm_num_groups,
+            use_linear_projection: cfg.use_linear_projection,
+        };
+
+        let time_embedding = TimestepEmbedding::new(vb.pp("time_embedding"), ch[0], temb)?;
+        let add_embedding = match cfg.text_time {
+            Some(tt) => Some(TimestepEmbedding::new(
+                vb.pp("add_embedding"),
+                tt.projection_class_embeddings_input_dim,
+                temb,
+            )?),
+            None => None,
+        };
+        let conv_in = conv2d(vb.pp("conv_in"), cfg.in_channels, ch[0], cfg.conv_in_kernel, 1, cfg.conv_in_kernel / 2)?;
+
+        let mut down_blocks = Vec::with_capacity(n);
+        let mut out_ch = ch[0];
+        for i in 0..n {
+            let vb = vb.pp("down_blocks").pp(i);
+            let in_ch = out_ch;
+            out_ch = ch[i];
+            let mut stage = Stage { resnets: vec![], attentions: vec![] };
+            for j in 0..cfg.layers_per_block[i] {
+                let cin = if j == 0 { in_ch } else { out_ch };
+                stage.resnets.push(ResnetBlock2D::new(vb.pp("resnets").pp(j), resnet_cfg(cin, out_ch, 1.0))?);
+                if cfg.down_blocks[i] == BlockKind::CrossAttn {
+                    let tc = transformer_cfg(
+                        out_ch,
+                        cfg.num_attention_heads[i],
+                        cfg.transformer_layers_per_block[i],
+                        cfg.cross_attention_dim[i],
+                    );
+                    stage.attentions.push(Transformer2DModel::new(vb.pp("attentions").pp(j), tc)?);
+                }
+            }
+            let downsampler = if i + 1 < n {
+                Some(Downsample2D::new(vb.pp("downsamplers").pp(0), out_ch, out_ch, cfg.downsample_padding)?)
+            } else {
+                None
+            };
+            down_blocks.push(DownBlock { stage, downsampler });
+        }
+
+        let mid_vb = vb.pp("mid_block");
+        let last = ch[n - 1];
+        let mid_block = Stage {
+            resnets: (0..2)
+                .map(|j| {
+                    ResnetBlock2D::new(mid_vb.pp("resnets").pp(j), resnet_cfg(last, last, cfg.mid_block_scale_factor))
+                })
+                .collect::<Result<Vec<_>>>()?,
+            attentions: vec![Transformer2DModel::new(
+                mid_vb.pp("attentions").pp(0),
+                transformer_cfg(
+                    last,
+                    cfg.num_attention_heads[n - 1],
+                    cfg.transformer_layers_per_block[n - 1],
+                    cfg.cross_attention_dim[n - 1],
+                ),
+            )?],
+        };
+
+        let rev_ch: Vec<usize> = ch.iter().rev().copied().collect();
+        let rev_layers: Vec<usize> = cfg.layers_per_block.iter().rev().copied().collect();
+        let rev_heads: Vec<usize> = cfg.num_attention_heads.iter().rev().copied().collect();
+        let rev_cross: Vec<usize> = cfg.cross_attention_dim.iter().rev().copied().collect();
+        let mut up_blocks = Vec::with_capacity(n);
+        let mut out_ch = rev_ch[0];
+        for i in 0..n {
+            let vb = vb.pp("up_blocks").pp(i);
+            let prev_out = out_ch;
+            out_ch = rev_ch[i];
+            let in_ch = rev_ch[(i + 1).min(n - 1)];
+            let layers = rev_layers[i] + 1;
+            let mut stage = Stage { resnets: vec![], attentions: vec![] };
+            for j in 0..layers {
+                let skip = if j + 1 == layers { in_ch } else { out_ch };
+                let cin = if j == 0 { prev_out } else { out_ch };
+                stage.resnets.push(ResnetBlock2D::new(vb.pp("resnets").pp(j), resnet_cfg(cin + skip, out_ch, 1.0))?);
+                if cfg.up_blocks[i] == BlockKind::CrossAttn {
+                    let tc = transformer_cfg(
+                        out_ch,
+                        rev_heads[i],
+                        cfg.reverse_transformer_layers_per_block[i],
+                        rev_cross[i],
+                    );
+                    stage.attentions.push(Transformer2DModel::new(vb.pp("attentions").pp(j), tc)?);
+                }
+            }
+            let upsampler = if i + 1 < n {
+                Some(Upsample2D::new(vb.pp("upsamplers").pp(0), out_ch, out_ch)?)
+            } else {
+                None
+            };
+            up_blocks.push(UpBlock { stage, upsampler });
+        }
+
+        Ok(Self {
+            time_embedding,
+            add_embedding,
+            conv_in,
+            down_blocks,
+            mid_block,
+            up_blocks,
+            conv_norm_out: candle_nn::group_norm(cfg.norm_num_groups, ch[0], cfg.norm_eps, vb.pp("conv_norm_out"))?,
+            conv_out: conv2d(vb.pp("conv_out"), ch[0], cfg.out_channels, cfg.conv_out_kernel, 1, cfg.conv_out_kernel / 2)?,
+            config: cfg.clone(),
+        })
+    }
+
+    /// Predicts the model output (ε, v or x₀, per the scheduler config) for `sample`
+    /// `[B, C_in, h, w]` at `timesteps` `[B]` given `context` `[B, L, cross_attention_dim]`.
+    /// `added` is required exactly when the config has `text_time` conditioning.
+    pub fn forward(
+        &self,
+        sample: &Tensor,
+        timesteps: &Tensor,
+        context: &Tensor,
+        added: Option<&AddedCond>,
+    ) -> Result<Tensor> {
+        let cfg = &self.config;
+        let dtype = sample.dtype();
+        let t_emb = sinusoidal_embedding(timesteps, cfg.block_out_channels[0], cfg.flip_sin_to_cos, cfg.freq_shift)?;
+        let mut emb = self.time_embedding.forward(&t_emb.to_dtype(dtype)?)?; // [B, T]
+        match (&self.add_embedding, cfg.text_time, added) {
+            (Some(add_embedding), Some(tt), Some(added)) => {
+                let b = added.text_embeds.dim(0)?;
+                let time = sinusoidal_embedding(
+                    &added.time_ids.flatten_all()?,
+                    tt.addition_time_embed_dim,
+                    cfg.flip_sin_to_cos,
+                    cfg.freq_shift,
+                )?
+                .reshape((b, ()))?; // [B, 6·D]
+                let add = Tensor::cat(&[added.text_embeds.to_dtype(dtype)?, time.to_dtype(dtype)?], 1)?;
+                emb = (emb + add_embedding.forward(&add)?)?;
+            }
+            (None, None, None) => {}
+            (Some(_), _, None) => {
+                return Err(candle_core::Error::Msg(
+                    "this U-Net (SDXL text_time) needs the pooled text embedding and time ids".into(),
+                ))
+            }
+            _ => {
+                return Err(candle_core::Error::Msg(
+                    "added conditioning was given to a U-Net that does not take it".into(),
+                ))
+            }
+        }
+
+        let mut x = self.conv_in.forward(sample)?;
+        let mut skips = vec![x.clone()];
+        for block in &self.down_blocks {
+            for i in 0..block.stage.resnets.len() {
+                x = block.stage.forward_layer(i, &x, &emb, context)?;
+                skips.push(x.clone());
+            }
+            if let Some(down) = &block.downsampler {
+                x = down.forward(&x)?;
+                skips.push(x.clone());
+            }
+        }
+
+        x = self.mid_block.resnets[0].forward(&x, Some(&emb))?;
+        x = self.mid_block.attentions[0].forward(&x, context)?;
+        x = self.mid_block.resnets[1].forward(&x, Some(&emb))?;
+
+        for block in &self.up_blocks {
+            for i in 0..block.stage.resnets.len() {
+                let skip = skips
+                    .pop()
+                    .ok_or_else(|| candle_core::Error::Msg("U-Net skip stack underflow".into()))?;
+                x = Tensor::cat(&[&x, &skip], 1)?;
+                x = block.stage.forward_layer(i, &x, &emb, context)?;
+            }
+            if let Some(up) = &block.upsampler {
+                // Upsample to the next skip's size, so odd latent sizes line up as in diffusers.
+                let size = match skips.last() {
+                    Some(s) => Some((s.dim(2)?, s.dim(3)?)),
+                    None => None,
+                };
+                x = up.forward(&x, size)?;
+            }
+        }
+
+        self.conv_out.forward(&self.conv_norm_out.forward(&x)?.silu()?)
+    }
+}

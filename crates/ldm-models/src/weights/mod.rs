@@ -1,0 +1,339 @@
+//! Weight loading: memory-mapped safetensors checkpoints behind a strict `VarBuilder` backend.
+//!
+//! Model constructors ask for tensors by their checkpoint key and shape; the [`Weights`] backend
+//! answers from one or more safetensors files, converts to the compute dtype, and records what
+//! was used. Loading is strict: a missing tensor or a wrong shape is an error naming the file, the
+//! tensor and both shapes, and [`Weights::unused`] lists what the checkpoint held but no module
+//! asked for. Renaming of other key layouts lives in [`rename`], never in model code.
+
+pub mod rename;
+
+use crate::error::{Error, Result};
+use candle_core::{safetensors::Load, DType, Device, Shape, Tensor};
+use candle_nn::var_builder::SimpleBackend;
+use candle_nn::VarBuilder;
+use memmap2::Mmap;
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+/// Where one tensor lives: which file, its stored dtype and shape, and its byte range.
+#[derive(Debug, Clone)]
+pub struct TensorEntry {
+    pub file: usize,
+    pub dtype: safetensors::Dtype,
+    pub shape: Vec<usize>,
+    start: usize,
+    end: usize,
+}
+
+impl TensorEntry {
+    /// Number of elements.
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+}
+
+/// One or more memory-mapped safetensors files, validated and indexed by (possibly renamed) key.
+pub struct Checkpoint {
+    files: Vec<(PathBuf, Mmap)>,
+    tensors: BTreeMap<String, TensorEntry>,
+}
+
+impl std::fmt::Debug for Checkpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Checkpoint")
+            .field("files", &self.files.iter().map(|f| &f.0).collect::<Vec<_>>())
+            .field("tensors", &self.tensors.len())
+            .finish()
+    }
+}
+
+impl Checkpoint {
+    /// Maps and validates `paths` (header, offsets and sizes) and indexes their tensors.
+    pub fn open(paths: &[PathBuf]) -> Result<Self> {
+        let mut files = Vec::with_capacity(paths.len());
+        let mut tensors = BTreeMap::new();
+        for (index, path) in paths.iter().enumerate() {
+            let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+            // SAFETY: the map is read-only; a file changed under us can only yield wrong values.
+            let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+            let (header_len, metadata) = safetensors::SafeTensors::read_metadata(&mmap)
+                .map_err(|e| Error::Checkpoint {
+                    path: path.clone(),
+                    msg: describe_safetensors_error(&e, mmap.len()),
+                })?;
+            let data_start = 8 + header_len;
+            for (name, info) in metadata.tensors() {
+                let key = name;
+                let entry = TensorEntry {
+                    file: index,
+                    dtype: info.dtype,
+                    shape: info.shape.clone(),
+                    start: data_start + info.data_offsets.0,
+                    end: data_start + info.data_offsets.1,
+                };
+                if tensors.insert(key.clone(), entry).is_some() {
+                    return Err(Error::Checkpoint {
+                        path: path.clone(),
+                        msg: format!("tensor `{key}` appears twice in the checkpoint"),
+                    });
+                }
+            }
+            files.push((path.clone(), mmap));
+        }
+        Ok(Self { files, tensors })
+    }
+
+    /// Renames every key with `f` (see [`rename`] for the layouts we translate).
+    pub fn map_keys(&mut self, f: impl Fn(&str) -> String) {
+        let tensors = std::mem::take(&mut self.tensors);
+        self.tensors = tensors.into_iter().map(|(k, v)| (f(&k), v)).collect();
+    }
+
+    /// Every tensor, by key.
+    pub fn tensors(&self) -> &BTreeMap<String, TensorEntry> {
+        &self.tensors
+    }
+
+    /// The files behind this checkpoint.
+    pub fn paths(&self) -> Vec<&Path> {
+        self.files.iter().map(|(p, _)| p.as_path()).collect()
+    }
+
+    fn file_of(&self, entry: &TensorEntry) -> &Path {
+        &self.files[entry.file].0
+    }
+
+    fn paths_display(&self) -> String {
+        let paths: Vec<String> = self.paths().iter().map(|p| p.display().to_string()).collect();
+        paths.join(", ")
+    }
+
+    /// Loads tensor `name` onto `device`, converted to `dtype`.
+    pub fn load(&self, name: &str, dtype: DType, device: &Device) -> candle_core::Result<Tensor> {
+        let entry = self.tensors.get(name).ok_or_else(|| {
+            candle_core::Error::Msg(format!(
+                "{}: tensor `{name}` is missing",
+                self.paths_display()
+            ))
+        })?;
+        let data = &self.files[entry.file].1[entry.start..entry.end];
+        let view = safetensors::tensor::TensorView::new(entry.dtype, entry.shape.clone(), data)
+            .map_err(|e| {
+                candle_core::Error::Msg(format!(
+                    "{}: tensor `{name}`: {e}",
+                    self.file_of(entry).display()
+                ))
+            })?;
+        let tensor = view.load(device).map_err(|e| {
+            candle_core::Error::Msg(format!(
+                "{}: tensor `{name}` ({:?}): {e}",
+                self.file_of(entry).display(),
+                entry.dtype
+            ))
+        })?;
+        tensor.to_dtype(dtype)
+    }
+}
+
+fn describe_safetensors_error(e: &safetensors::SafeTensorError, file_len: usize) -> String {
+    use safetensors::SafeTensorError as E;
+    match e {
+        E::MetadataIncompleteBuffer => format!(
+            "the header's tensor offsets do not match the file size ({file_len} bytes): truncated or padded file"
+        ),
+        E::HeaderTooSmall | E::InvalidHeaderLength => {
+            format!("header length runs past the end of the file ({file_len} bytes): truncated or not a safetensors file")
+        }
+        E::InvalidOffset(name) => format!("tensor `{name}` has data offsets that overlap or leave gaps"),
+        E::TensorInvalidInfo => "a tensor's byte size does not match its dtype and shape".into(),
+        other => other.to_string(),
+    }
+}
+
+/// A strict `VarBuilder` backend over a [`Checkpoint`] that records which tensors were used.
+#[derive(Debug)]
+pub struct Weights {
+    checkpoint: Checkpoint,
+    used: Mutex<BTreeSet<String>>,
+}
+
+impl Weights {
+    /// Wraps an opened checkpoint.
+    pub fn new(checkpoint: Checkpoint) -> Arc<Self> {
+        Arc::new(Self {
+            checkpoint,
+            used: Mutex::new(BTreeSet::new()),
+        })
+    }
+
+    /// The checkpoint behind this backend.
+    pub fn checkpoint(&self) -> &Checkpoint {
+        &self.checkpoint
+    }
+
+    /// A `VarBuilder` whose paths are checkpoint keys.
+    pub fn var_builder(self: &Arc<Self>, dtype: DType, device: &Device) -> VarBuilder<'static> {
+        let backend: Box<dyn SimpleBackend> = Box::new(StrictBackend(Arc::clone(self)));
+        VarBuilder::from_backend(backend, dtype, device.clone())
+    }
+
+    /// Tensors present in the checkpoint that no module asked for (known buffers excluded).
+    pub fn unused(&self) -> Vec<String> {
+        let used = self.used.lock().map(|u| u.clone()).unwrap_or_default();
+        self.checkpoint
+            .tensors
+            .keys()
+            .filter(|k| !used.contains(*k) && !rename::is_ignorable_buffer(k))
+            .cloned()
+            .collect()
+    }
+
+    fn mark_used(&self, name: &str) {
+        if let Ok(mut used) = self.used.lock() {
+            used.insert(name.to_string());
+        }
+    }
+}
+
+struct StrictBackend(Arc<Weights>);
+
+impl SimpleBackend for StrictBackend {
+    fn get(
+        &self,
+        shape: Shape,
+        name: &str,
+        _: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let ckpt = &self.0.checkpoint;
+        let Some(entry) = ckpt.tensors.get(name) else {
+            return Err(candle_core::Error::Msg(format!(
+                "{}: tensor `{name}` (expected shape {:?}) is missing",
+                ckpt.paths_display(),
+                shape.dims()
+            )));
+        };
+        if entry.shape.as_slice() != shape.dims() {
+            return Err(candle_core::Error::Msg(format!(
+                "{}: tensor `{name}` has shape {:?}, expected {:?}",
+                ckpt.file_of(entry).display(),
+                entry.shape,
+                shape.dims()
+            )));
+        }
+        self.0.mark_used(name);
+        ckpt.load(name, dtype, dev)
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        self.0.mark_used(name);
+        self.0.checkpoint.load(name, dtype, dev)
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.0.checkpoint.tensors.contains_key(name)
+    }
+}
+
+/// A backend that allocates nothing: it records every requested (name, shape) and hands back a
+/// zero-strided tensor, so full-size networks can be built to check their structure.
+#[derive(Debug, Default)]
+pub struct StructureRecorder {
+    seen: Mutex<BTreeMap<String, Vec<usize>>>,
+}
+
+impl StructureRecorder {
+    /// A new, empty recorder.
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+
+    /// A `VarBuilder` over this recorder (f32, CPU).
+    pub fn var_builder(self: &Arc<Self>) -> VarBuilder<'static> {
+        let backend: Box<dyn SimpleBackend> = Box::new(RecordingBackend(Arc::clone(self)));
+        VarBuilder::from_backend(backend, DType::F32, Device::Cpu)
+    }
+
+    /// Every parameter requested so far, by name.
+    pub fn parameters(&self) -> BTreeMap<String, Vec<usize>> {
+        self.seen.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+}
+
+struct RecordingBackend(Arc<StructureRecorder>);
+
+impl SimpleBackend for RecordingBackend {
+    fn get(
+        &self,
+        shape: Shape,
+        name: &str,
+        _: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        if let Ok(mut seen) = self.0.seen.lock() {
+            seen.insert(name.to_string(), shape.dims().to_vec());
+        }
+        Tensor::zeros((), dtype, dev)?.broadcast_as(shape)
+    }
+
+    fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> candle_core::Result<Tensor> {
+        Err(candle_core::Error::Msg(format!(
+            "structure recorder cannot provide `{name}` without a shape"
+        )))
+    }
+
+    fn contains_tensor(&self, _: &str) -> bool {
+        true
+    }
+}
+
+/// The safetensors files of a component folder (`unet/`, `vae/`, …): a sharded index's files, or
+/// the single weights file, preferring full precision over an `.fp16` variant.
+pub fn component_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let entries = std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))?;
+    let mut names: Vec<String> = entries
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    if let Some(index) = names.iter().find(|n| n.ends_with(".safetensors.index.json")) {
+        let path = dir.join(index);
+        let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+        let json: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| Error::config(&path, e.to_string()))?;
+        let map = json
+            .get("weight_map")
+            .and_then(|m| m.as_object())
+            .ok_or_else(|| Error::config(&path, "no `weight_map` object"))?;
+        let files: BTreeSet<&str> = map.values().filter_map(|v| v.as_str()).collect();
+        let mut out = Vec::new();
+        for f in files {
+            if f.contains('/') || f.contains("..") {
+                return Err(Error::config(&path, format!("shard name `{f}` leaves the folder")));
+            }
+            out.push(dir.join(f));
+        }
+        return Ok(out);
+    }
+    let safetensors: Vec<&String> = names.iter().filter(|n| n.ends_with(".safetensors")).collect();
+    let pick = safetensors
+        .iter()
+        .find(|n| !n.contains(".fp16.") && !n.contains(".bf16."))
+        .or_else(|| safetensors.first());
+    match pick {
+        Some(name) => Ok(vec![dir.join(name)]),
+        None if names.iter().any(|n| n.ends_with(".bin")) => Err(Error::NotAModel {
+            path: dir.to_path_buf(),
+            msg: "only PyTorch .bin weights found; ldm reads .safetensors (convert them first)"
+                .into(),
+        }),
+        None => Err(Error::NotAModel {
+            path: dir.to_path_buf(),
+            msg: "no .safetensors weights in this folder".into(),
+        }),
+    }
+}
