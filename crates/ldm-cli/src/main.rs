@@ -4,11 +4,15 @@
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use ldm_models::model::ModelFolder;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 #[derive(Parser)]
-#[command(name = "ldm", version, about = "Stable Diffusion (latent diffusion) in Rust")]
+#[command(
+    name = "ldm",
+    version,
+    about = "Stable Diffusion (latent diffusion) in Rust"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -35,7 +39,7 @@ fn fmt_count(n: usize) -> String {
     let s = n.to_string();
     let mut out = String::new();
     for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i) % 3 == 0 {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(c);
@@ -43,10 +47,14 @@ fn fmt_count(n: usize) -> String {
     out
 }
 
-fn info(path: &PathBuf) -> Result<()> {
+fn info(path: &Path) -> Result<()> {
     let folder = ModelFolder::open(path)?;
     let family = folder.family();
-    let variant = if folder.is_inpainting() { " inpainting" } else { "" };
+    let variant = if folder.is_inpainting() {
+        " inpainting"
+    } else {
+        ""
+    };
     println!("model:            {}", path.display());
     println!("pipeline:         {}", folder.index.class_name);
     println!("family:           {family}{variant}");

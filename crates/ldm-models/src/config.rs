@@ -53,7 +53,7 @@ pub(crate) fn check_range(
 }
 
 pub(crate) fn check_groups(path: &Path, field: &str, channels: usize, groups: usize) -> Result<()> {
-    if groups == 0 || channels % groups != 0 {
+    if groups == 0 || !channels.is_multiple_of(groups) {
         return Err(Error::config(
             path,
             format!("{field}: {channels} channels cannot be split into {groups} groups"),

@@ -206,7 +206,9 @@ impl ModelFolder {
 
     /// Loads the U-Net, computing in `dtype`.
     pub fn load_unet(&self, dtype: DType, device: &Device) -> Result<Loaded<UNet2DConditionModel>> {
-        self.build("unet", dtype, device, |vb| UNet2DConditionModel::new(vb, &self.unet))
+        self.build("unet", dtype, device, |vb| {
+            UNet2DConditionModel::new(vb, &self.unet)
+        })
     }
 
     /// Loads the autoencoder, computing in `dtype`.
@@ -229,7 +231,9 @@ impl ModelFolder {
             path: self.root.clone(),
             msg: format!("this model has no `{}`", slot.encoder_dir()),
         })?;
-        self.build(slot.encoder_dir(), dtype, device, |vb| ClipTextModel::new(vb, config))
+        self.build(slot.encoder_dir(), dtype, device, |vb| {
+            ClipTextModel::new(vb, config)
+        })
     }
 
     /// Loads the tokenizer that goes with a text encoder.

@@ -89,23 +89,54 @@ impl ClipTextConfig {
     pub fn from_json(j: &ClipTextConfigJson, path: &Path) -> Result<Self> {
         check_range(path, "vocab_size", j.vocab_size, 2, 1 << 24)?;
         check_range(path, "hidden_size", j.hidden_size, 1, MAX_CHANNELS)?;
-        check_range(path, "intermediate_size", j.intermediate_size, 1, 4 * MAX_CHANNELS)?;
+        check_range(
+            path,
+            "intermediate_size",
+            j.intermediate_size,
+            1,
+            4 * MAX_CHANNELS,
+        )?;
         check_range(path, "num_hidden_layers", j.num_hidden_layers, 1, 256)?;
-        check_range(path, "num_attention_heads", j.num_attention_heads, 1, j.hidden_size)?;
-        check_range(path, "max_position_embeddings", j.max_position_embeddings, 2, 1 << 16)?;
-        if j.hidden_size % j.num_attention_heads != 0 {
-            return Err(Error::config(path, "`hidden_size` is not divisible by `num_attention_heads`"));
+        check_range(
+            path,
+            "num_attention_heads",
+            j.num_attention_heads,
+            1,
+            j.hidden_size,
+        )?;
+        check_range(
+            path,
+            "max_position_embeddings",
+            j.max_position_embeddings,
+            2,
+            1 << 16,
+        )?;
+        if !j.hidden_size.is_multiple_of(j.num_attention_heads) {
+            return Err(Error::config(
+                path,
+                "`hidden_size` is not divisible by `num_attention_heads`",
+            ));
         }
         let activation = match j.hidden_act.as_str() {
             "quick_gelu" => Activation::QuickGelu,
             "gelu" => Activation::Gelu,
-            other => return Err(Error::config(path, format!("unsupported hidden_act `{other}`"))),
+            other => {
+                return Err(Error::config(
+                    path,
+                    format!("unsupported hidden_act `{other}`"),
+                ))
+            }
         };
         // transformers: eos_token_id == 2 marks configs written before the fix; pool at argmax.
         let pool_at = match j.eos_token_id {
             Some(2) | None => PoolAt::ArgMax,
             Some(id) if id >= 0 && (id as usize) < j.vocab_size => PoolAt::FirstEos(id as u32),
-            Some(id) => return Err(Error::config(path, format!("eos_token_id {id} outside the vocabulary"))),
+            Some(id) => {
+                return Err(Error::config(
+                    path,
+                    format!("eos_token_id {id} outside the vocabulary"),
+                ))
+            }
         };
         let with_projection = j
             .architectures

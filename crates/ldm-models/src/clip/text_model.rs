@@ -65,7 +65,10 @@ impl EncoderLayer {
     }
 
     fn forward(&self, x: &Tensor, mask: &Tensor) -> Result<Tensor> {
-        let x = (self.self_attn.forward(&self.layer_norm1.forward(x)?, mask)? + x)?;
+        let x = (self
+            .self_attn
+            .forward(&self.layer_norm1.forward(x)?, mask)?
+            + x)?;
         let h = self.fc1.forward(&self.layer_norm2.forward(&x)?)?;
         let h = match self.activation {
             Activation::QuickGelu => quick_gelu(&h)?,
@@ -91,7 +94,10 @@ pub struct ClipTextOutput {
 impl ClipTextOutput {
     /// The hidden state `skip` layers before the last (0 = last layer, before the final norm).
     pub fn from_end(&self, skip: usize) -> Option<&Tensor> {
-        self.hidden_states.len().checked_sub(1 + skip).map(|i| &self.hidden_states[i])
+        self.hidden_states
+            .len()
+            .checked_sub(1 + skip)
+            .map(|i| &self.hidden_states[i])
     }
 }
 
@@ -116,18 +122,30 @@ impl ClipTextModel {
             .map(|i| EncoderLayer::new(tm.pp("encoder").pp("layers").pp(i), c))
             .collect::<Result<Vec<_>>>()?;
         let text_projection = match c.projection_dim {
-            Some(p) => Some(candle_nn::linear_no_bias(c.hidden_size, p, vb.pp("text_projection"))?),
+            Some(p) => Some(candle_nn::linear_no_bias(
+                c.hidden_size,
+                p,
+                vb.pp("text_projection"),
+            )?),
             None => None,
         };
         Ok(Self {
-            token_embedding: candle_nn::embedding(c.vocab_size, c.hidden_size, emb.pp("token_embedding"))?,
+            token_embedding: candle_nn::embedding(
+                c.vocab_size,
+                c.hidden_size,
+                emb.pp("token_embedding"),
+            )?,
             position_embedding: candle_nn::embedding(
                 c.max_position_embeddings,
                 c.hidden_size,
                 emb.pp("position_embedding"),
             )?,
             layers,
-            final_layer_norm: candle_nn::layer_norm(c.hidden_size, c.layer_norm_eps, tm.pp("final_layer_norm"))?,
+            final_layer_norm: candle_nn::layer_norm(
+                c.hidden_size,
+                c.layer_norm_eps,
+                tm.pp("final_layer_norm"),
+            )?,
             text_projection,
             config: config.clone(),
         })
@@ -144,7 +162,11 @@ impl ClipTextModel {
         }
         let ids = input_ids.to_dtype(DType::U32)?;
         let id_rows = ids.to_vec2::<u32>()?;
-        if let Some(bad) = id_rows.iter().flatten().find(|&&id| id as usize >= self.config.vocab_size) {
+        if let Some(bad) = id_rows
+            .iter()
+            .flatten()
+            .find(|&&id| id as usize >= self.config.vocab_size)
+        {
             return Err(candle_core::Error::Msg(format!(
                 "token id {bad} is outside the vocabulary of {}",
                 self.config.vocab_size
@@ -167,7 +189,9 @@ impl ClipTextModel {
         let pool_index: Vec<u32> = id_rows
             .iter()
             .enumerate()
-            .map(|(row, ids)| row as u32 * len as u32 + pool_position(ids, self.config.pool_at) as u32)
+            .map(|(row, ids)| {
+                row as u32 * len as u32 + pool_position(ids, self.config.pool_at) as u32
+            })
             .collect();
         let pool_index = Tensor::from_vec(pool_index, b, device)?;
         let pooled = last_hidden_state

@@ -103,8 +103,11 @@ impl ClipTokenizer {
             .build()
             .map_err(|e| tok_err(dir, e))?;
         let mut t = Tokenizer::new(bpe);
-        let whitespace = Replace::new(tokenizers::normalizers::replace::ReplacePattern::Regex(r"\s+".into()), " ")
-            .map_err(|e| tok_err(dir, e))?;
+        let whitespace = Replace::new(
+            tokenizers::normalizers::replace::ReplacePattern::Regex(r"\s+".into()),
+            " ",
+        )
+        .map_err(|e| tok_err(dir, e))?;
         t.with_normalizer(Some(NormSeq::new(vec![
             NFC.into(),
             whitespace.into(),

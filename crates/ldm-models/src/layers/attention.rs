@@ -95,4 +95,3 @@ pub fn causal_mask(len: usize, device: &candle_core::Device) -> Result<Tensor> {
         .collect();
     Tensor::from_vec(mask, (len, len), device)
 }
-

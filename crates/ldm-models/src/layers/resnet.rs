@@ -36,13 +36,24 @@ impl ResnetBlock2D {
         let norm1 = candle_nn::group_norm(c.groups, c.in_channels, c.eps, vb.pp("norm1"))?;
         let conv1 = conv2d(vb.pp("conv1"), c.in_channels, c.out_channels, 3, 1, 1)?;
         let time_emb_proj = match c.temb_channels {
-            Some(t) => Some(candle_nn::linear(t, c.out_channels, vb.pp("time_emb_proj"))?),
+            Some(t) => Some(candle_nn::linear(
+                t,
+                c.out_channels,
+                vb.pp("time_emb_proj"),
+            )?),
             None => None,
         };
         let norm2 = candle_nn::group_norm(c.groups, c.out_channels, c.eps, vb.pp("norm2"))?;
         let conv2 = conv2d(vb.pp("conv2"), c.out_channels, c.out_channels, 3, 1, 1)?;
         let conv_shortcut = if c.in_channels != c.out_channels {
-            Some(conv2d(vb.pp("conv_shortcut"), c.in_channels, c.out_channels, 1, 1, 0)?)
+            Some(conv2d(
+                vb.pp("conv_shortcut"),
+                c.in_channels,
+                c.out_channels,
+                1,
+                1,
+                0,
+            )?)
         } else {
             None
         };

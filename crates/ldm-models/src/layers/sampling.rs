@@ -14,7 +14,12 @@ pub struct Downsample2D {
 
 impl Downsample2D {
     /// `padding` is diffusers' `padding` argument: 1 in the U-Net, 0 in the autoencoder.
-    pub fn new(vb: VarBuilder, channels: usize, out_channels: usize, padding: usize) -> Result<Self> {
+    pub fn new(
+        vb: VarBuilder,
+        channels: usize,
+        out_channels: usize,
+        padding: usize,
+    ) -> Result<Self> {
         Ok(Self {
             conv: conv2d(vb.pp("conv"), channels, out_channels, 3, 2, padding)?,
             asymmetric_pad: padding == 0,

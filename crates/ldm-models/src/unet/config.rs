@@ -202,22 +202,39 @@ impl UNetConfig {
             (j.num_class_embeds.is_some(), "num_class_embeds"),
             (j.encoder_hid_dim.is_some(), "encoder_hid_dim"),
             (j.time_cond_proj_dim.is_some(), "time_cond_proj_dim"),
-            (j.resnet_time_scale_shift != "default", "resnet_time_scale_shift"),
+            (
+                j.resnet_time_scale_shift != "default",
+                "resnet_time_scale_shift",
+            ),
             (j.time_embedding_type != "positional", "time_embedding_type"),
             (j.attention_type != "default", "attention_type"),
             (j.act_fn != "silu", "act_fn"),
         ];
         for (bad, field) in checks {
             if bad {
-                return Err(unsupported(path, format!("`{field}` other than its default")));
+                return Err(unsupported(
+                    path,
+                    format!("`{field}` other than its default"),
+                ));
             }
         }
         let per_block = |e: String| Error::config(path, e);
-        if j.only_cross_attention.per_block(n, "only_cross_attention").map_err(per_block)?.iter().any(|&b| b) {
+        if j.only_cross_attention
+            .per_block(n, "only_cross_attention")
+            .map_err(per_block)?
+            .iter()
+            .any(|&b| b)
+        {
             return Err(unsupported(path, "`only_cross_attention`".into()));
         }
-        let layers_per_block = j.layers_per_block.per_block(n, "layers_per_block").map_err(per_block)?;
-        let cross_attention_dim = j.cross_attention_dim.per_block(n, "cross_attention_dim").map_err(per_block)?;
+        let layers_per_block = j
+            .layers_per_block
+            .per_block(n, "layers_per_block")
+            .map_err(per_block)?;
+        let cross_attention_dim = j
+            .cross_attention_dim
+            .per_block(n, "cross_attention_dim")
+            .map_err(per_block)?;
         let transformer_layers_per_block = j
             .transformer_layers_per_block
             .per_block(n, "transformer_layers_per_block")
@@ -227,14 +244,22 @@ impl UNetConfig {
             Some(v) => {
                 return Err(Error::config(
                     path,
-                    format!("`reverse_transformer_layers_per_block` has {} entries, expected {n}", v.len()),
+                    format!(
+                        "`reverse_transformer_layers_per_block` has {} entries, expected {n}",
+                        v.len()
+                    ),
                 ))
             }
             None => transformer_layers_per_block.iter().rev().copied().collect(),
         };
         // diffusers: `num_attention_heads = num_attention_heads or attention_head_dim`.
-        let heads = j.num_attention_heads.as_ref().unwrap_or(&j.attention_head_dim);
-        let num_attention_heads = heads.per_block(n, "num_attention_heads").map_err(per_block)?;
+        let heads = j
+            .num_attention_heads
+            .as_ref()
+            .unwrap_or(&j.attention_head_dim);
+        let num_attention_heads = heads
+            .per_block(n, "num_attention_heads")
+            .map_err(per_block)?;
         let norm_num_groups = j
             .norm_num_groups
             .ok_or_else(|| unsupported(path, "`norm_num_groups: null`".into()))?;
@@ -242,40 +267,82 @@ impl UNetConfig {
             check_range(path, "block_out_channels", c, 1, MAX_CHANNELS)?;
             check_groups(path, "norm_num_groups", c, norm_num_groups)?;
             check_range(path, "layers_per_block", layers_per_block[i], 1, 64)?;
-            check_range(path, "transformer_layers_per_block", transformer_layers_per_block[i], 1, 64)?;
-            check_range(path, "reverse_transformer_layers_per_block", reverse_transformer_layers_per_block[i], 1, 64)?;
-            check_range(path, "cross_attention_dim", cross_attention_dim[i], 1, MAX_CHANNELS)?;
+            check_range(
+                path,
+                "transformer_layers_per_block",
+                transformer_layers_per_block[i],
+                1,
+                64,
+            )?;
+            check_range(
+                path,
+                "reverse_transformer_layers_per_block",
+                reverse_transformer_layers_per_block[i],
+                1,
+                64,
+            )?;
+            check_range(
+                path,
+                "cross_attention_dim",
+                cross_attention_dim[i],
+                1,
+                MAX_CHANNELS,
+            )?;
             check_range(path, "num_attention_heads", num_attention_heads[i], 1, c)?;
-            if c % num_attention_heads[i] != 0 {
+            if !c.is_multiple_of(num_attention_heads[i]) {
                 return Err(Error::config(
                     path,
-                    format!("block {i}: {c} channels are not divisible into {} heads", num_attention_heads[i]),
+                    format!(
+                        "block {i}: {c} channels are not divisible into {} heads",
+                        num_attention_heads[i]
+                    ),
                 ));
             }
         }
         check_range(path, "in_channels", j.in_channels, 1, 1024)?;
         check_range(path, "out_channels", j.out_channels, 1, 1024)?;
-        for (k, field) in [(j.conv_in_kernel, "conv_in_kernel"), (j.conv_out_kernel, "conv_out_kernel")] {
+        for (k, field) in [
+            (j.conv_in_kernel, "conv_in_kernel"),
+            (j.conv_out_kernel, "conv_out_kernel"),
+        ] {
             if k % 2 == 0 || k > 15 {
-                return Err(Error::config(path, format!("`{field}` = {k} must be odd and at most 15")));
+                return Err(Error::config(
+                    path,
+                    format!("`{field}` = {k} must be odd and at most 15"),
+                ));
             }
         }
         if !(j.norm_eps > 0.0 && j.norm_eps < 1.0) {
             return Err(Error::config(path, "`norm_eps` must lie in (0, 1)"));
         }
         let time_embed_dim = j.time_embedding_dim.unwrap_or(4 * j.block_out_channels[0]);
-        check_range(path, "time_embedding_dim", time_embed_dim, 1, 4 * MAX_CHANNELS)?;
+        check_range(
+            path,
+            "time_embedding_dim",
+            time_embed_dim,
+            1,
+            4 * MAX_CHANNELS,
+        )?;
         let text_time = match j.addition_embed_type.as_deref() {
             None => None,
             Some("text_time") => {
-                let addition_time_embed_dim = j
-                    .addition_time_embed_dim
-                    .ok_or_else(|| Error::config(path, "text_time needs `addition_time_embed_dim`"))?;
+                let addition_time_embed_dim = j.addition_time_embed_dim.ok_or_else(|| {
+                    Error::config(path, "text_time needs `addition_time_embed_dim`")
+                })?;
                 let projection_class_embeddings_input_dim =
                     j.projection_class_embeddings_input_dim.ok_or_else(|| {
-                        Error::config(path, "text_time needs `projection_class_embeddings_input_dim`")
+                        Error::config(
+                            path,
+                            "text_time needs `projection_class_embeddings_input_dim`",
+                        )
                     })?;
-                check_range(path, "addition_time_embed_dim", addition_time_embed_dim, 1, MAX_CHANNELS)?;
+                check_range(
+                    path,
+                    "addition_time_embed_dim",
+                    addition_time_embed_dim,
+                    1,
+                    MAX_CHANNELS,
+                )?;
                 check_range(
                     path,
                     "projection_class_embeddings_input_dim",

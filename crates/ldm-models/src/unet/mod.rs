@@ -100,18 +100,31 @@ impl UNet2DConditionModel {
             )?),
             None => None,
         };
-        let conv_in = conv2d(vb.pp("conv_in"), cfg.in_channels, ch[0], cfg.conv_in_kernel, 1, cfg.conv_in_kernel / 2)?;
+        let conv_in = conv2d(
+            vb.pp("conv_in"),
+            cfg.in_channels,
+            ch[0],
+            cfg.conv_in_kernel,
+            1,
+            cfg.conv_in_kernel / 2,
+        )?;
 
         let mut down_blocks = Vec::with_capacity(n);
         let mut out_ch = ch[0];
-        for i in 0..n {
+        for (i, &block_ch) in ch.iter().enumerate() {
             let vb = vb.pp("down_blocks").pp(i);
             let in_ch = out_ch;
-            out_ch = ch[i];
-            let mut stage = Stage { resnets: vec![], attentions: vec![] };
+            out_ch = block_ch;
+            let mut stage = Stage {
+                resnets: vec![],
+                attentions: vec![],
+            };
             for j in 0..cfg.layers_per_block[i] {
                 let cin = if j == 0 { in_ch } else { out_ch };
-                stage.resnets.push(ResnetBlock2D::new(vb.pp("resnets").pp(j), resnet_cfg(cin, out_ch, 1.0))?);
+                stage.resnets.push(ResnetBlock2D::new(
+                    vb.pp("resnets").pp(j),
+                    resnet_cfg(cin, out_ch, 1.0),
+                )?);
                 if cfg.down_blocks[i] == BlockKind::CrossAttn {
                     let tc = transformer_cfg(
                         out_ch,
@@ -119,11 +132,18 @@ impl UNet2DConditionModel {
                         cfg.transformer_layers_per_block[i],
                         cfg.cross_attention_dim[i],
                     );
-                    stage.attentions.push(Transformer2DModel::new(vb.pp("attentions").pp(j), tc)?);
+                    stage
+                        .attentions
+                        .push(Transformer2DModel::new(vb.pp("attentions").pp(j), tc)?);
                 }
             }
             let downsampler = if i + 1 < n {
-                Some(Downsample2D::new(vb.pp("downsamplers").pp(0), out_ch, out_ch, cfg.downsample_padding)?)
+                Some(Downsample2D::new(
+                    vb.pp("downsamplers").pp(0),
+                    out_ch,
+                    out_ch,
+                    cfg.downsample_padding,
+                )?)
             } else {
                 None
             };
@@ -135,7 +155,10 @@ impl UNet2DConditionModel {
         let mid_block = Stage {
             resnets: (0..2)
                 .map(|j| {
-                    ResnetBlock2D::new(mid_vb.pp("resnets").pp(j), resnet_cfg(last, last, cfg.mid_block_scale_factor))
+                    ResnetBlock2D::new(
+                        mid_vb.pp("resnets").pp(j),
+                        resnet_cfg(last, last, cfg.mid_block_scale_factor),
+                    )
                 })
                 .collect::<Result<Vec<_>>>()?,
             attentions: vec![Transformer2DModel::new(
@@ -161,11 +184,17 @@ impl UNet2DConditionModel {
             out_ch = rev_ch[i];
             let in_ch = rev_ch[(i + 1).min(n - 1)];
             let layers = rev_layers[i] + 1;
-            let mut stage = Stage { resnets: vec![], attentions: vec![] };
+            let mut stage = Stage {
+                resnets: vec![],
+                attentions: vec![],
+            };
             for j in 0..layers {
                 let skip = if j + 1 == layers { in_ch } else { out_ch };
                 let cin = if j == 0 { prev_out } else { out_ch };
-                stage.resnets.push(ResnetBlock2D::new(vb.pp("resnets").pp(j), resnet_cfg(cin + skip, out_ch, 1.0))?);
+                stage.resnets.push(ResnetBlock2D::new(
+                    vb.pp("resnets").pp(j),
+                    resnet_cfg(cin + skip, out_ch, 1.0),
+                )?);
                 if cfg.up_blocks[i] == BlockKind::CrossAttn {
                     let tc = transformer_cfg(
                         out_ch,
@@ -173,7 +202,9 @@ impl UNet2DConditionModel {
                         cfg.reverse_transformer_layers_per_block[i],
                         rev_cross[i],
                     );
-                    stage.attentions.push(Transformer2DModel::new(vb.pp("attentions").pp(j), tc)?);
+                    stage
+                        .attentions
+                        .push(Transformer2DModel::new(vb.pp("attentions").pp(j), tc)?);
                 }
             }
             let upsampler = if i + 1 < n {
@@ -191,8 +222,20 @@ impl UNet2DConditionModel {
             down_blocks,
             mid_block,
             up_blocks,
-            conv_norm_out: candle_nn::group_norm(cfg.norm_num_groups, ch[0], cfg.norm_eps, vb.pp("conv_norm_out"))?,
-            conv_out: conv2d(vb.pp("conv_out"), ch[0], cfg.out_channels, cfg.conv_out_kernel, 1, cfg.conv_out_kernel / 2)?,
+            conv_norm_out: candle_nn::group_norm(
+                cfg.norm_num_groups,
+                ch[0],
+                cfg.norm_eps,
+                vb.pp("conv_norm_out"),
+            )?,
+            conv_out: conv2d(
+                vb.pp("conv_out"),
+                ch[0],
+                cfg.out_channels,
+                cfg.conv_out_kernel,
+                1,
+                cfg.conv_out_kernel / 2,
+            )?,
             config: cfg.clone(),
         })
     }
@@ -209,7 +252,12 @@ impl UNet2DConditionModel {
     ) -> Result<Tensor> {
         let cfg = &self.config;
         let dtype = sample.dtype();
-        let t_emb = sinusoidal_embedding(timesteps, cfg.block_out_channels[0], cfg.flip_sin_to_cos, cfg.freq_shift)?;
+        let t_emb = sinusoidal_embedding(
+            timesteps,
+            cfg.block_out_channels[0],
+            cfg.flip_sin_to_cos,
+            cfg.freq_shift,
+        )?;
         let mut emb = self.time_embedding.forward(&t_emb.to_dtype(dtype)?)?; // [B, T]
         match (&self.add_embedding, cfg.text_time, added) {
             (Some(add_embedding), Some(tt), Some(added)) => {
@@ -221,13 +269,17 @@ impl UNet2DConditionModel {
                     cfg.freq_shift,
                 )?
                 .reshape((b, ()))?; // [B, 6·D]
-                let add = Tensor::cat(&[added.text_embeds.to_dtype(dtype)?, time.to_dtype(dtype)?], 1)?;
+                let add = Tensor::cat(
+                    &[added.text_embeds.to_dtype(dtype)?, time.to_dtype(dtype)?],
+                    1,
+                )?;
                 emb = (emb + add_embedding.forward(&add)?)?;
             }
             (None, None, None) => {}
             (Some(_), _, None) => {
                 return Err(candle_core::Error::Msg(
-                    "this U-Net (SDXL text_time) needs the pooled text embedding and time ids".into(),
+                    "this U-Net (SDXL text_time) needs the pooled text embedding and time ids"
+                        .into(),
                 ))
             }
             _ => {
@@ -272,6 +324,7 @@ impl UNet2DConditionModel {
             }
         }
 
-        self.conv_out.forward(&self.conv_norm_out.forward(&x)?.silu()?)
+        self.conv_out
+            .forward(&self.conv_norm_out.forward(&x)?.silu()?)
     }
 }

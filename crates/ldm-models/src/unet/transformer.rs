@@ -37,7 +37,10 @@ impl FeedForward {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let h = self.proj.forward(x)?;
         let half = h.dim(D::Minus1)? / 2;
-        let (hidden, gate) = (h.narrow(D::Minus1, 0, half)?, h.narrow(D::Minus1, half, half)?);
+        let (hidden, gate) = (
+            h.narrow(D::Minus1, 0, half)?,
+            h.narrow(D::Minus1, half, half)?,
+        );
         self.out.forward(&(hidden * gelu(&gate)?)?)
     }
 }
@@ -61,7 +64,14 @@ impl BasicTransformerBlock {
             norm1: ln("norm1")?,
             attn1: Attention::new(vb.pp("attn1"), dim, None, heads, dim_head, false)?,
             norm2: ln("norm2")?,
-            attn2: Attention::new(vb.pp("attn2"), dim, Some(context_dim), heads, dim_head, false)?,
+            attn2: Attention::new(
+                vb.pp("attn2"),
+                dim,
+                Some(context_dim),
+                heads,
+                dim_head,
+                false,
+            )?,
             norm3: ln("norm3")?,
             ff: FeedForward::new(vb.pp("ff"), dim)?,
         })
@@ -69,7 +79,10 @@ impl BasicTransformerBlock {
 
     fn forward(&self, x: &Tensor, context: &Tensor) -> Result<Tensor> {
         let x = (self.attn1.forward(&self.norm1.forward(x)?, None)? + x)?;
-        let x = (self.attn2.forward(&self.norm2.forward(&x)?, Some(context))? + &x)?;
+        let x = (self
+            .attn2
+            .forward(&self.norm2.forward(&x)?, Some(context))?
+            + &x)?;
         self.ff.forward(&self.norm3.forward(&x)?)? + x
     }
 }
@@ -105,14 +118,24 @@ impl Transformer2DModel {
         let inner = c.channels; // heads × (channels / heads)
         let blocks = (0..c.depth)
             .map(|i| {
-                BasicTransformerBlock::new(vb.pp("transformer_blocks").pp(i), inner, c.heads, c.context_dim)
+                BasicTransformerBlock::new(
+                    vb.pp("transformer_blocks").pp(i),
+                    inner,
+                    c.heads,
+                    c.context_dim,
+                )
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
             norm: candle_nn::group_norm(c.groups, c.channels, 1e-6, vb.pp("norm"))?,
             proj_in: Projection::new(vb.pp("proj_in"), c.use_linear_projection, c.channels, inner)?,
             blocks,
-            proj_out: Projection::new(vb.pp("proj_out"), c.use_linear_projection, inner, c.channels)?,
+            proj_out: Projection::new(
+                vb.pp("proj_out"),
+                c.use_linear_projection,
+                inner,
+                c.channels,
+            )?,
         })
     }
 
@@ -133,7 +156,9 @@ impl Transformer2DModel {
         }
         let to_image = |t: Tensor| -> Result<Tensor> {
             let ch = t.dim(2)?;
-            t.reshape((b, h, w, ch))?.permute((0, 3, 1, 2))?.contiguous() // [B, C, H, W]
+            t.reshape((b, h, w, ch))?
+                .permute((0, 3, 1, 2))?
+                .contiguous() // [B, C, H, W]
         };
         let out = match &self.proj_out {
             Projection::Conv(conv) => conv.forward(&to_image(tokens)?)?,

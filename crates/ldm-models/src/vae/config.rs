@@ -92,7 +92,10 @@ impl VaeConfig {
             }
         }
         if j.act_fn != "silu" {
-            return Err(Error::config(path, format!("unsupported act_fn `{}`", j.act_fn)));
+            return Err(Error::config(
+                path,
+                format!("unsupported act_fn `{}`", j.act_fn),
+            ));
         }
         for &c in &j.block_out_channels {
             check_range(path, "block_out_channels", c, 1, MAX_CHANNELS)?;
@@ -103,7 +106,10 @@ impl VaeConfig {
         check_range(path, "latent_channels", j.latent_channels, 1, 1024)?;
         check_range(path, "layers_per_block", j.layers_per_block, 1, 64)?;
         if !(j.scaling_factor.is_finite() && j.scaling_factor > 0.0) {
-            return Err(Error::config(path, "`scaling_factor` must be a positive number"));
+            return Err(Error::config(
+                path,
+                "`scaling_factor` must be a positive number",
+            ));
         }
         let shift_factor = j.shift_factor.unwrap_or(0.0);
         if !shift_factor.is_finite() {

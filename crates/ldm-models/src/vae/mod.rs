@@ -42,7 +42,12 @@ struct SpatialSelfAttention {
 impl SpatialSelfAttention {
     fn new(vb: VarBuilder, cfg: &VaeConfig, channels: usize) -> Result<Self> {
         Ok(Self {
-            group_norm: candle_nn::group_norm(cfg.norm_num_groups, channels, EPS, vb.pp("group_norm"))?,
+            group_norm: candle_nn::group_norm(
+                cfg.norm_num_groups,
+                channels,
+                EPS,
+                vb.pp("group_norm"),
+            )?,
             attention: Attention::new(vb, channels, None, 1, channels, true)?,
             channels,
         })
@@ -74,7 +79,11 @@ impl MidBlock {
             .map(|i| resnet(vb.pp("resnets").pp(i), cfg, channels, channels))
             .collect::<Result<Vec<_>>>()?;
         let attention = if cfg.mid_block_add_attention {
-            Some(SpatialSelfAttention::new(vb.pp("attentions").pp(0), cfg, channels)?)
+            Some(SpatialSelfAttention::new(
+                vb.pp("attentions").pp(0),
+                cfg,
+                channels,
+            )?)
         } else {
             None
         };
@@ -140,7 +149,12 @@ impl Encoder {
                 })
                 .collect::<Result<Vec<_>>>()?;
             let down = if i + 1 < ch.len() {
-                Some(Downsample2D::new(vb.pp("downsamplers").pp(0), out_ch, out_ch, 0)?)
+                Some(Downsample2D::new(
+                    vb.pp("downsamplers").pp(0),
+                    out_ch,
+                    out_ch,
+                    0,
+                )?)
             } else {
                 None
             };
@@ -155,7 +169,12 @@ impl Encoder {
             conv_in,
             down_blocks,
             mid_block: MidBlock::new(vb.pp("mid_block"), cfg, last)?,
-            conv_norm_out: candle_nn::group_norm(cfg.norm_num_groups, last, EPS, vb.pp("conv_norm_out"))?,
+            conv_norm_out: candle_nn::group_norm(
+                cfg.norm_num_groups,
+                last,
+                EPS,
+                vb.pp("conv_norm_out"),
+            )?,
             conv_out: conv2d(vb.pp("conv_out"), last, 2 * cfg.latent_channels, 3, 1, 1)?,
         })
     }
@@ -166,7 +185,8 @@ impl Encoder {
             x = b.forward(x)?;
         }
         let x = self.mid_block.forward(&x)?;
-        self.conv_out.forward(&self.conv_norm_out.forward(&x)?.silu()?)
+        self.conv_out
+            .forward(&self.conv_norm_out.forward(&x)?.silu()?)
     }
 }
 
@@ -213,7 +233,12 @@ impl Decoder {
             conv_in,
             mid_block,
             up_blocks,
-            conv_norm_out: candle_nn::group_norm(cfg.norm_num_groups, first, EPS, vb.pp("conv_norm_out"))?,
+            conv_norm_out: candle_nn::group_norm(
+                cfg.norm_num_groups,
+                first,
+                EPS,
+                vb.pp("conv_norm_out"),
+            )?,
             conv_out: conv2d(vb.pp("conv_out"), first, cfg.out_channels, 3, 1, 1)?,
         })
     }
@@ -224,7 +249,8 @@ impl Decoder {
         for b in &self.up_blocks {
             x = b.forward(x)?;
         }
-        self.conv_out.forward(&self.conv_norm_out.forward(&x)?.silu()?)
+        self.conv_out
+            .forward(&self.conv_norm_out.forward(&x)?.silu()?)
     }
 }
 

@@ -43,7 +43,10 @@ pub struct Checkpoint {
 impl std::fmt::Debug for Checkpoint {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Checkpoint")
-            .field("files", &self.files.iter().map(|f| &f.0).collect::<Vec<_>>())
+            .field(
+                "files",
+                &self.files.iter().map(|f| &f.0).collect::<Vec<_>>(),
+            )
             .field("tensors", &self.tensors.len())
             .finish()
     }
@@ -58,8 +61,8 @@ impl Checkpoint {
             let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
             // SAFETY: the map is read-only; a file changed under us can only yield wrong values.
             let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
-            let (header_len, metadata) = safetensors::SafeTensors::read_metadata(&mmap)
-                .map_err(|e| Error::Checkpoint {
+            let (header_len, metadata) =
+                safetensors::SafeTensors::read_metadata(&mmap).map_err(|e| Error::Checkpoint {
                     path: path.clone(),
                     msg: describe_safetensors_error(&e, mmap.len()),
                 })?;
@@ -106,7 +109,11 @@ impl Checkpoint {
     }
 
     fn paths_display(&self) -> String {
-        let paths: Vec<String> = self.paths().iter().map(|p| p.display().to_string()).collect();
+        let paths: Vec<String> = self
+            .paths()
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect();
         paths.join(", ")
     }
 
@@ -300,7 +307,10 @@ pub fn component_files(dir: &Path) -> Result<Vec<PathBuf>> {
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .collect();
     names.sort();
-    if let Some(index) = names.iter().find(|n| n.ends_with(".safetensors.index.json")) {
+    if let Some(index) = names
+        .iter()
+        .find(|n| n.ends_with(".safetensors.index.json"))
+    {
         let path = dir.join(index);
         let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
         let json: serde_json::Value =
@@ -313,13 +323,19 @@ pub fn component_files(dir: &Path) -> Result<Vec<PathBuf>> {
         let mut out = Vec::new();
         for f in files {
             if f.contains('/') || f.contains("..") {
-                return Err(Error::config(&path, format!("shard name `{f}` leaves the folder")));
+                return Err(Error::config(
+                    &path,
+                    format!("shard name `{f}` leaves the folder"),
+                ));
             }
             out.push(dir.join(f));
         }
         return Ok(out);
     }
-    let safetensors: Vec<&String> = names.iter().filter(|n| n.ends_with(".safetensors")).collect();
+    let safetensors: Vec<&String> = names
+        .iter()
+        .filter(|n| n.ends_with(".safetensors"))
+        .collect();
     let pick = safetensors
         .iter()
         .find(|n| !n.contains(".fp16.") && !n.contains(".bf16."))

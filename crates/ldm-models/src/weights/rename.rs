@@ -52,7 +52,10 @@ mod tests {
             clip_text_key("encoder.layers.0.mlp.fc1.weight", false),
             "text_model.encoder.layers.0.mlp.fc1.weight"
         );
-        assert_eq!(clip_text_key("text_projection.weight", false), "text_projection.weight");
+        assert_eq!(
+            clip_text_key("text_projection.weight", false),
+            "text_projection.weight"
+        );
         let released = ["text_model.embeddings.token_embedding.weight".to_string()];
         assert!(has_clip_prefix(released.iter()));
         assert_eq!(
@@ -71,6 +74,9 @@ mod tests {
             vae_legacy_attention("encoder.mid_block.attentions.0.key.bias"),
             "encoder.mid_block.attentions.0.to_k.bias"
         );
-        assert_eq!(vae_legacy_attention("decoder.conv_in.weight"), "decoder.conv_in.weight");
+        assert_eq!(
+            vae_legacy_attention("decoder.conv_in.weight"),
+            "decoder.conv_in.weight"
+        );
     }
 }
