@@ -29,8 +29,22 @@ impl<T: Clone> OneOrMany<T> {
 
 /// Reads and parses a JSON config file.
 pub fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T> {
+    read_json_with_nulls(path, &[])
+}
+
+/// Reads a config whose top-level `null`s mean "the default" (released configs write
+/// `"upcast_attention": null`), except for the fields in `meaningful_nulls`, kept as `null`.
+pub fn read_json_with_nulls<T: for<'de> Deserialize<'de>>(
+    path: &Path,
+    meaningful_nulls: &[&str],
+) -> Result<T> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    serde_json::from_str(&text).map_err(|e| Error::config(path, e.to_string()))
+    let mut value: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| Error::config(path, e.to_string()))?;
+    if let Some(map) = value.as_object_mut() {
+        map.retain(|k, v| !v.is_null() || meaningful_nulls.contains(&k.as_str()));
+    }
+    serde_json::from_value(value).map_err(|e| Error::config(path, e.to_string()))
 }
 
 /// Sanity limit for channel counts and widths: far above any released model, far below overflow.

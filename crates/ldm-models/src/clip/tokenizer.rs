@@ -11,7 +11,7 @@ use tokenizers::normalizers::{Lowercase, Replace, Sequence as NormSeq, NFC};
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::sequence::Sequence as PreSeq;
 use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
-use tokenizers::{SplitDelimiterBehavior, Tokenizer};
+use tokenizers::{AddedToken, SplitDelimiterBehavior, Tokenizer};
 
 /// CLIP's pre-tokenisation pattern (transformers' `CLIPTokenizer.pat`, case-folded beforehand).
 const CLIP_PATTERN: &str = r"'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+";
@@ -126,7 +126,7 @@ impl ClipTokenizer {
         Ok(t)
     }
 
-    fn finish(inner: Tokenizer, dir: &Path) -> Result<Self> {
+    fn finish(mut inner: Tokenizer, dir: &Path) -> Result<Self> {
         let config = read_optional_json(&dir.join("tokenizer_config.json"))?;
         let special = read_optional_json(&dir.join("special_tokens_map.json"))?;
         let lookup = |key: &str| {
@@ -135,14 +135,24 @@ impl ClipTokenizer {
                 .and_then(|c| special_token(c, key))
                 .or_else(|| special.as_ref().and_then(|s| special_token(s, key)))
         };
+        let bos = lookup("bos_token").unwrap_or_else(|| BOS.into());
+        let eos = lookup("eos_token").unwrap_or_else(|| EOS.into());
+        let pad = lookup("pad_token").unwrap_or_else(|| EOS.into());
         let id = |token: &str| {
             inner
                 .token_to_id(token)
                 .ok_or_else(|| tok_err(dir, format!("token `{token}` is not in the vocabulary")))
         };
-        let bos_id = id(&lookup("bos_token").unwrap_or_else(|| BOS.into()))?;
-        let eos_id = id(&lookup("eos_token").unwrap_or_else(|| EOS.into()))?;
-        let pad_id = id(&lookup("pad_token").unwrap_or_else(|| EOS.into()))?;
+        let bos_id = id(&bos)?;
+        let eos_id = id(&eos)?;
+        let pad_id = id(&pad)?;
+        // As in transformers, special tokens are matched whole wherever they appear in the text
+        // (so SD2's pad token "!" is never merged into a word). Already-known ones are no-ops.
+        let specials: Vec<AddedToken> = [&bos, &eos, &pad]
+            .into_iter()
+            .map(|t| AddedToken::from(t.clone(), true))
+            .collect();
+        inner.add_special_tokens(&specials);
         // Some configs say "no limit" with a huge number; CLIP's context is 77.
         let max_length = config
             .as_ref()

@@ -158,7 +158,9 @@ fn unsupported(path: &Path, what: String) -> Error {
 impl UNetConfig {
     /// Reads and validates `unet/config.json`.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let json: UNet2DConditionConfigJson = crate::config::read_json(path)?;
+        // A null `mid_block_type` means "no mid block"; a null `norm_num_groups`, "no norms".
+        let json: UNet2DConditionConfigJson =
+            crate::config::read_json_with_nulls(path, &["mid_block_type", "norm_num_groups"])?;
         Self::from_json(&json, path)
     }
 
