@@ -42,7 +42,6 @@ import json
 import math
 import os
 import shutil
-import sys
 import unicodedata
 import zlib
 from pathlib import Path
@@ -1180,7 +1179,8 @@ def make_tiny(out_root: Path, vocab_dir: Path, vocab: dict[str, int]) -> dict[st
             for fn in ("vocab.json", "merges.txt"):
                 if not (d / sub / fn).exists():  # transformers 5 only writes tokenizer.json
                     shutil.copy(vocab_dir / fn, d / sub / fn)
-        save_file(refs, str(d / "reference.safetensors"), metadata={"family": name, "generator": "make_fixtures.py"})
+        # A single metadata key: safetensors writes metadata in hash order (not reproducible).
+        save_file(refs, str(d / "reference.safetensors"), metadata={"format": "pt"})
         for p in d.rglob("*"):
             if p.is_file():
                 os.chmod(p, 0o644)
@@ -1200,7 +1200,7 @@ def verify_tiny(out_root: Path) -> None:
             "sdxl": StableDiffusionXLPipeline,
             "sd15_inpaint": StableDiffusionInpaintPipeline,
         }.get(name, StableDiffusionPipeline)
-        pipe = cls.from_pretrained(str(d), torch_dtype=torch.float32)
+        pipe = cls.from_pretrained(str(d), dtype=torch.float32)
         refs = load_file(str(d / "reference.safetensors"))
         # storage dtype on disk
         want = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}[spec["storage"]]
@@ -1208,6 +1208,16 @@ def verify_tiny(out_root: Path) -> None:
             with safe_open(str(p), "pt") as f:
                 dts = {str(f.get_slice(k).get_dtype()) for k in f.keys()}
             assert dts == {want}, f"{p}: dtypes {dts}, want {want}"
+        # key layout of the text encoder files
+        prefixed = {
+            sub: all(
+                k.startswith("text_model.") or k == "text_projection.weight"
+                for k in safetensors_keys(d / sub / "model.safetensors")
+            )
+            for sub in (["text_encoder", "text_encoder_2"] if name == "sdxl" else ["text_encoder"])
+        }
+        assert prefixed["text_encoder"] == spec["released_te_layout"], prefixed
+        assert prefixed.get("text_encoder_2", True), prefixed
         encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if name == "sdxl" else [])
         tokenizers = [pipe.tokenizer] + ([pipe.tokenizer_2] if name == "sdxl" else [])
         for m in [pipe.unet, pipe.vae, *encoders]:
@@ -1269,15 +1279,20 @@ def make_tokenizer_cases(out_root: Path, vocab: dict, merges: list) -> list[str]
         tok = CLIPTokenizer.from_pretrained(str(out_root / folder))
         assert tok.pad_token == pad, (folder, tok.pad_token)
         ref = ReferenceClipTokenizer(vocab, merges, pad)
+        # Built from vocab.json + merges.txt only (how released SD folders ship it: no tokenizer.json).
+        plain = load_tokenizer(out_root / "vocab", pad)
         for text in TOKENIZER_TEXTS:
             ids = tokenize(tok, [text])[0].tolist()
             assert len(ids) == MAX_LEN
+            assert ids == tokenize(plain, [text])[0].tolist(), text
             cases.append({"tokenizer": folder, "text": text, "ids": ids})
             for unescape in (False, True):
                 r = ref(text, unescape_html=unescape)
                 if r != ids:
                     mismatches.append(f"{folder} {'openai(html-unescape)' if unescape else 'reference-bpe'}: {text!r}")
-    write_json(out_root / "tokenizer_cases.json", cases)
+    # one case per line (ids inline) keeps the file small and diffable
+    body = ",\n".join("  " + json.dumps(c, ensure_ascii=False) for c in cases)
+    (out_root / "tokenizer_cases.json").write_text("[\n" + body + "\n]\n", encoding="utf-8")
     return mismatches
 
 
