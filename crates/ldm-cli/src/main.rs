@@ -24,6 +24,10 @@ enum Command {
     Info {
         /// A diffusers model folder (with model_index.json).
         model: PathBuf,
+        /// Also build every network from its weights (strict: every tensor present with the
+        /// right shape) and list tensors the networks do not use.
+        #[arg(long)]
+        check: bool,
     },
     /// Generate an image from a prompt (txt2img).
     Generate {
@@ -47,7 +51,7 @@ fn fmt_count(n: usize) -> String {
     out
 }
 
-fn info(path: &Path) -> Result<()> {
+fn info(path: &Path, check: bool) -> Result<()> {
     let folder = ModelFolder::open(path)?;
     let family = folder.family();
     let variant = if folder.is_inpainting() {
@@ -82,12 +86,45 @@ fn info(path: &Path) -> Result<()> {
         );
     }
     println!("{:<17} {:>15} parameters", "total:", fmt_count(total));
+    if check {
+        check_weights(&folder)?;
+    }
+    Ok(())
+}
+
+/// Builds each network from its weights, so that any missing or mis-shaped tensor is reported.
+fn check_weights(folder: &ModelFolder) -> Result<()> {
+    use candle_core::{DType, Device};
+    use ldm_models::model::TextEncoderSlot;
+    let (dtype, dev) = (DType::F32, Device::Cpu);
+    let report = |name: &str, unused: Vec<String>| {
+        if unused.is_empty() {
+            println!("check {name}: ok");
+        } else {
+            println!(
+                "check {name}: ok, {} unused tensors: {}",
+                unused.len(),
+                unused.join(", ")
+            );
+        }
+    };
+    report("unet", folder.load_unet(dtype, &dev)?.unused);
+    report("vae", folder.load_vae(dtype, &dev)?.unused);
+    for (slot, name) in [
+        (TextEncoderSlot::First, "text_encoder"),
+        (TextEncoderSlot::Second, "text_encoder_2"),
+    ] {
+        if folder.components().contains(&name) {
+            report(name, folder.load_text_encoder(slot, dtype, &dev)?.unused);
+            folder.load_tokenizer(slot)?;
+        }
+    }
     Ok(())
 }
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Info { model } => info(&model),
+        Command::Info { model, check } => info(&model, check),
         Command::Generate { .. } => {
             bail!("`ldm generate` is not implemented yet: the txt2img pipeline and the embedded model are still being built")
         }

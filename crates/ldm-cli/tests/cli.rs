@@ -54,3 +54,13 @@ fn bad_paths_fail_cleanly() {
         assert!(!stderr.contains("panicked"), "{stderr}");
     }
 }
+
+#[test]
+fn info_check_builds_every_network() {
+    let path = fixtures().join("tiny/sdxl");
+    let (ok, stdout, stderr) = ldm(&["info", path.to_str().unwrap(), "--check"]);
+    assert!(ok, "{stderr}");
+    for c in ["unet", "vae", "text_encoder", "text_encoder_2"] {
+        assert!(stdout.contains(&format!("check {c}: ok\n")), "{stdout}");
+    }
+}
