@@ -1,0 +1,5 @@
+//! `ldm-sampling`: noise schedules as data, samplers as functions over a [`Denoiser`]
+//! (k-diffusion's way: Karras et al. 2022), classifier-free guidance as a denoiser wrapper, and
+//! torch-compatible noise. It knows nothing of U-Nets.
+
+pub mod noise;
