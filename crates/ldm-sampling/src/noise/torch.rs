@@ -124,7 +124,7 @@ impl TorchCpuRng {
         for start in (0..=n - 16).step_by(16) {
             block(&mut data[start..start + 16]);
         }
-        if n % 16 != 0 {
+        if !n.is_multiple_of(16) {
             let tail = &mut data[n - 16..];
             for v in tail.iter_mut() {
                 *v = self.uniform_f32();
@@ -143,7 +143,7 @@ impl TorchCpuRng {
         for start in (0..=n - 16).step_by(16) {
             normal_fill_16_f64(&mut data[start..start + 16]);
         }
-        if n % 16 != 0 {
+        if !n.is_multiple_of(16) {
             let tail = &mut data[n - 16..];
             for v in tail.iter_mut() {
                 *v = self.uniform_f64();
@@ -194,7 +194,7 @@ mod avx2 {
         let imm0 = (bits >> 23) as i32 - 0x7f;
         let mut x = f32::from_bits((bits & !0x7f80_0000) | 0.5f32.to_bits());
         let mut e = imm0 as f32 + 1.0;
-        let mask = x < 0.707106781186547524f32;
+        let mask = x < std::f32::consts::FRAC_1_SQRT_2; // cephes_SQRTHF
         let tmp = if mask { x } else { 0.0 };
         x -= 1.0;
         e -= if mask { 1.0 } else { 0.0 };
@@ -275,7 +275,7 @@ mod avx2 {
             for i in 1..1000 {
                 let x = i as f32 / 1000.0;
                 assert!((super::log(x) - x.ln()).abs() < 1e-6, "log {x}");
-                let t = x * 6.28;
+                let t = x * 6.0;
                 let (s, c) = super::sincos(t);
                 assert!(
                     (s - t.sin()).abs() < 1e-6 && (c - t.cos()).abs() < 1e-6,

@@ -1,0 +1,150 @@
+//! Samplers as functions over a [`Denoiser`] (k-diffusion's way): each takes the sample at
+//! `sigmas[0]`, walks the given sigmas down to the last, and returns the sample there, with its
+//! history in local variables. Any schedule works with any sampler; starting part-way (img2img)
+//! is passing a suffix of the sigmas. Every sampler works in the variance-exploding
+//! parametrisation `x = x₀ + σ ε`; each doc comment names the diffusers scheduler (or the
+//! k-diffusion function) whose numbers it reproduces.
+
+mod ancestral;
+mod heun;
+mod lms;
+mod multistep;
+
+use crate::denoiser::Denoiser;
+use crate::noise::NoiseSource;
+use crate::{Error, Result};
+use candle_core::Tensor;
+
+/// What a per-step hook sees after each step.
+#[derive(Debug)]
+pub struct StepInfo<'a> {
+    /// 0-based step index and the number of steps.
+    pub step: usize,
+    pub steps: usize,
+    pub sigma: f64,
+    pub sigma_next: f64,
+    /// The sample after the step (at `sigma_next`).
+    pub x: &'a Tensor,
+    /// The denoised estimate made during the step (for previews).
+    pub denoised: &'a Tensor,
+}
+
+/// Called after every step; may replace the sample (inpainting blends) or stop with an error.
+pub trait StepHook {
+    fn after_step(&mut self, info: &StepInfo) -> Result<Option<Tensor>>;
+}
+
+impl<F: FnMut(&StepInfo) -> Result<Option<Tensor>>> StepHook for F {
+    fn after_step(&mut self, info: &StepInfo) -> Result<Option<Tensor>> {
+        self(info)
+    }
+}
+
+/// A hook that does nothing.
+pub struct NoHook;
+
+impl StepHook for NoHook {
+    fn after_step(&mut self, _: &StepInfo) -> Result<Option<Tensor>> {
+        Ok(None)
+    }
+}
+
+/// Everything a sampler run needs besides the sampler itself.
+pub struct Run<'a> {
+    pub denoiser: &'a dyn Denoiser,
+    /// Decreasing noise levels, the last usually 0.
+    pub sigmas: &'a [f64],
+    pub noise: &'a mut dyn NoiseSource,
+    pub hook: &'a mut dyn StepHook,
+}
+
+impl Run<'_> {
+    /// Reports step `i` to the hook and returns the sample to continue from.
+    fn report(&mut self, i: usize, x: Tensor, denoised: &Tensor) -> Result<Tensor> {
+        let info = StepInfo {
+            step: i,
+            steps: self.sigmas.len() - 1,
+            sigma: self.sigmas[i],
+            sigma_next: self.sigmas[i + 1],
+            x: &x,
+            denoised,
+        };
+        Ok(self.hook.after_step(&info)?.unwrap_or(x))
+    }
+
+    fn randn_like(&mut self, x: &Tensor) -> Result<Tensor> {
+        Ok(crate::noise::randn_tensor(
+            self.noise,
+            x.shape(),
+            x.device(),
+        )?)
+    }
+}
+
+/// `d = (x − D(x; σ)) / σ`, the probability-flow ODE's derivative (Karras et al. 2022, eq. 3).
+/// A true float32 division, as diffusers computes it: at large σ the next step cancels most of
+/// `x`, and multiplying by a rounded `1/σ` would show.
+fn derivative(x: &Tensor, denoised: &Tensor, sigma: f64) -> Result<Tensor> {
+    let sigma = Tensor::new(sigma as f32, x.device())?.to_dtype(x.dtype())?;
+    Ok((x - denoised)?.broadcast_div(&sigma)?)
+}
+
+/// Every sampler, by name.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Sampler {
+    /// Euler's method on the probability-flow ODE (k-diffusion `sample_euler`;
+    /// diffusers `EulerDiscreteScheduler`).
+    Euler,
+    /// Euler with ancestral noise of strength `eta` (k-diffusion `sample_euler_ancestral`;
+    /// diffusers `EulerAncestralDiscreteScheduler` at η = 1). In this parametrisation DDIM with
+    /// η (Song et al. 2021, eq. 12; diffusers `DDIMScheduler`) and DDPM's posterior sampling
+    /// (Ho et al. 2020; diffusers `DDPMScheduler`, `fixed_small`) are the same update on their
+    /// own sigma lists, so `ddim` and `ddpm` run this code.
+    EulerAncestral { eta: f64 },
+    /// Heun's second-order method (Karras et al. 2022, Alg. 1; diffusers `HeunDiscreteScheduler`).
+    Heun,
+    /// DPM-Solver-2 with the midpoint in log-sigma (k-diffusion `sample_dpm_2`;
+    /// diffusers `KDPM2DiscreteScheduler`).
+    Dpm2,
+    /// Ancestral DPM-Solver-2 (k-diffusion `sample_dpm_2_ancestral`;
+    /// diffusers `KDPM2AncestralDiscreteScheduler`).
+    Dpm2Ancestral,
+    /// Linear multistep of `order` (k-diffusion `sample_lms`; diffusers `LMSDiscreteScheduler`).
+    Lms { order: usize },
+    /// DPM-Solver++(2M) (Lu et al. 2022b, Alg. 2; diffusers `DPMSolverMultistepScheduler`,
+    /// `algorithm_type="dpmsolver++"`). `lower_order_final` makes the last step first order
+    /// below 15 steps, as diffusers does.
+    DpmPp2M { lower_order_final: bool },
+}
+
+impl Sampler {
+    /// Runs the sampler from `x` at `run.sigmas[0]`; returns the sample at the last sigma.
+    pub fn sample(&self, x: Tensor, run: &mut Run) -> Result<Tensor> {
+        if run.sigmas.len() < 2 {
+            return Err(Error::InvalidArgument(
+                "a sampler needs at least two sigmas (one step)".into(),
+            ));
+        }
+        if run
+            .sigmas
+            .windows(2)
+            .any(|w| w[1] >= w[0] || w[1] < 0.0 || w[1].is_nan())
+            || !run.sigmas[0].is_finite()
+        {
+            return Err(Error::InvalidArgument(
+                "sigmas must be finite, non-negative and strictly decreasing".into(),
+            ));
+        }
+        match self {
+            Sampler::Euler => ancestral::sample(x, run, 0.0),
+            Sampler::EulerAncestral { eta } => ancestral::sample(x, run, *eta),
+            Sampler::Heun => heun::sample_heun(x, run),
+            Sampler::Dpm2 => heun::sample_dpm2(x, run, 0.0),
+            Sampler::Dpm2Ancestral => heun::sample_dpm2(x, run, 1.0),
+            Sampler::Lms { order } => lms::sample(x, run, *order),
+            Sampler::DpmPp2M { lower_order_final } => {
+                multistep::dpmpp_2m(x, run, *lower_order_final)
+            }
+        }
+    }
+}

@@ -1,0 +1,441 @@
+//! diffusers' `scheduler_config.json` → a sampling [`Plan`]: the sigmas (and the model timestep
+//! at each), the initial noise scale, and the [`Sampler`] — reproducing each diffusers
+//! scheduler's `set_timesteps` numbers exactly (its spacing, rounding and float32 casts).
+
+use crate::denoiser::Prediction;
+use crate::samplers::Sampler;
+use crate::schedule::{self, BetaSchedule, NoiseSchedule};
+use crate::{Error, Result};
+use serde::Deserialize;
+
+/// The fields of diffusers' scheduler configs we read (a union over the scheduler classes).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default)]
+pub struct SchedulerConfig {
+    #[serde(rename = "_class_name")]
+    pub class_name: String,
+    pub num_train_timesteps: Option<usize>,
+    pub beta_start: Option<f64>,
+    pub beta_end: Option<f64>,
+    pub beta_schedule: Option<String>,
+    pub trained_betas: Option<Vec<f64>>,
+    pub prediction_type: Option<String>,
+    pub timestep_spacing: Option<String>,
+    pub steps_offset: Option<usize>,
+    pub rescale_betas_zero_snr: Option<bool>,
+    pub set_alpha_to_one: Option<bool>,
+    pub use_karras_sigmas: Option<bool>,
+    pub use_exponential_sigmas: Option<bool>,
+    pub use_beta_sigmas: Option<bool>,
+    pub final_sigmas_type: Option<String>,
+    pub algorithm_type: Option<String>,
+    pub solver_order: Option<usize>,
+    pub lower_order_final: Option<bool>,
+    pub interpolation_type: Option<String>,
+    pub timestep_type: Option<String>,
+    pub variance_type: Option<String>,
+    pub clip_sample: Option<bool>,
+    pub thresholding: Option<bool>,
+}
+
+/// Where a diffusers scheduler keeps its sample: variance-exploding `x₀ + σε` (the Euler family)
+/// or variance-preserving `√ᾱ x₀ + √(1−ᾱ) ε` (DDIM, DPM-Solver, …).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SampleSpace {
+    VarianceExploding,
+    VariancePreserving,
+}
+
+/// Everything needed to run a scheduler config's sampling loop.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub sampler: Sampler,
+    /// Decreasing noise levels (float32 values, as diffusers holds them); one step per pair.
+    pub sigmas: Vec<f64>,
+    /// The timestep the model is called with at each `sigmas[i]` (all but the last).
+    pub timesteps: Vec<f64>,
+    pub prediction: Prediction,
+    pub schedule: NoiseSchedule,
+    /// diffusers' `init_noise_sigma`.
+    pub init_noise_sigma: f64,
+    pub space: SampleSpace,
+}
+
+impl Plan {
+    /// Factor from unit noise to the VE sample the samplers start from.
+    pub fn initial_scale(&self) -> f64 {
+        match self.space {
+            SampleSpace::VarianceExploding => self.init_noise_sigma,
+            SampleSpace::VariancePreserving => {
+                (1.0 + self.sigmas[0] * self.sigmas[0]).sqrt() * self.init_noise_sigma
+            }
+        }
+    }
+
+    /// Factor from a VE sample at `sigma` to the scheduler's own sample space.
+    pub fn to_scheduler_space(&self, sigma: f64) -> f64 {
+        match self.space {
+            SampleSpace::VarianceExploding => 1.0,
+            SampleSpace::VariancePreserving => 1.0 / (1.0 + sigma * sigma).sqrt(),
+        }
+    }
+
+    /// The model timestep for `sigma`: the plan's own where `sigma` is one of its sigmas,
+    /// otherwise interpolated in log-sigma (midpoints of two-stage samplers).
+    pub fn timestep(&self, sigma: f64) -> f64 {
+        match self.sigmas[..self.timesteps.len()]
+            .iter()
+            .position(|&s| s == sigma)
+        {
+            Some(i) => self.timesteps[i],
+            None => self.schedule.sigma_to_t(sigma),
+        }
+    }
+
+    /// img2img: keep the last `ceil(steps · strength)` steps (diffusers' `get_timesteps`).
+    pub fn truncate(&mut self, strength: f64) -> Result<()> {
+        if !(0.0..=1.0).contains(&strength) || strength.is_nan() {
+            return Err(Error::InvalidArgument(format!(
+                "strength {strength} is outside [0, 1]"
+            )));
+        }
+        let steps = self.sigmas.len() - 1;
+        let init = ((steps as f64 * strength) as usize).min(steps);
+        if init == 0 {
+            return Err(Error::InvalidArgument(format!(
+                "strength {strength} leaves no step of {steps} to run"
+            )));
+        }
+        let start = steps - init;
+        self.sigmas.drain(..start);
+        self.timesteps.drain(..start);
+        Ok(())
+    }
+}
+
+fn f32r(x: f64) -> f64 {
+    x as f32 as f64
+}
+
+fn flag(v: Option<bool>) -> bool {
+    v.unwrap_or(false)
+}
+
+impl SchedulerConfig {
+    /// Parses `scheduler_config.json` text.
+    pub fn from_json(text: &str) -> Result<Self> {
+        serde_json::from_str(text).map_err(|e| Error::Config(e.to_string()))
+    }
+
+    /// The training noise schedule this config describes.
+    pub fn noise_schedule(&self) -> Result<NoiseSchedule> {
+        let beta_schedule = match (self.trained_betas.as_ref(), self.beta_schedule.as_deref().unwrap_or("linear")) {
+            (Some(b), _) => BetaSchedule::Trained(b.clone()),
+            (None, "linear") => BetaSchedule::Linear,
+            (None, "scaled_linear") => BetaSchedule::ScaledLinear,
+            (None, "squaredcos_cap_v2") => BetaSchedule::SquaredCosCapV2,
+            (None, other) => {
+                return Err(Error::Config(format!(
+                    "unknown beta_schedule `{other}` (expected linear, scaled_linear, squaredcos_cap_v2 or trained_betas)"
+                )))
+            }
+        };
+        let mut s = NoiseSchedule::new(
+            self.num_train_timesteps.unwrap_or(1000),
+            self.beta_start.unwrap_or(0.0001),
+            self.beta_end.unwrap_or(0.02),
+            &beta_schedule,
+            flag(self.rescale_betas_zero_snr),
+        )?;
+        // The Euler-family schedulers keep the zero-SNR end finite (diffusers sets 2⁻²⁴).
+        if flag(self.rescale_betas_zero_snr) && self.space() == SampleSpace::VarianceExploding {
+            if let Some(last) = s.alphas_cumprod.last_mut() {
+                *last = 2f32.powi(-24);
+            }
+        }
+        Ok(s)
+    }
+
+    fn space(&self) -> SampleSpace {
+        match self.class_name.as_str() {
+            "EulerDiscreteScheduler"
+            | "EulerAncestralDiscreteScheduler"
+            | "HeunDiscreteScheduler"
+            | "LMSDiscreteScheduler"
+            | "KDPM2DiscreteScheduler"
+            | "KDPM2AncestralDiscreteScheduler"
+            | "DPMSolverSDEScheduler" => SampleSpace::VarianceExploding,
+            _ => SampleSpace::VariancePreserving,
+        }
+    }
+
+    fn spacing(&self, default: &str) -> String {
+        self.timestep_spacing
+            .clone()
+            .unwrap_or_else(|| default.to_string())
+    }
+
+    /// The sampling plan for `steps` steps, with `eta` for the samplers that take one.
+    pub fn plan(&self, steps: usize, eta: Option<f64>) -> Result<Plan> {
+        let schedule = self.noise_schedule()?;
+        let n_train = schedule.len();
+        if steps == 0 || steps > n_train {
+            return Err(Error::InvalidArgument(format!(
+                "steps must be in [1, {n_train}] (the training timesteps), got {steps}"
+            )));
+        }
+        let prediction: Prediction = self
+            .prediction_type
+            .as_deref()
+            .unwrap_or("epsilon")
+            .parse()?;
+        let offset = self.steps_offset.unwrap_or(0) as f64;
+        let train_sigmas = schedule.sigmas();
+        // A zero-SNR end has σ = ∞, which the VE samplers cannot hold; at σ = 1e10 every
+        // quantity a VP scheduler computes differs from its σ = ∞ value by O(1/σ) = 1e-10.
+        let finite_max = 1e10;
+        let sigma_at = |t: f64| {
+            let s = f32r(schedule.t_to_sigma(t));
+            if s.is_finite() {
+                s
+            } else {
+                f32r(finite_max)
+            }
+        };
+        let space = self.space();
+        let class = self.class_name.as_str();
+        let (sampler, sigmas, timesteps, init_noise_sigma) = match class {
+            "DDIMScheduler" | "DDPMScheduler" => {
+                let spacing = self.spacing("leading");
+                if spacing == "linspace" && class == "DDIMScheduler" {
+                    // diffusers' DDIM always steps to t − N/steps, which with linspace spacing is
+                    // not the next timestep it evaluates: a trajectory no sampler can follow.
+                    return Err(Error::Config(
+                        "DDIMScheduler with timestep_spacing linspace leaves its own timesteps; use leading or trailing".into(),
+                    ));
+                }
+                let ts = discrete_timesteps(&spacing, n_train, steps, offset);
+                let mut sigmas: Vec<f64> = ts.iter().map(|&t| sigma_at(t)).collect();
+                let (sampler, final_sigma) = if class == "DDIMScheduler" {
+                    let eta = eta.unwrap_or(0.0);
+                    let one = self.set_alpha_to_one.unwrap_or(true);
+                    (
+                        Sampler::EulerAncestral { eta },
+                        if one {
+                            0.0
+                        } else {
+                            f32r(train_sigmas[0] as f64)
+                        },
+                    )
+                } else {
+                    if self.variance_type.as_deref().unwrap_or("fixed_small") != "fixed_small" {
+                        return Err(Error::Config(
+                            "DDPM: only variance_type fixed_small is supported".into(),
+                        ));
+                    }
+                    (Sampler::EulerAncestral { eta: 1.0 }, 0.0)
+                };
+                sigmas.push(final_sigma);
+                (sampler, sigmas, ts, 1.0)
+            }
+            "EulerDiscreteScheduler"
+            | "EulerAncestralDiscreteScheduler"
+            | "HeunDiscreteScheduler"
+            | "LMSDiscreteScheduler"
+            | "KDPM2DiscreteScheduler"
+            | "KDPM2AncestralDiscreteScheduler" => {
+                let spacing = self.spacing("linspace");
+                let mut ts = float_timesteps(&spacing, n_train, steps, offset);
+                let mut sigmas: Vec<f64> = ts.iter().map(|&t| schedule.t_to_sigma(t)).collect();
+                let ancestral_plain = class == "EulerAncestralDiscreteScheduler";
+                let (lo, hi) = (sigmas[sigmas.len() - 1], sigmas[0]);
+                let converted = if ancestral_plain {
+                    None
+                } else if flag(self.use_karras_sigmas) {
+                    Some(schedule::karras(lo, hi, steps, 7.0))
+                } else if flag(self.use_exponential_sigmas) {
+                    Some(schedule::exponential(lo, hi, steps))
+                } else if flag(self.use_beta_sigmas) {
+                    return Err(Error::Config("use_beta_sigmas is not supported yet".into()));
+                } else {
+                    None
+                };
+                if let Some(c) = converted {
+                    let log_sigmas = schedule.log_sigmas();
+                    ts = c
+                        .iter()
+                        .map(|&s| schedule::sigma_to_t(s, &log_sigmas))
+                        .collect();
+                    // KDPM2 rounds its Karras timesteps (and only those).
+                    let kdpm2 = class.starts_with("KDPM2");
+                    if kdpm2 && flag(self.use_karras_sigmas) {
+                        ts.iter_mut().for_each(|t| *t = t.round());
+                    }
+                    sigmas = c;
+                }
+                let last = match self.final_sigmas_type.as_deref() {
+                    Some("sigma_min") if class == "EulerDiscreteScheduler" => {
+                        train_sigmas[0] as f64
+                    }
+                    _ => 0.0,
+                };
+                sigmas.push(last);
+                let sigmas: Vec<f64> = sigmas.into_iter().map(f32r).collect();
+                let ts: Vec<f64> = ts.into_iter().map(f32r).collect();
+                let max = sigmas.iter().cloned().fold(0.0, f64::max);
+                let init = if spacing == "linspace" || spacing == "trailing" {
+                    max
+                } else {
+                    f32r((max * max + 1.0).sqrt())
+                };
+                let sampler = match class {
+                    "EulerDiscreteScheduler" => Sampler::Euler,
+                    "EulerAncestralDiscreteScheduler" => Sampler::EulerAncestral { eta: 1.0 },
+                    "HeunDiscreteScheduler" => Sampler::Heun,
+                    "LMSDiscreteScheduler" => Sampler::Lms { order: 4 },
+                    "KDPM2DiscreteScheduler" => Sampler::Dpm2,
+                    _ => Sampler::Dpm2Ancestral,
+                };
+                (sampler, sigmas, ts, init)
+            }
+            "DPMSolverMultistepScheduler" => {
+                let algorithm = self.algorithm_type.as_deref().unwrap_or("dpmsolver++");
+                let order = self.solver_order.unwrap_or(2);
+                let sampler = match (algorithm, order) {
+                    ("dpmsolver++", 2) => Sampler::DpmPp2M {
+                        lower_order_final: self.lower_order_final.unwrap_or(true),
+                    },
+                    _ => {
+                        return Err(Error::Config(format!(
+                            "DPMSolverMultistepScheduler with algorithm_type `{algorithm}` and solver_order {order} is not supported yet"
+                        )))
+                    }
+                };
+                let spacing = self.spacing("linspace");
+                let last_t = n_train as f64;
+                let mut ts: Vec<f64> = match spacing.as_str() {
+                    "linspace" => {
+                        let v = schedule::linspace_f64(0.0, last_t - 1.0, steps + 1);
+                        v.iter()
+                            .rev()
+                            .take(steps)
+                            .map(|t| t.round_ties_even())
+                            .collect()
+                    }
+                    "leading" => {
+                        let ratio = (n_train / (steps + 1)) as f64;
+                        (0..=steps)
+                            .rev()
+                            .take(steps)
+                            .map(|i| i as f64 * ratio + offset)
+                            .collect()
+                    }
+                    "trailing" => trailing(n_train, steps),
+                    other => return Err(bad_spacing(other)),
+                };
+                let full: Vec<f64> = train_sigmas.iter().map(|&s| s as f64).collect();
+                let (sig_min, sig_max) = (full[0], full[n_train - 1]);
+                let converted = if flag(self.use_karras_sigmas) {
+                    Some((schedule::karras(sig_min, sig_max, steps, 7.0), true))
+                } else if flag(self.use_exponential_sigmas) {
+                    Some((schedule::exponential(sig_min, sig_max, steps), false))
+                } else if flag(self.use_beta_sigmas) {
+                    return Err(Error::Config("use_beta_sigmas is not supported yet".into()));
+                } else {
+                    None
+                };
+                let mut sigmas = match converted {
+                    Some((c, round)) => {
+                        let log_sigmas = schedule.log_sigmas();
+                        let cosine = self.beta_schedule.as_deref() == Some("squaredcos_cap_v2");
+                        ts = c
+                            .iter()
+                            .map(|&s| {
+                                let t = schedule::sigma_to_t(s, &log_sigmas);
+                                if round && !cosine {
+                                    t.round_ties_even()
+                                } else {
+                                    t
+                                }
+                            })
+                            .collect();
+                        c
+                    }
+                    None => ts.iter().map(|&t| schedule.t_to_sigma(t)).collect(),
+                };
+                // diffusers holds these timesteps as int64: fractional ones are truncated.
+                ts.iter_mut().for_each(|t| *t = t.trunc());
+                let last = match self.final_sigmas_type.as_deref().unwrap_or("zero") {
+                    "zero" => 0.0,
+                    _ => train_sigmas[0] as f64,
+                };
+                sigmas.push(last);
+                let sigmas: Vec<f64> = sigmas.into_iter().map(f32r).collect();
+                (sampler, sigmas, ts, 1.0)
+            }
+            other => {
+                return Err(Error::Config(format!(
+                    "scheduler `{other}` is not supported yet"
+                )))
+            }
+        };
+        Ok(Plan {
+            sampler,
+            sigmas,
+            timesteps,
+            prediction,
+            schedule,
+            init_noise_sigma,
+            space,
+        })
+    }
+}
+
+fn bad_spacing(s: &str) -> Error {
+    Error::Config(format!(
+        "unknown timestep_spacing `{s}` (expected linspace, leading or trailing)"
+    ))
+}
+
+fn trailing(n_train: usize, steps: usize) -> Vec<f64> {
+    let ratio = n_train as f64 / steps as f64;
+    let mut out = Vec::new();
+    let mut t = n_train as f64;
+    while t > 0.0 {
+        out.push(t.round_ties_even() - 1.0);
+        t -= ratio;
+    }
+    out
+}
+
+/// Integer timesteps of DDIM/DDPM (`int64` in diffusers).
+fn discrete_timesteps(spacing: &str, n_train: usize, steps: usize, offset: f64) -> Vec<f64> {
+    match spacing {
+        "linspace" => schedule::linspace_f64(0.0, (n_train - 1) as f64, steps)
+            .iter()
+            .rev()
+            .map(|t| t.round_ties_even())
+            .collect(),
+        "trailing" => trailing(n_train, steps),
+        _ => {
+            let ratio = (n_train / steps) as f64;
+            (0..steps)
+                .rev()
+                .map(|i| i as f64 * ratio + offset)
+                .collect()
+        }
+    }
+}
+
+/// Float timesteps of the Euler family (`float32` in diffusers).
+fn float_timesteps(spacing: &str, n_train: usize, steps: usize, offset: f64) -> Vec<f64> {
+    match spacing {
+        "linspace" => schedule::linspace_f64(0.0, (n_train - 1) as f64, steps)
+            .iter()
+            .rev()
+            .map(|&t| f32r(t))
+            .collect(),
+        "trailing" => trailing(n_train, steps),
+        _ => discrete_timesteps("leading", n_train, steps, offset),
+    }
+}
