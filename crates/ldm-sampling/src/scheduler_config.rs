@@ -3,7 +3,7 @@
 //! scheduler's `set_timesteps` numbers exactly (its spacing, rounding and float32 casts).
 
 use crate::denoiser::Prediction;
-use crate::samplers::Sampler;
+use crate::samplers::{MultistepOptions, Sampler};
 use crate::schedule::{self, BetaSchedule, NoiseSchedule};
 use crate::{Error, Result};
 use serde::Deserialize;
@@ -301,16 +301,25 @@ impl SchedulerConfig {
             "DPMSolverMultistepScheduler" => {
                 let algorithm = self.algorithm_type.as_deref().unwrap_or("dpmsolver++");
                 let order = self.solver_order.unwrap_or(2);
-                let sampler = match (algorithm, order) {
-                    ("dpmsolver++", 2) => Sampler::DpmPp2M {
-                        lower_order_final: self.lower_order_final.unwrap_or(true),
-                    },
-                    _ => {
+                let sde = match algorithm {
+                    "dpmsolver++" => false,
+                    "sde-dpmsolver++" => true,
+                    other => {
                         return Err(Error::Config(format!(
-                            "DPMSolverMultistepScheduler with algorithm_type `{algorithm}` and solver_order {order} is not supported yet"
+                            "DPMSolverMultistepScheduler algorithm_type `{other}` is not supported (dpmsolver++, sde-dpmsolver++)"
                         )))
                     }
                 };
+                if !(1..=3).contains(&order) {
+                    return Err(Error::Config(format!(
+                        "solver_order {order} is outside [1, 3]"
+                    )));
+                }
+                let sampler = Sampler::DpmPpMultistep(MultistepOptions {
+                    order,
+                    sde,
+                    lower_order_final: self.lower_order_final.unwrap_or(true),
+                });
                 let spacing = self.spacing("linspace");
                 let last_t = n_train as f64;
                 let mut ts: Vec<f64> = match spacing.as_str() {

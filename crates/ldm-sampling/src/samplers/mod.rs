@@ -10,6 +10,8 @@ mod heun;
 mod lms;
 mod multistep;
 
+pub use multistep::MultistepOptions;
+
 use crate::denoiser::Denoiser;
 use crate::noise::NoiseSource;
 use crate::{Error, Result};
@@ -111,10 +113,10 @@ pub enum Sampler {
     Dpm2Ancestral,
     /// Linear multistep of `order` (k-diffusion `sample_lms`; diffusers `LMSDiscreteScheduler`).
     Lms { order: usize },
-    /// DPM-Solver++(2M) (Lu et al. 2022b, Alg. 2; diffusers `DPMSolverMultistepScheduler`,
-    /// `algorithm_type="dpmsolver++"`). `lower_order_final` makes the last step first order
-    /// below 15 steps, as diffusers does.
-    DpmPp2M { lower_order_final: bool },
+    /// Multistep DPM-Solver++ of order 1–3, ODE or SDE (diffusers `DPMSolverMultistepScheduler`
+    /// with `algorithm_type` `dpmsolver++` / `sde-dpmsolver++`): `dpmpp_2m`, `dpmpp_2m_sde`,
+    /// `dpmpp_3m_sde`.
+    DpmPpMultistep(MultistepOptions),
 }
 
 impl Sampler {
@@ -142,9 +144,7 @@ impl Sampler {
             Sampler::Dpm2 => heun::sample_dpm2(x, run, 0.0),
             Sampler::Dpm2Ancestral => heun::sample_dpm2(x, run, 1.0),
             Sampler::Lms { order } => lms::sample(x, run, *order),
-            Sampler::DpmPp2M { lower_order_final } => {
-                multistep::dpmpp_2m(x, run, *lower_order_final)
-            }
+            Sampler::DpmPpMultistep(opt) => multistep::dpmpp_multistep(x, run, *opt),
         }
     }
 }
