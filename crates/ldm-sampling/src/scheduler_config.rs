@@ -6,6 +6,7 @@ use crate::denoiser::Prediction;
 use crate::samplers::{MultistepOptions, Sampler};
 use crate::schedule::{self, BetaSchedule, NoiseSchedule};
 use crate::{Error, Result};
+use candle_core::Tensor;
 use serde::Deserialize;
 
 /// The fields of diffusers' scheduler configs we read (a union over the scheduler classes).
@@ -36,6 +37,8 @@ pub struct SchedulerConfig {
     pub variance_type: Option<String>,
     pub clip_sample: Option<bool>,
     pub thresholding: Option<bool>,
+    pub original_inference_steps: Option<usize>,
+    pub timestep_scaling: Option<f64>,
 }
 
 /// Where a diffusers scheduler keeps its sample: variance-exploding `x₀ + σε` (the Euler family)
@@ -59,6 +62,9 @@ pub struct Plan {
     /// diffusers' `init_noise_sigma`.
     pub init_noise_sigma: f64,
     pub space: SampleSpace,
+    /// LCM's consistency boundary condition, `timestep_scaling` (Song et al. 2023, §3.1):
+    /// the denoised estimate becomes `c_out(t) x₀ + c_skip(t) x_vp`.
+    pub boundary_timestep_scaling: Option<f64>,
 }
 
 impl Plan {
@@ -90,6 +96,24 @@ impl Plan {
             Some(i) => self.timesteps[i],
             None => self.schedule.sigma_to_t(sigma),
         }
+    }
+
+    /// Applies the model family's boundary condition (LCM) to a denoised estimate `x0` of the
+    /// VE sample `x` at `sigma`; the identity for every other plan.
+    pub fn boundary_condition(
+        &self,
+        x: &Tensor,
+        x0: Tensor,
+        sigma: f64,
+    ) -> candle_core::Result<Tensor> {
+        let Some(scaling) = self.boundary_timestep_scaling else {
+            return Ok(x0);
+        };
+        const SIGMA_DATA2: f64 = 0.25; // σ_data = 0.5
+        let t = self.timestep(sigma) * scaling;
+        let c_skip = SIGMA_DATA2 / (t * t + SIGMA_DATA2);
+        let c_out = t / (t * t + SIGMA_DATA2).sqrt();
+        (x0 * c_out)? + (x * (c_skip * crate::denoiser::c_in(sigma)))?
     }
 
     /// img2img: keep the last `ceil(steps · strength)` steps (diffusers' `get_timesteps`).
@@ -382,12 +406,48 @@ impl SchedulerConfig {
                 let sigmas: Vec<f64> = sigmas.into_iter().map(f32r).collect();
                 (sampler, sigmas, ts, 1.0)
             }
+            "LCMScheduler" | "TCDScheduler" => {
+                let original = self.original_inference_steps.unwrap_or(50);
+                if original == 0 || original > n_train || steps > original {
+                    return Err(Error::InvalidArgument(format!(
+                        "{class}: steps ({steps}) must be at most original_inference_steps ({original}), itself at most {n_train}"
+                    )));
+                }
+                let k = n_train / original;
+                let origin: Vec<f64> = (1..=original).rev().map(|i| (i * k) as f64 - 1.0).collect();
+                let ts: Vec<f64> = (0..steps)
+                    .map(|i| {
+                        origin[(i as f64 * origin.len() as f64 / steps as f64).floor() as usize]
+                    })
+                    .collect();
+                let mut sigmas: Vec<f64> = ts.iter().map(|&t| sigma_at(t)).collect();
+                let sampler = if class == "LCMScheduler" {
+                    sigmas.push(0.0);
+                    Sampler::Lcm
+                } else {
+                    // TCD's last step lands on timestep 0, not on σ = 0.
+                    sigmas.push(f32r(train_sigmas[0] as f64));
+                    let gamma = eta.unwrap_or(0.3);
+                    if !(0.0..=1.0).contains(&gamma) {
+                        return Err(Error::InvalidArgument(format!(
+                            "TCD eta (gamma) {gamma} is outside [0, 1]"
+                        )));
+                    }
+                    Sampler::Tcd {
+                        gamma,
+                        schedule: Box::new(schedule.clone()),
+                    }
+                };
+                (sampler, sigmas, ts, 1.0)
+            }
             other => {
                 return Err(Error::Config(format!(
                     "scheduler `{other}` is not supported yet"
                 )))
             }
         };
+        let boundary_timestep_scaling =
+            (class == "LCMScheduler").then(|| self.timestep_scaling.unwrap_or(10.0));
         Ok(Plan {
             sampler,
             sigmas,
@@ -396,6 +456,7 @@ impl SchedulerConfig {
             schedule,
             init_noise_sigma,
             space,
+            boundary_timestep_scaling,
         })
     }
 }

@@ -34,7 +34,8 @@ struct Standin<'a> {
 impl Denoiser for Standin<'_> {
     fn denoise(&self, x: &Tensor, sigma: f64) -> candle_core::Result<Tensor> {
         let out = standin(&scale_input(x, sigma)?, self.plan.timestep(sigma))?;
-        self.plan.prediction.to_denoised(x, &out, sigma)
+        let x0 = self.plan.prediction.to_denoised(x, &out, sigma)?;
+        self.plan.boundary_condition(x, x0, sigma)
     }
 }
 

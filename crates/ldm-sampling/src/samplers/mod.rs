@@ -6,6 +6,7 @@
 //! k-diffusion function) whose numbers it reproduces.
 
 mod ancestral;
+mod consistency;
 mod heun;
 mod lms;
 mod multistep;
@@ -14,6 +15,7 @@ pub use multistep::MultistepOptions;
 
 use crate::denoiser::Denoiser;
 use crate::noise::NoiseSource;
+use crate::schedule::NoiseSchedule;
 use crate::{Error, Result};
 use candle_core::Tensor;
 
@@ -117,6 +119,16 @@ pub enum Sampler {
     /// with `algorithm_type` `dpmsolver++` / `sde-dpmsolver++`): `dpmpp_2m`, `dpmpp_2m_sde`,
     /// `dpmpp_3m_sde`.
     DpmPpMultistep(MultistepOptions),
+    /// Latent Consistency Model multistep sampling (diffusers `LCMScheduler`); the model's
+    /// boundary condition belongs to its denoiser (see `Plan::boundary_condition`).
+    Lcm,
+    /// Trajectory Consistency Distillation's strategic stochastic sampling with γ = `gamma`
+    /// (diffusers `TCDScheduler`, whose `eta` is this γ); needs the training schedule to place
+    /// its intermediate level.
+    Tcd {
+        gamma: f64,
+        schedule: Box<NoiseSchedule>,
+    },
 }
 
 impl Sampler {
@@ -145,6 +157,8 @@ impl Sampler {
             Sampler::Dpm2Ancestral => heun::sample_dpm2(x, run, 1.0),
             Sampler::Lms { order } => lms::sample(x, run, *order),
             Sampler::DpmPpMultistep(opt) => multistep::dpmpp_multistep(x, run, *opt),
+            Sampler::Lcm => consistency::sample_lcm(x, run),
+            Sampler::Tcd { gamma, schedule } => consistency::sample_tcd(x, run, *gamma, schedule),
         }
     }
 }
