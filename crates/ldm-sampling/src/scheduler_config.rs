@@ -38,6 +38,8 @@ pub struct SchedulerConfig {
     pub clip_sample: Option<bool>,
     pub thresholding: Option<bool>,
     pub original_inference_steps: Option<usize>,
+    pub solver_type: Option<String>,
+    pub predict_x0: Option<bool>,
     pub timestep_scaling: Option<f64>,
 }
 
@@ -322,7 +324,7 @@ impl SchedulerConfig {
                 };
                 (sampler, sigmas, ts, init)
             }
-            "DPMSolverMultistepScheduler" => {
+            "DPMSolverMultistepScheduler" | "UniPCMultistepScheduler" => {
                 let algorithm = self.algorithm_type.as_deref().unwrap_or("dpmsolver++");
                 let order = self.solver_order.unwrap_or(2);
                 let sde = match algorithm {
@@ -339,11 +341,26 @@ impl SchedulerConfig {
                         "solver_order {order} is outside [1, 3]"
                     )));
                 }
-                let sampler = Sampler::DpmPpMultistep(MultistepOptions {
-                    order,
-                    sde,
-                    lower_order_final: self.lower_order_final.unwrap_or(true),
-                });
+                let lower_order_final = self.lower_order_final.unwrap_or(true);
+                let sampler = if class == "UniPCMultistepScheduler" {
+                    if self.solver_type.as_deref().unwrap_or("bh2") != "bh2"
+                        || !self.predict_x0.unwrap_or(true)
+                    {
+                        return Err(Error::Config(
+                            "UniPC: only solver_type bh2 with predict_x0 is supported".into(),
+                        ));
+                    }
+                    Sampler::UniPc {
+                        order,
+                        lower_order_final,
+                    }
+                } else {
+                    Sampler::DpmPpMultistep(MultistepOptions {
+                        order,
+                        sde,
+                        lower_order_final,
+                    })
+                };
                 let spacing = self.spacing("linspace");
                 let last_t = n_train as f64;
                 let mut ts: Vec<f64> = match spacing.as_str() {

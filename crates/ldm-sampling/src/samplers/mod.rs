@@ -10,6 +10,7 @@ mod consistency;
 mod heun;
 mod lms;
 mod multistep;
+mod unipc;
 
 pub use multistep::MultistepOptions;
 
@@ -122,6 +123,11 @@ pub enum Sampler {
     /// Latent Consistency Model multistep sampling (diffusers `LCMScheduler`); the model's
     /// boundary condition belongs to its denoiser (see `Plan::boundary_condition`).
     Lcm,
+    /// UniPC-bh2 predictor-corrector of `order` (diffusers `UniPCMultistepScheduler`).
+    UniPc {
+        order: usize,
+        lower_order_final: bool,
+    },
     /// Trajectory Consistency Distillation's strategic stochastic sampling with γ = `gamma`
     /// (diffusers `TCDScheduler`, whose `eta` is this γ); needs the training schedule to place
     /// its intermediate level.
@@ -158,6 +164,10 @@ impl Sampler {
             Sampler::Lms { order } => lms::sample(x, run, *order),
             Sampler::DpmPpMultistep(opt) => multistep::dpmpp_multistep(x, run, *opt),
             Sampler::Lcm => consistency::sample_lcm(x, run),
+            Sampler::UniPc {
+                order,
+                lower_order_final,
+            } => unipc::sample_unipc(x, run, *order, *lower_order_final),
             Sampler::Tcd { gamma, schedule } => consistency::sample_tcd(x, run, *gamma, schedule),
         }
     }
