@@ -40,6 +40,7 @@ pub struct SchedulerConfig {
     pub original_inference_steps: Option<usize>,
     pub solver_type: Option<String>,
     pub predict_x0: Option<bool>,
+    pub skip_prk_steps: Option<bool>,
     pub timestep_scaling: Option<f64>,
 }
 
@@ -231,28 +232,40 @@ impl SchedulerConfig {
         let space = self.space();
         let class = self.class_name.as_str();
         let (sampler, sigmas, timesteps, init_noise_sigma) = match class {
-            "DDIMScheduler" | "DDPMScheduler" => {
+            "DDIMScheduler" | "DDPMScheduler" | "PNDMScheduler" => {
                 let spacing = self.spacing("leading");
-                if spacing == "linspace" && class == "DDIMScheduler" {
-                    // diffusers' DDIM always steps to t − N/steps, which with linspace spacing is
-                    // not the next timestep it evaluates: a trajectory no sampler can follow.
+                let ts = discrete_timesteps(&spacing, n_train, steps, offset);
+                // diffusers' DDIM and PNDM always step to t − N/steps; where that is not the next
+                // timestep they evaluate (linspace spacing), the trajectory leaves the schedule.
+                let ratio = (n_train / steps) as f64;
+                if class != "DDPMScheduler" && ts.windows(2).any(|w| w[0] - ratio != w[1]) {
+                    return Err(Error::Config(format!(
+                        "{class} with timestep_spacing `{spacing}` steps off its own timesteps; use leading or trailing"
+                    )));
+                }
+                if class == "PNDMScheduler" && !self.skip_prk_steps.unwrap_or(false) {
                     return Err(Error::Config(
-                        "DDIMScheduler with timestep_spacing linspace leaves its own timesteps; use leading or trailing".into(),
+                        "PNDMScheduler: only skip_prk_steps=true (PLMS, as Stable Diffusion configs set) is supported".into(),
                     ));
                 }
-                let ts = discrete_timesteps(&spacing, n_train, steps, offset);
                 let mut sigmas: Vec<f64> = ts.iter().map(|&t| sigma_at(t)).collect();
+                let one = self.set_alpha_to_one.unwrap_or(true);
+                let final_alpha = if one {
+                    0.0
+                } else {
+                    f32r(train_sigmas[0] as f64)
+                };
                 let (sampler, final_sigma) = if class == "DDIMScheduler" {
                     let eta = eta.unwrap_or(0.0);
-                    let one = self.set_alpha_to_one.unwrap_or(true);
-                    (
-                        Sampler::EulerAncestral { eta },
-                        if one {
-                            0.0
-                        } else {
-                            f32r(train_sigmas[0] as f64)
-                        },
-                    )
+                    if eta < 0.0 || eta.is_nan() {
+                        return Err(Error::InvalidArgument(format!(
+                            "eta must be ≥ 0, got {eta}"
+                        )));
+                    }
+                    (Sampler::EulerAncestral { eta }, final_alpha)
+                } else if class == "PNDMScheduler" {
+                    let combine_v = prediction == Prediction::V;
+                    (Sampler::Plms { combine_v }, final_alpha)
                 } else {
                     if self.variance_type.as_deref().unwrap_or("fixed_small") != "fixed_small" {
                         return Err(Error::Config(

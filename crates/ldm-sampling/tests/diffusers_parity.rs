@@ -74,11 +74,20 @@ fn run_case(case: &Value) -> Option<f64> {
         plan.sampler,
         Sampler::Heun | Sampler::Dpm2 | Sampler::Dpm2Ancestral
     );
+    let plms = matches!(plan.sampler, Sampler::Plms { .. });
     let theirs_main: Vec<f32> = if two_stage {
         theirs
             .iter()
             .enumerate()
             .filter(|(i, _)| i % 2 == 0)
+            .map(|(_, t)| *t)
+            .collect()
+    } else if plms {
+        // PLMS evaluates its second timestep twice (the Heun-like start).
+        theirs
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| *i != 1)
             .map(|(_, t)| *t)
             .collect()
     } else {
@@ -129,7 +138,9 @@ fn run_case(case: &Value) -> Option<f64> {
     let _ = x;
     let calls = case["calls"].as_u64().unwrap() as usize;
     let call_of_step = |i: usize| {
-        if two_stage {
+        if plms {
+            i + 2
+        } else if two_stage {
             (2 * i + 2).min(calls)
         } else {
             i + 1

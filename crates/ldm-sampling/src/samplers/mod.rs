@@ -10,6 +10,7 @@ mod consistency;
 mod heun;
 mod lms;
 mod multistep;
+mod plms;
 mod unipc;
 
 pub use multistep::MultistepOptions;
@@ -123,6 +124,9 @@ pub enum Sampler {
     /// Latent Consistency Model multistep sampling (diffusers `LCMScheduler`); the model's
     /// boundary condition belongs to its denoiser (see `Plan::boundary_condition`).
     Lcm,
+    /// PLMS (diffusers `PNDMScheduler` with `skip_prk_steps`); `combine_v` reproduces its
+    /// handling of v-prediction models (see the module).
+    Plms { combine_v: bool },
     /// UniPC-bh2 predictor-corrector of `order` (diffusers `UniPCMultistepScheduler`).
     UniPc {
         order: usize,
@@ -164,6 +168,7 @@ impl Sampler {
             Sampler::Lms { order } => lms::sample(x, run, *order),
             Sampler::DpmPpMultistep(opt) => multistep::dpmpp_multistep(x, run, *opt),
             Sampler::Lcm => consistency::sample_lcm(x, run),
+            Sampler::Plms { combine_v } => plms::sample_plms(x, run, *combine_v),
             Sampler::UniPc {
                 order,
                 lower_order_final,
