@@ -337,12 +337,21 @@ impl SchedulerConfig {
                 };
                 (sampler, sigmas, ts, init)
             }
-            "DPMSolverMultistepScheduler" | "UniPCMultistepScheduler" => {
-                let algorithm = self.algorithm_type.as_deref().unwrap_or("dpmsolver++");
+            "DPMSolverMultistepScheduler"
+            | "UniPCMultistepScheduler"
+            | "DEISMultistepScheduler" => {
+                let default_algorithm = if class == "DEISMultistepScheduler" {
+                    "deis"
+                } else {
+                    "dpmsolver++"
+                };
+                let algorithm = self.algorithm_type.as_deref().unwrap_or(default_algorithm);
                 let order = self.solver_order.unwrap_or(2);
                 let sde = match algorithm {
                     "dpmsolver++" => false,
                     "sde-dpmsolver++" => true,
+                    // UniPC and DEIS carry their own algorithm names; checked below.
+                    _ if class != "DPMSolverMultistepScheduler" => false,
                     other => {
                         return Err(Error::Config(format!(
                             "DPMSolverMultistepScheduler algorithm_type `{other}` is not supported (dpmsolver++, sde-dpmsolver++)"
@@ -355,7 +364,19 @@ impl SchedulerConfig {
                     )));
                 }
                 let lower_order_final = self.lower_order_final.unwrap_or(true);
-                let sampler = if class == "UniPCMultistepScheduler" {
+                let deis = class == "DEISMultistepScheduler";
+                if deis && (order > 2 || converted_spacing(self) || algorithm != "deis") {
+                    return Err(Error::Config(
+                        "DEISMultistepScheduler: orders 1–2 on the default sigmas are supported"
+                            .into(),
+                    ));
+                }
+                let sampler = if deis {
+                    Sampler::Deis {
+                        order,
+                        lower_order_final,
+                    }
+                } else if class == "UniPCMultistepScheduler" {
                     if self.solver_type.as_deref().unwrap_or("bh2") != "bh2"
                         || !self.predict_x0.unwrap_or(true)
                     {
@@ -428,7 +449,13 @@ impl SchedulerConfig {
                 };
                 // diffusers holds these timesteps as int64: fractional ones are truncated.
                 ts.iter_mut().for_each(|t| *t = t.trunc());
-                let last = match self.final_sigmas_type.as_deref().unwrap_or("zero") {
+                // DEIS always ends at the smallest training sigma.
+                let final_type = if deis {
+                    "sigma_min"
+                } else {
+                    self.final_sigmas_type.as_deref().unwrap_or("zero")
+                };
+                let last = match final_type {
                     "zero" => 0.0,
                     _ => train_sigmas[0] as f64,
                 };
@@ -489,6 +516,10 @@ impl SchedulerConfig {
             boundary_timestep_scaling,
         })
     }
+}
+
+fn converted_spacing(c: &SchedulerConfig) -> bool {
+    flag(c.use_karras_sigmas) || flag(c.use_exponential_sigmas) || flag(c.use_beta_sigmas)
 }
 
 fn bad_spacing(s: &str) -> Error {

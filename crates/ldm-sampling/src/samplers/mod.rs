@@ -7,6 +7,7 @@
 
 mod ancestral;
 mod consistency;
+mod deis;
 mod heun;
 mod lms;
 mod multistep;
@@ -124,6 +125,11 @@ pub enum Sampler {
     /// Latent Consistency Model multistep sampling (diffusers `LCMScheduler`); the model's
     /// boundary condition belongs to its denoiser (see `Plan::boundary_condition`).
     Lcm,
+    /// DEIS log-ρ multistep of order 1 or 2 (diffusers `DEISMultistepScheduler`).
+    Deis {
+        order: usize,
+        lower_order_final: bool,
+    },
     /// PLMS (diffusers `PNDMScheduler` with `skip_prk_steps`); `combine_v` reproduces its
     /// handling of v-prediction models (see the module).
     Plms { combine_v: bool },
@@ -168,6 +174,10 @@ impl Sampler {
             Sampler::Lms { order } => lms::sample(x, run, *order),
             Sampler::DpmPpMultistep(opt) => multistep::dpmpp_multistep(x, run, *opt),
             Sampler::Lcm => consistency::sample_lcm(x, run),
+            Sampler::Deis {
+                order,
+                lower_order_final,
+            } => deis::sample_deis(x, run, *order, *lower_order_final),
             Sampler::Plms { combine_v } => plms::sample_plms(x, run, *combine_v),
             Sampler::UniPc {
                 order,
