@@ -237,3 +237,22 @@ pub fn exponential(sigma_min: f64, sigma_max: f64, n: usize) -> Vec<f64> {
         .map(|l| l.exp())
         .collect()
 }
+
+/// Beta-distributed spacing (Lee et al. 2024, "Beta Sampling is All You Need"; diffusers'
+/// `use_beta_sigmas`): `σ_min + F⁻¹(1 − i/(n−1)) (σ_max − σ_min)` with F the Beta(α, β) CDF.
+pub fn beta(sigma_min: f64, sigma_max: f64, n: usize, alpha: f64, beta: f64) -> Vec<f64> {
+    linspace_f64(0.0, 1.0, n)
+        .iter()
+        .map(|r| {
+            let p = 1.0 - r;
+            let ppf = if p <= 0.0 {
+                0.0
+            } else if p >= 1.0 {
+                1.0
+            } else {
+                puruspe::invbetai(p, alpha, beta)
+            };
+            sigma_min + ppf * (sigma_max - sigma_min)
+        })
+        .collect()
+}

@@ -295,7 +295,7 @@ impl SchedulerConfig {
                 } else if flag(self.use_exponential_sigmas) {
                     Some(schedule::exponential(lo, hi, steps))
                 } else if flag(self.use_beta_sigmas) {
-                    return Err(Error::Config("use_beta_sigmas is not supported yet".into()));
+                    Some(schedule::beta(lo, hi, steps, 0.6, 0.6))
                 } else {
                     None
                 };
@@ -424,7 +424,7 @@ impl SchedulerConfig {
                 } else if flag(self.use_exponential_sigmas) {
                     Some((schedule::exponential(sig_min, sig_max, steps), false))
                 } else if flag(self.use_beta_sigmas) {
-                    return Err(Error::Config("use_beta_sigmas is not supported yet".into()));
+                    Some((schedule::beta(sig_min, sig_max, steps, 0.6, 0.6), false))
                 } else {
                     None
                 };

@@ -120,3 +120,16 @@ fn a1111_philox_matches_its_reference() {
     }
     assert!(checked >= 20, "only {checked}");
 }
+
+#[test]
+fn the_cached_normal_survives_across_calls() {
+    // seed 7: randn([3]), rand([2]), randn([2]), randn([16]), randn([1]) from one generator.
+    let refs = fixture("torch_rng.safetensors");
+    let mut rng = TorchCpuRng::with_fill(7, NormalFill::Avx2);
+    let v = |k: &str| refs[k].flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    assert_eq!(rng.randn_f32(3), v("seq_cache.0"));
+    assert_eq!(rng.rand_f32(2), v("seq_cache.1"));
+    assert_eq!(rng.randn_f32(2), v("seq_cache.2"));
+    assert_eq!(rng.randn_f32(16), v("seq_cache.3"));
+    assert_eq!(rng.randn_f32(1), v("seq_cache.4"));
+}
