@@ -12,4 +12,5 @@ pub mod samplers;
 
 pub use denoiser::{Denoiser, Prediction};
 pub use samplers::{NoHook, Run, Sampler, StepHook, StepInfo};
+pub mod names;
 pub mod scheduler_config;

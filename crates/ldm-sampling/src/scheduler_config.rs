@@ -282,7 +282,8 @@ impl SchedulerConfig {
             | "HeunDiscreteScheduler"
             | "LMSDiscreteScheduler"
             | "KDPM2DiscreteScheduler"
-            | "KDPM2AncestralDiscreteScheduler" => {
+            | "KDPM2AncestralDiscreteScheduler"
+            | "DPMSolverSDEScheduler" => {
                 let spacing = self.spacing("linspace");
                 let mut ts = float_timesteps(&spacing, n_train, steps, offset);
                 let mut sigmas: Vec<f64> = ts.iter().map(|&t| schedule.t_to_sigma(t)).collect();
@@ -333,7 +334,8 @@ impl SchedulerConfig {
                     "HeunDiscreteScheduler" => Sampler::Heun,
                     "LMSDiscreteScheduler" => Sampler::Lms { order: 4 },
                     "KDPM2DiscreteScheduler" => Sampler::Dpm2,
-                    _ => Sampler::Dpm2Ancestral,
+                    "KDPM2AncestralDiscreteScheduler" => Sampler::Dpm2Ancestral,
+                    _ => Sampler::DpmPpSde { eta: 1.0 },
                 };
                 (sampler, sigmas, ts, init)
             }

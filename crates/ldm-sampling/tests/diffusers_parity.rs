@@ -27,6 +27,18 @@ fn standin(x: &Tensor, t: f64) -> candle_core::Result<Tensor> {
     (a + b)? + 0.1 * s
 }
 
+/// Replays stored noise tensors in order.
+struct Replay(Vec<Tensor>, usize);
+
+impl NoiseSource for Replay {
+    fn randn(&mut self, n: usize) -> Vec<f32> {
+        let t = &self.0[self.1];
+        self.1 += 1;
+        assert_eq!(t.elem_count(), n);
+        t.flatten_all().unwrap().to_vec1().unwrap()
+    }
+}
+
 struct Standin<'a> {
     plan: &'a Plan,
 }
@@ -72,7 +84,7 @@ fn run_case(case: &Value) -> Option<f64> {
     let theirs: Vec<f32> = tensors["timesteps"].to_vec1().unwrap();
     let two_stage = matches!(
         plan.sampler,
-        Sampler::Heun | Sampler::Dpm2 | Sampler::Dpm2Ancestral
+        Sampler::Heun | Sampler::Dpm2 | Sampler::Dpm2Ancestral | Sampler::DpmPpSde { .. }
     );
     let plms = matches!(plan.sampler, Sampler::Plms { .. });
     let theirs_main: Vec<f32> = if two_stage {
@@ -121,6 +133,18 @@ fn run_case(case: &Value) -> Option<f64> {
     assert!(x0_err < TOL, "{name}: initial sample off by {x0_err:.2e}");
 
     let mut rng = TorchCpuRng::new(case["generator_seed"].as_u64().unwrap_or(0));
+    // DPM++ SDE's noise comes from torchsde's Brownian tree: replay the increments it used.
+    let mut brownian = Replay(
+        (1..)
+            .map_while(|k| tensors.get(&format!("brownian.{k}")).cloned())
+            .collect(),
+        0,
+    );
+    let noise: &mut dyn NoiseSource = if brownian.0.is_empty() {
+        &mut rng
+    } else {
+        &mut brownian
+    };
     let mut states = Vec::new();
     let plan_ref = &plan;
     let mut hook = |info: &StepInfo| -> ldm_sampling::Result<Option<Tensor>> {
@@ -131,7 +155,7 @@ fn run_case(case: &Value) -> Option<f64> {
     let mut run = Run {
         denoiser: &denoiser,
         sigmas: &plan.sigmas,
-        noise: &mut rng as &mut dyn NoiseSource,
+        noise,
         hook: &mut hook,
     };
     x = plan.sampler.sample(x, &mut run).unwrap();

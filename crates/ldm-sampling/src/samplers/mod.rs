@@ -12,6 +12,7 @@ mod heun;
 mod lms;
 mod multistep;
 mod plms;
+mod singlestep;
 mod unipc;
 
 pub use multistep::MultistepOptions;
@@ -125,6 +126,10 @@ pub enum Sampler {
     /// Latent Consistency Model multistep sampling (diffusers `LCMScheduler`); the model's
     /// boundary condition belongs to its denoiser (see `Plan::boundary_condition`).
     Lcm,
+    /// DPM-Solver++(2S) ancestral (k-diffusion `sample_dpmpp_2s_ancestral`).
+    DpmPp2SAncestral { eta: f64 },
+    /// DPM-Solver++ SDE (k-diffusion `sample_dpmpp_sde`; diffusers `DPMSolverSDEScheduler`).
+    DpmPpSde { eta: f64 },
     /// DEIS log-ρ multistep of order 1 or 2 (diffusers `DEISMultistepScheduler`).
     Deis {
         order: usize,
@@ -174,6 +179,10 @@ impl Sampler {
             Sampler::Lms { order } => lms::sample(x, run, *order),
             Sampler::DpmPpMultistep(opt) => multistep::dpmpp_multistep(x, run, *opt),
             Sampler::Lcm => consistency::sample_lcm(x, run),
+            Sampler::DpmPp2SAncestral { eta } => {
+                singlestep::sample_dpmpp_2s_ancestral(x, run, *eta)
+            }
+            Sampler::DpmPpSde { eta } => singlestep::sample_dpmpp_sde(x, run, *eta),
             Sampler::Deis {
                 order,
                 lower_order_final,
