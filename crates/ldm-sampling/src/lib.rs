@@ -14,3 +14,4 @@ pub use denoiser::{Denoiser, Prediction};
 pub use samplers::{NoHook, Run, Sampler, StepHook, StepInfo};
 pub mod names;
 pub mod scheduler_config;
+pub mod selection;
