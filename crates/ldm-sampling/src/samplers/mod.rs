@@ -81,11 +81,8 @@ impl Run<'_> {
     }
 
     fn randn_like(&mut self, x: &Tensor) -> Result<Tensor> {
-        Ok(crate::noise::randn_tensor(
-            self.noise,
-            x.shape(),
-            x.device(),
-        )?)
+        let z = crate::noise::randn_tensor(self.noise, x.shape(), x.device())?;
+        Ok(z.to_dtype(x.dtype())?)
     }
 }
 
@@ -93,7 +90,7 @@ impl Run<'_> {
 /// A true float32 division, as diffusers computes it: at large σ the next step cancels most of
 /// `x`, and multiplying by a rounded `1/σ` would show.
 fn derivative(x: &Tensor, denoised: &Tensor, sigma: f64) -> Result<Tensor> {
-    let sigma = Tensor::new(sigma as f32, x.device())?.to_dtype(x.dtype())?;
+    let sigma = Tensor::new(sigma, x.device())?.to_dtype(x.dtype())?;
     Ok((x - denoised)?.broadcast_div(&sigma)?)
 }
 
