@@ -85,7 +85,7 @@ impl SchedulerConfig {
             cfg.use_beta_sigmas,
         ) = (Some(karras), Some(exponential), Some(beta));
         let generic =
-            !matches!(sigma_schedule, SigmaSchedule::Default) && !(karras || exponential || beta);
+            !(matches!(sigma_schedule, SigmaSchedule::Default) || karras || exponential || beta);
         if generic && matches!(sampler, SamplerName::Lcm | SamplerName::Tcd) {
             return Err(Error::InvalidArgument(format!(
                 "{} runs on its distillation timesteps; the schedule must be `default`",
