@@ -120,6 +120,15 @@ fn run_case(case: &Value) -> Option<f64> {
     }
 
     let noise = &tensors["noise"];
+    // The initial noise is torch.randn(generator=manual_seed(1234)): ours must be identical.
+    let ours_noise =
+        ldm_sampling::noise::randn_tensor(&mut TorchCpuRng::new(1234), noise.shape(), &Device::Cpu)
+            .unwrap();
+    assert_eq!(
+        ours_noise.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        noise.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        "{name}: initial noise"
+    );
     let mut x = if let Some(strength) = case["strength"].as_f64() {
         plan.truncate(strength).unwrap();
         (&tensors["init_latents"] + (noise * plan.sigmas[0]).unwrap()).unwrap()
