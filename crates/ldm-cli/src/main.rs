@@ -7,6 +7,8 @@ use ldm_models::model::ModelFolder;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+mod generate;
+
 #[derive(Parser)]
 #[command(
     name = "ldm",
@@ -29,14 +31,66 @@ enum Command {
         #[arg(long)]
         check: bool,
     },
-    /// Generate an image from a prompt (txt2img).
-    Generate {
-        /// The prompt.
-        prompt: String,
-        /// A diffusers model folder; the embedded model when omitted.
-        #[arg(long)]
-        model: Option<PathBuf>,
-    },
+    /// Generate images from a prompt (txt2img; img2img with --init-image).
+    Generate(Box<GenerateArgs>),
+}
+
+#[derive(clap::Args)]
+struct GenerateArgs {
+    /// The prompt.
+    prompt: String,
+    /// A diffusers model folder; the embedded model when omitted.
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Negative prompt.
+    #[arg(long)]
+    negative: Option<String>,
+    #[arg(long, default_value_t = 20)]
+    steps: usize,
+    /// Classifier-free guidance scale (1 disables the unconditional pass).
+    #[arg(long, default_value_t = 7.5)]
+    guidance: f64,
+    /// Guidance rescale φ (0 = off).
+    #[arg(long, default_value_t = 0.0)]
+    guidance_rescale: f64,
+    /// Sampler name (ldm's, ComfyUI's or A1111's: "DPM++ 2M Karras"); the model's own by default.
+    #[arg(long)]
+    sampler: Option<String>,
+    /// Sigma schedule: default, karras, exponential, beta, sgm_uniform, simple, custom:σ,σ,…
+    #[arg(long)]
+    schedule: Option<String>,
+    /// Noise strength of DDIM / ancestral samplers (TCD's gamma).
+    #[arg(long)]
+    eta: Option<f64>,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Noise source: torch (diffusers/ComfyUI seeds) or philox (A1111 "NV" seeds).
+    #[arg(long, default_value = "torch")]
+    rng: String,
+    #[arg(long, default_value_t = 512)]
+    width: usize,
+    #[arg(long, default_value_t = 512)]
+    height: usize,
+    /// Images per prompt, generated together.
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
+    /// Number of batches, with seeds seed, seed+1, …
+    #[arg(long, default_value_t = 1)]
+    count: usize,
+    #[arg(long)]
+    clip_skip: Option<usize>,
+    /// img2img: the starting image.
+    #[arg(long)]
+    init_image: Option<PathBuf>,
+    /// img2img: how much of the init image to redo (0–1).
+    #[arg(long, default_value_t = 0.8)]
+    strength: f64,
+    /// Compute dtype: f32, f16 or bf16 (bf16 needs a GPU).
+    #[arg(long, default_value = "f32")]
+    dtype: String,
+    /// Output PNG; several images get -1, -2, … before the extension.
+    #[arg(long, short, default_value = "out.png")]
+    out: PathBuf,
 }
 
 fn fmt_count(n: usize) -> String {
@@ -124,11 +178,25 @@ fn check_weights(folder: &ModelFolder) -> Result<()> {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Info { model, check } => info(&model, check),
-        Command::Generate { .. } => {
-            bail!("`ldm generate` is not implemented yet: the txt2img pipeline and the embedded model are still being built")
+        Command::Info { model, check } => {
+            if model
+                .extension()
+                .is_some_and(|e| e.eq_ignore_ascii_case("png"))
+            {
+                return png_info(&model);
+            }
+            info(&model, check)
         }
+        Command::Generate(args) => generate::run(*args),
     }
+}
+
+fn png_info(path: &Path) -> Result<()> {
+    match ldm_pipeline::image_io::read_parameters(path)? {
+        Some(text) => println!("{text}"),
+        None => bail!("{}: no `parameters` text chunk", path.display()),
+    }
+    Ok(())
 }
 
 fn main() -> ExitCode {

@@ -12,6 +12,7 @@ pub mod samplers;
 
 pub use denoiser::{Denoiser, Prediction};
 pub use samplers::{NoHook, Run, Sampler, StepHook, StepInfo};
+pub mod guidance;
 pub mod names;
 pub mod scheduler_config;
 pub mod selection;

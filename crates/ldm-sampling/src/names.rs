@@ -135,6 +135,36 @@ impl SamplerName {
         )))
     }
 
+    /// The sampler that reproduces a diffusers scheduler config's own class.
+    pub fn for_config(config: &crate::scheduler_config::SchedulerConfig) -> Result<Self> {
+        use SamplerName::*;
+        let sde = config.algorithm_type.as_deref() == Some("sde-dpmsolver++");
+        Ok(match config.class_name.as_str() {
+            "DDPMScheduler" => Ddpm,
+            "DDIMScheduler" => Ddim,
+            "PNDMScheduler" => Pndm,
+            "LMSDiscreteScheduler" => Lms,
+            "EulerDiscreteScheduler" => Euler,
+            "EulerAncestralDiscreteScheduler" => EulerA,
+            "HeunDiscreteScheduler" => Heun,
+            "KDPM2DiscreteScheduler" => Dpm2,
+            "KDPM2AncestralDiscreteScheduler" => Dpm2A,
+            "DPMSolverMultistepScheduler" if sde && config.solver_order == Some(3) => DpmPp3MSde,
+            "DPMSolverMultistepScheduler" if sde => DpmPp2MSde,
+            "DPMSolverMultistepScheduler" => DpmPp2M,
+            "DPMSolverSDEScheduler" => DpmPpSde,
+            "UniPCMultistepScheduler" => UniPc,
+            "DEISMultistepScheduler" => Deis,
+            "LCMScheduler" => Lcm,
+            "TCDScheduler" => Tcd,
+            other => {
+                return Err(Error::Config(format!(
+                    "scheduler `{other}` has no ldm sampler; pick one with a sampler name"
+                )))
+            }
+        })
+    }
+
     /// Every sampler name.
     pub fn all() -> impl Iterator<Item = (&'static str, SamplerName)> {
         SAMPLERS.iter().copied()

@@ -149,9 +149,9 @@ fn flag(v: Option<bool>) -> bool {
 }
 
 impl SchedulerConfig {
-    /// Parses `scheduler_config.json` text.
+    /// Parses `scheduler_config.json` text (Python's `-Infinity`/`NaN` literals included).
     pub fn from_json(text: &str) -> Result<Self> {
-        serde_json::from_str(text).map_err(|e| Error::Config(e.to_string()))
+        serde_json::from_str(&python_json(text)).map_err(|e| Error::Config(e.to_string()))
     }
 
     /// The training noise schedule this config describes.
@@ -524,6 +524,46 @@ fn converted_spacing(c: &SchedulerConfig) -> bool {
     flag(c.use_karras_sigmas) || flag(c.use_exponential_sigmas) || flag(c.use_beta_sigmas)
 }
 
+/// Python's `json.dumps` writes `Infinity`, `-Infinity` and `NaN` (diffusers saves
+/// `"lambda_min_clipped": -Infinity`); JSON has no such numbers. They become `null` here,
+/// outside string literals.
+pub fn python_json(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let (mut in_string, mut escaped) = (false, false);
+    let mut rest = text;
+    while let Some(c) = rest.chars().next() {
+        if in_string {
+            out.push(c);
+            if escaped {
+                escaped = false;
+            } else if c == '\\' {
+                escaped = true;
+            } else if c == '"' {
+                in_string = false;
+            }
+            rest = &rest[c.len_utf8()..];
+            continue;
+        }
+        if c == '"' {
+            in_string = true;
+        }
+        let token = ["-Infinity", "Infinity", "NaN"]
+            .into_iter()
+            .find(|t| rest.starts_with(t));
+        match token {
+            Some(t) => {
+                out.push_str("null");
+                rest = &rest[t.len()..];
+            }
+            None => {
+                out.push(c);
+                rest = &rest[c.len_utf8()..];
+            }
+        }
+    }
+    out
+}
+
 fn bad_spacing(s: &str) -> Error {
     Error::Config(format!(
         "unknown timestep_spacing `{s}` (expected linspace, leading or trailing)"
@@ -570,5 +610,18 @@ fn float_timesteps(spacing: &str, n_train: usize, steps: usize, offset: f64) -> 
             .collect(),
         "trailing" => trailing(n_train, steps),
         _ => discrete_timesteps("leading", n_train, steps, offset),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn python_literals_become_null_outside_strings() {
+        let s = super::python_json(r#"{"a": -Infinity, "b": [NaN, 1], "c": "NaN \"Infinity\""}"#);
+        assert_eq!(s, r#"{"a": null, "b": [null, 1], "c": "NaN \"Infinity\""}"#);
+        let c = super::SchedulerConfig::from_json(
+            r#"{"_class_name": "DPMSolverMultistepScheduler", "lambda_min_clipped": -Infinity}"#,
+        );
+        assert!(c.is_ok());
     }
 }

@@ -79,11 +79,14 @@ impl SchedulerConfig {
             SigmaSchedule::Beta if own => (false, false, true),
             _ => (false, false, false),
         };
-        (
-            cfg.use_karras_sigmas,
-            cfg.use_exponential_sigmas,
-            cfg.use_beta_sigmas,
-        ) = (Some(karras), Some(exponential), Some(beta));
+        // `default` keeps the config's own spacing options; a named schedule replaces them.
+        if !matches!(sigma_schedule, SigmaSchedule::Default) {
+            (
+                cfg.use_karras_sigmas,
+                cfg.use_exponential_sigmas,
+                cfg.use_beta_sigmas,
+            ) = (Some(karras), Some(exponential), Some(beta));
+        }
         let generic =
             !(matches!(sigma_schedule, SigmaSchedule::Default) || karras || exponential || beta);
         if generic && matches!(sampler, SamplerName::Lcm | SamplerName::Tcd) {

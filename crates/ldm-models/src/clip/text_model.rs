@@ -151,6 +151,11 @@ impl ClipTextModel {
         })
     }
 
+    /// Applies the final layer norm (for clip skip on an earlier layer's hidden state).
+    pub fn final_layer_norm(&self, hidden: &Tensor) -> Result<Tensor> {
+        self.final_layer_norm.forward(hidden)
+    }
+
     /// `input_ids`: `[B, L]` token ids (any integer dtype), `L ≤ max_position_embeddings`.
     pub fn forward(&self, input_ids: &Tensor) -> Result<ClipTextOutput> {
         let (b, len) = input_ids.dims2()?;

@@ -1,0 +1,149 @@
+//! `ldm generate`: parse, build a request, show progress, write PNGs with their parameters.
+
+use crate::GenerateArgs;
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device};
+use indicatif::{ProgressBar, ProgressStyle};
+use ldm_pipeline::generate::RngKind;
+use ldm_pipeline::image_io::{load_image, save_png};
+use ldm_pipeline::{Components, Request};
+use ldm_sampling::names::{SamplerName, SigmaSchedule};
+use std::path::{Path, PathBuf};
+
+fn output_path(out: &Path, index: usize, total: usize) -> PathBuf {
+    if total == 1 {
+        return out.to_path_buf();
+    }
+    let stem = out
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "out".into());
+    let ext = out
+        .extension()
+        .map(|e| e.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "png".into());
+    out.with_file_name(format!("{stem}-{}.{ext}", index + 1))
+}
+
+/// A1111's `parameters` text: prompt, negative prompt, then the settings line.
+fn parameters(req: &Request, sampler: &str, schedule: &str, seed: u64, model: &str) -> String {
+    let mut text = req.prompt.clone();
+    if let Some(neg) = &req.negative_prompt {
+        text.push_str(&format!("\nNegative prompt: {neg}"));
+    }
+    text.push_str(&format!(
+        "\nSteps: {}, Sampler: {sampler}, Schedule type: {schedule}, CFG scale: {}, Seed: {seed}, Size: {}x{}, Model: {model}",
+        req.steps, req.guidance_scale, req.width, req.height
+    ));
+    if let Some(eta) = req.eta {
+        text.push_str(&format!(", Eta: {eta}"));
+    }
+    if req.init_image.is_some() {
+        text.push_str(&format!(", Denoising strength: {}", req.strength));
+    }
+    text
+}
+
+pub fn run(a: GenerateArgs) -> Result<()> {
+    let model = match &a.model {
+        Some(m) => m.clone(),
+        None => bail!(
+            "no embedded model yet: the Shapes World model is still to be trained (`ldm train`); \
+             give a diffusers folder with --model"
+        ),
+    };
+    let dtype = match a.dtype.as_str() {
+        "f32" => DType::F32,
+        "f16" => DType::F16,
+        "bf16" => DType::BF16,
+        other => bail!("unknown dtype `{other}` (f32, f16, bf16)"),
+    };
+    let rng = match a.rng.as_str() {
+        "torch" => RngKind::Torch,
+        "philox" => RngKind::Philox,
+        other => bail!("unknown rng `{other}` (torch, philox)"),
+    };
+    let (sampler, implied) = match &a.sampler {
+        Some(name) => {
+            let (s, sched) = SamplerName::parse(name)?;
+            (Some(s), sched)
+        }
+        None => (None, None),
+    };
+    let schedule = match (&a.schedule, implied) {
+        (Some(s), _) => SigmaSchedule::parse(s)?,
+        (None, Some(s)) => s,
+        (None, None) => SigmaSchedule::Default,
+    };
+    if let Some(dir) = a.out.parent().filter(|d| !d.as_os_str().is_empty()) {
+        if !dir.is_dir() {
+            bail!("output folder {} does not exist", dir.display());
+        }
+    }
+    let device = Device::Cpu;
+    let components = Components::load(&model, dtype, &device)
+        .with_context(|| format!("loading {}", model.display()))?;
+    for (component, unused) in &components.unused {
+        eprintln!(
+            "warning: {component}: {} unused tensors ({} …)",
+            unused.len(),
+            unused[0]
+        );
+    }
+    let init_image = match &a.init_image {
+        Some(p) => Some(load_image(p, a.width, a.height, &device)?),
+        None => None,
+    };
+    let model_name = model
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let total = a.batch * a.count;
+    for batch in 0..a.count {
+        let seed = a.seed.wrapping_add(batch as u64);
+        let req = Request {
+            prompt: a.prompt.clone(),
+            negative_prompt: a.negative.clone(),
+            width: a.width,
+            height: a.height,
+            steps: a.steps,
+            guidance_scale: a.guidance,
+            guidance_rescale: a.guidance_rescale,
+            sampler,
+            schedule: schedule.clone(),
+            eta: a.eta,
+            seed,
+            rng,
+            batch_size: a.batch,
+            clip_skip: a.clip_skip,
+            init_image: init_image.clone(),
+            strength: a.strength,
+            sdxl: Default::default(),
+        };
+        let plan = ldm_pipeline::generate::plan_for(&components, &req)?;
+        let bar = ProgressBar::new((plan.sigmas.len() - 1) as u64);
+        bar.set_style(
+            ProgressStyle::with_template("{bar:40} {pos}/{len} steps  {per_sec}  ETA {eta}")
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+        let mut hook =
+            |_: &ldm_sampling::StepInfo| -> ldm_sampling::Result<Option<candle_core::Tensor>> {
+                bar.inc(1);
+                Ok(None)
+            };
+        let out = ldm_pipeline::generate(&components, &req, &mut hook)?;
+        bar.finish_and_clear();
+        let sampler_name = match sampler {
+            Some(s) => s.as_str(),
+            None => SamplerName::for_config(&components.scheduler)?.as_str(),
+        };
+        let schedule_name = format!("{schedule:?}").to_lowercase();
+        let text = parameters(&req, sampler_name, &schedule_name, seed, &model_name);
+        for (i, img) in out.images.iter().enumerate() {
+            let path = output_path(&a.out, batch * a.batch + i, total);
+            save_png(img, &text, &path)?;
+            println!("{}", path.display());
+        }
+    }
+    Ok(())
+}

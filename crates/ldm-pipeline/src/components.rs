@@ -1,0 +1,87 @@
+//! Everything a pipeline needs from a model folder, loaded once and shared by every request:
+//! the U-Net, the autoencoder, one or two (tokenizer, text encoder) pairs, and the scheduler
+//! config that defines the training noise schedule.
+
+use crate::{Error, Result};
+use candle_core::{DType, Device};
+use ldm_models::clip::{ClipTextModel, ClipTokenizer};
+use ldm_models::model::{Family, ModelFolder, TextEncoderSlot};
+use ldm_models::unet::UNet2DConditionModel;
+use ldm_models::vae::AutoencoderKL;
+use ldm_sampling::scheduler_config::SchedulerConfig;
+use std::path::Path;
+
+/// A loaded model.
+pub struct Components {
+    pub folder: ModelFolder,
+    pub unet: UNet2DConditionModel,
+    pub vae: AutoencoderKL,
+    /// One pair for SD1/SD2, two for SDXL (the second with the projection).
+    pub text_encoders: Vec<(ClipTokenizer, ClipTextModel)>,
+    pub scheduler: SchedulerConfig,
+    /// The dtype the networks compute in (samplers always run in f32).
+    pub dtype: DType,
+    pub device: Device,
+    /// Checkpoint tensors no network used, per component (reported, not fatal).
+    pub unused: Vec<(String, Vec<String>)>,
+}
+
+impl Components {
+    /// Loads a diffusers folder, computing in `dtype` on `device`.
+    pub fn load(path: &Path, dtype: DType, device: &Device) -> Result<Self> {
+        if dtype == DType::BF16 && device.is_cpu() {
+            return Err(Error::InvalidRequest(
+                "bf16 compute needs a GPU (candle's CPU backend has no bf16 matmul); use f32 or f16".into(),
+            ));
+        }
+        if !matches!(dtype, DType::F32 | DType::F16 | DType::BF16) {
+            return Err(Error::InvalidRequest(format!(
+                "unsupported compute dtype {dtype:?}"
+            )));
+        }
+        let folder = ModelFolder::open(path)?;
+        let mut unused = Vec::new();
+        let unet = folder.load_unet(dtype, device)?;
+        unused.push(("unet".to_string(), unet.unused));
+        let vae = folder.load_vae(dtype, device)?;
+        unused.push(("vae".to_string(), vae.unused));
+        let mut text_encoders = Vec::new();
+        for (slot, name) in [
+            (TextEncoderSlot::First, "text_encoder"),
+            (TextEncoderSlot::Second, "text_encoder_2"),
+        ] {
+            if folder.components().contains(&name) {
+                let te = folder.load_text_encoder(slot, dtype, device)?;
+                unused.push((name.to_string(), te.unused));
+                text_encoders.push((folder.load_tokenizer(slot)?, te.model));
+            }
+        }
+        let sched_path = path.join("scheduler").join("scheduler_config.json");
+        let text = std::fs::read_to_string(&sched_path).map_err(|source| Error::Io {
+            path: sched_path.clone(),
+            source,
+        })?;
+        let scheduler = SchedulerConfig::from_json(&text)?;
+        unused.retain(|(_, u)| !u.is_empty());
+        Ok(Self {
+            folder,
+            unet: unet.model,
+            vae: vae.model,
+            text_encoders,
+            scheduler,
+            dtype,
+            device: device.clone(),
+            unused,
+        })
+    }
+
+    /// SD1, SD2, SDXL or the refiner.
+    pub fn family(&self) -> Family {
+        self.folder.family()
+    }
+
+    /// Pixels per latent along each side.
+    pub fn vae_scale_factor(&self) -> usize {
+        self.vae.config.downsample_factor()
+    }
+}

@@ -1,0 +1,14 @@
+//! `ldm-pipeline`: the Stable Diffusion pipelines as a library — load a model's components
+//! once, then run txt2img, img2img and inpainting requests against them. Front-ends (the CLI,
+//! the server) only build a [`generate::Request`] and call [`generate::generate`].
+
+pub mod components;
+pub mod error;
+pub mod generate;
+pub mod image_io;
+pub mod model_denoiser;
+pub mod prompt;
+
+pub use components::Components;
+pub use error::{Error, Result};
+pub use generate::{generate, Output, Request};
