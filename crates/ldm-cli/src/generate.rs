@@ -94,6 +94,13 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         Some(p) => Some(load_image(p, a.width, a.height, &device)?),
         None => None,
     };
+    let mask = match &a.mask {
+        Some(p) if a.init_image.is_some() => Some(ldm_pipeline::image_io::load_mask(
+            p, a.width, a.height, &device,
+        )?),
+        Some(_) => bail!("--mask needs --init-image"),
+        None => None,
+    };
     let model_name = model
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -118,6 +125,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
             clip_skip: a.clip_skip,
             init_image: init_image.clone(),
             strength: a.strength,
+            mask: mask.clone(),
             sdxl: Default::default(),
         };
         let plan = ldm_pipeline::generate::plan_for(&components, &req)?;

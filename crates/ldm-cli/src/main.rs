@@ -82,6 +82,9 @@ struct GenerateArgs {
     /// img2img: the starting image.
     #[arg(long)]
     init_image: Option<PathBuf>,
+    /// Inpainting: a mask image, white where the init image is to be repainted.
+    #[arg(long)]
+    mask: Option<PathBuf>,
     /// img2img: how much of the init image to redo (0–1).
     #[arg(long, default_value_t = 0.8)]
     strength: f64,

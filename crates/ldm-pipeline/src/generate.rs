@@ -56,6 +56,8 @@ pub struct Request {
     /// img2img: the init image `[1, 3, H, W]` in [-1, 1], and how much of it to redo.
     pub init_image: Option<Tensor>,
     pub strength: f64,
+    /// Inpainting: `[1, 1, H, W]` with 1 where the image is to be repainted.
+    pub mask: Option<Tensor>,
     pub sdxl: SdxlConditioning,
 }
 
@@ -78,6 +80,7 @@ impl Default for Request {
             clip_skip: None,
             init_image: None,
             strength: 0.8,
+            mask: None,
             sdxl: SdxlConditioning::default(),
         }
     }
@@ -155,8 +158,20 @@ fn check_request(c: &Components, req: &Request) -> Result<()> {
             req.guidance_rescale
         ));
     }
-    if c.folder.is_inpainting() {
+    if c.folder.is_inpainting() && req.mask.is_none() {
         return bad("this is an inpainting model: give an init image and a mask".into());
+    }
+    if let Some(mask) = &req.mask {
+        if req.init_image.is_none() {
+            return bad("a mask needs an init image to inpaint".into());
+        }
+        let (_, _, mh, mw) = mask.dims4()?;
+        if (mh, mw) != (req.height, req.width) {
+            return bad(format!(
+                "the mask is {mw}×{mh}, the request {}×{}",
+                req.width, req.height
+            ));
+        }
     }
     let need = estimate_attention_bytes(c, req);
     if let Some(avail) = available_memory() {
@@ -254,6 +269,58 @@ pub fn plan_for(c: &Components, req: &Request) -> Result<Plan> {
         .plan_with(sampler, &req.schedule, req.steps, req.eta)?)
 }
 
+/// Nearest-neighbour resize of a `[B, C, H, W]` tensor (torch's `interpolate(mode="nearest")`:
+/// source index `⌊i · in/out⌋`).
+fn resize_nearest(t: &Tensor, h: usize, w: usize) -> Result<Tensor> {
+    let (_, _, ih, iw) = t.dims4()?;
+    let rows: Vec<u32> = (0..h).map(|i| ((i * ih) / h).min(ih - 1) as u32).collect();
+    let cols: Vec<u32> = (0..w).map(|j| ((j * iw) / w).min(iw - 1) as u32).collect();
+    let rows = Tensor::new(rows.as_slice(), t.device())?;
+    let cols = Tensor::new(cols.as_slice(), t.device())?;
+    Ok(t.index_select(&rows, 2)?.index_select(&cols, 3)?)
+}
+
+/// Encodes pixels to scaled latents, sampling the posterior with `noise` (diffusers'
+/// `retrieve_latents(..., generator)` followed by the scaling factor).
+fn encode_image(c: &Components, image: &Tensor, noise: &mut dyn NoiseSource) -> Result<Tensor> {
+    let posterior = c.vae.encode(&image.to_dtype(c.dtype)?)?;
+    let eps = randn_tensor(noise, posterior.mean.shape(), &c.device)?;
+    let latents = posterior
+        .sample(&eps.to_dtype(c.dtype)?)?
+        .to_dtype(DType::F32)?;
+    Ok(c.vae.scale_latents(&latents)?)
+}
+
+/// Inpainting with an ordinary (4-channel) model: after every step the known region is reset
+/// to the init image's latents noised to the step's level (clean after the last step), as
+/// diffusers' `StableDiffusionInpaintPipeline` does; then the caller's hook runs.
+struct BlendHook<'a> {
+    inner: &'a mut dyn StepHook,
+    /// `[B, 1, h, w]`, 1 = repaint.
+    mask: Tensor,
+    image_latents: Tensor,
+    noise: Tensor,
+    /// Factor from a VE sample at the last sigma to the scheduler's space.
+    final_scale: f64,
+}
+
+impl StepHook for BlendHook<'_> {
+    fn after_step(
+        &mut self,
+        info: &ldm_sampling::StepInfo,
+    ) -> ldm_sampling::Result<Option<Tensor>> {
+        let known = if info.step + 1 == info.steps {
+            (&self.image_latents / self.final_scale)?
+        } else {
+            (&self.image_latents + (&self.noise * info.sigma_next)?)?
+        };
+        let keep = self.mask.affine(-1.0, 1.0)?;
+        let x = (known.broadcast_mul(&keep)? + info.x.broadcast_mul(&self.mask)?)?;
+        let blended = ldm_sampling::StepInfo { x: &x, ..*info };
+        Ok(Some(self.inner.after_step(&blended)?.unwrap_or(x)))
+    }
+}
+
 /// Runs a txt2img or img2img request; `hook` sees every step (progress, previews, cancel).
 pub fn generate(c: &Components, req: &Request, hook: &mut dyn StepHook) -> Result<Output> {
     check_request(c, req)?;
@@ -270,6 +337,10 @@ pub fn generate(c: &Components, req: &Request, hook: &mut dyn StepHook) -> Resul
         req.height / f,
         req.width / f,
     );
+    let nine_channel = c.folder.is_inpainting();
+    let strength_max = req.mask.is_some() && req.strength >= 1.0;
+    let mut image_latents = None;
+    let mut initial_noise = None;
     let x = match &req.init_image {
         None => {
             let noise = randn_tensor(noise_source.as_mut(), shape, &c.device)?;
@@ -283,18 +354,42 @@ pub fn generate(c: &Components, req: &Request, hook: &mut dyn StepHook) -> Resul
                     req.width, req.height
                 )));
             }
-            // diffusers: sample the posterior with the generator, scale, then draw the noise.
-            let posterior = c.vae.encode(&image.to_dtype(c.dtype)?)?;
-            let eps = randn_tensor(noise_source.as_mut(), posterior.mean.shape(), &c.device)?;
-            let latents = posterior
-                .sample(&eps.to_dtype(c.dtype)?)?
-                .to_dtype(DType::F32)?;
-            let init = repeat_rows(&c.vae.scale_latents(&latents)?, req.batch_size)?;
-            plan.truncate(req.strength)?;
+            // diffusers' order: encode the image (a posterior draw) unless a 9-channel model
+            // starts from pure noise, then draw the noise.
+            let init = if nine_channel && strength_max {
+                None
+            } else {
+                let latents = encode_image(c, image, noise_source.as_mut())?;
+                Some(repeat_rows(&latents, req.batch_size)?)
+            };
+            if !strength_max {
+                plan.truncate(req.strength)?;
+            }
             let noise = randn_tensor(noise_source.as_mut(), shape, &c.device)?;
-            (init + (noise * plan.sigmas[0])?)?
+            let x = match (&init, strength_max) {
+                (Some(init), false) => (init + (&noise * plan.sigmas[0])?)?,
+                _ => (&noise * plan.initial_scale())?,
+            };
+            image_latents = init;
+            initial_noise = Some(noise);
+            x
         }
     };
+    // Inpainting: the mask at latent resolution and the masked image's latents (always encoded,
+    // so the generator advances as in diffusers, even where a 4-channel model ignores them).
+    let mut extra_channels = None;
+    let mut latent_mask = None;
+    if let (Some(mask), Some(image)) = (&req.mask, &req.init_image) {
+        let keep = mask.lt(0.5)?.to_dtype(DType::F32)?;
+        let masked_image = image.broadcast_mul(&keep)?;
+        let masked = encode_image(c, &masked_image, noise_source.as_mut())?;
+        let masked_latents = repeat_rows(&masked, req.batch_size)?;
+        let m = repeat_rows(&resize_nearest(mask, shape.2, shape.3)?, req.batch_size)?;
+        if nine_channel {
+            extra_channels = Some(Tensor::cat(&[&m, &masked_latents], 1)?);
+        }
+        latent_mask = Some(m);
+    }
     let denoiser = UNetDenoiser {
         unet: &c.unet,
         plan: &plan,
@@ -302,7 +397,23 @@ pub fn generate(c: &Components, req: &Request, hook: &mut dyn StepHook) -> Resul
         guidance_scale: req.guidance_scale,
         guidance_rescale: req.guidance_rescale,
         dtype: c.dtype,
-        extra_channels: None,
+        extra_channels,
+    };
+    let last = plan.sigmas[plan.sigmas.len() - 1];
+    let mut blend;
+    let hook: &mut dyn StepHook = match (&latent_mask, &image_latents, &initial_noise, nine_channel)
+    {
+        (Some(mask), Some(image_latents), Some(noise), false) => {
+            blend = BlendHook {
+                inner: hook,
+                mask: mask.clone(),
+                image_latents: image_latents.clone(),
+                noise: noise.clone(),
+                final_scale: plan.to_scheduler_space(last),
+            };
+            &mut blend
+        }
+        _ => hook,
     };
     let mut run = Run {
         denoiser: &denoiser,
@@ -311,7 +422,6 @@ pub fn generate(c: &Components, req: &Request, hook: &mut dyn StepHook) -> Resul
         hook,
     };
     let x = plan.sampler.sample(x, &mut run)?;
-    let last = plan.sigmas[plan.sigmas.len() - 1];
     let latents = (x * plan.to_scheduler_space(last))?;
     let pixels = c
         .vae

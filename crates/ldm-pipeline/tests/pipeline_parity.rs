@@ -65,13 +65,9 @@ fn rel(a: &Tensor, b: &Tensor) -> f64 {
     num / b.iter().map(|y| (*y as f64).powi(2)).sum::<f64>().sqrt()
 }
 
-fn run_case(components: &mut Components, case: &Value) -> Option<Diff> {
+fn run_case(components: &mut Components, case: &Value) -> Diff {
     let dir = fixtures().join("pipelines");
     let name = case["name"].as_str().unwrap();
-    if !case["mask_image"].is_null() {
-        println!("{name}: inpainting — not implemented yet");
-        return None;
-    }
     let model_dir = fixtures()
         .join("tiny")
         .join(case["model"].as_str().unwrap());
@@ -96,6 +92,9 @@ fn run_case(components: &mut Components, case: &Value) -> Option<Diff> {
         seed: case["seed"].as_u64().unwrap(),
         strength: case["strength"].as_f64().unwrap_or(1.0),
         init_image,
+        mask: case["mask_image"].as_str().map(|p| {
+            ldm_pipeline::image_io::load_mask(&dir.join(p), width, height, &Device::Cpu).unwrap()
+        }),
         sdxl: SdxlConditioning {
             original_size: pair(&extra["original_size"]),
             crops_coords_top_left: pair(&extra["crops_coords_top_left"]).unwrap_or((0, 0)),
@@ -115,11 +114,11 @@ fn run_case(components: &mut Components, case: &Value) -> Option<Diff> {
     )
     .unwrap();
     let latents = rel(&out.latents.to_dtype(DType::F32).unwrap(), &refs["latents"]);
-    Some(Diff {
+    Diff {
         mean,
         over2,
         latents,
-    })
+    }
 }
 
 #[test]
@@ -142,7 +141,8 @@ fn generate_matches_diffusers_pipelines() {
             .unwrap()
         });
         let name = case["name"].as_str().unwrap();
-        if let Some(d) = run_case(components, case) {
+        {
+            let d = run_case(components, case);
             ran += 1;
             println!(
                 "{name}: mean |Δ| {:.3} levels, {:.2}% > 2 levels, latents rel {:.1e}",
@@ -150,7 +150,8 @@ fn generate_matches_diffusers_pipelines() {
                 d.over2 * 100.0,
                 d.latents
             );
-            if d.mean > 1.0 || d.over2 >= 0.01 {
+            // Latents drift by ~1e-5 from float32 rounding alone (the oracle's perturbation study).
+            if d.mean > 1.0 || d.over2 >= 0.01 || d.latents > 1e-4 {
                 failures.push(format!(
                     "{name}: mean {:.3}, {:.2}% > 2",
                     d.mean,
@@ -160,6 +161,6 @@ fn generate_matches_diffusers_pipelines() {
         }
     }
     println!("{ran} cases compared");
-    assert!(ran >= 15, "only {ran} cases ran");
+    assert_eq!(ran, cases.len());
     assert!(failures.is_empty(), "{failures:#?}");
 }
