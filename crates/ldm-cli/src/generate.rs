@@ -126,6 +126,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
             init_image: init_image.clone(),
             strength: a.strength,
             mask: mask.clone(),
+            tiled_vae: a.tiled_vae,
             sdxl: Default::default(),
         };
         let plan = ldm_pipeline::generate::plan_for(&components, &req)?;

@@ -88,6 +88,10 @@ struct GenerateArgs {
     /// img2img: how much of the init image to redo (0–1).
     #[arg(long, default_value_t = 0.8)]
     strength: f64,
+    /// Tiled VAE encoding and decoding (true/false); by default images larger than 1.5× the
+    /// VAE's training size are tiled.
+    #[arg(long)]
+    tiled_vae: Option<bool>,
     /// Compute dtype: f32, f16 or bf16 (bf16 needs a GPU).
     #[arg(long, default_value = "f32")]
     dtype: String,

@@ -64,3 +64,134 @@ fn info_check_builds_every_network() {
         assert!(stdout.contains(&format!("check {c}: ok\n")), "{stdout}");
     }
 }
+
+#[test]
+fn generate_writes_a_png_with_its_parameters() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("img.png");
+    let model = fixtures().join("tiny/sd15");
+    let (ok, stdout, stderr) = ldm(&[
+        "generate",
+        "a red circle",
+        "--model",
+        model.to_str().unwrap(),
+        "--width",
+        "32",
+        "--height",
+        "32",
+        "--steps",
+        "4",
+        "--seed",
+        "7",
+        "--sampler",
+        "DPM++ 2M Karras",
+        "--negative",
+        "green",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("img.png"));
+    let (ok, stdout, stderr) = ldm(&["info", out.to_str().unwrap()]);
+    assert!(ok, "{stderr}");
+    assert!(stdout.starts_with("a red circle\nNegative prompt: green\nSteps: 4, Sampler: dpmpp_2m, Schedule type: karras"), "{stdout}");
+    assert!(stdout.contains("Seed: 7, Size: 32x32"), "{stdout}");
+    // No temporary file is left behind.
+    let names: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names.len(), 1, "{names:?}");
+}
+
+#[test]
+fn generate_rejects_bad_input_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = fixtures().join("tiny/sd15");
+    let inpaint = fixtures().join("tiny/sd15_inpaint");
+    let m = model.to_str().unwrap();
+    let out = dir.path().join("x.png");
+    let o = out.to_str().unwrap();
+    let missing_dir = dir.path().join("nope/x.png");
+    let not_image = fixtures().join("tiny/sd15/model_index.json");
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (
+            vec!["--model", m, "--width", "30", "--height", "32"],
+            "multiples of 8",
+        ),
+        (
+            vec!["--model", m, "--width", "8192", "--height", "8192"],
+            "GiB",
+        ),
+        (
+            vec!["--model", m, "--sampler", "dpmpp_9m"],
+            "valid samplers",
+        ),
+        (vec!["--model", m, "--schedule", "wavy"], "valid schedules"),
+        (vec!["--model", m, "--steps", "0"], "steps"),
+        (
+            vec![
+                "--model",
+                m,
+                "--width",
+                "32",
+                "--height",
+                "32",
+                "--init-image",
+                "/no/such.png",
+            ],
+            "no/such.png",
+        ),
+        (
+            vec![
+                "--model",
+                m,
+                "--width",
+                "32",
+                "--height",
+                "32",
+                "--init-image",
+                not_image.to_str().unwrap(),
+            ],
+            "model_index.json",
+        ),
+        (vec!["--model", m, "--mask", "/no/mask.png"], "--init-image"),
+        (
+            vec![
+                "--model",
+                inpaint.to_str().unwrap(),
+                "--width",
+                "32",
+                "--height",
+                "32",
+            ],
+            "inpainting model",
+        ),
+        (vec!["--model", "/no/such/model"], "no such file"),
+        (vec!["--model", m, "--dtype", "bf16"], "bf16"),
+    ];
+    for (args, expect) in cases {
+        let mut full = vec!["generate", "a prompt", "--out", o];
+        full.extend(args.iter().copied());
+        let (ok, _, stderr) = ldm(&full);
+        assert!(!ok, "{args:?} should fail");
+        assert!(stderr.contains(expect), "{args:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+        assert!(!out.exists(), "{args:?} wrote a file");
+    }
+    let (ok, _, stderr) = ldm(&[
+        "generate",
+        "p",
+        "--model",
+        m,
+        "--width",
+        "32",
+        "--height",
+        "32",
+        "--steps",
+        "2",
+        "--out",
+        missing_dir.to_str().unwrap(),
+    ]);
+    assert!(!ok && stderr.contains("does not exist"), "{stderr}");
+}

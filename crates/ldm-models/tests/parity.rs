@@ -222,3 +222,28 @@ fn half_precision_compute_stays_close() {
         2e-2,
     );
 }
+
+#[test]
+fn tiled_vae_matches_diffusers_tiling() {
+    // fixtures/tiling from tools/oracle/make_tiling_fixtures.py: diffusers' tiled decode and
+    // encode of the tiny SD1.5 VAE with latent tiles of 16 (pixels 64) and overlap 0.25.
+    let folder = open("sd15");
+    let vae = folder.load_vae(DType::F32, &Device::Cpu).unwrap().model;
+    let path = common::fixtures().join("tiling/sd15_vae_tiled.safetensors");
+    let refs = candle_core::safetensors::load(path, &Device::Cpu).unwrap();
+    let decoded = vae.decode_tiled(get(&refs, "latents"), 16, 0.25).unwrap();
+    assert_close("tiled decode", &decoded, get(&refs, "decoded_tiled"), TOL);
+    let posterior = vae.encode_tiled(get(&refs, "image"), 64, 0.25).unwrap();
+    assert_close(
+        "tiled encode mean",
+        &posterior.mean,
+        get(&refs, "mean_tiled"),
+        TOL,
+    );
+    assert_close(
+        "tiled encode logvar",
+        &posterior.logvar,
+        get(&refs, "logvar_tiled"),
+        TOL,
+    );
+}

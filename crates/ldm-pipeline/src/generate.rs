@@ -58,6 +58,8 @@ pub struct Request {
     pub strength: f64,
     /// Inpainting: `[1, 1, H, W]` with 1 where the image is to be repainted.
     pub mask: Option<Tensor>,
+    /// Tiled VAE encoding/decoding: `None` tiles images larger than the VAE's training size.
+    pub tiled_vae: Option<bool>,
     pub sdxl: SdxlConditioning,
 }
 
@@ -81,6 +83,7 @@ impl Default for Request {
             init_image: None,
             strength: 0.8,
             mask: None,
+            tiled_vae: None,
             sdxl: SdxlConditioning::default(),
         }
     }
@@ -198,10 +201,10 @@ fn repeat_rows(t: &Tensor, n: usize) -> Result<Tensor> {
 /// Builds the (guided) conditioning batch: unconditional rows first.
 fn conditioning(c: &Components, req: &Request) -> Result<Conditioning> {
     let b = req.batch_size;
-    let positive = encode(c, &req.prompt, req.clip_skip)?;
+    let mut positive = encode(c, &req.prompt, req.clip_skip)?;
     let guided = req.guidance_scale > 1.0;
     let sdxl = c.unet.config.text_time.is_some();
-    let negative: Option<PromptEmbeds> = if !guided {
+    let mut negative: Option<PromptEmbeds> = if !guided {
         None
     } else if sdxl && req.negative_prompt.is_none() && force_zeros_for_empty_prompt(c) {
         Some(positive.zeros_like()?)
@@ -212,6 +215,9 @@ fn conditioning(c: &Components, req: &Request) -> Result<Conditioning> {
             req.clip_skip,
         )?)
     };
+    if let Some(neg) = negative.as_mut() {
+        crate::prompt::equalize(c, neg, &mut positive, req.clip_skip)?;
+    }
     let rows: Vec<&PromptEmbeds> = negative.iter().chain(std::iter::once(&positive)).collect();
     let context = Tensor::cat(
         &rows
@@ -282,13 +288,62 @@ fn resize_nearest(t: &Tensor, h: usize, w: usize) -> Result<Tensor> {
 
 /// Encodes pixels to scaled latents, sampling the posterior with `noise` (diffusers'
 /// `retrieve_latents(..., generator)` followed by the scaling factor).
-fn encode_image(c: &Components, image: &Tensor, noise: &mut dyn NoiseSource) -> Result<Tensor> {
-    let posterior = c.vae.encode(&image.to_dtype(c.dtype)?)?;
+fn encode_image(
+    c: &Components,
+    req: &Request,
+    image: &Tensor,
+    noise: &mut dyn NoiseSource,
+) -> Result<Tensor> {
+    let image = image.to_dtype(c.dtype)?;
+    let posterior = if use_tiles(c, req) {
+        c.vae.encode_tiled(&image, c.vae.config.sample_size, 0.25)?
+    } else {
+        c.vae.encode(&image)?
+    };
     let eps = randn_tensor(noise, posterior.mean.shape(), &c.device)?;
     let latents = posterior
         .sample(&eps.to_dtype(c.dtype)?)?
         .to_dtype(DType::F32)?;
     Ok(c.vae.scale_latents(&latents)?)
+}
+
+/// Whether the request's images go through the VAE in tiles.
+fn use_tiles(c: &Components, req: &Request) -> bool {
+    req.tiled_vae
+        .unwrap_or_else(|| req.width.max(req.height) > c.vae.config.sample_size.max(512) * 3 / 2)
+}
+
+/// Decodes scaled latents to pixels; a half-precision VAE that overflows to NaN (SD1/SDXL VAEs
+/// do in f16) is retried in f32, as diffusers' `force_upcast` would have run it.
+fn decode_latents(c: &Components, req: &Request, latents: &Tensor) -> Result<Tensor> {
+    let run = |vae: &ldm_models::vae::AutoencoderKL, dtype: DType| -> Result<Tensor> {
+        let z = vae.unscale_latents(latents)?.to_dtype(dtype)?;
+        let f = vae.config.downsample_factor();
+        Ok(if use_tiles(c, req) {
+            vae.decode_tiled(&z, vae.config.sample_size / f, 0.25)?
+        } else {
+            vae.decode(&z)?
+        })
+    };
+    let pixels = run(&c.vae, c.dtype)?;
+    if c.dtype == DType::F32 {
+        return Ok(pixels);
+    }
+    let finite = pixels
+        .to_dtype(DType::F32)?
+        .abs()?
+        .max_all()?
+        .to_scalar::<f32>()?
+        .is_finite();
+    if finite {
+        return Ok(pixels);
+    }
+    eprintln!(
+        "warning: the VAE overflowed in {:?}; decoding again in f32",
+        c.dtype
+    );
+    let vae32 = c.folder.load_vae(DType::F32, &c.device)?.model;
+    run(&vae32, DType::F32)
 }
 
 /// Inpainting with an ordinary (4-channel) model: after every step the known region is reset
@@ -359,7 +414,7 @@ pub fn generate(c: &Components, req: &Request, hook: &mut dyn StepHook) -> Resul
             let init = if nine_channel && strength_max {
                 None
             } else {
-                let latents = encode_image(c, image, noise_source.as_mut())?;
+                let latents = encode_image(c, req, image, noise_source.as_mut())?;
                 Some(repeat_rows(&latents, req.batch_size)?)
             };
             if !strength_max {
@@ -382,7 +437,7 @@ pub fn generate(c: &Components, req: &Request, hook: &mut dyn StepHook) -> Resul
     if let (Some(mask), Some(image)) = (&req.mask, &req.init_image) {
         let keep = mask.lt(0.5)?.to_dtype(DType::F32)?;
         let masked_image = image.broadcast_mul(&keep)?;
-        let masked = encode_image(c, &masked_image, noise_source.as_mut())?;
+        let masked = encode_image(c, req, &masked_image, noise_source.as_mut())?;
         let masked_latents = repeat_rows(&masked, req.batch_size)?;
         let m = repeat_rows(&resize_nearest(mask, shape.2, shape.3)?, req.batch_size)?;
         if nine_channel {
@@ -423,9 +478,7 @@ pub fn generate(c: &Components, req: &Request, hook: &mut dyn StepHook) -> Resul
     };
     let x = plan.sampler.sample(x, &mut run)?;
     let latents = (x * plan.to_scheduler_space(last))?;
-    let pixels = c
-        .vae
-        .decode(&c.vae.unscale_latents(&latents)?.to_dtype(c.dtype)?)?;
+    let pixels = decode_latents(c, req, &latents)?;
     let images = crate::image_io::to_images(&pixels)?;
     Ok(Output {
         images,

@@ -12,3 +12,4 @@ pub mod prompt;
 pub use components::Components;
 pub use error::{Error, Result};
 pub use generate::{generate, Output, Request};
+pub mod prompt_syntax;

@@ -24,6 +24,7 @@ pub struct AutoencoderKLConfigJson {
     pub use_post_quant_conv: bool,
     pub mid_block_add_attention: bool,
     pub force_upcast: bool,
+    pub sample_size: crate::config::OneOrMany<usize>,
 }
 
 impl Default for AutoencoderKLConfigJson {
@@ -44,6 +45,7 @@ impl Default for AutoencoderKLConfigJson {
             use_post_quant_conv: true,
             mid_block_add_attention: true,
             force_upcast: true,
+            sample_size: crate::config::OneOrMany::One(512),
         }
     }
 }
@@ -62,6 +64,10 @@ pub struct VaeConfig {
     pub use_quant_conv: bool,
     pub use_post_quant_conv: bool,
     pub mid_block_add_attention: bool,
+    /// Training image size: diffusers' tile size for tiled encoding and decoding.
+    pub sample_size: usize,
+    /// The model was trained to be run in f32 (diffusers upcasts it when computing in f16).
+    pub force_upcast: bool,
 }
 
 impl VaeConfig {
@@ -127,6 +133,12 @@ impl VaeConfig {
             use_quant_conv: j.use_quant_conv,
             use_post_quant_conv: j.use_post_quant_conv,
             mid_block_add_attention: j.mid_block_add_attention,
+            sample_size: match &j.sample_size {
+                crate::config::OneOrMany::One(s) => *s,
+                crate::config::OneOrMany::Many(v) => v.iter().copied().max().unwrap_or(512),
+            }
+            .clamp(8, 1 << 14),
+            force_upcast: j.force_upcast,
         })
     }
 

@@ -4,6 +4,7 @@
 //! (and shifted by `shift_factor`) before the U-Net sees them.
 
 pub mod config;
+mod tiled;
 
 pub use config::VaeConfig;
 
