@@ -39,20 +39,28 @@ fn image_err(path: &Path, e: impl std::fmt::Display) -> Error {
     }
 }
 
+/// Resizes (Lanczos) to `width × height` where the size differs.
+fn fit<P: image::Pixel<Subpixel = u8> + 'static>(
+    img: image::ImageBuffer<P, Vec<u8>>,
+    width: usize,
+    height: usize,
+) -> image::ImageBuffer<P, Vec<u8>> {
+    if img.width() as usize == width && img.height() as usize == height {
+        return img;
+    }
+    image::imageops::resize(
+        &img,
+        width as u32,
+        height as u32,
+        image::imageops::FilterType::Lanczos3,
+    )
+}
+
 /// Reads an image as RGB, resized (Lanczos) to `width × height` if it differs, as
 /// `[1, 3, H, W]` in [-1, 1] on `device`.
 pub fn load_image(path: &Path, width: usize, height: usize, device: &Device) -> Result<Tensor> {
     let img = image::open(path).map_err(|e| image_err(path, e))?.to_rgb8();
-    let img = if img.width() as usize != width || img.height() as usize != height {
-        image::imageops::resize(
-            &img,
-            width as u32,
-            height as u32,
-            image::imageops::FilterType::Lanczos3,
-        )
-    } else {
-        img
-    };
+    let img = fit(img, width, height);
     let data: Vec<f32> = img
         .as_raw()
         .iter()
@@ -68,16 +76,7 @@ pub fn load_mask(path: &Path, width: usize, height: usize, device: &Device) -> R
     let img: GrayImage = image::open(path)
         .map_err(|e| image_err(path, e))?
         .to_luma8();
-    let img = if img.width() as usize != width || img.height() as usize != height {
-        image::imageops::resize(
-            &img,
-            width as u32,
-            height as u32,
-            image::imageops::FilterType::Lanczos3,
-        )
-    } else {
-        img
-    };
+    let img = fit(img, width, height);
     let data: Vec<f32> = img
         .as_raw()
         .iter()

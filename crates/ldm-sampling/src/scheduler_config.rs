@@ -277,13 +277,8 @@ impl SchedulerConfig {
                 sigmas.push(final_sigma);
                 (sampler, sigmas, ts, 1.0)
             }
-            "EulerDiscreteScheduler"
-            | "EulerAncestralDiscreteScheduler"
-            | "HeunDiscreteScheduler"
-            | "LMSDiscreteScheduler"
-            | "KDPM2DiscreteScheduler"
-            | "KDPM2AncestralDiscreteScheduler"
-            | "DPMSolverSDEScheduler" => {
+            // The Euler family: the classes that keep a variance-exploding sample.
+            _ if space == SampleSpace::VarianceExploding => {
                 let spacing = self.spacing("linspace");
                 let mut ts = float_timesteps(&spacing, n_train, steps, offset);
                 let mut sigmas: Vec<f64> = ts.iter().map(|&t| schedule.t_to_sigma(t)).collect();
