@@ -6,6 +6,7 @@ use candle_core::{DType, Device};
 use indicatif::{ProgressBar, ProgressStyle};
 use ldm_pipeline::generate::RngKind;
 use ldm_pipeline::image_io::{load_image, save_png};
+use ldm_pipeline::outpaint::{pad_for_outpainting, Padding};
 use ldm_pipeline::{Components, Request};
 use ldm_sampling::names::{SamplerName, SigmaSchedule};
 use std::path::{Path, PathBuf};
@@ -90,15 +91,44 @@ pub fn run(a: GenerateArgs) -> Result<()> {
             unused[0]
         );
     }
-    let init_image = match &a.init_image {
-        Some(p) => Some(load_image(p, a.width, a.height, &device)?),
-        None => None,
+    let (init_image, mask) = match (&a.init_image, &a.mask, &a.outpaint) {
+        (None, Some(_), _) => bail!("--mask needs --init-image"),
+        (None, None, Some(_)) => bail!("--outpaint needs --init-image"),
+        (Some(_), Some(_), Some(_)) => bail!("--outpaint makes its own mask; drop --mask"),
+        (Some(p), None, Some(pad)) => {
+            let pad: Padding = pad.parse()?;
+            let w = a.width.checked_sub(pad.left + pad.right).filter(|&w| w > 0);
+            let h = a
+                .height
+                .checked_sub(pad.top + pad.bottom)
+                .filter(|&h| h > 0);
+            let (Some(w), Some(h)) = (w, h) else {
+                bail!(
+                    "--outpaint padding leaves no room for the image in {}×{}",
+                    a.width,
+                    a.height
+                );
+            };
+            let (img, mask) = pad_for_outpainting(&load_image(p, w, h, &device)?, pad)?;
+            (Some(img), Some(mask))
+        }
+        (Some(p), m, None) => {
+            let img = load_image(p, a.width, a.height, &device)?;
+            let mask = match m {
+                Some(m) => Some(ldm_pipeline::image_io::load_mask(
+                    m, a.width, a.height, &device,
+                )?),
+                None => None,
+            };
+            (Some(img), mask)
+        }
+        (None, None, None) => (None, None),
     };
-    let mask = match &a.mask {
-        Some(p) if a.init_image.is_some() => Some(ldm_pipeline::image_io::load_mask(
-            p, a.width, a.height, &device,
-        )?),
-        Some(_) => bail!("--mask needs --init-image"),
+    let refiner = match &a.refiner {
+        Some(r) => Some(
+            Components::load(r, dtype, &device)
+                .with_context(|| format!("loading {}", r.display()))?,
+        ),
         None => None,
     };
     let model_name = model
@@ -128,6 +158,9 @@ pub fn run(a: GenerateArgs) -> Result<()> {
             mask: mask.clone(),
             tiled_vae: a.tiled_vae,
             sdxl: Default::default(),
+            denoising_end: None,
+            denoising_start: None,
+            init_latents: None,
         };
         let plan = ldm_pipeline::generate::plan_for(&components, &req)?;
         let bar = ProgressBar::new((plan.sigmas.len() - 1) as u64);
@@ -140,7 +173,16 @@ pub fn run(a: GenerateArgs) -> Result<()> {
                 bar.inc(1);
                 Ok(None)
             };
-        let out = ldm_pipeline::generate(&components, &req, &mut hook)?;
+        let out = match &refiner {
+            Some(r) => ldm_pipeline::generate::generate_with_refiner(
+                &components,
+                r,
+                &req,
+                a.refiner_start,
+                &mut hook,
+            )?,
+            None => ldm_pipeline::generate(&components, &req, &mut hook)?,
+        };
         bar.finish_and_clear();
         let sampler_name = match sampler {
             Some(s) => s.as_str(),

@@ -88,6 +88,16 @@ struct GenerateArgs {
     /// img2img: how much of the init image to redo (0–1).
     #[arg(long, default_value_t = 0.8)]
     strength: f64,
+    /// Outpainting: extend the init image by L,T,R,B pixels (or one number for all sides); the
+    /// result is --width × --height.
+    #[arg(long)]
+    outpaint: Option<String>,
+    /// An SDXL refiner folder to finish the image (diffusers' ensemble of expert denoisers).
+    #[arg(long)]
+    refiner: Option<PathBuf>,
+    /// Fraction of the noise schedule the base model runs before the refiner takes over.
+    #[arg(long, default_value_t = 0.8)]
+    refiner_start: f64,
     /// Tiled VAE encoding and decoding (true/false); by default images larger than 1.5× the
     /// VAE's training size are tiled.
     #[arg(long)]

@@ -31,6 +31,9 @@ pub struct SdxlConditioning {
     pub original_size: Option<(usize, usize)>,
     pub crops_coords_top_left: (usize, usize),
     pub target_size: Option<(usize, usize)>,
+    /// The refiner's aesthetic scores (diffusers' defaults 6.0 and 2.5).
+    pub aesthetic_score: Option<f64>,
+    pub negative_aesthetic_score: Option<f64>,
 }
 
 /// One generation request, shared by every front-end.
@@ -61,6 +64,13 @@ pub struct Request {
     /// Tiled VAE encoding/decoding: `None` tiles images larger than the VAE's training size.
     pub tiled_vae: Option<bool>,
     pub sdxl: SdxlConditioning,
+    /// Stop once this fraction of the noise schedule is done and return the noisy latents
+    /// (diffusers' `denoising_end`, the base half of a base + refiner run).
+    pub denoising_end: Option<f64>,
+    /// Continue from `init_latents` at this fraction (diffusers' `denoising_start`).
+    pub denoising_start: Option<f64>,
+    /// Latents in the scheduler's space to continue from (with `denoising_start`).
+    pub init_latents: Option<Tensor>,
 }
 
 impl Default for Request {
@@ -85,6 +95,9 @@ impl Default for Request {
             mask: None,
             tiled_vae: None,
             sdxl: SdxlConditioning::default(),
+            denoising_end: None,
+            denoising_start: None,
+            init_latents: None,
         }
     }
 }
@@ -232,8 +245,28 @@ fn conditioning(c: &Components, req: &Request) -> Result<Conditioning> {
         let (oh, ow) = req.sdxl.original_size.unwrap_or((h, w));
         let (th, tw) = req.sdxl.target_size.unwrap_or((h, w));
         let (ct, cl) = req.sdxl.crops_coords_top_left;
-        let ids = [oh, ow, ct, cl, th, tw].map(|v| v as f32);
-        let time_ids = Tensor::new(&ids, &c.device)?.unsqueeze(0)?;
+        // The refiner conditions on an aesthetic score where the base has the target size.
+        let row_ids = |negative: bool| -> Vec<f32> {
+            let mut ids = vec![oh as f32, ow as f32, ct as f32, cl as f32];
+            if requires_aesthetics_score(c) {
+                let score = if negative {
+                    req.sdxl.negative_aesthetic_score.unwrap_or(2.5)
+                } else {
+                    req.sdxl.aesthetic_score.unwrap_or(6.0)
+                };
+                ids.push(score as f32);
+            } else {
+                ids.extend([th as f32, tw as f32]);
+            }
+            ids
+        };
+        let mut id_rows = Vec::new();
+        for i in 0..rows.len() {
+            let negative = rows.len() == 2 && i == 0;
+            let ids = row_ids(negative);
+            let n = ids.len();
+            id_rows.push(repeat_rows(&Tensor::from_vec(ids, (1, n), &c.device)?, b)?);
+        }
         let pooled = rows
             .iter()
             .map(|e| {
@@ -247,12 +280,22 @@ fn conditioning(c: &Components, req: &Request) -> Result<Conditioning> {
             .collect::<Result<Vec<_>>>()?;
         Some(AddedCond {
             text_embeds: Tensor::cat(&pooled, 0)?.to_dtype(c.dtype)?,
-            time_ids: repeat_rows(&time_ids, b * rows.len())?,
+            time_ids: Tensor::cat(&id_rows, 0)?,
         })
     } else {
         None
     };
     Ok(Conditioning { context, added })
+}
+
+/// `requires_aesthetics_score` from `model_index.json` (the SDXL refiner's is true).
+fn requires_aesthetics_score(c: &Components) -> bool {
+    c.folder
+        .index
+        .components
+        .get("requires_aesthetics_score")
+        .and_then(|v| v.as_bool())
+        .unwrap_or(false)
 }
 
 /// `force_zeros_for_empty_prompt` from `model_index.json` (diffusers' SDXL default: true).
@@ -376,15 +419,59 @@ impl StepHook for BlendHook<'_> {
     }
 }
 
-/// Runs a txt2img or img2img request; `hook` sees every step (progress, previews, cancel).
-pub fn generate(c: &Components, req: &Request, hook: &mut dyn StepHook) -> Result<Output> {
-    check_request(c, req)?;
-    let mut plan = plan_for(c, req)?;
-    let cond = conditioning(c, req)?;
-    let mut noise_source: Box<dyn NoiseSource> = match req.rng {
+/// The request's noise source, seeded.
+pub fn noise_for(req: &Request) -> Box<dyn NoiseSource> {
+    match req.rng {
         RngKind::Torch => Box::new(TorchCpuRng::new(req.seed)),
         RngKind::Philox => Box::new(PhiloxRng::new(req.seed)),
+    }
+}
+
+/// Runs a txt2img, img2img or inpainting request; `hook` sees every step (progress, previews,
+/// cancel).
+pub fn generate(c: &Components, req: &Request, hook: &mut dyn StepHook) -> Result<Output> {
+    generate_with(c, req, noise_for(req).as_mut(), hook)
+}
+
+/// SDXL's ensemble of expert denoisers: the base model runs the first `switch` of the noise
+/// schedule, the refiner the rest, one generator throughout (diffusers' `denoising_end` /
+/// `denoising_start`).
+pub fn generate_with_refiner(
+    base: &Components,
+    refiner: &Components,
+    req: &Request,
+    switch: f64,
+    hook: &mut dyn StepHook,
+) -> Result<Output> {
+    let mut noise = noise_for(req);
+    let base_req = Request {
+        denoising_end: Some(switch),
+        ..req.clone()
     };
+    let first = generate_with(base, &base_req, noise.as_mut(), hook)?;
+    let refiner_req = Request {
+        denoising_start: Some(switch),
+        init_latents: Some(first.latents),
+        init_image: None,
+        mask: None,
+        ..req.clone()
+    };
+    generate_with(refiner, &refiner_req, noise.as_mut(), hook)
+}
+
+/// [`generate`] drawing from a given noise source.
+pub fn generate_with(
+    c: &Components,
+    req: &Request,
+    noise_source: &mut dyn NoiseSource,
+    hook: &mut dyn StepHook,
+) -> Result<Output> {
+    check_request(c, req)?;
+    let mut plan = plan_for(c, req)?;
+    if let Some(end) = req.denoising_end {
+        plan.end_at(end)?;
+    }
+    let cond = conditioning(c, req)?;
     let f = c.vae_scale_factor();
     let shape = (
         req.batch_size,
@@ -396,12 +483,20 @@ pub fn generate(c: &Components, req: &Request, hook: &mut dyn StepHook) -> Resul
     let strength_max = req.mask.is_some() && req.strength >= 1.0;
     let mut image_latents = None;
     let mut initial_noise = None;
-    let x = match &req.init_image {
-        None => {
-            let noise = randn_tensor(noise_source.as_mut(), shape, &c.device)?;
+    let x = match (&req.init_image, &req.init_latents) {
+        (_, Some(latents)) => {
+            // Continue another model's run (diffusers adds no noise with `denoising_start`).
+            let start = req.denoising_start.ok_or_else(|| {
+                Error::InvalidRequest("init latents need a denoising start".into())
+            })?;
+            plan.start_at(start)?;
+            (latents / plan.to_scheduler_space(plan.sigmas[0]))?
+        }
+        (None, None) => {
+            let noise = randn_tensor(noise_source, shape, &c.device)?;
             (noise * plan.initial_scale())?
         }
-        Some(image) => {
+        (Some(image), None) => {
             let (_, _, ih, iw) = image.dims4()?;
             if (ih, iw) != (req.height, req.width) {
                 return Err(Error::InvalidRequest(format!(
@@ -414,13 +509,13 @@ pub fn generate(c: &Components, req: &Request, hook: &mut dyn StepHook) -> Resul
             let init = if nine_channel && strength_max {
                 None
             } else {
-                let latents = encode_image(c, req, image, noise_source.as_mut())?;
+                let latents = encode_image(c, req, image, noise_source)?;
                 Some(repeat_rows(&latents, req.batch_size)?)
             };
             if !strength_max {
                 plan.truncate(req.strength)?;
             }
-            let noise = randn_tensor(noise_source.as_mut(), shape, &c.device)?;
+            let noise = randn_tensor(noise_source, shape, &c.device)?;
             let x = match (&init, strength_max) {
                 (Some(init), false) => (init + (&noise * plan.sigmas[0])?)?,
                 _ => (&noise * plan.initial_scale())?,
@@ -437,7 +532,7 @@ pub fn generate(c: &Components, req: &Request, hook: &mut dyn StepHook) -> Resul
     if let (Some(mask), Some(image)) = (&req.mask, &req.init_image) {
         let keep = mask.lt(0.5)?.to_dtype(DType::F32)?;
         let masked_image = image.broadcast_mul(&keep)?;
-        let masked = encode_image(c, req, &masked_image, noise_source.as_mut())?;
+        let masked = encode_image(c, req, &masked_image, noise_source)?;
         let masked_latents = repeat_rows(&masked, req.batch_size)?;
         let m = repeat_rows(&resize_nearest(mask, shape.2, shape.3)?, req.batch_size)?;
         if nine_channel {
@@ -473,13 +568,17 @@ pub fn generate(c: &Components, req: &Request, hook: &mut dyn StepHook) -> Resul
     let mut run = Run {
         denoiser: &denoiser,
         sigmas: &plan.sigmas,
-        noise: noise_source.as_mut(),
+        noise: noise_source,
         hook,
     };
     let x = plan.sampler.sample(x, &mut run)?;
     let latents = (x * plan.to_scheduler_space(last))?;
-    let pixels = decode_latents(c, req, &latents)?;
-    let images = crate::image_io::to_images(&pixels)?;
+    // A run that stops part-way hands its noisy latents on; there is no image to decode.
+    let images = if req.denoising_end.is_some() {
+        Vec::new()
+    } else {
+        crate::image_io::to_images(&decode_latents(c, req, &latents)?)?
+    };
     Ok(Output {
         images,
         latents,

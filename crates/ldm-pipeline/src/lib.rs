@@ -12,4 +12,5 @@ pub mod prompt;
 pub use components::Components;
 pub use error::{Error, Result};
 pub use generate::{generate, Output, Request};
+pub mod outpaint;
 pub mod prompt_syntax;

@@ -119,6 +119,48 @@ impl Plan {
         (x0 * c_out)? + (x * (c_skip * crate::denoiser::c_in(sigma)))?
     }
 
+    /// diffusers' cutoff timestep for a denoising fraction: `round(N − fraction · N)`.
+    fn cutoff(&self, fraction: f64) -> Result<f64> {
+        if !(fraction > 0.0 && fraction < 1.0) {
+            return Err(Error::InvalidArgument(format!(
+                "a denoising fraction must lie strictly between 0 and 1, got {fraction}"
+            )));
+        }
+        let n = self.schedule.len() as f64;
+        Ok((n - fraction * n).round_ties_even())
+    }
+
+    /// Keeps the steps whose timestep is at or above the cutoff (diffusers' `denoising_end`):
+    /// the run stops part-way, at a noisy sample, for a refiner to finish.
+    pub fn end_at(&mut self, fraction: f64) -> Result<()> {
+        let cutoff = self.cutoff(fraction)?;
+        let keep = self.timesteps.iter().filter(|&&t| t >= cutoff).count();
+        if keep == 0 {
+            return Err(Error::InvalidArgument(format!(
+                "denoising_end {fraction} leaves no step"
+            )));
+        }
+        self.timesteps.truncate(keep);
+        self.sigmas.truncate(keep + 1);
+        Ok(())
+    }
+
+    /// Keeps the steps whose timestep is below the cutoff (diffusers' `denoising_start`): the
+    /// run continues a sample another model left at that point.
+    pub fn start_at(&mut self, fraction: f64) -> Result<()> {
+        let cutoff = self.cutoff(fraction)?;
+        let keep = self.timesteps.iter().filter(|&&t| t < cutoff).count();
+        if keep == 0 {
+            return Err(Error::InvalidArgument(format!(
+                "denoising_start {fraction} leaves no step"
+            )));
+        }
+        let start = self.timesteps.len() - keep;
+        self.sigmas.drain(..start);
+        self.timesteps.drain(..start);
+        Ok(())
+    }
+
     /// img2img: keep the last `ceil(steps · strength)` steps (diffusers' `get_timesteps`).
     pub fn truncate(&mut self, strength: f64) -> Result<()> {
         if !(0.0..=1.0).contains(&strength) || strength.is_nan() {
