@@ -99,6 +99,8 @@ fn run_case(components: &mut Components, case: &Value) -> Diff {
             original_size: pair(&extra["original_size"]),
             crops_coords_top_left: pair(&extra["crops_coords_top_left"]).unwrap_or((0, 0)),
             target_size: pair(&extra["target_size"]),
+            aesthetic_score: case["aesthetic_score"].as_f64(),
+            negative_aesthetic_score: case["negative_aesthetic_score"].as_f64(),
         },
         ..Request::default()
     };
