@@ -6,7 +6,8 @@ tools/oracle/make_fixtures.py has written fixtures/tiny/):
 
     python tools/oracle/make_pipeline_fixtures.py fixtures
         Reads the tiny pipeline folders fixtures/tiny/{sd15,sd21,sdxl,sd15_inpaint}/
-        and writes (the folder is replaced, except README.md, which is hand-written):
+        and writes (the folder is replaced, except README.md, which is hand-written, and the
+        refiner cases written by make_refiner_fixtures.py, listed in refiner_cases.json):
           fixtures/pipelines/inputs/*.png            synthetic init images / masks
           fixtures/pipelines/cases.json              one entry per case (call arguments)
           fixtures/pipelines/<case>.png              pipe(...).images[0].save(...)
@@ -445,8 +446,25 @@ def generate(root: Path, out: Path) -> None:
             os.chmod(p, 0o644)
 
 
+def kept_files(d: Path) -> set[str]:
+    """Files in pipelines/ that this script does not write: README.md (hand-written) and the
+    refiner cases of tools/oracle/make_refiner_fixtures.py (listed in refiner_cases.json)."""
+    kept = {"README.md"}
+    rc = d / "refiner_cases.json"
+    if rc.exists():
+        kept.add(rc.name)
+        for c in json.loads(rc.read_text(encoding="utf-8")):
+            kept |= {f"{c['name']}.png", f"{c['name']}.latents.safetensors"}
+    return kept
+
+
 def files_of(d: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file() and p.name != "README.md"}
+    kept = kept_files(d)
+    return {
+        str(p.relative_to(d)): p.read_bytes()
+        for p in sorted(d.rglob("*"))
+        if p.is_file() and str(p.relative_to(d)) not in kept
+    }
 
 
 def main() -> None:
@@ -466,12 +484,13 @@ def main() -> None:
         print("check:", "OK" if not bad else f"{len(bad)} file(s) differ", f"({len(new)} files)")
         sys.exit(1 if bad else 0)
 
-    readme = (dest / "README.md").read_bytes() if (dest / "README.md").exists() else None
+    kept = {}
     if dest.exists():
+        kept = {n: (dest / n).read_bytes() for n in sorted(kept_files(dest)) if (dest / n).exists()}
         shutil.rmtree(dest)
     generate(args.root, dest)
-    if readme is not None:
-        (dest / "README.md").write_bytes(readme)
+    for n, data in kept.items():
+        (dest / n).write_bytes(data)
     total = sum(p.stat().st_size for p in dest.rglob("*") if p.is_file())
     print(f"wrote {dest} ({len(list(dest.rglob('*.png')))} PNGs, {total:,} bytes)")
 

@@ -166,3 +166,71 @@ fn generate_matches_diffusers_pipelines() {
     assert_eq!(ran, cases.len());
     assert!(failures.is_empty(), "{failures:#?}");
 }
+
+#[test]
+fn sdxl_refiner_matches_diffusers() {
+    let dir = fixtures().join("pipelines");
+    let cases: Vec<Value> = serde_json::from_str(&ldm_sampling::scheduler_config::python_json(
+        &std::fs::read_to_string(dir.join("refiner_cases.json")).unwrap(),
+    ))
+    .unwrap();
+    let load = |m: &str| {
+        Components::load(&fixtures().join("tiny").join(m), DType::F32, &Device::Cpu).unwrap()
+    };
+    let mut refiner = load("sdxl_refiner");
+    let mut base = load("sdxl");
+    for case in &cases {
+        let name = case["name"].as_str().unwrap();
+        let d = match case["base"].as_object() {
+            None => run_case(&mut refiner, case),
+            Some(b) => {
+                // The ensemble: base to denoising_end, refiner from denoising_start.
+                let base_case: Value = Value::Object(b.clone());
+                base.scheduler = scheduler_for(&fixtures().join("tiny/sdxl"), &base_case);
+                refiner.scheduler = scheduler_for(&fixtures().join("tiny/sdxl_refiner"), case);
+                let req = Request {
+                    prompt: case["prompt"].as_str().unwrap().into(),
+                    width: case["width"].as_u64().unwrap() as usize,
+                    height: case["height"].as_u64().unwrap() as usize,
+                    steps: case["steps"].as_u64().unwrap() as usize,
+                    guidance_scale: case["guidance_scale"].as_f64().unwrap(),
+                    seed: case["seed"].as_u64().unwrap(),
+                    ..Request::default()
+                };
+                let switch = case["denoising_start"].as_f64().unwrap();
+                let out = ldm_pipeline::generate::generate_with_refiner(
+                    &base,
+                    &refiner,
+                    &req,
+                    switch,
+                    &mut NoHook,
+                )
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
+                let theirs = image::open(dir.join(format!("{name}.png")))
+                    .unwrap()
+                    .to_rgb8();
+                let (mean, over2) = compare(&out.images[0], &theirs);
+                let refs: HashMap<String, Tensor> = candle_core::safetensors::load(
+                    dir.join(format!("{name}.latents.safetensors")),
+                    &Device::Cpu,
+                )
+                .unwrap();
+                Diff {
+                    mean,
+                    over2,
+                    latents: rel(&out.latents, &refs["latents"]),
+                }
+            }
+        };
+        println!(
+            "{name}: mean |Δ| {:.3} levels, {:.2}% > 2 levels, latents rel {:.1e}",
+            d.mean,
+            d.over2 * 100.0,
+            d.latents
+        );
+        assert!(
+            d.mean <= 1.0 && d.over2 < 0.01 && d.latents < 1e-4,
+            "{name}"
+        );
+    }
+}
