@@ -193,7 +193,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         for (i, img) in out.images.iter().enumerate() {
             let path = output_path(&a.out, batch * a.batch + i, total);
             save_png(img, &text, &path)?;
-            println!("{}", path.display());
+            out!("{}", path.display());
         }
     }
     Ok(())

@@ -7,6 +7,21 @@ use ldm_models::model::ModelFolder;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+/// `println!` that ends the program quietly when stdout is a closed pipe (`ldm info … | head`)
+/// instead of panicking.
+macro_rules! out {
+    ($($t:tt)*) => { $crate::emit(format_args!($($t)*)) };
+}
+
+pub(crate) fn emit(args: std::fmt::Arguments) {
+    use std::io::Write;
+    if let Err(e) = writeln!(std::io::stdout().lock(), "{args}") {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+    }
+}
+
 mod generate;
 
 #[derive(Parser)]
@@ -130,18 +145,18 @@ fn info(path: &Path, check: bool) -> Result<()> {
     } else {
         ""
     };
-    println!("model:            {}", path.display());
-    println!("pipeline:         {}", folder.index.class_name);
-    println!("family:           {family}{variant}");
-    println!("prediction type:  {}", folder.scheduler.prediction_type);
+    out!("model:            {}", path.display());
+    out!("pipeline:         {}", folder.index.class_name);
+    out!("family:           {family}{variant}");
+    out!("prediction type:  {}", folder.scheduler.prediction_type);
     if let Some(class) = &folder.scheduler.class_name {
-        println!("scheduler:        {class}");
+        out!("scheduler:        {class}");
     }
-    println!("latent scaling:   {}", folder.vae.scaling_factor);
+    out!("latent scaling:   {}", folder.vae.scaling_factor);
     if folder.vae.shift_factor != 0.0 {
-        println!("latent shift:     {}", folder.vae.shift_factor);
+        out!("latent shift:     {}", folder.vae.shift_factor);
     }
-    println!("latent channels:  {}", folder.vae.latent_channels);
+    out!("latent channels:  {}", folder.vae.latent_channels);
     let mut total = 0;
     for component in folder.components() {
         let s = folder
@@ -149,14 +164,14 @@ fn info(path: &Path, check: bool) -> Result<()> {
             .with_context(|| format!("reading {component} weights"))?;
         total += s.parameters;
         let dtypes: Vec<&str> = s.dtypes.keys().map(String::as_str).collect();
-        println!(
+        out!(
             "{:<17} {:>15} parameters  {}",
             format!("{component}:"),
             fmt_count(s.parameters),
             dtypes.join("+")
         );
     }
-    println!("{:<17} {:>15} parameters", "total:", fmt_count(total));
+    out!("{:<17} {:>15} parameters", "total:", fmt_count(total));
     if check {
         check_weights(&folder)?;
     }
@@ -170,9 +185,9 @@ fn check_weights(folder: &ModelFolder) -> Result<()> {
     let (dtype, dev) = (DType::F32, Device::Cpu);
     let report = |name: &str, unused: Vec<String>| {
         if unused.is_empty() {
-            println!("check {name}: ok");
+            out!("check {name}: ok");
         } else {
-            println!(
+            out!(
                 "check {name}: ok, {} unused tensors: {}",
                 unused.len(),
                 unused.join(", ")
@@ -210,7 +225,7 @@ fn run(cli: Cli) -> Result<()> {
 
 fn png_info(path: &Path) -> Result<()> {
     match ldm_pipeline::image_io::read_parameters(path)? {
-        Some(text) => println!("{text}"),
+        Some(text) => out!("{text}"),
         None => bail!("{}: no `parameters` text chunk", path.display()),
     }
     Ok(())

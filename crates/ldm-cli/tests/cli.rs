@@ -195,3 +195,26 @@ fn generate_rejects_bad_input_cleanly() {
     ]);
     assert!(!ok && stderr.contains("does not exist"), "{stderr}");
 }
+
+#[test]
+fn a_closed_pipe_is_not_a_panic() {
+    use std::io::Read;
+    let path = fixtures().join("tiny/sdxl");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ldm"))
+        .args(["info", path.to_str().unwrap()])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take()); // the reader goes away, as `| head -0` would
+    let status = child.wait().unwrap();
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(status.success(), "{status:?}");
+}
