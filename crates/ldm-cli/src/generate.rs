@@ -82,8 +82,18 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         }
     }
     let device = Device::Cpu;
-    let components = Components::load(&model, dtype, &device)
-        .with_context(|| format!("loading {}", model.display()))?;
+    let components = if model.is_file() {
+        let Some(config) = &a.config else {
+            bail!(
+                "{} is a single file: give --config DIR, a diffusers folder of the same family",
+                model.display()
+            );
+        };
+        Components::load_single_file(&model, config, dtype, &device)
+    } else {
+        Components::load(&model, dtype, &device)
+    }
+    .with_context(|| format!("loading {}", model.display()))?;
     for (component, unused) in &components.unused {
         eprintln!(
             "warning: {component}: {} unused tensors ({} …)",

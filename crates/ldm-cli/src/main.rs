@@ -54,9 +54,14 @@ enum Command {
 struct GenerateArgs {
     /// The prompt.
     prompt: String,
-    /// A diffusers model folder; the embedded model when omitted.
+    /// A diffusers model folder or an original-layout single-file .safetensors checkpoint;
+    /// the embedded model when omitted.
     #[arg(long)]
     model: Option<PathBuf>,
+    /// For a single-file --model: a diffusers folder of the same family whose configs,
+    /// tokenizers and scheduler to use (single files carry none).
+    #[arg(long)]
+    config: Option<PathBuf>,
     /// Negative prompt.
     #[arg(long)]
     negative: Option<String>,

@@ -7,6 +7,7 @@ use crate::config::{read_json, ModelIndex, SchedulerConfigHead};
 use crate::error::{Error, Result};
 use crate::unet::{UNet2DConditionModel, UNetConfig};
 use crate::vae::{AutoencoderKL, VaeConfig};
+use crate::weights::original::{self, OriginalFamily};
 use crate::weights::{component_files, rename, Checkpoint, Weights};
 use candle_core::{DType, Device};
 use std::collections::BTreeMap;
@@ -81,6 +82,9 @@ pub struct ModelFolder {
     pub text_encoder: Option<ClipTextConfig>,
     pub text_encoder_2: Option<ClipTextConfig>,
     pub scheduler: SchedulerConfigHead,
+    /// For a single-file checkpoint: its tensors (configs, tokenizers and the scheduler come
+    /// from `root`, a diffusers folder of the same family).
+    pub single_file: Option<Arc<Checkpoint>>,
 }
 
 impl ModelFolder {
@@ -95,7 +99,8 @@ impl ModelFolder {
         if !root.is_dir() {
             return Err(Error::NotAModel {
                 path: root.to_path_buf(),
-                msg: "is a file; single-file checkpoints are not supported yet — give a diffusers folder".into(),
+                msg: "is a file: single-file checkpoints need a config folder of the same family (--config DIR)"
+                    .into(),
             });
         }
         let index_path = root.join("model_index.json");
@@ -148,7 +153,44 @@ impl ModelFolder {
             text_encoder,
             text_encoder_2,
             scheduler,
+            single_file: None,
         })
+    }
+
+    /// A single-file checkpoint in the original layout, with the configs, tokenizers and
+    /// scheduler of `config_dir` (a diffusers folder of the same family, as diffusers'
+    /// `from_single_file(config=…)`). The U-Net's input channels follow the checkpoint
+    /// (inpainting models have 9).
+    pub fn open_single_file(file: &Path, config_dir: &Path) -> Result<Self> {
+        let ckpt = Checkpoint::open(&[file.to_path_buf()])?;
+        let family = original::detect(&ckpt).ok_or_else(|| Error::NotAModel {
+            path: file.to_path_buf(),
+            msg: "not a Stable Diffusion checkpoint in the original layout (no model.diffusion_model.* \
+                  with a known text encoder)"
+                .into(),
+        })?;
+        let mut folder = Self::open(config_dir)?;
+        let expected = match folder.family() {
+            Family::Sd1 => OriginalFamily::Sd1,
+            Family::Sd2 => OriginalFamily::Sd2,
+            Family::Sdxl => OriginalFamily::Sdxl,
+            Family::SdxlRefiner => OriginalFamily::SdxlRefiner,
+        };
+        if expected != family {
+            return Err(Error::NotAModel {
+                path: file.to_path_buf(),
+                msg: format!(
+                    "the checkpoint is {family:?} but the config folder {} is {}",
+                    config_dir.display(),
+                    folder.family()
+                ),
+            });
+        }
+        if let Some(c) = original::unet_in_channels(&ckpt) {
+            folder.unet.in_channels = c;
+        }
+        folder.single_file = Some(Arc::new(ckpt));
+        Ok(folder)
     }
 
     /// SD1, SD2, SDXL or the SDXL refiner, from the configs' structure.
@@ -176,9 +218,29 @@ impl ModelFolder {
         self.unet.in_channels == 9
     }
 
+    /// One component's tensors under diffusers names.
+    fn component_checkpoint(&self, component: &str) -> Result<Checkpoint> {
+        let Some(single) = &self.single_file else {
+            return Checkpoint::open(&component_files(&self.root.join(component))?);
+        };
+        let family =
+            original::detect(single).ok_or_else(|| Error::Msg("unreadable single file".into()))?;
+        Ok(match component {
+            "unet" => original::unet(single, &self.unet),
+            "vae" => original::vae(single, &self.vae),
+            te => original::text_encoders(single, family)
+                .into_iter()
+                .find(|(name, _)| *name == te)
+                .map(|(_, c)| c)
+                .ok_or_else(|| Error::NotAModel {
+                    path: self.root.clone(),
+                    msg: format!("the checkpoint has no `{te}`"),
+                })?,
+        })
+    }
+
     fn open_weights(&self, component: &str) -> Result<Arc<Weights>> {
-        let dir = self.root.join(component);
-        let mut ckpt = Checkpoint::open(&component_files(&dir)?)?;
+        let mut ckpt = self.component_checkpoint(component)?;
         if component.starts_with("text_encoder") {
             let prefixed = rename::has_clip_prefix(ckpt.tensors().keys());
             ckpt.map_keys(|k| rename::clip_text_key(k, prefixed));
@@ -255,8 +317,8 @@ impl ModelFolder {
 
     /// Parameter count and dtypes of `component`, from its safetensors headers alone.
     pub fn summary(&self, component: &str) -> Result<ComponentSummary> {
-        let files = component_files(&self.root.join(component))?;
-        let ckpt = Checkpoint::open(&files)?;
+        let ckpt = self.component_checkpoint(component)?;
+        let files: Vec<PathBuf> = ckpt.paths().iter().map(|p| p.to_path_buf()).collect();
         let mut parameters = 0;
         let mut dtypes = BTreeMap::new();
         for (name, entry) in ckpt.tensors() {

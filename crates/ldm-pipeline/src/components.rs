@@ -29,6 +29,27 @@ pub struct Components {
 impl Components {
     /// Loads a diffusers folder, computing in `dtype` on `device`.
     pub fn load(path: &Path, dtype: DType, device: &Device) -> Result<Self> {
+        Self::from_folder(ModelFolder::open(path)?, dtype, device)
+    }
+
+    /// Loads an original-layout single-file checkpoint with the configs, tokenizers and
+    /// scheduler of a diffusers folder of the same family.
+    pub fn load_single_file(
+        file: &Path,
+        config_dir: &Path,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        Self::from_folder(
+            ModelFolder::open_single_file(file, config_dir)?,
+            dtype,
+            device,
+        )
+    }
+
+    fn from_folder(folder: ModelFolder, dtype: DType, device: &Device) -> Result<Self> {
+        let path = folder.root.clone();
+        let path = path.as_path();
         if dtype == DType::BF16 && device.is_cpu() {
             return Err(Error::InvalidRequest(
                 "bf16 compute needs a GPU (candle's CPU backend has no bf16 matmul); use f32 or f16".into(),
@@ -39,7 +60,6 @@ impl Components {
                 "unsupported compute dtype {dtype:?}"
             )));
         }
-        let folder = ModelFolder::open(path)?;
         let mut unused = Vec::new();
         let unet = folder.load_unet(dtype, device)?;
         unused.push(("unet".to_string(), unet.unused));

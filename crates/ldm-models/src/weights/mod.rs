@@ -6,6 +6,7 @@
 //! tensor and both shapes, and [`Weights::unused`] lists what the checkpoint held but no module
 //! asked for. Renaming of other key layouts lives in [`rename`], never in model code.
 
+pub mod original;
 pub mod rename;
 
 use crate::error::{Error, Result};
@@ -22,9 +23,12 @@ use std::sync::{Arc, Mutex};
 pub struct TensorEntry {
     pub file: usize,
     pub dtype: safetensors::Dtype,
+    /// The shape served (a reshape of the stored one where a layout conversion asked for it).
     pub shape: Vec<usize>,
     start: usize,
     end: usize,
+    /// Served transposed (2-D tensors stored the other way round, e.g. OpenCLIP's projection).
+    pub transpose: bool,
 }
 
 impl TensorEntry {
@@ -32,11 +36,48 @@ impl TensorEntry {
     pub fn numel(&self) -> usize {
         self.shape.iter().product()
     }
+
+    /// The same bytes viewed with another shape of equal size.
+    pub fn reshaped(&self, shape: Vec<usize>) -> Option<Self> {
+        (shape.iter().product::<usize>() == self.numel()).then(|| Self {
+            shape,
+            ..self.clone()
+        })
+    }
+
+    /// Rows `from..from + count` of the first dimension (a contiguous byte range).
+    pub fn rows(&self, from: usize, count: usize) -> Option<Self> {
+        let rows = *self.shape.first()?;
+        if from + count > rows || self.transpose {
+            return None;
+        }
+        let row_bytes = (self.end - self.start) / rows.max(1);
+        let mut shape = self.shape.clone();
+        shape[0] = count;
+        Some(Self {
+            shape,
+            start: self.start + from * row_bytes,
+            end: self.start + (from + count) * row_bytes,
+            ..self.clone()
+        })
+    }
+
+    /// The transpose of a 2-D tensor.
+    pub fn transposed(&self) -> Option<Self> {
+        match self.shape.as_slice() {
+            [a, b] => Some(Self {
+                shape: vec![*b, *a],
+                transpose: !self.transpose,
+                ..self.clone()
+            }),
+            _ => None,
+        }
+    }
 }
 
 /// One or more memory-mapped safetensors files, validated and indexed by (possibly renamed) key.
 pub struct Checkpoint {
-    files: Vec<(PathBuf, Mmap)>,
+    files: Arc<Vec<(PathBuf, Mmap)>>,
     tensors: BTreeMap<String, TensorEntry>,
 }
 
@@ -75,6 +116,7 @@ impl Checkpoint {
                     shape: info.shape.clone(),
                     start: data_start + info.data_offsets.0,
                     end: data_start + info.data_offsets.1,
+                    transpose: false,
                 };
                 if tensors.insert(key.clone(), entry).is_some() {
                     return Err(Error::Checkpoint {
@@ -85,7 +127,18 @@ impl Checkpoint {
             }
             files.push((path.clone(), mmap));
         }
-        Ok(Self { files, tensors })
+        Ok(Self {
+            files: Arc::new(files),
+            tensors,
+        })
+    }
+
+    /// A checkpoint over the same files with another set of (renamed, resliced) entries.
+    pub fn with_tensors(&self, tensors: BTreeMap<String, TensorEntry>) -> Self {
+        Self {
+            files: Arc::clone(&self.files),
+            tensors,
+        }
     }
 
     /// Renames every key with `f` (see [`rename`] for the layouts we translate).
@@ -126,8 +179,13 @@ impl Checkpoint {
             ))
         })?;
         let data = &self.files[entry.file].1[entry.start..entry.end];
-        let view = safetensors::tensor::TensorView::new(entry.dtype, entry.shape.clone(), data)
-            .map_err(|e| {
+        let stored_shape = if entry.transpose {
+            entry.shape.iter().rev().copied().collect()
+        } else {
+            entry.shape.clone()
+        };
+        let view =
+            safetensors::tensor::TensorView::new(entry.dtype, stored_shape, data).map_err(|e| {
                 candle_core::Error::Msg(format!(
                     "{}: tensor `{name}`: {e}",
                     self.file_of(entry).display()
@@ -140,6 +198,11 @@ impl Checkpoint {
                 entry.dtype
             ))
         })?;
+        let tensor = if entry.transpose {
+            tensor.t()?.contiguous()?
+        } else {
+            tensor
+        };
         tensor.to_dtype(dtype)
     }
 }
