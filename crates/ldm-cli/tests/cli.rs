@@ -218,3 +218,52 @@ fn a_closed_pipe_is_not_a_panic() {
     assert!(!stderr.contains("panicked"), "{stderr}");
     assert!(status.success(), "{status:?}");
 }
+
+#[test]
+fn single_files_need_a_matching_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("x.png");
+    let sd15 = fixtures().join("single_file/sd15.safetensors");
+    let run = |extra: &[&str]| {
+        let mut args = vec![
+            "generate",
+            "p",
+            "--model",
+            sd15.to_str().unwrap(),
+            "--width",
+            "32",
+            "--height",
+            "32",
+            "--steps",
+            "2",
+            "--out",
+            out.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        ldm(&args)
+    };
+    let (ok, _, stderr) = run(&[]);
+    assert!(!ok && stderr.contains("--config"), "{stderr}");
+    let sdxl_dir = fixtures().join("tiny/sdxl");
+    let (ok, _, stderr) = run(&["--config", sdxl_dir.to_str().unwrap()]);
+    assert!(
+        !ok && stderr.contains("Sd1") && stderr.contains("SDXL"),
+        "{stderr}"
+    );
+    let not_sd = fixtures().join("tiny/sd15/unet/diffusion_pytorch_model.safetensors");
+    let sd15_dir = fixtures().join("tiny/sd15");
+    let (ok, _, stderr) = ldm(&[
+        "generate",
+        "p",
+        "--model",
+        not_sd.to_str().unwrap(),
+        "--config",
+        sd15_dir.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(!ok && stderr.contains("original layout"), "{stderr}");
+    let (ok, _, stderr) = run(&["--config", sd15_dir.to_str().unwrap()]);
+    assert!(ok, "{stderr}");
+    assert!(out.exists());
+}

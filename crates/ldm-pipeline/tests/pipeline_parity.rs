@@ -234,3 +234,51 @@ fn sdxl_refiner_matches_diffusers() {
         );
     }
 }
+
+#[test]
+fn single_file_checkpoints_match_their_folders() {
+    // fixtures/single_file/<model>.safetensors: the tiny folders re-saved in the original
+    // CompVis/Stability layout by tools/oracle/make_single_file_fixtures.py. Loaded with the
+    // folder as config, they must render the same images as the folder cases.
+    let cases: Vec<Value> = serde_json::from_str(&ldm_sampling::scheduler_config::python_json(
+        &std::fs::read_to_string(fixtures().join("pipelines/cases.json")).unwrap(),
+    ))
+    .unwrap();
+    let mut loaded: HashMap<String, Components> = HashMap::new();
+    let mut ran = 0;
+    for case in &cases {
+        let model = case["model"].as_str().unwrap().to_string();
+        let file = fixtures()
+            .join("single_file")
+            .join(format!("{model}.safetensors"));
+        if !file.exists() {
+            continue; // sd15_inpaint's single file is not committed (fixture size)
+        }
+        let components = loaded.entry(model.clone()).or_insert_with(|| {
+            let c = Components::load_single_file(
+                &file,
+                &fixtures().join("tiny").join(&model),
+                DType::F32,
+                &Device::Cpu,
+            )
+            .unwrap_or_else(|e| panic!("{model}: {e}"));
+            // Only the LDM training buffers (betas, alphas_cumprod, …) may go unused.
+            for (component, unused) in &c.unused {
+                assert!(unused.is_empty(), "{model} {component}: unused {unused:?}");
+            }
+            c
+        });
+        let name = case["name"].as_str().unwrap();
+        let d = run_case(components, case);
+        println!(
+            "{name} (single file): mean |Δ| {:.3}, latents rel {:.1e}",
+            d.mean, d.latents
+        );
+        assert!(
+            d.mean <= 1.0 && d.over2 < 0.01 && d.latents < 1e-4,
+            "{name}"
+        );
+        ran += 1;
+    }
+    assert!(ran >= 20, "only {ran} single-file cases ran");
+}

@@ -273,7 +273,7 @@ pub fn hf_clip(ckpt: &Checkpoint, prefix: &str) -> Checkpoint {
 /// An OpenCLIP text tower under `prefix` (`cond_stage_model.model.`), as transformers'
 /// `CLIPTextModel(WithProjection)`: the fused `in_proj` split into q, k, v by rows, the
 /// projection matrix transposed into a Linear weight.
-pub fn open_clip(ckpt: &Checkpoint, prefix: &str) -> Checkpoint {
+pub fn open_clip(ckpt: &Checkpoint, prefix: &str, with_projection: bool) -> Checkpoint {
     select(ckpt, prefix, |k, e| {
         let tm = "text_model.";
         let simple = match k {
@@ -286,7 +286,7 @@ pub fn open_clip(ckpt: &Checkpoint, prefix: &str) -> Checkpoint {
         if let Some(name) = simple {
             return vec![(name, e.clone())];
         }
-        if k == "text_projection" {
+        if k == "text_projection" && with_projection {
             return e
                 .transposed()
                 .map(|t| ("text_projection.weight".to_string(), t))
@@ -336,7 +336,11 @@ pub fn text_encoders(ckpt: &Checkpoint, family: OriginalFamily) -> Vec<(&'static
             "text_encoder",
             hf_clip(ckpt, "cond_stage_model.transformer."),
         )],
-        OriginalFamily::Sd2 => vec![("text_encoder", open_clip(ckpt, "cond_stage_model.model."))],
+        // SD2's OpenCLIP carries a projection its text encoder (CLIPTextModel) does not use.
+        OriginalFamily::Sd2 => vec![(
+            "text_encoder",
+            open_clip(ckpt, "cond_stage_model.model.", false),
+        )],
         OriginalFamily::Sdxl => vec![
             (
                 "text_encoder",
@@ -344,12 +348,12 @@ pub fn text_encoders(ckpt: &Checkpoint, family: OriginalFamily) -> Vec<(&'static
             ),
             (
                 "text_encoder_2",
-                open_clip(ckpt, "conditioner.embedders.1.model."),
+                open_clip(ckpt, "conditioner.embedders.1.model.", true),
             ),
         ],
         OriginalFamily::SdxlRefiner => vec![(
             "text_encoder_2",
-            open_clip(ckpt, "conditioner.embedders.0.model."),
+            open_clip(ckpt, "conditioner.embedders.0.model.", true),
         )],
     }
 }
