@@ -590,7 +590,23 @@ def generate(out_root: Path, tiny: Path) -> dict:
         if name == "sd15":
             write_ckpt(sd, dest / "sd15.ckpt")
     write_malicious_ckpt(dest / "malicious.ckpt")
+    write_small_ckpt(dest)
     return info
+
+
+def write_small_ckpt(dest: Path) -> None:
+    """small.ckpt: a few tensors of several dtypes (a state_dict), with the same tensors in
+    small.safetensors, for testing a .ckpt reader without a whole model (sd15.ckpt is written
+    too, but not committed: it is 0.86 MB)."""
+    g = torch.Generator().manual_seed(5)
+    sd = collections.OrderedDict(
+        a=torch.randn(2, 3, generator=g),
+        b=torch.randn(4, generator=g).half(),
+        c=torch.arange(5),
+        d=torch.randn(3, 2, generator=g).bfloat16(),
+    )
+    write_ckpt(sd, dest / "small.ckpt")
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(dest / "small.safetensors"))
 
 
 def main() -> None:

@@ -12,7 +12,7 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
-    #[error("{path}: not a valid safetensors file: {msg}")]
+    #[error("{path}: invalid checkpoint: {msg}")]
     Checkpoint { path: PathBuf, msg: String },
     #[error("{path}: invalid config: {msg}")]
     Config { path: PathBuf, msg: String },

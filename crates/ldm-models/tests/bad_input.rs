@@ -68,7 +68,7 @@ fn lying_headers_are_rejected() {
             "overlap",
         ),
         // not JSON at all
-        ("this is not json", 0, "not a valid safetensors"),
+        ("this is not json", 0, "invalid checkpoint"),
     ];
     for (header, data, expect) in cases {
         write_raw(&file, header, data);
@@ -78,7 +78,7 @@ fn lying_headers_are_rejected() {
     // a header length of 2^64-1
     std::fs::write(&file, u64::MAX.to_le_bytes()).unwrap();
     let err = load_unet_err(&root);
-    assert!(err.contains("not a valid safetensors"), "{err}");
+    assert!(err.contains("invalid checkpoint"), "{err}");
     // an empty file
     std::fs::write(&file, b"").unwrap();
     let err = load_unet_err(&root);

@@ -6,6 +6,7 @@
 //! tensor and both shapes, and [`Weights::unused`] lists what the checkpoint held but no module
 //! asked for. Renaming of other key layouts lives in [`rename`], never in model code.
 
+pub mod ckpt;
 pub mod original;
 pub mod rename;
 
@@ -76,8 +77,24 @@ impl TensorEntry {
 }
 
 /// One or more memory-mapped safetensors files, validated and indexed by (possibly renamed) key.
+/// A checkpoint's bytes: memory-mapped, or read into memory (converted `.ckpt` files).
+enum Bytes {
+    Mapped(Mmap),
+    Owned(Vec<u8>),
+}
+
+impl std::ops::Deref for Bytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            Bytes::Mapped(m) => m,
+            Bytes::Owned(v) => v,
+        }
+    }
+}
+
 pub struct Checkpoint {
-    files: Arc<Vec<(PathBuf, Mmap)>>,
+    files: Arc<Vec<(PathBuf, Bytes)>>,
     tensors: BTreeMap<String, TensorEntry>,
 }
 
@@ -97,15 +114,27 @@ impl Checkpoint {
     /// Maps and validates `paths` (header, offsets and sizes) and indexes their tensors.
     pub fn open(paths: &[PathBuf]) -> Result<Self> {
         let mut files = Vec::with_capacity(paths.len());
-        let mut tensors = BTreeMap::new();
-        for (index, path) in paths.iter().enumerate() {
+        for path in paths {
             let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
             // SAFETY: the map is read-only; a file changed under us can only yield wrong values.
             let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+            files.push((path.clone(), Bytes::Mapped(mmap)));
+        }
+        Self::index(files)
+    }
+
+    /// A checkpoint over safetensors bytes held in memory; `path` names it in messages.
+    pub fn from_buffer(path: &Path, bytes: Vec<u8>) -> Result<Self> {
+        Self::index(vec![(path.to_path_buf(), Bytes::Owned(bytes))])
+    }
+
+    fn index(files: Vec<(PathBuf, Bytes)>) -> Result<Self> {
+        let mut tensors = BTreeMap::new();
+        for (index, (path, bytes)) in files.iter().enumerate() {
             let (header_len, metadata) =
-                safetensors::SafeTensors::read_metadata(&mmap).map_err(|e| Error::Checkpoint {
+                safetensors::SafeTensors::read_metadata(bytes).map_err(|e| Error::Checkpoint {
                     path: path.clone(),
-                    msg: describe_safetensors_error(&e, mmap.len()),
+                    msg: describe_safetensors_error(&e, bytes.len()),
                 })?;
             let data_start = 8 + header_len;
             for (name, info) in metadata.tensors() {
@@ -125,7 +154,6 @@ impl Checkpoint {
                     });
                 }
             }
-            files.push((path.clone(), mmap));
         }
         Ok(Self {
             files: Arc::new(files),
