@@ -27,13 +27,20 @@ fn output_path(out: &Path, index: usize, total: usize) -> PathBuf {
 }
 
 /// A1111's `parameters` text: prompt, negative prompt, then the settings line.
-fn parameters(req: &Request, sampler: &str, schedule: &str, seed: u64, model: &str) -> String {
+fn parameters(
+    req: &Request,
+    sampler: &str,
+    schedule: &str,
+    seed: u64,
+    model: &str,
+    hash: &str,
+) -> String {
     let mut text = req.prompt.clone();
     if let Some(neg) = &req.negative_prompt {
         text.push_str(&format!("\nNegative prompt: {neg}"));
     }
     text.push_str(&format!(
-        "\nSteps: {}, Sampler: {sampler}, Schedule type: {schedule}, CFG scale: {}, Seed: {seed}, Size: {}x{}, Model: {model}",
+        "\nSteps: {}, Sampler: {sampler}, Schedule type: {schedule}, CFG scale: {}, Seed: {seed}, Size: {}x{}, Model hash: {hash}, Model: {model}",
         req.steps, req.guidance_scale, req.width, req.height
     ));
     if let Some(eta) = req.eta {
@@ -94,6 +101,12 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         Components::load(&model, dtype, &device)
     }
     .with_context(|| format!("loading {}", model.display()))?;
+    let mut components = components;
+    if let Some(vae) = &a.vae {
+        components
+            .replace_vae(vae)
+            .with_context(|| format!("loading {}", vae.display()))?;
+    }
     for (component, unused) in &components.unused {
         eprintln!(
             "warning: {component}: {} unused tensors ({} …)",
@@ -145,6 +158,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
+    let hash = components.model_hash()?;
     let total = a.batch * a.count;
     for batch in 0..a.count {
         let seed = a.seed.wrapping_add(batch as u64);
@@ -199,7 +213,10 @@ pub fn run(a: GenerateArgs) -> Result<()> {
             None => SamplerName::for_config(&components.scheduler)?.as_str(),
         };
         let schedule_name = format!("{schedule:?}").to_lowercase();
-        let text = parameters(&req, sampler_name, &schedule_name, seed, &model_name);
+        let mut text = parameters(&req, sampler_name, &schedule_name, seed, &model_name, &hash);
+        if let Some(name) = a.vae.as_ref().and_then(|v| v.file_name()) {
+            text.push_str(&format!(", VAE: {}", name.to_string_lossy()));
+        }
         for (i, img) in out.images.iter().enumerate() {
             let path = output_path(&a.out, batch * a.batch + i, total);
             save_png(img, &text, &path)?;

@@ -62,6 +62,9 @@ struct GenerateArgs {
     /// tokenizers and scheduler to use (single files carry none).
     #[arg(long)]
     config: Option<PathBuf>,
+    /// A separate VAE file (.safetensors or .ckpt; diffusers or original keys).
+    #[arg(long)]
+    vae: Option<PathBuf>,
     /// Negative prompt.
     #[arg(long)]
     negative: Option<String>,

@@ -95,7 +95,10 @@ fn generate_writes_a_png_with_its_parameters() {
     let (ok, stdout, stderr) = ldm(&["info", out.to_str().unwrap()]);
     assert!(ok, "{stderr}");
     assert!(stdout.starts_with("a red circle\nNegative prompt: green\nSteps: 4, Sampler: dpmpp_2m, Schedule type: karras"), "{stdout}");
-    assert!(stdout.contains("Seed: 7, Size: 32x32"), "{stdout}");
+    assert!(
+        stdout.contains("Seed: 7, Size: 32x32, Model hash: "),
+        "{stdout}"
+    );
     // No temporary file is left behind.
     let names: Vec<_> = std::fs::read_dir(dir.path())
         .unwrap()

@@ -234,7 +234,7 @@ impl ModelFolder {
             original::detect(single).ok_or_else(|| Error::Msg("unreadable single file".into()))?;
         Ok(match component {
             "unet" => original::unet(single, &self.unet),
-            "vae" => original::vae(single, &self.vae),
+            "vae" => original::vae(single, &self.vae, "first_stage_model."),
             te => original::text_encoders(single, family)
                 .into_iter()
                 .find(|(name, _)| *name == te)
@@ -283,6 +283,46 @@ impl ModelFolder {
     /// Loads the autoencoder, computing in `dtype`.
     pub fn load_vae(&self, dtype: DType, device: &Device) -> Result<Loaded<AutoencoderKL>> {
         self.build("vae", dtype, device, |vb| AutoencoderKL::new(vb, &self.vae))
+    }
+
+    /// Loads the autoencoder from a separate file (`--vae`): diffusers keys, or the original
+    /// layout with or without the `first_stage_model.` prefix (as VAE releases ship), in
+    /// `.safetensors` or `.ckpt`; the architecture is this model's VAE config.
+    pub fn load_vae_file(
+        &self,
+        file: &Path,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Loaded<AutoencoderKL>> {
+        let pickled = file.extension().is_some_and(|e| {
+            ["ckpt", "pt", "pth", "bin"].contains(&e.to_string_lossy().to_lowercase().as_str())
+        });
+        let ckpt = if pickled {
+            crate::weights::ckpt::read(file)?
+        } else {
+            Checkpoint::open(&[file.to_path_buf()])?
+        };
+        let has = |p: &str| ckpt.tensors().keys().any(|k| k.starts_with(p));
+        let mut ckpt = if has("encoder.down_blocks.") || has("decoder.up_blocks.") {
+            ckpt
+        } else if has("first_stage_model.") {
+            original::vae(&ckpt, &self.vae, "first_stage_model.")
+        } else if has("encoder.down.") {
+            original::vae(&ckpt, &self.vae, "")
+        } else {
+            return Err(Error::NotAModel {
+                path: file.to_path_buf(),
+                msg: "not a VAE checkpoint (no encoder/decoder tensors in diffusers or original layout)".into(),
+            });
+        };
+        ckpt.map_keys(rename::vae_legacy_attention);
+        let weights = Weights::new(ckpt);
+        let model = AutoencoderKL::new(weights.var_builder(dtype, device), &self.vae)
+            .map_err(|e| Error::Msg(format!("loading VAE {}: {e}", file.display())))?;
+        Ok(Loaded {
+            model,
+            unused: weights.unused(),
+        })
     }
 
     /// Loads a text encoder, computing in `dtype`.

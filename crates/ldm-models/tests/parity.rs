@@ -247,3 +247,48 @@ fn tiled_vae_matches_diffusers_tiling() {
         TOL,
     );
 }
+
+#[test]
+fn separate_vae_files_in_every_layout_load_the_same_weights() {
+    let folder = open("sd15");
+    let refs = reference("sd15");
+    let z = get(&refs, "vae.decode.input");
+    let expect = folder
+        .load_vae(DType::F32, &Device::Cpu)
+        .unwrap()
+        .model
+        .decode(z)
+        .unwrap();
+    let single = common::fixtures().join("single_file/sd15.safetensors");
+    // Original keys without the checkpoint prefix, as VAE releases ship them.
+    let tmp = tempfile::tempdir().unwrap();
+    let bare = tmp.path().join("vae.safetensors");
+    let all = candle_core::safetensors::load(&single, &Device::Cpu).unwrap();
+    let stripped: std::collections::HashMap<String, Tensor> = all
+        .into_iter()
+        .filter_map(|(k, v)| {
+            k.strip_prefix("first_stage_model.")
+                .map(|k| (k.to_string(), v))
+        })
+        .collect();
+    candle_core::safetensors::save(&stripped, &bare).unwrap();
+    let diffusers = common::tiny("sd15").join("vae/diffusion_pytorch_model.safetensors");
+    for file in [diffusers, single, bare] {
+        let vae = folder
+            .load_vae_file(&file, DType::F32, &Device::Cpu)
+            .unwrap();
+        assert!(
+            vae.unused.is_empty() || file.ends_with("sd15.safetensors"),
+            "{:?}",
+            vae.unused
+        );
+        let out = vae.model.decode(z).unwrap();
+        assert_eq!(rel_l2(&out, &expect), 0.0, "{}", file.display());
+    }
+    let not_vae = common::tiny("sd15").join("unet/diffusion_pytorch_model.safetensors");
+    let err = folder
+        .load_vae_file(&not_vae, DType::F32, &Device::Cpu)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("not a VAE"), "{err}");
+}

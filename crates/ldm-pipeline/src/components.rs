@@ -47,6 +47,17 @@ impl Components {
         )
     }
 
+    /// Replaces the autoencoder with one from a separate file (A1111's and ComfyUI's "VAE").
+    pub fn replace_vae(&mut self, file: &Path) -> Result<()> {
+        let vae = self.folder.load_vae_file(file, self.dtype, &self.device)?;
+        self.unused.retain(|(c, _)| c != "vae");
+        if !vae.unused.is_empty() {
+            self.unused.push(("vae".into(), vae.unused));
+        }
+        self.vae = vae.model;
+        Ok(())
+    }
+
     fn from_folder(folder: ModelFolder, dtype: DType, device: &Device) -> Result<Self> {
         let path = folder.root.clone();
         let path = path.as_path();
@@ -93,6 +104,37 @@ impl Components {
             device: device.clone(),
             unused,
         })
+    }
+
+    /// A1111's "Model hash": the first 10 hex digits of the SHA-256 of the checkpoint file
+    /// (for a diffusers folder, of its U-Net weights, shards in order).
+    pub fn model_hash(&self) -> Result<String> {
+        use sha2::{Digest, Sha256};
+        use std::io::Read;
+        let files: Vec<std::path::PathBuf> = match &self.folder.single_file {
+            Some(c) => c.paths().iter().map(|p| p.to_path_buf()).collect(),
+            None => ldm_models::weights::component_files(&self.folder.root.join("unet"))?,
+        };
+        let mut hasher = Sha256::new();
+        let mut buf = vec![0u8; 1 << 20];
+        for path in files {
+            let mut f = std::fs::File::open(&path).map_err(|source| Error::Io {
+                path: path.clone(),
+                source,
+            })?;
+            loop {
+                let n = f.read(&mut buf).map_err(|source| Error::Io {
+                    path: path.clone(),
+                    source,
+                })?;
+                if n == 0 {
+                    break;
+                }
+                hasher.update(&buf[..n]);
+            }
+        }
+        let digest = hasher.finalize();
+        Ok(digest.iter().take(5).map(|b| format!("{b:02x}")).collect())
     }
 
     /// SD1, SD2, SDXL or the refiner.

@@ -23,7 +23,6 @@ pub enum OriginalFamily {
 }
 
 const UNET: &str = "model.diffusion_model.";
-const VAE: &str = "first_stage_model.";
 
 /// Detects the family; `None` when the keys are not an original-layout SD checkpoint.
 pub fn detect(ckpt: &Checkpoint) -> Option<OriginalFamily> {
@@ -249,9 +248,10 @@ pub fn unet(ckpt: &Checkpoint, cfg: &UNetConfig) -> Checkpoint {
     })
 }
 
-/// The autoencoder's tensors under diffusers names (attention 1×1 convolutions as matrices).
-pub fn vae(ckpt: &Checkpoint, cfg: &VaeConfig) -> Checkpoint {
-    select(ckpt, VAE, |k, e| {
+/// The autoencoder's tensors under `prefix` (`first_stage_model.` in a whole checkpoint, empty
+/// in a separate VAE file) under diffusers names (attention 1×1 convolutions as matrices).
+pub fn vae(ckpt: &Checkpoint, cfg: &VaeConfig, prefix: &str) -> Checkpoint {
+    select(ckpt, prefix, |k, e| {
         let Some(name) = vae_key(k, cfg) else {
             return vec![];
         };
