@@ -162,14 +162,7 @@ impl ModelFolder {
     /// `from_single_file(config=…)`). The U-Net's input channels follow the checkpoint
     /// (inpainting models have 9).
     pub fn open_single_file(file: &Path, config_dir: &Path) -> Result<Self> {
-        let pickled = file.extension().is_some_and(|e| {
-            ["ckpt", "pt", "pth", "bin"].contains(&e.to_string_lossy().to_lowercase().as_str())
-        });
-        let ckpt = if pickled {
-            crate::weights::ckpt::read(file)?
-        } else {
-            Checkpoint::open(&[file.to_path_buf()])?
-        };
+        let ckpt = Checkpoint::open_file(file)?;
         let family = original::detect(&ckpt).ok_or_else(|| Error::NotAModel {
             path: file.to_path_buf(),
             msg: "not a Stable Diffusion checkpoint in the original layout (no model.diffusion_model.* \
@@ -294,14 +287,7 @@ impl ModelFolder {
         dtype: DType,
         device: &Device,
     ) -> Result<Loaded<AutoencoderKL>> {
-        let pickled = file.extension().is_some_and(|e| {
-            ["ckpt", "pt", "pth", "bin"].contains(&e.to_string_lossy().to_lowercase().as_str())
-        });
-        let ckpt = if pickled {
-            crate::weights::ckpt::read(file)?
-        } else {
-            Checkpoint::open(&[file.to_path_buf()])?
-        };
+        let ckpt = Checkpoint::open_file(file)?;
         let has = |p: &str| ckpt.tensors().keys().any(|k| k.starts_with(p));
         let mut ckpt = if has("encoder.down_blocks.") || has("decoder.up_blocks.") {
             ckpt

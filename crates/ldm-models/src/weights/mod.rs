@@ -123,6 +123,20 @@ impl Checkpoint {
         Self::index(files)
     }
 
+    /// One checkpoint file: `.safetensors` memory-mapped, or a pickled PyTorch file (`.ckpt`,
+    /// `.pt`, `.pth`, `.bin`) through the restricted reader of [`ckpt`].
+    pub fn open_file(file: &Path) -> Result<Self> {
+        let ext = file
+            .extension()
+            .map(|e| e.to_string_lossy().to_lowercase())
+            .unwrap_or_default();
+        if ["ckpt", "pt", "pth", "bin"].contains(&ext.as_str()) {
+            ckpt::read(file)
+        } else {
+            Self::open(&[file.to_path_buf()])
+        }
+    }
+
     /// A checkpoint over safetensors bytes held in memory; `path` names it in messages.
     pub fn from_buffer(path: &Path, bytes: Vec<u8>) -> Result<Self> {
         Self::index(vec![(path.to_path_buf(), Bytes::Owned(bytes))])
