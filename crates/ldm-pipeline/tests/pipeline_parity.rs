@@ -106,6 +106,12 @@ fn run_case(components: &mut Components, case: &Value) -> Diff {
     };
     let out = ldm_pipeline::generate(components, &req, &mut NoHook)
         .unwrap_or_else(|e| panic!("{name}: {e}"));
+    against_oracle(name, &out)
+}
+
+/// Our output against the oracle's PNG and final latents for case `name`.
+fn against_oracle(name: &str, out: &ldm_pipeline::Output) -> Diff {
+    let dir = fixtures().join("pipelines");
     let theirs = image::open(dir.join(format!("{name}.png")))
         .unwrap()
         .to_rgb8();
@@ -206,20 +212,7 @@ fn sdxl_refiner_matches_diffusers() {
                     &mut NoHook,
                 )
                 .unwrap_or_else(|e| panic!("{name}: {e}"));
-                let theirs = image::open(dir.join(format!("{name}.png")))
-                    .unwrap()
-                    .to_rgb8();
-                let (mean, over2) = compare(&out.images[0], &theirs);
-                let refs: HashMap<String, Tensor> = candle_core::safetensors::load(
-                    dir.join(format!("{name}.latents.safetensors")),
-                    &Device::Cpu,
-                )
-                .unwrap();
-                Diff {
-                    mean,
-                    over2,
-                    latents: rel(&out.latents, &refs["latents"]),
-                }
+                against_oracle(name, &out)
             }
         };
         println!(
