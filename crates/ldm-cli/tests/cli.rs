@@ -123,7 +123,9 @@ fn generate_rejects_bad_input_cleanly() {
             "multiples of 8",
         ),
         (
-            vec!["--model", m, "--width", "8192", "--height", "8192"],
+            vec![
+                "--model", m, "--width", "8192", "--height", "8192", "--batch", "64",
+            ],
             "GiB",
         ),
         (

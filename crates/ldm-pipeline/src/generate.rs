@@ -110,22 +110,38 @@ pub struct Output {
     pub plan: Plan,
 }
 
-/// Upper bound on a single generation's working memory, in bytes: the largest attention score
-/// matrix (full-resolution self-attention, f32) plus activations and weights already resident.
-pub fn estimate_attention_bytes(c: &Components, req: &Request) -> u64 {
+/// Working memory of one generation beyond the weights, in bytes: the U-Net's full-resolution
+/// activations (a dozen live tensors of the first block's width, f32, guided batch), the
+/// autoencoder's largest activation (or one tile's), and one chunk of attention scores
+/// (attention is sliced, see `ldm_models::layers::attention`).
+pub fn estimate_working_bytes(c: &Components, req: &Request) -> u64 {
     let f = c.vae_scale_factor() as u64;
-    let tokens = (req.width as u64 / f) * (req.height as u64 / f);
-    let heads = c
+    let (h, w) = (req.height as u64, req.width as u64);
+    let tokens = (h / f) * (w / f);
+    let batch = req.batch_size as u64 * if req.guidance_scale > 1.0 { 2 } else { 1 };
+    let width = c
         .unet
         .config
-        .num_attention_heads
+        .block_out_channels
         .first()
         .copied()
-        .unwrap_or(8) as u64;
-    let batch = req.batch_size as u64 * if req.guidance_scale > 1.0 { 2 } else { 1 };
-    let scores = batch * heads * tokens * tokens * 4;
-    // The VAE's mid-block attention runs at latent resolution, one head.
-    scores.max(tokens * tokens * 4)
+        .unwrap_or(320) as u64;
+    let unet = 12 * batch * width * tokens * 4;
+    let vae_pixels = if use_tiles(c, req) {
+        let t = c.vae.config.sample_size as u64;
+        t * t
+    } else {
+        h * w
+    };
+    let vae_width = c
+        .vae
+        .config
+        .block_out_channels
+        .first()
+        .copied()
+        .unwrap_or(128) as u64;
+    let vae = 6 * req.batch_size as u64 * vae_width * vae_pixels * 4;
+    unet.max(vae) + ldm_models::layers::attention::ATTENTION_CHUNK_BYTES as u64
 }
 
 fn available_memory() -> Option<u64> {
@@ -189,12 +205,12 @@ fn check_request(c: &Components, req: &Request) -> Result<()> {
             ));
         }
     }
-    let need = estimate_attention_bytes(c, req);
+    let need = estimate_working_bytes(c, req);
     if let Some(avail) = available_memory() {
         if c.device.is_cpu() && need > avail {
             let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
             return bad(format!(
-                "{}×{} with batch {} needs about {:.1} GiB for attention alone, but only {:.1} GiB is available; \
+                "{}×{} with batch {} needs about {:.1} GiB of working memory, but only {:.1} GiB is available; \
                  use a smaller size or batch",
                 req.width,
                 req.height,
