@@ -272,3 +272,63 @@ fn single_files_need_a_matching_config() {
     assert!(ok, "{stderr}");
     assert!(out.exists());
 }
+
+#[test]
+fn refiner_outpaint_and_vae_flags_work_end_to_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = |p: &str| fixtures().join(p).to_str().unwrap().to_string();
+    let out = |n: &str| dir.path().join(n).to_str().unwrap().to_string();
+    let runs: Vec<Vec<String>> = vec![
+        vec![
+            f("tiny/sdxl"),
+            "--refiner".into(),
+            f("tiny/sdxl_refiner"),
+            "--width".into(),
+            "32".into(),
+            "--out".into(),
+            out("r.png"),
+        ],
+        vec![
+            f("tiny/sd15"),
+            "--init-image".into(),
+            f("pipelines/inputs/gradient_circle_32x32.png"),
+            "--outpaint".into(),
+            "8,0,8,0".into(),
+            "--width".into(),
+            "48".into(),
+            "--out".into(),
+            out("o.png"),
+        ],
+        vec![
+            f("tiny/sd15"),
+            "--vae".into(),
+            f("single_file/sd15.safetensors"),
+            "--width".into(),
+            "32".into(),
+            "--out".into(),
+            out("v.png"),
+        ],
+    ];
+    for extra in runs {
+        let mut args: Vec<String> = [
+            "generate",
+            "a red circle",
+            "--height",
+            "32",
+            "--steps",
+            "4",
+            "--model",
+        ]
+        .map(String::from)
+        .to_vec();
+        args.extend(extra.clone());
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (ok, _, stderr) = ldm(&refs);
+        assert!(ok, "{extra:?}: {stderr}");
+    }
+    let size = |n: &str| image::image_dimensions(dir.path().join(n)).unwrap();
+    assert_eq!(size("r.png"), (32, 32));
+    assert_eq!(size("o.png"), (48, 32));
+    let (ok, stdout, _) = ldm(&["info", &out("v.png")]);
+    assert!(ok && stdout.contains("VAE: sd15.safetensors"), "{stdout}");
+}
