@@ -88,6 +88,11 @@ pub struct ModelIndex {
 }
 
 impl ModelIndex {
+    /// A boolean pipeline setting (`force_zeros_for_empty_prompt`, …), if present.
+    pub fn flag(&self, name: &str) -> Option<bool> {
+        self.components.get(name).and_then(|v| v.as_bool())
+    }
+
     /// Whether component `name` is present (listed and not `[null, null]`).
     pub fn has(&self, name: &str) -> bool {
         match self.components.get(name) {

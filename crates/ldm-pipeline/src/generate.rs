@@ -308,9 +308,7 @@ fn conditioning(c: &Components, req: &Request) -> Result<Conditioning> {
 fn requires_aesthetics_score(c: &Components) -> bool {
     c.folder
         .index
-        .components
-        .get("requires_aesthetics_score")
-        .and_then(|v| v.as_bool())
+        .flag("requires_aesthetics_score")
         .unwrap_or(false)
 }
 
@@ -318,9 +316,7 @@ fn requires_aesthetics_score(c: &Components) -> bool {
 fn force_zeros_for_empty_prompt(c: &Components) -> bool {
     c.folder
         .index
-        .components
-        .get("force_zeros_for_empty_prompt")
-        .and_then(|v| v.as_bool())
+        .flag("force_zeros_for_empty_prompt")
         .unwrap_or(true)
 }
 
