@@ -5,9 +5,10 @@
 
 use super::config::{Activation, ClipTextConfig, PoolAt};
 use crate::layers::attention::{causal_mask, merge_heads, scaled_dot_product, split_heads};
+use crate::layers::ops::LayerNorm;
 use crate::layers::{gelu, quick_gelu};
 use candle_core::{DType, Result, Tensor};
-use candle_nn::{Embedding, LayerNorm, Linear, Module, VarBuilder};
+use candle_nn::{Embedding, Linear, Module, VarBuilder};
 
 #[derive(Debug, Clone)]
 struct SelfAttention {
@@ -55,9 +56,9 @@ impl EncoderLayer {
     fn new(vb: VarBuilder, c: &ClipTextConfig) -> Result<Self> {
         let d = c.hidden_size;
         Ok(Self {
-            layer_norm1: candle_nn::layer_norm(d, c.layer_norm_eps, vb.pp("layer_norm1"))?,
+            layer_norm1: crate::layers::ops::layer_norm(d, c.layer_norm_eps, vb.pp("layer_norm1"))?,
             self_attn: SelfAttention::new(vb.pp("self_attn"), c)?,
-            layer_norm2: candle_nn::layer_norm(d, c.layer_norm_eps, vb.pp("layer_norm2"))?,
+            layer_norm2: crate::layers::ops::layer_norm(d, c.layer_norm_eps, vb.pp("layer_norm2"))?,
             fc1: candle_nn::linear(d, c.intermediate_size, vb.pp("mlp").pp("fc1"))?,
             fc2: candle_nn::linear(c.intermediate_size, d, vb.pp("mlp").pp("fc2"))?,
             activation: c.activation,
@@ -141,7 +142,7 @@ impl ClipTextModel {
                 emb.pp("position_embedding"),
             )?,
             layers,
-            final_layer_norm: candle_nn::layer_norm(
+            final_layer_norm: crate::layers::ops::layer_norm(
                 c.hidden_size,
                 c.layer_norm_eps,
                 tm.pp("final_layer_norm"),

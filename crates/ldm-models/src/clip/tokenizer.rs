@@ -191,6 +191,11 @@ impl ClipTokenizer {
         Ok(ids)
     }
 
+    /// The token string of `id`, if it is in the vocabulary.
+    pub fn id_to_token(&self, id: u32) -> Option<String> {
+        self.inner.id_to_token(id)
+    }
+
     /// Vocabulary size, special tokens included.
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)

@@ -55,14 +55,19 @@ fn attention_block(
     mask: Option<&Tensor>,
 ) -> Result<Tensor> {
     let dtype = v.dtype();
-    let q = q.to_dtype(DType::F32)?.contiguous()?;
-    let k = k.to_dtype(DType::F32)?.contiguous()?;
+    // Half precisions are upcast; f32 and f64 keep their own precision.
+    let work = match dtype {
+        DType::F16 | DType::BF16 => DType::F32,
+        d => d,
+    };
+    let q = q.to_dtype(work)?.contiguous()?;
+    let k = k.to_dtype(work)?.contiguous()?;
     let scores = (q.matmul(&k.t()?)? * scale)?; // [B, H, Lq, Lk]
     let scores = match mask {
-        Some(m) => scores.broadcast_add(m)?,
+        Some(m) => scores.broadcast_add(&m.to_dtype(scores.dtype())?)?,
         None => scores,
     };
-    let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(dtype)?;
+    let probs = super::ops::softmax_last_dim(&scores)?.to_dtype(dtype)?;
     probs.matmul(&v.contiguous()?)
 }
 

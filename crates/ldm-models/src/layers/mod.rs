@@ -2,12 +2,16 @@
 //! piece of math: attention, the ResNet block, resampling, timestep embeddings, activations.
 
 pub mod attention;
+pub mod conv;
+pub mod norm;
+pub mod ops;
 pub mod resnet;
 pub mod sampling;
 pub mod timestep;
 
 use candle_core::{Result, Tensor};
-use candle_nn::{Conv2d, Conv2dConfig, VarBuilder};
+use candle_nn::VarBuilder;
+pub use conv::Conv2d;
 
 /// A 2-D convolution with bias, square kernel, given stride and padding.
 pub fn conv2d(
@@ -18,12 +22,7 @@ pub fn conv2d(
     stride: usize,
     padding: usize,
 ) -> Result<Conv2d> {
-    let cfg = Conv2dConfig {
-        stride,
-        padding,
-        ..Default::default()
-    };
-    candle_nn::conv2d(in_channels, out_channels, kernel, cfg, vb)
+    Conv2d::new(vb, in_channels, out_channels, kernel, stride, padding)
 }
 
 /// `x * sigmoid(1.702 x)`: OpenAI CLIP's activation.

@@ -3,8 +3,10 @@
 //! (He et al., "Identity Mappings in Deep Residual Networks"; DDPM's U-Net, Ho et al. 2020).
 
 use super::conv2d;
+use crate::layers::norm::GroupNorm;
+use crate::layers::Conv2d;
 use candle_core::{Result, Tensor};
-use candle_nn::{Conv2d, GroupNorm, Linear, Module, VarBuilder};
+use candle_nn::{Linear, Module, VarBuilder};
 
 /// Shapes and norms of one ResNet block.
 #[derive(Debug, Clone, Copy)]
@@ -33,7 +35,8 @@ pub struct ResnetBlock2D {
 impl ResnetBlock2D {
     /// Builds the block; parameter paths are diffusers' (`norm1`, `conv1`, `time_emb_proj`, …).
     pub fn new(vb: VarBuilder, c: ResnetConfig) -> Result<Self> {
-        let norm1 = candle_nn::group_norm(c.groups, c.in_channels, c.eps, vb.pp("norm1"))?;
+        let norm1 =
+            crate::layers::norm::group_norm(c.groups, c.in_channels, c.eps, vb.pp("norm1"))?;
         let conv1 = conv2d(vb.pp("conv1"), c.in_channels, c.out_channels, 3, 1, 1)?;
         let time_emb_proj = match c.temb_channels {
             Some(t) => Some(candle_nn::linear(
@@ -43,7 +46,8 @@ impl ResnetBlock2D {
             )?),
             None => None,
         };
-        let norm2 = candle_nn::group_norm(c.groups, c.out_channels, c.eps, vb.pp("norm2"))?;
+        let norm2 =
+            crate::layers::norm::group_norm(c.groups, c.out_channels, c.eps, vb.pp("norm2"))?;
         let conv2 = conv2d(vb.pp("conv2"), c.out_channels, c.out_channels, 3, 1, 1)?;
         let conv_shortcut = if c.in_channels != c.out_channels {
             Some(conv2d(

@@ -1,8 +1,9 @@
 //! Spatial down- and up-sampling (diffusers' `Downsample2D` and `Upsample2D`).
 
 use super::conv2d;
+use crate::layers::Conv2d;
 use candle_core::{Result, Tensor};
-use candle_nn::{Conv2d, Module, VarBuilder};
+use candle_nn::{Module, VarBuilder};
 
 /// Strided 3×3 convolution halving height and width.
 #[derive(Debug, Clone)]
@@ -54,6 +55,7 @@ impl Upsample2D {
     pub fn forward(&self, x: &Tensor, size: Option<(usize, usize)>) -> Result<Tensor> {
         let (_, _, h, w) = x.dims4()?;
         let (th, tw) = size.unwrap_or((2 * h, 2 * w));
-        self.conv.forward(&x.upsample_nearest2d(th, tw)?)
+        self.conv
+            .forward(&super::ops::upsample_nearest2d(x, th, tw)?)
     }
 }

@@ -47,6 +47,7 @@ pub struct UNet2DConditionConfigJson {
     pub conv_out_kernel: usize,
     pub projection_class_embeddings_input_dim: Option<usize>,
     pub attention_type: String,
+    pub sample_size: Option<OneOrMany<usize>>,
 }
 
 impl Default for UNet2DConditionConfigJson {
@@ -103,6 +104,7 @@ impl Default for UNet2DConditionConfigJson {
             conv_out_kernel: 3,
             projection_class_embeddings_input_dim: None,
             attention_type: "default".into(),
+            sample_size: None,
         }
     }
 }
@@ -149,6 +151,9 @@ pub struct UNetConfig {
     pub time_embed_dim: usize,
     pub conv_in_kernel: usize,
     pub conv_out_kernel: usize,
+    /// The latent side the model was trained at (diffusers' default image size is this times
+    /// the autoencoder's factor).
+    pub sample_size: Option<usize>,
 }
 
 fn unsupported(path: &Path, what: String) -> Error {
@@ -359,7 +364,14 @@ impl UNetConfig {
             }
             Some(other) => return Err(unsupported(path, format!("addition_embed_type `{other}`"))),
         };
+        let sample_size = match &j.sample_size {
+            Some(OneOrMany::One(n)) => Some(*n),
+            Some(OneOrMany::Many(v)) => v.first().copied(),
+            None => None,
+        }
+        .filter(|n| (1..=1024).contains(n));
         Ok(Self {
+            sample_size,
             in_channels: j.in_channels,
             out_channels: j.out_channels,
             flip_sin_to_cos: j.flip_sin_to_cos,

@@ -10,11 +10,13 @@ pub mod transformer;
 pub use config::{BlockKind, UNetConfig};
 
 use crate::layers::conv2d;
+use crate::layers::norm::GroupNorm;
 use crate::layers::resnet::{ResnetBlock2D, ResnetConfig};
 use crate::layers::sampling::{Downsample2D, Upsample2D};
 use crate::layers::timestep::{sinusoidal_embedding, TimestepEmbedding};
+use crate::layers::Conv2d;
 use candle_core::{Result, Tensor};
-use candle_nn::{Conv2d, GroupNorm, Module, VarBuilder};
+use candle_nn::{Module, VarBuilder};
 use transformer::{Transformer2DModel, TransformerConfig};
 
 /// SDXL's added conditioning: pooled text embedding `[B, P]` and time ids `[B, 6]`
@@ -222,7 +224,7 @@ impl UNet2DConditionModel {
             down_blocks,
             mid_block,
             up_blocks,
-            conv_norm_out: candle_nn::group_norm(
+            conv_norm_out: crate::layers::norm::group_norm(
                 cfg.norm_num_groups,
                 ch[0],
                 cfg.norm_eps,

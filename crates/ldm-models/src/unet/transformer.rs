@@ -3,9 +3,12 @@
 //! to the text, and a GeGLU feed-forward (Shazeer 2020), each pre-normed and residual.
 
 use crate::layers::attention::Attention;
+use crate::layers::norm::GroupNorm;
+use crate::layers::ops::LayerNorm;
+use crate::layers::Conv2d;
 use crate::layers::{conv2d, gelu};
 use candle_core::{Result, Tensor, D};
-use candle_nn::{Conv2d, GroupNorm, LayerNorm, Linear, Module, VarBuilder};
+use candle_nn::{Linear, Module, VarBuilder};
 
 /// Shapes of one spatial transformer.
 #[derive(Debug, Clone, Copy)]
@@ -59,7 +62,7 @@ struct BasicTransformerBlock {
 impl BasicTransformerBlock {
     fn new(vb: VarBuilder, dim: usize, heads: usize, context_dim: usize) -> Result<Self> {
         let dim_head = dim / heads;
-        let ln = |name: &str| candle_nn::layer_norm(dim, 1e-5, vb.pp(name));
+        let ln = |name: &str| crate::layers::ops::layer_norm(dim, 1e-5, vb.pp(name));
         Ok(Self {
             norm1: ln("norm1")?,
             attn1: Attention::new(vb.pp("attn1"), dim, None, heads, dim_head, false)?,
@@ -127,7 +130,7 @@ impl Transformer2DModel {
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
-            norm: candle_nn::group_norm(c.groups, c.channels, 1e-6, vb.pp("norm"))?,
+            norm: crate::layers::norm::group_norm(c.groups, c.channels, 1e-6, vb.pp("norm"))?,
             proj_in: Projection::new(vb.pp("proj_in"), c.use_linear_projection, c.channels, inner)?,
             blocks,
             proj_out: Projection::new(

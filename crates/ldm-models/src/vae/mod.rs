@@ -10,10 +10,12 @@ pub use config::VaeConfig;
 
 use crate::layers::attention::Attention;
 use crate::layers::conv2d;
+use crate::layers::norm::GroupNorm;
 use crate::layers::resnet::{ResnetBlock2D, ResnetConfig};
 use crate::layers::sampling::{Downsample2D, Upsample2D};
+use crate::layers::Conv2d;
 use candle_core::{Result, Tensor, D};
-use candle_nn::{Conv2d, GroupNorm, Module, VarBuilder};
+use candle_nn::{Module, VarBuilder};
 
 /// GroupNorm epsilon of every autoencoder norm.
 const EPS: f64 = 1e-6;
@@ -43,7 +45,7 @@ struct SpatialSelfAttention {
 impl SpatialSelfAttention {
     fn new(vb: VarBuilder, cfg: &VaeConfig, channels: usize) -> Result<Self> {
         Ok(Self {
-            group_norm: candle_nn::group_norm(
+            group_norm: crate::layers::norm::group_norm(
                 cfg.norm_num_groups,
                 channels,
                 EPS,
@@ -170,7 +172,7 @@ impl Encoder {
             conv_in,
             down_blocks,
             mid_block: MidBlock::new(vb.pp("mid_block"), cfg, last)?,
-            conv_norm_out: candle_nn::group_norm(
+            conv_norm_out: crate::layers::norm::group_norm(
                 cfg.norm_num_groups,
                 last,
                 EPS,
@@ -234,7 +236,7 @@ impl Decoder {
             conv_in,
             mid_block,
             up_blocks,
-            conv_norm_out: candle_nn::group_norm(
+            conv_norm_out: crate::layers::norm::group_norm(
                 cfg.norm_num_groups,
                 first,
                 EPS,

@@ -7,6 +7,7 @@
 //! asked for. Renaming of other key layouts lives in [`rename`], never in model code.
 
 pub mod ckpt;
+pub mod convert;
 pub mod original;
 pub mod rename;
 

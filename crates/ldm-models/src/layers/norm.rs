@@ -1,0 +1,358 @@
+//! Group normalisation (Wu & He 2018) as one fused CPU kernel with a fused backward pass.
+//! candle's `GroupNorm` is a composition of a dozen whole-tensor ops, each with its own
+//! backward; here one pass computes each group's statistics and the output, and one pass the
+//! input, scale and shift gradients:
+//! `x̂ = (x − μ)·r`, `dx = r·(dx̂ − mean(dx̂) − x̂·mean(dx̂·x̂))` with `dx̂ = dy·γ`,
+//! `dγ = Σ dy·x̂`, `dβ = Σ dy`. Other devices and dtypes use candle's composition.
+
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use candle_nn::{Module, VarBuilder};
+use rayon::prelude::*;
+
+/// `torch.nn.GroupNorm` with an affine scale and shift.
+#[derive(Debug, Clone)]
+pub struct GroupNorm {
+    weight: Tensor,
+    bias: Tensor,
+    groups: usize,
+    eps: f64,
+    composed: candle_nn::GroupNorm,
+}
+
+/// Builds a [`GroupNorm`] over `channels` in `groups` from `weight` and `bias` under `vb`.
+pub fn group_norm(groups: usize, channels: usize, eps: f64, vb: VarBuilder) -> Result<GroupNorm> {
+    let weight = vb.get_with_hints(channels, "weight", candle_nn::Init::Const(1.0))?;
+    let bias = vb.get_with_hints(channels, "bias", candle_nn::Init::Const(0.0))?;
+    let composed = candle_nn::GroupNorm::new(weight.clone(), bias.clone(), channels, groups, eps)?;
+    Ok(GroupNorm {
+        weight,
+        bias,
+        groups,
+        eps,
+        composed,
+    })
+}
+
+impl GroupNorm {
+    /// A group norm over given scale and shift tensors (`[C]` each).
+    pub fn new(weight: Tensor, bias: Tensor, groups: usize, eps: f64) -> Result<Self> {
+        let channels = weight.dim(0)?;
+        let composed =
+            candle_nn::GroupNorm::new(weight.clone(), bias.clone(), channels, groups, eps)?;
+        Ok(Self {
+            weight,
+            bias,
+            groups,
+            eps,
+            composed,
+        })
+    }
+}
+
+impl Module for GroupNorm {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let fused =
+            x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) && x.rank() >= 2;
+        if !fused {
+            return self.composed.forward(x);
+        }
+        x.contiguous()?.apply_op3(
+            &self.weight,
+            &self.bias,
+            GroupNormOp {
+                groups: self.groups,
+                eps: self.eps,
+            },
+        )
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct GroupNormOp {
+    groups: usize,
+    eps: f64,
+}
+
+/// The backward pass: inputs `x`, `γ`, `dy`; output `[dx (N·C·S) | dγ (C) | dβ (C)]` flat.
+#[derive(Debug, Clone, Copy)]
+struct GroupNormBackward {
+    groups: usize,
+    eps: f64,
+}
+
+/// The float types the fused kernels run in.
+trait Float: num_traits::Float + Send + Sync + 'static {
+    fn of(v: f64) -> Self;
+    fn f(self) -> f64;
+}
+impl Float for f32 {
+    fn of(v: f64) -> Self {
+        v as f32
+    }
+    fn f(self) -> f64 {
+        self as f64
+    }
+}
+impl Float for f64 {
+    fn of(v: f64) -> Self {
+        v
+    }
+    fn f(self) -> f64 {
+        self
+    }
+}
+
+fn slice<'a, T>(v: &'a [T], l: &Layout) -> Result<&'a [T]> {
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&v[a..b]),
+        None => candle_core::bail!("group norm: expected a contiguous input"),
+    }
+}
+
+/// Evaluates `$body` (a `Vec` of the inputs' float type) with the three inputs bound as slices
+/// of one float type.
+macro_rules! with_floats {
+    (($a:expr, $la:expr), ($b:expr, $lb:expr), ($c:expr, $lc:expr), |$x:ident, $y:ident, $z:ident| $body:expr) => {
+        match ($a, $b, $c) {
+            (CpuStorage::F32(a), CpuStorage::F32(b), CpuStorage::F32(c)) => {
+                let ($x, $y, $z) = (slice(a, $la)?, slice(b, $lb)?, slice(c, $lc)?);
+                CpuStorage::F32($body)
+            }
+            (CpuStorage::F64(a), CpuStorage::F64(b), CpuStorage::F64(c)) => {
+                let ($x, $y, $z) = (slice(a, $la)?, slice(b, $lb)?, slice(c, $lc)?);
+                CpuStorage::F64($body)
+            }
+            _ => candle_core::bail!("group norm: f32 or f64 inputs of one dtype expected"),
+        }
+    };
+}
+
+/// `(N, C, spatial)` of a `[N, C, …]` layout.
+fn dims(l: &Layout, groups: usize) -> Result<(usize, usize, usize)> {
+    let d = l.dims();
+    let (n, c) = (d[0], d[1]);
+    if groups == 0 || c % groups != 0 {
+        candle_core::bail!("group norm: {c} channels do not split into {groups} groups");
+    }
+    Ok((n, c, d[2..].iter().product()))
+}
+
+/// Mean and reciprocal standard deviation of one group's values (two-pass, f64 sums).
+fn stats<T: Float>(v: &[T], eps: f64) -> (f64, f64) {
+    let n = v.len().max(1) as f64;
+    let mean = v.iter().map(|&x| x.f()).sum::<f64>() / n;
+    let var = v.iter().map(|&x| (x.f() - mean).powi(2)).sum::<f64>() / n;
+    (mean, 1.0 / (var + eps).sqrt())
+}
+
+fn forward<T: Float>(
+    x: &[T],
+    w: &[T],
+    b: &[T],
+    groups: usize,
+    eps: f64,
+    (c, s): (usize, usize),
+) -> Vec<T> {
+    let cg = c / groups;
+    let mut out = vec![T::zero(); x.len()];
+    out.par_chunks_mut(cg * s)
+        .zip(x.par_chunks(cg * s))
+        .enumerate()
+        .for_each(|(i, (o, v))| {
+            let (mean, r) = stats(v, eps);
+            let g = i % groups;
+            for k in 0..cg {
+                let ch = g * cg + k;
+                let scale = w[ch].f() * r;
+                let shift = b[ch].f() - mean * scale;
+                let (scale, shift) = (T::of(scale), T::of(shift));
+                for j in k * s..(k + 1) * s {
+                    o[j] = v[j] * scale + shift;
+                }
+            }
+        });
+    out
+}
+
+fn backward<T: Float>(
+    x: &[T],
+    w: &[T],
+    dy: &[T],
+    groups: usize,
+    eps: f64,
+    (c, s): (usize, usize),
+) -> Vec<T> {
+    let cg = c / groups;
+    let mut dx = vec![T::zero(); x.len()];
+    // Per (sample, group): dx, and the partial dγ, dβ of the group's channels.
+    let partial: Vec<Vec<(f64, f64)>> = dx
+        .par_chunks_mut(cg * s)
+        .zip(x.par_chunks(cg * s).zip(dy.par_chunks(cg * s)))
+        .enumerate()
+        .map(|(i, (dxg, (v, g)))| {
+            let (mean, r) = stats(v, eps);
+            let grp = i % groups;
+            let m = (cg * s) as f64;
+            let (mut sum_dxh, mut sum_dxh_xh) = (0f64, 0f64);
+            let mut per_channel = Vec::with_capacity(cg);
+            for k in 0..cg {
+                let gamma = w[grp * cg + k].f();
+                let (mut dgamma, mut dbeta) = (0f64, 0f64);
+                for j in k * s..(k + 1) * s {
+                    let xh = (v[j].f() - mean) * r;
+                    let d = g[j].f();
+                    dgamma += d * xh;
+                    dbeta += d;
+                    sum_dxh += d * gamma;
+                    sum_dxh_xh += d * gamma * xh;
+                }
+                per_channel.push((dgamma, dbeta));
+            }
+            let (a, b) = (sum_dxh / m, sum_dxh_xh / m);
+            for k in 0..cg {
+                let gamma = w[grp * cg + k].f();
+                for j in k * s..(k + 1) * s {
+                    let xh = (v[j].f() - mean) * r;
+                    dxg[j] = T::of(r * (g[j].f() * gamma - a - xh * b));
+                }
+            }
+            per_channel
+        })
+        .collect();
+    let mut dgamma = vec![0f64; c];
+    let mut dbeta = vec![0f64; c];
+    for (i, per_channel) in partial.iter().enumerate() {
+        let grp = i % groups;
+        for (k, (dg, db)) in per_channel.iter().enumerate() {
+            dgamma[grp * cg + k] += dg;
+            dbeta[grp * cg + k] += db;
+        }
+    }
+    let mut out = dx;
+    out.extend(dgamma.iter().map(|&v| T::of(v)));
+    out.extend(dbeta.iter().map(|&v| T::of(v)));
+    out
+}
+
+impl CustomOp3 for GroupNormOp {
+    fn name(&self) -> &'static str {
+        "group-norm"
+    }
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (_, c, s) = dims(xl, self.groups)?;
+        let (g, eps) = (self.groups, self.eps);
+        let out = with_floats!((xs, xl), (ws, wl), (bs, bl), |x, w, b| forward(
+            x,
+            w,
+            b,
+            g,
+            eps,
+            (c, s)
+        ));
+        Ok((out, xl.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        weight: &Tensor,
+        _bias: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let c = x.dim(1)?;
+        let n = x.elem_count();
+        let flat = x.apply_op3_no_bwd(
+            weight,
+            &grad.contiguous()?,
+            &GroupNormBackward {
+                groups: self.groups,
+                eps: self.eps,
+            },
+        )?;
+        let dx = flat.narrow(0, 0, n)?.reshape(x.shape())?;
+        let dw = flat.narrow(0, n, c)?;
+        let db = flat.narrow(0, n + c, c)?;
+        Ok((Some(dx), Some(dw), Some(db)))
+    }
+}
+
+impl CustomOp3 for GroupNormBackward {
+    fn name(&self) -> &'static str {
+        "group-norm-backward"
+    }
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (_, c, s) = dims(xl, self.groups)?;
+        let (groups, eps) = (self.groups, self.eps);
+        let out = with_floats!((xs, xl), (ws, wl), (gs, gl), |x, w, dy| backward(
+            x,
+            w,
+            dy,
+            groups,
+            eps,
+            (c, s)
+        ));
+        let len = xl.shape().elem_count() + 2 * c;
+        Ok((out, Shape::from(len)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    #[test]
+    fn fused_matches_candle_forward_and_backward() -> Result<()> {
+        let dev = Device::Cpu;
+        let w = Var::from_tensor(&Tensor::randn(1f32, 0.5, 8, &dev)?)?;
+        let b = Var::from_tensor(&Tensor::randn(0f32, 0.5, 8, &dev)?)?;
+        let x = Var::from_tensor(&(Tensor::randn(0f32, 2.0, (3, 8, 5, 4), &dev)? + 1.0)?)?;
+        let dy = Tensor::randn(0f32, 1.0, (3, 8, 5, 4), &dev)?;
+        let fused = GroupNorm {
+            weight: w.as_tensor().clone(),
+            bias: b.as_tensor().clone(),
+            groups: 4,
+            eps: 1e-5,
+            composed: candle_nn::GroupNorm::new(
+                w.as_tensor().clone(),
+                b.as_tensor().clone(),
+                8,
+                4,
+                1e-5,
+            )?,
+        };
+        let y1 = fused.forward(x.as_tensor())?;
+        let y2 = fused.composed.forward(x.as_tensor())?;
+        let g1 = (&y1 * &dy)?.sum_all()?.backward()?;
+        let g2 = (&y2 * &dy)?.sum_all()?.backward()?;
+        let close = |a: &Tensor, b: &Tensor| -> Result<f32> {
+            (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()
+        };
+        assert!(close(&y1, &y2)? < 1e-5);
+        for v in [&x, &w, &b] {
+            let d = close(
+                g1.get(v.as_tensor()).unwrap(),
+                g2.get(v.as_tensor()).unwrap(),
+            )?;
+            assert!(d < 1e-4, "{d}");
+        }
+        Ok(())
+    }
+}

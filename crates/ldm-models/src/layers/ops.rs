@@ -1,0 +1,227 @@
+//! Ops whose candle fast paths have no (or a wrong) backward pass, each with one fast forward
+//! for inference and one differentiable composition that is used whenever the input takes part
+//! in a gradient computation (`Tensor::track_op`). candle 0.11's `softmax_last_dim` and its
+//! contiguous `LayerNorm` kernel record no backward at all, and `upsample_nearest2d`'s backward
+//! overwrites, rather than adds to, the gradient of an input that is also used elsewhere.
+//! The compositions are checked against finite differences in f64 (`tests` below and
+//! `ldm-train`'s gradient tests).
+
+use candle_core::{
+    backend::BackendStorage, CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape,
+    Tensor, D,
+};
+use candle_nn::{Module, VarBuilder};
+use rayon::prelude::*;
+
+/// Softmax over the last dimension.
+pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    if !x.track_op() {
+        candle_nn::ops::softmax_last_dim(x)
+    } else if x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) {
+        x.contiguous()?.apply_op1(Softmax)
+    } else {
+        let max = x.max_keepdim(D::Minus1)?.detach();
+        let e = x.broadcast_sub(&max)?.exp()?;
+        e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
+    }
+}
+
+/// Fused CPU softmax over the last dimension, with backward `y ⊙ (g − Σ g⊙y)`.
+#[derive(Debug, Clone, Copy)]
+struct Softmax;
+
+/// The softmax backward pass for rows of `y` (the softmax) and `g` (the output gradient).
+#[derive(Debug, Clone, Copy)]
+struct SoftmaxBackward;
+
+fn row_len(layout: &Layout) -> Result<usize> {
+    layout
+        .dims()
+        .last()
+        .copied()
+        .filter(|&n| n > 0)
+        .ok_or_else(|| candle_core::Error::Msg("softmax over an empty last dimension".into()))
+}
+
+fn softmax_rows<T: num_traits::Float + Send + Sync>(x: &[T], n: usize) -> Vec<T> {
+    let mut out = x.to_vec();
+    out.par_chunks_mut(n).for_each(|row| {
+        let max = row.iter().copied().fold(T::neg_infinity(), T::max);
+        let mut sum = T::zero();
+        for v in row.iter_mut() {
+            *v = (*v - max).exp();
+            sum = sum + *v;
+        }
+        for v in row.iter_mut() {
+            *v = *v / sum;
+        }
+    });
+    out
+}
+
+fn softmax_backward_rows<T: num_traits::Float + Send + Sync>(y: &[T], g: &[T], n: usize) -> Vec<T> {
+    let mut out = vec![T::zero(); y.len()];
+    out.par_chunks_mut(n)
+        .zip(y.par_chunks(n).zip(g.par_chunks(n)))
+        .for_each(|(dx, (y, g))| {
+            let dot = y.iter().zip(g).fold(T::zero(), |acc, (&a, &b)| acc + a * b);
+            for ((d, &yv), &gv) in dx.iter_mut().zip(y).zip(g) {
+                *d = yv * (gv - dot);
+            }
+        });
+    out
+}
+
+fn slice<'a, T>(s: &'a [T], l: &Layout) -> Result<&'a [T]> {
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&s[a..b]),
+        None => candle_core::bail!("softmax needs a contiguous input"),
+    }
+}
+
+impl CustomOp1 for Softmax {
+    fn name(&self) -> &'static str {
+        "softmax-last-dim-differentiable"
+    }
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let n = row_len(layout)?;
+        let out = match storage {
+            CpuStorage::F32(x) => CpuStorage::F32(softmax_rows(slice(x, layout)?, n)),
+            CpuStorage::F64(x) => CpuStorage::F64(softmax_rows(slice(x, layout)?, n)),
+            s => candle_core::bail!("softmax: unsupported dtype {:?}", s.dtype()),
+        };
+        Ok((out, layout.shape().clone()))
+    }
+    fn bwd(&self, _arg: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(
+            res.apply_op2_no_bwd(&grad.contiguous()?, &SoftmaxBackward)?,
+        ))
+    }
+}
+
+impl CustomOp2 for SoftmaxBackward {
+    fn name(&self) -> &'static str {
+        "softmax-last-dim-backward"
+    }
+    fn cpu_fwd(
+        &self,
+        y: &CpuStorage,
+        ly: &Layout,
+        g: &CpuStorage,
+        lg: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let n = row_len(ly)?;
+        let out = match (y, g) {
+            (CpuStorage::F32(y), CpuStorage::F32(g)) => {
+                CpuStorage::F32(softmax_backward_rows(slice(y, ly)?, slice(g, lg)?, n))
+            }
+            (CpuStorage::F64(y), CpuStorage::F64(g)) => {
+                CpuStorage::F64(softmax_backward_rows(slice(y, ly)?, slice(g, lg)?, n))
+            }
+            _ => candle_core::bail!("softmax backward: unsupported dtypes"),
+        };
+        Ok((out, ly.shape().clone()))
+    }
+}
+
+/// Nearest-neighbour resize of `[B, C, H, W]` to `[B, C, th, tw]`. Integer factors compose a
+/// broadcast when a gradient is needed, whose backward sums over the repeated pixels.
+pub fn upsample_nearest2d(x: &Tensor, th: usize, tw: usize) -> Result<Tensor> {
+    let (b, c, h, w) = x.dims4()?;
+    if x.track_op() && th.is_multiple_of(h) && tw.is_multiple_of(w) {
+        let (fh, fw) = (th / h, tw / w);
+        x.reshape((b, c, h, 1, w, 1))?
+            .broadcast_as((b, c, h, fh, w, fw))?
+            .contiguous()?
+            .reshape((b, c, th, tw))
+    } else {
+        x.upsample_nearest2d(th, tw)
+    }
+}
+
+/// LayerNorm over the last dimension with an affine weight and bias (`torch.nn.LayerNorm`).
+#[derive(Debug, Clone)]
+pub struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f64,
+}
+
+/// Builds a [`LayerNorm`] of width `dim` from `weight` and `bias` under `vb`.
+pub fn layer_norm(dim: usize, eps: f64, vb: VarBuilder) -> Result<LayerNorm> {
+    let weight = vb.get_with_hints(dim, "weight", candle_nn::Init::Const(1.0))?;
+    let bias = vb.get_with_hints(dim, "bias", candle_nn::Init::Const(0.0))?;
+    Ok(LayerNorm { weight, bias, eps })
+}
+
+impl LayerNorm {
+    /// A layer norm over given scale and shift tensors.
+    pub fn new(weight: Tensor, bias: Tensor, eps: f64) -> Self {
+        Self { weight, bias, eps }
+    }
+}
+
+impl Module for LayerNorm {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let training = x.track_op() || self.weight.track_op() || self.bias.track_op();
+        if !training && x.is_contiguous() && x.dtype() != DType::F64 {
+            return candle_nn::ops::layer_norm(x, &self.weight, &self.bias, self.eps as f32);
+        }
+        let dtype = x.dtype();
+        let internal = match dtype {
+            DType::F16 | DType::BF16 => DType::F32,
+            d => d,
+        };
+        let x = x.to_dtype(internal)?;
+        let mean = x.mean_keepdim(D::Minus1)?;
+        let centred = x.broadcast_sub(&mean)?;
+        let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
+        let normed = centred.broadcast_div(&(var + self.eps)?.sqrt()?)?;
+        normed
+            .to_dtype(dtype)?
+            .broadcast_mul(&self.weight)?
+            .broadcast_add(&self.bias)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    fn max_abs(a: &Tensor, b: &Tensor) -> f64 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
+    }
+
+    #[test]
+    fn fast_and_differentiable_paths_agree() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1.0, (2, 3, 4, 5), &dev)?;
+        let v = Var::from_tensor(&x)?;
+        assert!(max_abs(&softmax_last_dim(&x)?, &softmax_last_dim(v.as_tensor())?) < 1e-6);
+        assert!(
+            max_abs(
+                &upsample_nearest2d(&x, 8, 10)?,
+                &upsample_nearest2d(v.as_tensor(), 8, 10)?
+            ) < 1e-7
+        );
+        let ln = LayerNorm {
+            weight: Tensor::randn(0f32, 1.0, 5, &dev)?,
+            bias: Tensor::randn(0f32, 1.0, 5, &dev)?,
+            eps: 1e-5,
+        };
+        assert!(max_abs(&ln.forward(&x)?, &ln.forward(v.as_tensor())?) < 1e-5);
+        Ok(())
+    }
+}
