@@ -1,0 +1,296 @@
+//! Training the text-to-image latent diffusion model (Rombach et al. 2022, §3.3): the
+//! autoencoder frozen, a CLIP-style text transformer trained from scratch jointly with the
+//! U-Net, as the paper does for its text-to-image model. DDPM's objective (Ho et al. 2020,
+//! Algorithm 1) with ε, v (Salimans & Ho 2022) or x₀ targets; uniform or log-normal (Karras et
+//! al. 2022) timesteps; caption dropout for classifier-free guidance (Ho & Salimans 2022);
+//! min-SNR-γ weighting (Hang et al. 2023) as an option; AdamW, warm-up + cosine, clipping, EMA.
+
+use crate::checkpoint::{self, LogRow};
+use crate::component::{named_vars, strip, write_component, SeededInit};
+use crate::data::batch;
+use crate::noise::TrainRng;
+use crate::optim::{clip_grad_norm, warmup_cosine, AdamW, AdamWConfig, Ema};
+use crate::recipe::Recipe;
+use crate::tokenizer::{shapes_words, write_tokenizer};
+use crate::{Error, Progress, Result};
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarMap;
+use ldm_models::clip::{config::ClipTextConfig, text_model::ClipTextModel};
+use ldm_models::unet::{UNet2DConditionModel, UNetConfig};
+use ldm_models::vae::{AutoencoderKL, VaeConfig};
+use ldm_models::weights::{component_files, Checkpoint, Weights};
+use ldm_sampling::schedule::{BetaSchedule, NoiseSchedule};
+use ldm_sampling::Prediction;
+use std::path::Path;
+
+/// How training timesteps are drawn.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum TimestepSampling {
+    /// Uniform over the 1000 training steps (DDPM).
+    Uniform,
+    /// `ln σ ~ N(mean, std)` (EDM's choice), mapped to the nearest training timestep.
+    LogNormal { mean: f64, std: f64 },
+}
+
+/// Options of `ldm train unet`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UnetOptions {
+    pub steps: usize,
+    pub batch: usize,
+    pub lr: f64,
+    pub warmup: usize,
+    pub prediction: Prediction,
+    pub timesteps: TimestepSampling,
+    pub caption_dropout: f64,
+    pub ema_decay: f64,
+    pub min_snr_gamma: Option<f64>,
+    pub grad_clip: f64,
+    pub seed: u64,
+    /// Scenes rendered and encoded once, then sampled from.
+    pub pool: usize,
+    pub checkpoint_every: usize,
+}
+
+impl Default for UnetOptions {
+    fn default() -> Self {
+        Self {
+            steps: 1000,
+            batch: 32,
+            lr: 5e-4,
+            warmup: 100,
+            prediction: Prediction::Epsilon,
+            timesteps: TimestepSampling::Uniform,
+            caption_dropout: 0.1,
+            ema_decay: 0.995,
+            min_snr_gamma: None,
+            grad_clip: 1.0,
+            seed: 0,
+            pool: 20_000,
+            checkpoint_every: 100,
+        }
+    }
+}
+
+/// What a finished run measured.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UnetReport {
+    pub final_loss: f64,
+    pub steps: usize,
+}
+
+const TRAIN_STEPS: usize = 1000;
+
+/// SD's scaled-linear schedule, the one [`Recipe::scheduler_config`] writes.
+fn schedule() -> Result<NoiseSchedule> {
+    Ok(NoiseSchedule::new(
+        TRAIN_STEPS,
+        0.00085,
+        0.012,
+        &BetaSchedule::ScaledLinear,
+        false,
+    )?)
+}
+
+fn prediction_name(p: Prediction) -> &'static str {
+    match p {
+        Prediction::Epsilon => "epsilon",
+        Prediction::V => "v_prediction",
+        Prediction::Sample => "sample",
+    }
+}
+
+/// Loads a trained autoencoder component folder (`config.json` + weights), strictly.
+pub fn load_vae(dir: &Path, device: &Device) -> Result<AutoencoderKL> {
+    let config = VaeConfig::from_file(&dir.join("config.json"))?;
+    let weights = Weights::new(Checkpoint::open(&component_files(dir)?)?);
+    let vae = AutoencoderKL::new(weights.var_builder(DType::F32, device), &config)?;
+    let unused = weights.unused();
+    if !unused.is_empty() {
+        return Err(Error::Msg(format!(
+            "{}: unused tensors {unused:?}",
+            dir.display()
+        )));
+    }
+    Ok(vae)
+}
+
+/// Trains the text encoder and U-Net on latents of the autoencoder in `out/vae`, then writes
+/// the whole diffusers folder into `out`. Resumes from `out/unet-train` when it holds a
+/// checkpoint.
+pub fn train_unet(
+    recipe: &Recipe,
+    opts: &UnetOptions,
+    out: &Path,
+    device: &Device,
+    progress: &mut dyn FnMut(&Progress),
+) -> Result<UnetReport> {
+    // The frozen autoencoder.
+    let vae_dir = out.join("vae");
+    let vae = load_vae(&vae_dir, device)?;
+    let tokenizer = write_tokenizer(&out.join("tokenizer"), &shapes_words())?;
+    let (bos, eos) = (tokenizer.bos_id, tokenizer.eos_id);
+    let text_json = recipe.text_config(tokenizer.vocab_size(), bos, eos);
+    let text_cfg = ClipTextConfig::from_json(
+        &serde_json::from_value(text_json.clone())?,
+        Path::new("text_encoder/config.json"),
+    )?;
+    let unet_json = recipe.unet_config();
+    let unet_cfg = UNetConfig::from_json(
+        &serde_json::from_value(unet_json.clone())?,
+        Path::new("unet/config.json"),
+    )?;
+    let text_map = VarMap::new();
+    let text = ClipTextModel::new(
+        SeededInit::var_builder(&text_map, opts.seed, device),
+        &text_cfg,
+    )?;
+    let unet_map = VarMap::new();
+    let unet = UNet2DConditionModel::new(
+        SeededInit::var_builder(&unet_map, opts.seed.wrapping_add(1), device),
+        &unet_cfg,
+    )?;
+    let mut params = named_vars(&text_map, "text_encoder.");
+    params.extend(named_vars(&unet_map, "unet."));
+    let mut opt = AdamW::new(params.clone(), AdamWConfig::default())?;
+    let mut ema = Ema::new(&params, opts.ema_decay)?;
+    let state_dir = out.join("unet-train");
+    let (mut step, mut rng, mut history) =
+        match checkpoint::resume(&state_dir, &mut [&mut opt], Some(&mut ema), device)? {
+            Some(r) => (r.step, r.rng, r.history),
+            None => (0, TrainRng::new(opts.seed), Vec::new()),
+        };
+
+    // The pool: posterior means and standard deviations of `pool` scenes, and their captions.
+    let s = recipe.image_size;
+    let scaling = vae.config.scaling_factor;
+    let (mut means, mut stds, mut ids) = (Vec::new(), Vec::new(), Vec::new());
+    let chunk = 64;
+    for first in (0..opts.pool).step_by(chunk) {
+        let n = chunk.min(opts.pool - first) as u64;
+        let (x, captions) = batch(opts.seed, first as u64..first as u64 + n, s, device)?;
+        let posterior = vae.encode(&x)?;
+        means.push(posterior.mean.clone());
+        stds.push(posterior.std()?);
+        for c in captions {
+            ids.push(tokenizer.encode(&c)?);
+        }
+    }
+    let means = Tensor::cat(&means, 0)?.contiguous()?;
+    let stds = Tensor::cat(&stds, 0)?.contiguous()?;
+    let empty = tokenizer.encode("")?;
+
+    let sched = schedule()?;
+    while step < opts.steps {
+        let b = opts.batch;
+        let picks: Vec<u32> = (0..b).map(|_| rng.below(opts.pool) as u32).collect();
+        let picks_t = Tensor::new(picks.as_slice(), device)?;
+        let mean = means.index_select(&picks_t, 0)?;
+        let std = stds.index_select(&picks_t, 0)?;
+        let dims = mean.dims().to_vec();
+        let x0 = ((mean + (std * rng.randn(&dims, device)?)?)? * scaling)?;
+        let mut tokens: Vec<u32> = Vec::with_capacity(b * 77);
+        for &p in &picks {
+            let row = if rng.uniform() < opts.caption_dropout {
+                &empty
+            } else {
+                &ids[p as usize]
+            };
+            tokens.extend_from_slice(row);
+        }
+        let tokens = Tensor::from_vec(tokens, (b, empty.len()), device)?;
+        let ts: Vec<usize> = (0..b)
+            .map(|_| match opts.timesteps {
+                TimestepSampling::Uniform => rng.below(TRAIN_STEPS),
+                TimestepSampling::LogNormal { mean, std } => {
+                    let sigma = (mean + std * rng.normal()).exp();
+                    (sched.sigma_to_t(sigma).round() as usize).min(TRAIN_STEPS - 1)
+                }
+            })
+            .collect();
+        let abar: Vec<f32> = ts.iter().map(|&t| sched.alphas_cumprod[t]).collect();
+        let col = |v: Vec<f32>| Tensor::from_vec(v, (b, 1, 1, 1), device);
+        let a = col(abar.iter().map(|a| a.sqrt()).collect())?;
+        let sg = col(abar.iter().map(|a| (1.0 - a).sqrt()).collect())?;
+        let noise = rng.randn(&dims, device)?;
+        let noisy = (x0.broadcast_mul(&a)? + noise.broadcast_mul(&sg)?)?;
+        let target = match opts.prediction {
+            Prediction::Epsilon => noise.clone(),
+            Prediction::V => (noise.broadcast_mul(&a)? - x0.broadcast_mul(&sg)?)?,
+            Prediction::Sample => x0.clone(),
+        };
+        let t_tensor =
+            Tensor::from_vec(ts.iter().map(|&t| t as f32).collect::<Vec<_>>(), b, device)?;
+        let context = text.forward(&tokens)?.last_hidden_state;
+        let pred = unet.forward(&noisy, &t_tensor, &context, None)?;
+        let per_sample = (pred - target)?.sqr()?.flatten_from(1)?.mean(1)?; // [B]
+        let loss = match opts.min_snr_gamma {
+            None => per_sample.mean_all()?,
+            Some(gamma) => {
+                let w: Vec<f32> = abar
+                    .iter()
+                    .map(|&a| {
+                        let snr = (a / (1.0 - a)) as f64;
+                        let clipped = snr.min(gamma);
+                        (match opts.prediction {
+                            Prediction::Epsilon => clipped / snr,
+                            Prediction::V => clipped / (snr + 1.0),
+                            Prediction::Sample => clipped,
+                        }) as f32
+                    })
+                    .collect();
+                (per_sample * Tensor::from_vec(w, b, device)?)?.mean_all()?
+            }
+        };
+        let mut grads = loss.backward()?;
+        let grad_norm = clip_grad_norm(&mut grads, &params, opts.grad_clip)?;
+        let lr = warmup_cosine(step, opts.lr, opts.warmup, opts.steps, 0.1);
+        opt.step(&grads, lr)?;
+        ema.update(&params)?;
+        step += 1;
+        let loss = loss.to_scalar::<f32>()? as f64;
+        if !loss.is_finite() {
+            return Err(Error::Msg(format!("loss became {loss} at step {step}")));
+        }
+        checkpoint::record(
+            &mut history,
+            progress,
+            "unet",
+            opts.steps,
+            LogRow {
+                step,
+                loss,
+                lr,
+                grad_norm,
+            },
+        );
+        if step % opts.checkpoint_every == 0 || step == opts.steps {
+            checkpoint::save(&state_dir, step, &[&opt], Some(&ema), &rng, &history)?;
+        }
+    }
+
+    // The model: EMA weights in a diffusers folder.
+    write_component(
+        &out.join("text_encoder"),
+        &text_json,
+        "model.safetensors",
+        &strip(&params, &ema.shadow, "text_encoder."),
+        DType::F32,
+    )?;
+    write_component(
+        &out.join("unet"),
+        &unet_json,
+        "diffusion_pytorch_model.safetensors",
+        &strip(&params, &ema.shadow, "unet."),
+        DType::F32,
+    )?;
+    std::fs::create_dir_all(out.join("scheduler"))?;
+    crate::io::write_json(
+        &out.join("scheduler").join("scheduler_config.json"),
+        &recipe.scheduler_config(prediction_name(opts.prediction)),
+    )?;
+    crate::io::write_json(&out.join("model_index.json"), &Recipe::model_index())?;
+    Ok(UnetReport {
+        final_loss: history.last().map_or(f64::NAN, |r| r.loss),
+        steps: step,
+    })
+}
