@@ -52,14 +52,16 @@ fn parameters(
     text
 }
 
+/// The model to use: the one given, or the embedded default.
+pub fn model_path(given: Option<&Path>) -> Result<PathBuf> {
+    match given {
+        Some(m) => Ok(m.to_path_buf()),
+        None => crate::embedded::path(),
+    }
+}
+
 pub fn run(a: GenerateArgs) -> Result<()> {
-    let model = match &a.model {
-        Some(m) => m.clone(),
-        None => bail!(
-            "no embedded model yet: the Shapes World model is still to be trained (`ldm train`); \
-             give a diffusers folder with --model"
-        ),
-    };
+    let model = model_path(a.model.as_deref())?;
     let dtype = match a.dtype.as_str() {
         "f32" => DType::F32,
         "f16" => DType::F16,
@@ -114,32 +116,31 @@ pub fn run(a: GenerateArgs) -> Result<()> {
             unused[0]
         );
     }
+    let width = a.width.unwrap_or_else(|| components.default_size());
+    let height = a.height.unwrap_or_else(|| components.default_size());
     let (init_image, mask) = match (&a.init_image, &a.mask, &a.outpaint) {
         (None, Some(_), _) => bail!("--mask needs --init-image"),
         (None, None, Some(_)) => bail!("--outpaint needs --init-image"),
         (Some(_), Some(_), Some(_)) => bail!("--outpaint makes its own mask; drop --mask"),
         (Some(p), None, Some(pad)) => {
             let pad: Padding = pad.parse()?;
-            let w = a.width.checked_sub(pad.left + pad.right).filter(|&w| w > 0);
-            let h = a
-                .height
-                .checked_sub(pad.top + pad.bottom)
-                .filter(|&h| h > 0);
+            let w = width.checked_sub(pad.left + pad.right).filter(|&w| w > 0);
+            let h = height.checked_sub(pad.top + pad.bottom).filter(|&h| h > 0);
             let (Some(w), Some(h)) = (w, h) else {
                 bail!(
                     "--outpaint padding leaves no room for the image in {}×{}",
-                    a.width,
-                    a.height
+                    width,
+                    height
                 );
             };
             let (img, mask) = pad_for_outpainting(&load_image(p, w, h, &device)?, pad)?;
             (Some(img), Some(mask))
         }
         (Some(p), m, None) => {
-            let img = load_image(p, a.width, a.height, &device)?;
+            let img = load_image(p, width, height, &device)?;
             let mask = match m {
                 Some(m) => Some(ldm_pipeline::image_io::load_mask(
-                    m, a.width, a.height, &device,
+                    m, width, height, &device,
                 )?),
                 None => None,
             };
@@ -165,8 +166,8 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         let req = Request {
             prompt: a.prompt.clone(),
             negative_prompt: a.negative.clone(),
-            width: a.width,
-            height: a.height,
+            width,
+            height,
             steps: a.steps,
             guidance_scale: a.guidance,
             guidance_rescale: a.guidance_rescale,

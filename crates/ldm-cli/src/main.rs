@@ -22,7 +22,10 @@ pub(crate) fn emit(args: std::fmt::Arguments) {
     }
 }
 
+mod data;
+mod embedded;
 mod generate;
+mod train;
 
 #[derive(Parser)]
 #[command(
@@ -37,6 +40,26 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Train models in Rust (the autoencoder, the text encoder and the U-Net).
+    #[command(subcommand)]
+    Train(train::TrainCommand),
+    /// Copy a diffusers folder with its weights cast to another dtype (e.g. f16 to halve it).
+    Convert {
+        /// The diffusers folder to read.
+        model: PathBuf,
+        /// f32, f16 or bf16.
+        #[arg(long, default_value = "f16")]
+        dtype: String,
+        /// The folder to write.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Make data: Shapes World images and prompt lists.
+    #[command(subcommand)]
+    Data(data::DataCommand),
+    /// Evaluate a model against its world (Shapes World's reader).
+    #[command(subcommand)]
+    Eval(data::EvalCommand),
     /// Describe a model folder: family, prediction type, parameters, dtypes, latent scaling.
     Info {
         /// A diffusers model folder (with model_index.json).
@@ -90,10 +113,12 @@ struct GenerateArgs {
     /// Noise source: torch (diffusers/ComfyUI seeds) or philox (A1111 "NV" seeds).
     #[arg(long, default_value = "torch")]
     rng: String,
-    #[arg(long, default_value_t = 512)]
-    width: usize,
-    #[arg(long, default_value_t = 512)]
-    height: usize,
+    /// Image width; the model's own size when omitted (512 for SD1, 64 for the embedded model).
+    #[arg(long)]
+    width: Option<usize>,
+    /// Image height; the model's own size when omitted.
+    #[arg(long)]
+    height: Option<usize>,
     /// Images per prompt, generated together.
     #[arg(long, default_value_t = 1)]
     batch: usize,
@@ -228,6 +253,20 @@ fn run(cli: Cli) -> Result<()> {
             info(&model, check)
         }
         Command::Generate(args) => generate::run(*args),
+        Command::Train(cmd) => train::run(cmd),
+        Command::Data(cmd) => data::run(cmd),
+        Command::Convert { model, dtype, out } => {
+            let dtype = match dtype.as_str() {
+                "f32" => candle_core::DType::F32,
+                "f16" => candle_core::DType::F16,
+                "bf16" => candle_core::DType::BF16,
+                other => bail!("unknown dtype `{other}` (f32, f16, bf16)"),
+            };
+            ldm_models::weights::convert::convert_folder(&model, &out, dtype)?;
+            out!("wrote {}", out.display());
+            Ok(())
+        }
+        Command::Eval(cmd) => data::eval(cmd),
     }
 }
 

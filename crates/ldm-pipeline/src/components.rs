@@ -146,4 +146,13 @@ impl Components {
     pub fn vae_scale_factor(&self) -> usize {
         self.vae.config.downsample_factor()
     }
+
+    /// The image side the model was trained at, as diffusers defaults it: the U-Net's
+    /// `sample_size` times the autoencoder's factor (512 when the config does not say).
+    pub fn default_size(&self) -> usize {
+        self.unet
+            .config
+            .sample_size
+            .map_or(512, |s| s * self.vae_scale_factor())
+    }
 }

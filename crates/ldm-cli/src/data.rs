@@ -1,0 +1,192 @@
+//! `ldm data` and `ldm eval`: Shapes World images, prompt lists, and the evaluator.
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Subcommand};
+use ldm_train::shapes::{render::render, Scene, SIZES};
+use std::path::PathBuf;
+
+#[derive(Subcommand)]
+pub enum DataCommand {
+    /// Render Shapes World scenes: OUT/NNNNNNNN.png and OUT/captions.jsonl.
+    Shapes(ShapesData),
+    /// Write a prompt list (one caption a line) drawn from a seed kept out of training.
+    Prompts(PromptList),
+}
+
+#[derive(Args)]
+pub struct ShapesData {
+    #[arg(long)]
+    count: usize,
+    /// Canvas side: 64, 128 or 256.
+    #[arg(long, default_value_t = 64)]
+    size: usize,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// First scene index.
+    #[arg(long, default_value_t = 0)]
+    start: u64,
+    #[arg(long)]
+    out: PathBuf,
+}
+
+#[derive(Args)]
+pub struct PromptList {
+    #[arg(long)]
+    count: usize,
+    /// Only scenes with this many objects (1 or 2).
+    #[arg(long)]
+    objects: Option<usize>,
+    #[arg(long, default_value_t = 1_000_003)]
+    seed: u64,
+    #[arg(long)]
+    out: PathBuf,
+}
+
+fn check_size(size: usize) -> Result<()> {
+    if !SIZES.contains(&size) {
+        bail!("--size must be one of {SIZES:?} (the spec's canvases)");
+    }
+    Ok(())
+}
+
+pub fn run(cmd: DataCommand) -> Result<()> {
+    match cmd {
+        DataCommand::Shapes(a) => {
+            check_size(a.size)?;
+            std::fs::create_dir_all(&a.out)
+                .with_context(|| format!("creating {}", a.out.display()))?;
+            let mut lines = String::new();
+            for i in a.start..a.start + a.count as u64 {
+                let scene = Scene::generate(a.seed, i, a.size);
+                let file = format!("{i:08}.png");
+                ldm_train::io::write_png(&a.out.join(&file), &render(&scene), a.size)?;
+                let row = serde_json::json!({
+                    "file": file, "caption": scene.caption(), "seed": a.seed, "index": i,
+                });
+                lines += &row.to_string();
+                lines.push('\n');
+            }
+            ldm_train::io::write_atomic(&a.out.join("captions.jsonl"), lines.as_bytes())?;
+            crate::emit(format_args!(
+                "wrote {} scenes to {}",
+                a.count,
+                a.out.display()
+            ));
+        }
+        DataCommand::Prompts(a) => {
+            if let Some(n) = a.objects {
+                if !(1..=2).contains(&n) {
+                    bail!("--objects must be 1 or 2");
+                }
+            }
+            let mut out = String::new();
+            let (mut i, mut n) = (0u64, 0usize);
+            while n < a.count {
+                let scene = Scene::generate(a.seed, i, 64);
+                i += 1;
+                if a.objects.is_some_and(|k| k != scene.objects.len()) {
+                    continue;
+                }
+                out += &scene.caption();
+                out.push('\n');
+                n += 1;
+            }
+            ldm_train::io::write_atomic(&a.out, out.as_bytes())?;
+        }
+    }
+    Ok(())
+}
+
+#[derive(Subcommand)]
+pub enum EvalCommand {
+    /// Generate each prompt with several seeds and read the images back (Shapes World spec).
+    Shapes(EvalShapes),
+}
+
+#[derive(Args)]
+pub struct EvalShapes {
+    /// A diffusers folder; the embedded model when omitted.
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// A file of Shapes World captions, one a line.
+    #[arg(long)]
+    prompts: PathBuf,
+    /// Images per prompt.
+    #[arg(long, default_value_t = 4)]
+    seeds: usize,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[arg(long, default_value_t = 20)]
+    steps: usize,
+    /// Guidance scale (`ldm generate`'s default).
+    #[arg(long, default_value_t = 7.5)]
+    guidance: f64,
+    #[arg(long)]
+    sampler: Option<String>,
+    /// Image side in pixels.
+    #[arg(long, default_value_t = 64)]
+    size: usize,
+}
+
+pub fn eval(cmd: EvalCommand) -> Result<()> {
+    let EvalCommand::Shapes(a) = cmd;
+    let text = std::fs::read_to_string(&a.prompts)
+        .with_context(|| format!("reading {}", a.prompts.display()))?;
+    let prompts: Vec<String> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .map(String::from)
+        .collect();
+    if prompts.is_empty() {
+        bail!("{} holds no prompts", a.prompts.display());
+    }
+    if a.seeds == 0 || a.steps == 0 {
+        bail!("--seeds and --steps must be at least 1");
+    }
+    let model = crate::generate::model_path(a.model.as_deref())?;
+    let device = candle_core::Device::Cpu;
+    let components = ldm_pipeline::Components::load(&model, candle_core::DType::F32, &device)
+        .with_context(|| format!("loading {}", model.display()))?;
+    let sampler = match &a.sampler {
+        Some(name) => Some(ldm_sampling::names::SamplerName::parse(name)?.0),
+        None => None,
+    };
+    let opts = ldm_train::eval::EvalOptions {
+        seeds: a.seeds,
+        seed: a.seed,
+        size: a.size,
+        request: ldm_pipeline::Request {
+            steps: a.steps,
+            guidance_scale: a.guidance,
+            sampler,
+            ..Default::default()
+        },
+    };
+    let pb = indicatif::ProgressBar::new(prompts.len() as u64);
+    let report = ldm_train::eval::evaluate(&components, &prompts, &opts, &mut |d, _| {
+        pb.set_position(d as u64)
+    })?;
+    pb.finish_and_clear();
+    crate::emit(format_args!(
+        "{} prompts × {} seeds, {} steps, guidance {}",
+        prompts.len(),
+        a.seeds,
+        a.steps,
+        a.guidance
+    ));
+    crate::emit(format_args!(
+        "{:<14} {:>12} {:>12}",
+        "", "one object", "two objects"
+    ));
+    let fmt = |r: Option<f64>| r.map_or("—".to_string(), |v| format!("{:.1}%", 100.0 * v));
+    let (one, two) = (report.one.rows(), report.two.rows());
+    for ((name, a), (_, b)) in one.iter().zip(&two) {
+        crate::emit(format_args!("{name:<14} {:>12} {:>12}", fmt(*a), fmt(*b)));
+    }
+    crate::emit(format_args!(
+        "{:<14} {:>12} {:>12}",
+        "images", report.one.images, report.two.images
+    ));
+    Ok(())
+}

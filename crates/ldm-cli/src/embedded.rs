@@ -1,0 +1,91 @@
+//! The embedded default model: the Shapes World model trained by `ldm train shapes` (see the
+//! README), compiled into the binary and unpacked once into the user's cache folder, so that
+//! `ldm generate "a red circle on a blue background"` works on a fresh machine with no download.
+
+use anyhow::{Context, Result};
+use sha2::{Digest, Sha256};
+use std::path::PathBuf;
+
+macro_rules! model_file {
+    ($path:literal) => {
+        (
+            $path,
+            include_bytes!(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/../../models/shapes/",
+                $path
+            )) as &[u8],
+        )
+    };
+}
+
+/// The model folder's files, relative to its root.
+const FILES: &[(&str, &[u8])] = &[
+    model_file!("model_index.json"),
+    model_file!("scheduler/scheduler_config.json"),
+    model_file!("tokenizer/vocab.json"),
+    model_file!("tokenizer/merges.txt"),
+    model_file!("tokenizer/tokenizer_config.json"),
+    model_file!("tokenizer/special_tokens_map.json"),
+    model_file!("text_encoder/config.json"),
+    model_file!("text_encoder/model.safetensors"),
+    model_file!("unet/config.json"),
+    model_file!("unet/diffusion_pytorch_model.safetensors"),
+    model_file!("vae/config.json"),
+    model_file!("vae/diffusion_pytorch_model.safetensors"),
+];
+
+fn cache_root() -> PathBuf {
+    if let Some(dir) = std::env::var_os("LDM_CACHE") {
+        return PathBuf::from(dir);
+    }
+    if let Some(dir) = std::env::var_os("XDG_CACHE_HOME") {
+        return PathBuf::from(dir).join("ldm");
+    }
+    match std::env::var_os("HOME") {
+        Some(home) => PathBuf::from(home).join(".cache").join("ldm"),
+        None => std::env::temp_dir().join("ldm"),
+    }
+}
+
+/// The embedded model as a diffusers folder, unpacked on first use. The folder is named by
+/// the contents' hash and appears whole or not at all (written beside, then renamed).
+pub fn path() -> Result<PathBuf> {
+    let mut hasher = Sha256::new();
+    for (name, bytes) in FILES {
+        hasher.update(name.as_bytes());
+        hasher.update((bytes.len() as u64).to_le_bytes());
+        hasher.update(bytes);
+    }
+    let digest = hasher.finalize();
+    let hex: String = digest[..6].iter().map(|b| format!("{b:02x}")).collect();
+    let root = cache_root();
+    let dir = root.join(format!("shapes-{hex}"));
+    if dir.join("model_index.json").is_file() {
+        return Ok(dir);
+    }
+    let tmp = root.join(format!(".shapes-{hex}.tmp-{}", std::process::id()));
+    let unpack = || -> Result<()> {
+        for (name, bytes) in FILES {
+            let path = tmp.join(name);
+            if let Some(parent) = path.parent() {
+                std::fs::create_dir_all(parent)?;
+            }
+            std::fs::write(&path, bytes)?;
+        }
+        Ok(())
+    };
+    let result = unpack().and_then(|()| {
+        std::fs::rename(&tmp, &dir).or_else(|e| {
+            // Another process may have unpacked it first.
+            if dir.join("model_index.json").is_file() {
+                Ok(())
+            } else {
+                Err(e.into())
+            }
+        })
+    });
+    let _ = std::fs::remove_dir_all(&tmp);
+    result.with_context(|| format!("unpacking the embedded model into {}", root.display()))?;
+    Ok(dir)
+}

@@ -1,0 +1,292 @@
+//! `ldm train` and `ldm data`: parse, call the trainers, show progress.
+
+use anyhow::{bail, Result};
+use candle_core::Device;
+use clap::{Args, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+use ldm_train::recipe::Recipe;
+use ldm_train::unet_trainer::{train_unet, TimestepSampling, UnetOptions};
+use ldm_train::vae_trainer::{train_vae, VaeOptions};
+use ldm_train::Progress;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+#[derive(Subcommand)]
+pub enum TrainCommand {
+    /// Train the autoencoder on Shapes World (writes OUT/vae).
+    Vae(VaeArgs),
+    /// Train the text encoder and U-Net on the autoencoder in OUT/vae (writes the model to OUT).
+    Unet(UnetArgs),
+    /// The whole recipe of the embedded model: the autoencoder, then the text encoder and U-Net.
+    Shapes(ShapesArgs),
+}
+
+#[derive(Args)]
+pub struct Common {
+    /// Output folder: the diffusers model, and `*-train` folders with checkpoints and losses.
+    #[arg(long)]
+    out: PathBuf,
+    /// A tiny version of the architecture, for smoke tests.
+    #[arg(long)]
+    miniature: bool,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Steps between checkpoints (a killed run resumes from the last one).
+    #[arg(long)]
+    checkpoint_every: Option<usize>,
+}
+
+#[derive(Args)]
+pub struct VaeArgs {
+    #[command(flatten)]
+    common: Common,
+    #[arg(long)]
+    steps: Option<usize>,
+    #[arg(long)]
+    batch: Option<usize>,
+    #[arg(long)]
+    lr: Option<f64>,
+    /// Weight of the KL term.
+    #[arg(long)]
+    kl_weight: Option<f64>,
+    /// Train on random crops of this side (0: whole images).
+    #[arg(long)]
+    crop: Option<usize>,
+    /// Switch the patch-based adversarial loss on at this step.
+    #[arg(long)]
+    disc_start: Option<usize>,
+    /// Scale of the adaptive adversarial weight.
+    #[arg(long)]
+    disc_weight: Option<f64>,
+}
+
+#[derive(Args)]
+pub struct UnetArgs {
+    #[command(flatten)]
+    common: Common,
+    #[arg(long)]
+    steps: Option<usize>,
+    #[arg(long)]
+    batch: Option<usize>,
+    #[arg(long)]
+    lr: Option<f64>,
+    /// epsilon, v_prediction or sample.
+    #[arg(long, default_value = "epsilon")]
+    prediction: String,
+    /// uniform or lognormal timestep sampling.
+    #[arg(long, default_value = "uniform")]
+    timesteps: String,
+    /// Probability of training on the empty caption (for classifier-free guidance).
+    #[arg(long)]
+    caption_dropout: Option<f64>,
+    #[arg(long)]
+    ema_decay: Option<f64>,
+    /// min-SNR-γ loss weighting (e.g. 5).
+    #[arg(long)]
+    min_snr_gamma: Option<f64>,
+    /// Scenes rendered and encoded up front.
+    #[arg(long)]
+    pool: Option<usize>,
+}
+
+#[derive(Args)]
+pub struct ShapesArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Autoencoder steps.
+    #[arg(long)]
+    vae_steps: Option<usize>,
+    /// U-Net steps.
+    #[arg(long)]
+    unet_steps: Option<usize>,
+}
+
+fn bar(total: usize) -> ProgressBar {
+    let pb = ProgressBar::new(total as u64);
+    pb.set_style(
+        ProgressStyle::with_template(
+            "{prefix} {bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}, {per_sec}] {msg}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    pb
+}
+
+fn report(pb: &ProgressBar) -> impl FnMut(&Progress) + '_ {
+    move |p: &Progress| {
+        pb.set_prefix(p.phase);
+        pb.set_length(p.total as u64);
+        pb.set_position(p.step as u64);
+        pb.set_message(format!("loss {:.4}", p.loss));
+    }
+}
+
+fn recipe(c: &Common) -> Recipe {
+    if c.miniature {
+        Recipe::miniature()
+    } else {
+        Recipe::default()
+    }
+}
+
+fn vae_options(a: &VaeArgs) -> VaeOptions {
+    let d = VaeOptions::default();
+    VaeOptions {
+        steps: a.steps.unwrap_or(d.steps),
+        batch: a.batch.unwrap_or(d.batch),
+        lr: a.lr.unwrap_or(d.lr),
+        kl_weight: a.kl_weight.unwrap_or(d.kl_weight),
+        crop: match a.crop {
+            Some(0) => None,
+            Some(c) => Some(c),
+            None => d.crop,
+        },
+        seed: a.common.seed,
+        checkpoint_every: a
+            .common
+            .checkpoint_every
+            .unwrap_or(d.checkpoint_every)
+            .max(1),
+        disc_start: a.disc_start,
+        disc_weight: a.disc_weight.unwrap_or(d.disc_weight),
+        ..d
+    }
+}
+
+fn unet_options(a: &UnetArgs) -> Result<UnetOptions> {
+    let d = UnetOptions::default();
+    let prediction = match a.prediction.as_str() {
+        "epsilon" | "eps" => ldm_sampling::Prediction::Epsilon,
+        "v_prediction" | "v" => ldm_sampling::Prediction::V,
+        "sample" | "x0" => ldm_sampling::Prediction::Sample,
+        other => bail!("unknown prediction `{other}` (epsilon, v_prediction, sample)"),
+    };
+    let timesteps = match a.timesteps.as_str() {
+        "uniform" => TimestepSampling::Uniform,
+        "lognormal" => TimestepSampling::LogNormal {
+            mean: -1.2,
+            std: 1.2,
+        },
+        other => bail!("unknown timestep sampling `{other}` (uniform, lognormal)"),
+    };
+    let opts = UnetOptions {
+        steps: a.steps.unwrap_or(d.steps),
+        batch: a.batch.unwrap_or(d.batch),
+        lr: a.lr.unwrap_or(d.lr),
+        prediction,
+        timesteps,
+        caption_dropout: a.caption_dropout.unwrap_or(d.caption_dropout),
+        ema_decay: a.ema_decay.unwrap_or(d.ema_decay),
+        min_snr_gamma: a.min_snr_gamma,
+        pool: a.pool.unwrap_or(d.pool),
+        seed: a.common.seed,
+        checkpoint_every: a
+            .common
+            .checkpoint_every
+            .unwrap_or(d.checkpoint_every)
+            .max(1),
+        ..d
+    };
+    if !(0.0..=1.0).contains(&opts.caption_dropout) || !(0.0..1.0).contains(&opts.ema_decay) {
+        bail!("caption dropout must lie in [0, 1] and the EMA decay in [0, 1)");
+    }
+    if opts.steps == 0 || opts.batch == 0 || opts.pool == 0 {
+        bail!("steps, batch and pool must be at least 1");
+    }
+    Ok(opts)
+}
+
+fn check_vae(o: &VaeOptions) -> Result<()> {
+    if o.steps == 0 || o.batch == 0 {
+        bail!("steps and batch must be at least 1");
+    }
+    if o.crop.is_some_and(|c| c < 8 || c % 8 != 0) {
+        bail!("--crop must be a multiple of 8 (at least 8)");
+    }
+    Ok(())
+}
+
+/// Trains the autoencoder with a progress bar and prints its report.
+fn vae(r: &Recipe, o: &VaeOptions, out: &Path, device: &Device) -> Result<()> {
+    check_vae(o)?;
+    std::fs::create_dir_all(out)?;
+    let pb = bar(o.steps);
+    let v = train_vae(r, o, out, device, &mut report(&pb))?;
+    pb.finish();
+    crate::emit(format_args!(
+        "autoencoder: {} steps, loss {:.4}, held-out PSNR {:.2} dB, scaling factor {:.5}",
+        v.steps, v.final_loss, v.psnr, v.scaling_factor
+    ));
+    Ok(())
+}
+
+/// Trains the text encoder and U-Net with a progress bar and prints the report.
+fn unet(r: &Recipe, o: &UnetOptions, out: &Path, device: &Device) -> Result<()> {
+    let pb = bar(o.steps);
+    let u = train_unet(r, o, out, device, &mut report(&pb))?;
+    pb.finish();
+    crate::emit(format_args!(
+        "text encoder + U-Net: {} steps, loss {:.4}",
+        u.steps, u.final_loss
+    ));
+    Ok(())
+}
+
+pub fn run(cmd: TrainCommand) -> Result<()> {
+    let device = Device::Cpu;
+    let started = Instant::now();
+    match cmd {
+        TrainCommand::Vae(a) => vae(&recipe(&a.common), &vae_options(&a), &a.common.out, &device)?,
+        TrainCommand::Unet(a) => unet(
+            &recipe(&a.common),
+            &unet_options(&a)?,
+            &a.common.out,
+            &device,
+        )?,
+        TrainCommand::Shapes(a) => {
+            let r = recipe(&a.common);
+            std::fs::create_dir_all(&a.common.out)?;
+            // The embedded model's recipe (about 55 minutes on an idle 2-core CPU).
+            let mut vo = VaeOptions {
+                seed: a.common.seed,
+                steps: 1500,
+                batch: 16,
+                lr: 1.5e-3,
+                crop: Some(32),
+                ..VaeOptions::default()
+            };
+            let mut uo = UnetOptions {
+                seed: a.common.seed,
+                batch: 16,
+                steps: 2400,
+                lr: 5e-4,
+                min_snr_gamma: Some(5.0),
+                ema_decay: 0.998,
+                pool: 12_000,
+                ..UnetOptions::default()
+            };
+            if let Some(s) = a.vae_steps {
+                vo.steps = s;
+            }
+            if let Some(s) = a.unet_steps {
+                uo.steps = s;
+            }
+            if let Some(n) = a.common.checkpoint_every {
+                vo.checkpoint_every = n.max(1);
+                uo.checkpoint_every = n.max(1);
+            }
+            if a.common.miniature {
+                vo.held_out = 8;
+                uo.pool = 64;
+                uo.batch = 4;
+            }
+            vae(&r, &vo, &a.common.out, &device)?;
+            unet(&r, &uo, &a.common.out, &device)?;
+        }
+    }
+    crate::emit(format_args!(
+        "trained in {:.1} min",
+        started.elapsed().as_secs_f64() / 60.0
+    ));
+    Ok(())
+}

@@ -1,0 +1,325 @@
+//! Training, data and evaluation end to end through the `ldm` binary: a miniature model trained
+//! for a few steps and used like any model, a run killed with SIGKILL and resumed, the embedded
+//! default, and clear errors on bad input.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+fn ldm_in(cache: &Path, args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_ldm"))
+        .args(args)
+        .env("LDM_CACHE", cache)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn ldm(args: &[&str]) -> (bool, String, String) {
+    ldm_in(&std::env::temp_dir().join("ldm-test-cache"), args)
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+fn png_size(path: &Path) -> (u32, u32) {
+    let img = image::open(path).unwrap();
+    (img.width(), img.height())
+}
+
+fn eval_prompts() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../eval")
+}
+
+#[test]
+fn a_miniature_model_trains_generates_and_evaluates() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("mini");
+    let (ok, out, err) = ldm(&[
+        "train",
+        "shapes",
+        "--miniature",
+        "--vae-steps",
+        "3",
+        "--unet-steps",
+        "3",
+        "--out",
+        s(&model),
+    ]);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("held-out PSNR") && out.contains("text encoder + U-Net: 3 steps"),
+        "{out}"
+    );
+    for f in [
+        "model_index.json",
+        "vae/config.json",
+        "unet/diffusion_pytorch_model.safetensors",
+        "text_encoder/model.safetensors",
+        "tokenizer/vocab.json",
+        "scheduler/scheduler_config.json",
+        "vae-train/losses.csv",
+        "unet-train/state.json",
+    ] {
+        assert!(model.join(f).is_file(), "missing {f}");
+    }
+    // The trained folder is an ordinary SD1 model.
+    let (ok, out, err) = ldm(&["info", s(&model), "--check"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("family:           SD1"), "{out}");
+    let png = dir.path().join("mini.png");
+    let (ok, _, err) = ldm(&[
+        "generate",
+        "a red circle",
+        "--model",
+        s(&model),
+        "--steps",
+        "2",
+        "--out",
+        s(&png),
+    ]);
+    assert!(ok, "{err}");
+    assert_eq!(png_size(&png), (64, 64), "the model's own size by default");
+    // The evaluator runs on it (a miniature model scores whatever it scores).
+    let prompts = dir.path().join("prompts.txt");
+    std::fs::write(
+        &prompts,
+        "a red circle on a blue background\na square above a circle\n",
+    )
+    .unwrap();
+    let (ok, out, err) = ldm(&[
+        "eval",
+        "shapes",
+        "--model",
+        s(&model),
+        "--prompts",
+        s(&prompts),
+        "--seeds",
+        "2",
+        "--steps",
+        "2",
+    ]);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("exact match") && out.contains("relation"),
+        "{out}"
+    );
+    // f16 conversion halves the weights and still loads.
+    let half = dir.path().join("half");
+    let (ok, _, err) = ldm(&["convert", s(&model), "--dtype", "f16", "--out", s(&half)]);
+    assert!(ok, "{err}");
+    assert!(!half.join("unet-train").exists());
+    let (a, b) = (
+        std::fs::metadata(model.join("unet/diffusion_pytorch_model.safetensors"))
+            .unwrap()
+            .len(),
+        std::fs::metadata(half.join("unet/diffusion_pytorch_model.safetensors"))
+            .unwrap()
+            .len(),
+    );
+    assert!(b < a * 6 / 10, "{a} → {b}");
+    let (ok, _, err) = ldm(&["info", s(&half), "--check"]);
+    assert!(ok, "{err}");
+}
+
+/// A run killed with SIGKILL and started again continues from its last checkpoint and writes
+/// exactly the loss curve of a run that was never interrupted.
+#[test]
+fn a_killed_run_resumes_on_the_same_curve() {
+    let dir = tempfile::tempdir().unwrap();
+    let args = |out: &Path| -> Vec<String> {
+        [
+            "train",
+            "vae",
+            "--miniature",
+            "--steps",
+            "40",
+            "--checkpoint-every",
+            "5",
+            "--out",
+        ]
+        .iter()
+        .map(|a| a.to_string())
+        .chain([out.to_str().unwrap().to_string()])
+        .collect()
+    };
+    let whole = dir.path().join("whole");
+    let (ok, _, err) = ldm(&args(&whole).iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(ok, "{err}");
+
+    let killed = dir.path().join("killed");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ldm"))
+        .args(args(&killed))
+        .spawn()
+        .unwrap();
+    let state = killed.join("vae-train/state.json");
+    let start = Instant::now();
+    while !state.exists() && start.elapsed() < Duration::from_secs(120) {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    let saved: serde_json::Value = serde_json::from_slice(&std::fs::read(&state).unwrap()).unwrap();
+    let at = saved["step"].as_u64().unwrap();
+    assert!(at < 40, "the run finished before it could be killed");
+    let (ok, _, err) = ldm(&args(&killed).iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(ok, "{err}");
+    let a = std::fs::read_to_string(whole.join("vae-train/losses.csv")).unwrap();
+    let b = std::fs::read_to_string(killed.join("vae-train/losses.csv")).unwrap();
+    assert_eq!(a.lines().count(), 41);
+    if let Some((x, y)) = a.lines().zip(b.lines()).find(|(x, y)| x != y) {
+        panic!("killed at step {at}; curves part at\n{x}\n{y}");
+    }
+    let wa = std::fs::read(whole.join("vae/diffusion_pytorch_model.safetensors")).unwrap();
+    let wb = std::fs::read(killed.join("vae/diffusion_pytorch_model.safetensors")).unwrap();
+    assert!(wa == wb, "final weights differ");
+}
+
+#[test]
+fn the_embedded_model_generates_without_a_model_argument() {
+    let dir = tempfile::tempdir().unwrap();
+    let png = dir.path().join("circle.png");
+    let cache = dir.path().join("cache");
+    let (ok, _, err) = ldm_in(
+        &cache,
+        &[
+            "generate",
+            "a red circle on a blue background",
+            "--steps",
+            "8",
+            "--out",
+            s(&png),
+        ],
+    );
+    assert!(ok, "{err}");
+    assert_eq!(png_size(&png), (64, 64));
+    // Unpacked once into the cache, whole.
+    let unpacked: Vec<_> = std::fs::read_dir(&cache).unwrap().flatten().collect();
+    assert_eq!(unpacked.len(), 1);
+    assert!(unpacked[0].path().join("unet/config.json").is_file());
+    let (ok, _, err) = ldm_in(
+        &cache,
+        &[
+            "generate",
+            "a blue square",
+            "--steps",
+            "2",
+            "--out",
+            s(&png),
+        ],
+    );
+    assert!(ok, "{err}");
+}
+
+#[test]
+fn data_and_prompt_lists() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("data");
+    let (ok, _, err) = ldm(&[
+        "data",
+        "shapes",
+        "--count",
+        "3",
+        "--size",
+        "128",
+        "--out",
+        s(&out),
+    ]);
+    assert!(ok, "{err}");
+    let lines = std::fs::read_to_string(out.join("captions.jsonl")).unwrap();
+    assert_eq!(lines.lines().count(), 3);
+    assert!(lines.contains("\"caption\""));
+    assert_eq!(png_size(&out.join("00000002.png")), (128, 128));
+    // The committed evaluation lists parse as captions of the right kinds.
+    for (file, objects) in [("shapes-one-object.txt", 1), ("shapes-two-objects.txt", 2)] {
+        let text = std::fs::read_to_string(eval_prompts().join(file)).unwrap();
+        assert_eq!(text.lines().count(), 100);
+        for l in text.lines() {
+            let st = ldm_train::shapes::read::parse_caption(l).unwrap();
+            assert_eq!(st.objects.len(), objects, "{l}");
+        }
+    }
+}
+
+#[test]
+fn bad_training_input_is_refused_clearly() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (
+            vec![
+                "data".into(),
+                "shapes".into(),
+                "--count".into(),
+                "1".into(),
+                "--size".into(),
+                "32".into(),
+                "--out".into(),
+                s(dir.path()).into(),
+            ],
+            "--size must be one of",
+        ),
+        (
+            vec![
+                "train".into(),
+                "unet".into(),
+                "--out".into(),
+                s(&dir.path().join("none")).into(),
+            ],
+            "vae",
+        ),
+        (
+            vec![
+                "train".into(),
+                "vae".into(),
+                "--crop".into(),
+                "7".into(),
+                "--out".into(),
+                s(dir.path()).into(),
+            ],
+            "--crop must be a multiple of 8",
+        ),
+        (
+            vec![
+                "train".into(),
+                "vae".into(),
+                "--steps".into(),
+                "0".into(),
+                "--out".into(),
+                s(dir.path()).into(),
+            ],
+            "at least 1",
+        ),
+        (
+            vec![
+                "eval".into(),
+                "shapes".into(),
+                "--prompts".into(),
+                s(&dir.path().join("missing.txt")).into(),
+            ],
+            "missing.txt",
+        ),
+    ];
+    for (args, expected) in cases {
+        let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (ok, _, err) = ldm(&argv);
+        assert!(!ok, "{args:?} succeeded");
+        assert!(err.contains(expected), "{args:?}: {err}");
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+    }
+    let not_caption = dir.path().join("p.txt");
+    std::fs::write(&not_caption, "a photo of a cat\n").unwrap();
+    let (ok, _, err) = ldm(&[
+        "eval",
+        "shapes",
+        "--prompts",
+        s(&not_caption),
+        "--seeds",
+        "1",
+    ]);
+    assert!(!ok && err.contains("not a Shapes World caption"), "{err}");
+}
