@@ -41,6 +41,27 @@ fn assert_agree(what: &str, autograd: f64, fd: f64, rel: f64) {
     );
 }
 
+/// `Σ out ⊙ r`, the scalar every check differentiates.
+fn weighted_sum(out: &Tensor, r: &Tensor) -> f64 {
+    (out * r)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap()
+}
+
+/// The gradient of `v`, flattened; a missing one fails the test (candle drops some silently).
+fn gradient(grads: &candle_core::backprop::GradStore, v: &Var, what: &str) -> Vec<f64> {
+    grads
+        .get(v.as_tensor())
+        .unwrap_or_else(|| panic!("{what} received no gradient"))
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f64>()
+        .unwrap()
+}
+
 /// Checks `f` at `inputs`: autograd against central differences at up to `probes` coordinates
 /// of each input, through the scalar `Σ f(x) ⊙ R` for a fixed random `R`.
 fn check(name: &str, inputs: &[Tensor], probes: usize, f: impl Fn(&[Tensor]) -> Result<Tensor>) {
@@ -51,24 +72,11 @@ fn check(name: &str, inputs: &[Tensor], probes: usize, f: impl Fn(&[Tensor]) -> 
     let xs: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
     let out = f(&xs).unwrap();
     let r = tensor(out.dims(), 99, 1.0);
-    let objective = |xs: &[Tensor]| -> f64 {
-        (f(xs).unwrap() * &r)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap()
-    };
+    let objective = |xs: &[Tensor]| weighted_sum(&f(xs).unwrap(), &r);
     let grads = (out * &r).unwrap().sum_all().unwrap().backward().unwrap();
     let h = 1e-5;
     for (i, v) in vars.iter().enumerate() {
-        let g = grads
-            .get(v.as_tensor())
-            .unwrap_or_else(|| panic!("{name}: input {i} received no gradient"))
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f64>()
-            .unwrap();
+        let g = gradient(&grads, v, &format!("{name}: input {i}"));
         let n = g.len();
         let step = (n / probes).max(1);
         for k in (0..n).step_by(step).take(probes) {
@@ -220,25 +228,12 @@ fn check_network(
     }
     let out = forward().unwrap();
     let r = tensor(out.dims(), 7, 1.0);
-    let objective = || {
-        (forward().unwrap() * &r)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap()
-    };
+    let objective = || weighted_sum(&forward().unwrap(), &r);
     let grads = (out * &r).unwrap().sum_all().unwrap().backward().unwrap();
     let h = 1e-5;
     let mut checked = 0;
     for (n, v) in vars.iter().step_by(3) {
-        let g = grads
-            .get(v.as_tensor())
-            .unwrap_or_else(|| panic!("{name}: {n} received no gradient"))
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f64>()
-            .unwrap();
+        let g = gradient(&grads, v, &format!("{name}: {n}"));
         let k = g.len() / 2;
         let orig = v.as_tensor().copy().unwrap();
         v.set(&with_value(&orig, k, h)).unwrap();

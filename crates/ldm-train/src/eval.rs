@@ -24,41 +24,35 @@ pub struct Rates {
     pub images: usize,
     pub exact: usize,
     pub count: usize,
-    pub shape: (usize, usize),
-    pub colour: (usize, usize),
-    pub size: (usize, usize),
-    pub position: (usize, usize),
-    pub relation: (usize, usize),
-    pub background: (usize, usize),
+    /// `(matched, stated)` summed per attribute, in [`Score::attributes`] order.
+    pub attributes: [(usize, usize); 6],
 }
 
 impl Rates {
     fn add(&mut self, s: &Score) {
-        let sum = |a: (usize, usize), b: (usize, usize)| (a.0 + b.0, a.1 + b.1);
         self.images += 1;
         self.exact += s.exact() as usize;
         self.count += s.count as usize;
-        self.shape = sum(self.shape, s.shape);
-        self.colour = sum(self.colour, s.colour);
-        self.size = sum(self.size, s.size);
-        self.position = sum(self.position, s.position);
-        self.relation = sum(self.relation, s.relation);
-        self.background = sum(self.background, s.background);
+        for (acc, (_, (m, n))) in self.attributes.iter_mut().zip(s.attributes()) {
+            *acc = (acc.0 + m, acc.1 + n);
+        }
     }
 
     /// `(name, rate)` rows: exact match, object count, then each stated attribute.
     pub fn rows(&self) -> Vec<(&'static str, Option<f64>)> {
         let rate = |(m, n): (usize, usize)| (n > 0).then(|| m as f64 / n as f64);
-        vec![
+        let names = Score::default().attributes().map(|(name, _)| name);
+        let mut rows = vec![
             ("exact match", rate((self.exact, self.images))),
             ("object count", rate((self.count, self.images))),
-            ("shape", rate(self.shape)),
-            ("colour", rate(self.colour)),
-            ("size", rate(self.size)),
-            ("position", rate(self.position)),
-            ("relation", rate(self.relation)),
-            ("background", rate(self.background)),
-        ]
+        ];
+        rows.extend(
+            names
+                .iter()
+                .zip(self.attributes)
+                .map(|(n, a)| (*n, rate(a))),
+        );
+        rows
     }
 }
 

@@ -177,22 +177,24 @@ pub struct Score {
 }
 
 impl Score {
+    /// `(name, (matched, stated))` for each attribute, in report order.
+    pub fn attributes(&self) -> [(&'static str, (usize, usize)); 6] {
+        [
+            ("shape", self.shape),
+            ("colour", self.colour),
+            ("size", self.size),
+            ("position", self.position),
+            ("relation", self.relation),
+            ("background", self.background),
+        ]
+    }
     /// Every stated attribute read back, and the right number of objects.
     pub fn exact(&self) -> bool {
-        self.count
-            && [
-                self.shape,
-                self.colour,
-                self.size,
-                self.position,
-                self.relation,
-                self.background,
-            ]
-            .iter()
-            .all(|(m, n)| m == n)
+        self.count && self.attributes().iter().all(|(_, (m, n))| m == n)
     }
+    /// Attributes read back (the background counts alike in every object order).
     fn matched(&self) -> usize {
-        self.shape.0 + self.colour.0 + self.size.0 + self.position.0 + self.relation.0
+        self.attributes().iter().map(|(_, (m, _))| m).sum()
     }
 }
 
