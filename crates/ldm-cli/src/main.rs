@@ -22,6 +22,7 @@ pub(crate) fn emit(args: std::fmt::Arguments) {
     }
 }
 
+mod bench;
 mod data;
 mod embedded;
 mod generate;
@@ -40,6 +41,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Time the SD1.5 and SDXL architectures (random weights made in process): U-Net step,
+    /// VAE decode, text encoding, whole generation.
+    Bench(bench::BenchArgs),
     /// Train models in Rust (the autoencoder, the text encoder and the U-Net).
     #[command(subcommand)]
     Train(train::TrainCommand),
@@ -254,6 +258,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Generate(args) => generate::run(*args),
         Command::Train(cmd) => train::run(cmd),
+        Command::Bench(args) => bench::run(args),
         Command::Data(cmd) => data::run(cmd),
         Command::Convert { model, dtype, out } => {
             let dtype = match dtype.as_str() {

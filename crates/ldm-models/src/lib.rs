@@ -6,6 +6,7 @@
 pub mod clip;
 pub mod config;
 pub mod error;
+pub mod flops;
 pub mod layers;
 pub mod model;
 pub mod unet;

@@ -370,7 +370,7 @@ fn use_tiles(c: &Components, req: &Request) -> bool {
 
 /// Decodes scaled latents to pixels; a half-precision VAE that overflows to NaN (SD1/SDXL VAEs
 /// do in f16) is retried in f32, as diffusers' `force_upcast` would have run it.
-fn decode_latents(c: &Components, req: &Request, latents: &Tensor) -> Result<Tensor> {
+pub fn decode_latents(c: &Components, req: &Request, latents: &Tensor) -> Result<Tensor> {
     let run = |vae: &ldm_models::vae::AutoencoderKL, dtype: DType| -> Result<Tensor> {
         let z = vae.unscale_latents(latents)?.to_dtype(dtype)?;
         let f = vae.config.downsample_factor();

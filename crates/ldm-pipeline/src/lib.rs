@@ -2,6 +2,7 @@
 //! once, then run txt2img, img2img and inpainting requests against them. Front-ends (the CLI,
 //! the server) only build a [`generate::Request`] and call [`generate::generate`].
 
+pub mod bench;
 pub mod components;
 pub mod error;
 pub mod generate;

@@ -5,10 +5,11 @@
 
 use super::config::{Activation, ClipTextConfig, PoolAt};
 use crate::layers::attention::{causal_mask, merge_heads, scaled_dot_product, split_heads};
+use crate::layers::linear::{linear, Linear};
 use crate::layers::ops::LayerNorm;
 use crate::layers::{gelu, quick_gelu};
 use candle_core::{DType, Result, Tensor};
-use candle_nn::{Embedding, Linear, Module, VarBuilder};
+use candle_nn::{Embedding, Module, VarBuilder};
 
 #[derive(Debug, Clone)]
 struct SelfAttention {
@@ -24,10 +25,10 @@ impl SelfAttention {
     fn new(vb: VarBuilder, c: &ClipTextConfig) -> Result<Self> {
         let d = c.hidden_size;
         Ok(Self {
-            q_proj: candle_nn::linear(d, d, vb.pp("q_proj"))?,
-            k_proj: candle_nn::linear(d, d, vb.pp("k_proj"))?,
-            v_proj: candle_nn::linear(d, d, vb.pp("v_proj"))?,
-            out_proj: candle_nn::linear(d, d, vb.pp("out_proj"))?,
+            q_proj: linear(d, d, vb.pp("q_proj"))?,
+            k_proj: linear(d, d, vb.pp("k_proj"))?,
+            v_proj: linear(d, d, vb.pp("v_proj"))?,
+            out_proj: linear(d, d, vb.pp("out_proj"))?,
             heads: c.num_attention_heads,
             scale: 1.0 / ((d / c.num_attention_heads) as f64).sqrt(),
         })
@@ -59,8 +60,8 @@ impl EncoderLayer {
             layer_norm1: crate::layers::ops::layer_norm(d, c.layer_norm_eps, vb.pp("layer_norm1"))?,
             self_attn: SelfAttention::new(vb.pp("self_attn"), c)?,
             layer_norm2: crate::layers::ops::layer_norm(d, c.layer_norm_eps, vb.pp("layer_norm2"))?,
-            fc1: candle_nn::linear(d, c.intermediate_size, vb.pp("mlp").pp("fc1"))?,
-            fc2: candle_nn::linear(c.intermediate_size, d, vb.pp("mlp").pp("fc2"))?,
+            fc1: linear(d, c.intermediate_size, vb.pp("mlp").pp("fc1"))?,
+            fc2: linear(c.intermediate_size, d, vb.pp("mlp").pp("fc2"))?,
             activation: c.activation,
         })
     }
@@ -123,7 +124,7 @@ impl ClipTextModel {
             .map(|i| EncoderLayer::new(tm.pp("encoder").pp("layers").pp(i), c))
             .collect::<Result<Vec<_>>>()?;
         let text_projection = match c.projection_dim {
-            Some(p) => Some(candle_nn::linear_no_bias(
+            Some(p) => Some(crate::layers::linear::linear_no_bias(
                 c.hidden_size,
                 p,
                 vb.pp("text_projection"),

@@ -1,8 +1,9 @@
 //! Multi-head scaled dot-product attention ("Attention Is All You Need", eq. 1) and diffusers'
 //! `Attention` module (self- or cross-attention with `to_q`, `to_k`, `to_v`, `to_out.0`).
 
+use crate::layers::linear::{linear, Linear};
 use candle_core::{DType, Result, Tensor};
-use candle_nn::{Linear, Module, VarBuilder};
+use candle_nn::{Module, VarBuilder};
 
 /// Bytes of f32 attention scores computed at once; longer queries are processed in chunks
 /// (sliced attention), so large images need memory linear, not quadratic, in their size.
@@ -11,7 +12,8 @@ pub const ATTENTION_CHUNK_BYTES: usize = 256 << 20;
 /// `softmax(q kᵀ · scale + mask) v` over `[B, H, L, d]` tensors. Scores and softmax run in f32
 /// whatever the input dtype (what diffusers' `upcast_attention`/`upcast_softmax` ask for). Rows
 /// of `q` are independent, so chunking them changes only the peak memory (and the matmul's
-/// rounding, by an ulp).
+/// rounding, by an ulp). On the CPU, without a mask and without gradients, the fused block-wise
+/// kernel ([`super::fused_attention`]) runs instead of the composed ops.
 pub fn scaled_dot_product(
     q: &Tensor,
     k: &Tensor,
@@ -19,6 +21,24 @@ pub fn scaled_dot_product(
     scale: f64,
     mask: Option<&Tensor>,
 ) -> Result<Tensor> {
+    let tracked = q.track_op() || k.track_op() || v.track_op();
+    if mask.is_none() && !tracked && q.device().is_cpu() && v.dtype() != DType::F64 {
+        // Block-wise fused kernel: never more than a block of scores, so no slicing needed.
+        let dtype = v.dtype();
+        let f32 = |t: &Tensor| t.to_dtype(DType::F32)?.contiguous();
+        let op = super::fused_attention::FusedAttention {
+            scale: scale as f32,
+        };
+        let (b, h, lq, d) = q.dims4()?;
+        let lk = k.dim(2)?;
+        crate::flops::add(
+            crate::flops::matmul(b * h * lq, d, lk)
+                + crate::flops::matmul(b * h * lq, lk, v.dim(3)?),
+        );
+        return f32(q)?
+            .apply_op3_no_bwd(&f32(k)?, &f32(v)?, &op)?
+            .to_dtype(dtype);
+    }
     sliced(q, k, v, scale, mask, ATTENTION_CHUNK_BYTES)
 }
 
@@ -55,6 +75,11 @@ fn attention_block(
     mask: Option<&Tensor>,
 ) -> Result<Tensor> {
     let dtype = v.dtype();
+    let (b, h, lq, d) = q.dims4()?;
+    let (lk, dv) = (k.dim(2)?, v.dim(3)?);
+    crate::flops::add(
+        crate::flops::matmul(b * h * lq, d, lk) + crate::flops::matmul(b * h * lq, lk, dv),
+    );
     // Half precisions are upcast; f32 and f64 keep their own precision.
     let work = match dtype {
         DType::F16 | DType::BF16 => DType::F32,
@@ -108,16 +133,16 @@ impl Attention {
         let context_dim = context_dim.unwrap_or(query_dim);
         let lin = |vb: VarBuilder, i, o, bias: bool| {
             if bias {
-                candle_nn::linear(i, o, vb)
+                linear(i, o, vb)
             } else {
-                candle_nn::linear_no_bias(i, o, vb)
+                crate::layers::linear::linear_no_bias(i, o, vb)
             }
         };
         Ok(Self {
             to_q: lin(vb.pp("to_q"), query_dim, inner, qkv_bias)?,
             to_k: lin(vb.pp("to_k"), context_dim, inner, qkv_bias)?,
             to_v: lin(vb.pp("to_v"), context_dim, inner, qkv_bias)?,
-            to_out: candle_nn::linear(inner, query_dim, vb.pp("to_out").pp("0"))?,
+            to_out: linear(inner, query_dim, vb.pp("to_out").pp("0"))?,
             heads,
             scale: 1.0 / (dim_head as f64).sqrt(),
         })

@@ -1,4 +1,5 @@
-//! 2-D convolution. Inference uses candle's kernel; when a gradient is needed on the CPU the
+//! 2-D convolution. Inference on the CPU in f32 uses [`super::conv_gemm`] (banded patches +
+//! GEMM), elsewhere candle's kernel; when a gradient is needed on the CPU the
 //! convolution is computed as im2col followed by a matrix product (Chellapilla et al. 2006), so
 //! that both backward products (input and weight gradients) run through the optimised GEMM
 //! instead of candle's direct-loop `conv_transpose2d`. [`Im2Col`] is a CustomOp whose backward
@@ -213,10 +214,31 @@ impl Conv2d {
     }
 }
 
+/// `2 · B · C_out · C_in · k² · H_out · W_out`, added to [`crate::flops`].
+fn count_flops(x: &Tensor, weight: &Tensor, stride: usize, padding: usize) {
+    if let (Ok((b, _, h, w)), Ok((o, i, k, _))) = (x.dims4(), weight.dims4()) {
+        let out = |n: usize| (n + 2 * padding).saturating_sub(k) / stride + 1;
+        crate::flops::add(crate::flops::matmul(b * out(h) * out(w), i * k * k, o));
+    }
+}
+
 impl Module for Conv2d {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let training = x.track_op() || self.weight.track_op();
-        let y = if training && x.device().is_cpu() && x.dtype() != DType::BF16 {
+        count_flops(x, &self.weight, self.stride, self.padding);
+        let cpu = x.device().is_cpu();
+        if !training && cpu && x.dtype() == DType::F32 {
+            let bias = match &self.bias {
+                Some(b) => b.clone(),
+                None => Tensor::zeros(self.weight.dim(0)?, DType::F32, x.device())?,
+            };
+            let op = super::conv_gemm::ConvGemm {
+                stride: self.stride,
+                padding: self.padding,
+            };
+            return x.contiguous()?.apply_op3_no_bwd(&self.weight, &bias, &op);
+        }
+        let y = if training && cpu && x.dtype() != DType::BF16 {
             conv2d_im2col(x, &self.weight, self.stride, self.padding)?
         } else {
             x.conv2d(&self.weight, self.padding, self.stride, 1, 1)?

@@ -3,6 +3,10 @@
 
 pub mod attention;
 pub mod conv;
+pub mod conv_gemm;
+pub mod cpu;
+pub mod fused_attention;
+pub mod linear;
 pub mod norm;
 pub mod ops;
 pub mod resnet;

@@ -3,10 +3,11 @@
 //! (He et al., "Identity Mappings in Deep Residual Networks"; DDPM's U-Net, Ho et al. 2020).
 
 use super::conv2d;
+use crate::layers::linear::{linear, Linear};
 use crate::layers::norm::GroupNorm;
 use crate::layers::Conv2d;
 use candle_core::{Result, Tensor};
-use candle_nn::{Linear, Module, VarBuilder};
+use candle_nn::{Module, VarBuilder};
 
 /// Shapes and norms of one ResNet block.
 #[derive(Debug, Clone, Copy)]
@@ -39,11 +40,7 @@ impl ResnetBlock2D {
             crate::layers::norm::group_norm(c.groups, c.in_channels, c.eps, vb.pp("norm1"))?;
         let conv1 = conv2d(vb.pp("conv1"), c.in_channels, c.out_channels, 3, 1, 1)?;
         let time_emb_proj = match c.temb_channels {
-            Some(t) => Some(candle_nn::linear(
-                t,
-                c.out_channels,
-                vb.pp("time_emb_proj"),
-            )?),
+            Some(t) => Some(linear(t, c.out_channels, vb.pp("time_emb_proj"))?),
             None => None,
         };
         let norm2 =

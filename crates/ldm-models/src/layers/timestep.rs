@@ -1,8 +1,9 @@
 //! Sinusoidal timestep embeddings (Vaswani et al. 2017, §3.5, as used by DDPM) and diffusers'
 //! `TimestepEmbedding` MLP.
 
+use crate::layers::linear::{linear, Linear};
 use candle_core::{DType, Result, Tensor};
-use candle_nn::{Linear, Module, VarBuilder};
+use candle_nn::{Module, VarBuilder};
 
 /// diffusers' `get_timestep_embedding`: `timesteps` `[N]` → `[N, dim]`, computed in f32 the way
 /// torch does (exponent, exp and product each rounded to f32).
@@ -44,8 +45,8 @@ pub struct TimestepEmbedding {
 impl TimestepEmbedding {
     pub fn new(vb: VarBuilder, in_dim: usize, time_embed_dim: usize) -> Result<Self> {
         Ok(Self {
-            linear_1: candle_nn::linear(in_dim, time_embed_dim, vb.pp("linear_1"))?,
-            linear_2: candle_nn::linear(time_embed_dim, time_embed_dim, vb.pp("linear_2"))?,
+            linear_1: linear(in_dim, time_embed_dim, vb.pp("linear_1"))?,
+            linear_2: linear(time_embed_dim, time_embed_dim, vb.pp("linear_2"))?,
         })
     }
 

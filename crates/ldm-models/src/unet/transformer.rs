@@ -3,12 +3,13 @@
 //! to the text, and a GeGLU feed-forward (Shazeer 2020), each pre-normed and residual.
 
 use crate::layers::attention::Attention;
+use crate::layers::linear::{linear, Linear};
 use crate::layers::norm::GroupNorm;
 use crate::layers::ops::LayerNorm;
 use crate::layers::Conv2d;
 use crate::layers::{conv2d, gelu};
 use candle_core::{Result, Tensor, D};
-use candle_nn::{Linear, Module, VarBuilder};
+use candle_nn::{Module, VarBuilder};
 
 /// Shapes of one spatial transformer.
 #[derive(Debug, Clone, Copy)]
@@ -32,8 +33,8 @@ impl FeedForward {
     fn new(vb: VarBuilder, dim: usize) -> Result<Self> {
         let inner = 4 * dim;
         Ok(Self {
-            proj: candle_nn::linear(dim, 2 * inner, vb.pp("net").pp(0).pp("proj"))?,
-            out: candle_nn::linear(inner, dim, vb.pp("net").pp(2))?,
+            proj: linear(dim, 2 * inner, vb.pp("net").pp(0).pp("proj"))?,
+            out: linear(inner, dim, vb.pp("net").pp(2))?,
         })
     }
 
@@ -98,9 +99,9 @@ enum Projection {
 }
 
 impl Projection {
-    fn new(vb: VarBuilder, linear: bool, i: usize, o: usize) -> Result<Self> {
-        Ok(if linear {
-            Projection::Linear(candle_nn::linear(i, o, vb)?)
+    fn new(vb: VarBuilder, use_linear: bool, i: usize, o: usize) -> Result<Self> {
+        Ok(if use_linear {
+            Projection::Linear(linear(i, o, vb)?)
         } else {
             Projection::Conv(conv2d(vb, i, o, 1, 1, 0)?)
         })

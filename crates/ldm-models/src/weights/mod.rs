@@ -8,6 +8,7 @@
 
 pub mod ckpt;
 pub mod convert;
+pub mod init;
 pub mod original;
 pub mod rename;
 

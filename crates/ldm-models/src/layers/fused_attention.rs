@@ -1,0 +1,246 @@
+//! Fused CPU attention for inference: `softmax(q kᵀ · scale) v` computed a block of query rows
+//! at a time, so the scores of one block (`BLOCK_ROWS × L_k`, in cache) are all that ever
+//! exists of the `L_q × L_k` matrix — memory linear in the number of tokens, as in
+//! FlashAttention (Dao et al. 2022), here with the whole key row per block since a CPU cache
+//! holds it. Each block is two GEMMs (`gemm` crate, one thread each) around a softmax whose
+//! exponential is vectorised; blocks of all batches and heads run in parallel on rayon.
+//!
+//! f32, no mask, no backward: training and masked (causal) attention use the composed path in
+//! [`super::attention`].
+
+use super::cpu::{contiguous_f32, gemm, Operand};
+use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape};
+use rayon::prelude::*;
+
+/// Query rows per block; fewer when a key row is so long that the block would not fit in
+/// [`BLOCK_BYTES`].
+const BLOCK_ROWS: usize = 64;
+const BLOCK_BYTES: usize = 4 << 20;
+
+/// `q` `[B, H, Lq, d]`, `k` `[B, H, Lk, d]`, `v` `[B, H, Lk, dv]` → `[B, H, Lq, dv]`.
+#[derive(Debug, Clone, Copy)]
+pub struct FusedAttention {
+    pub scale: f32,
+}
+
+/// `e^x` for `x ≤ 0` (the softmax's shifted scores) to about 2e-7 relative: `x = n·ln2 + r` with
+/// `n` the nearest integer (Cody–Waite: ln 2 in two parts, so `r` is exact), `e^r` by its Taylor
+/// polynomial for `|r| ≤ ½ ln 2` (degree 6, truncation error 1.2e-7), `2^n` added to the exponent
+/// bits. Below e^-86 the result is clamped at about 4e-38, still a normal float (denormals would
+/// slow the next product). Branch-free, so loops over slices vectorise.
+#[inline(always)]
+fn exp_nonpositive(x: f32) -> f32 {
+    const LN2_HI: f32 = 0.693_145_75;
+    const LN2_LO: f32 = 1.428_606_8e-6;
+    // Adding 1.5·2²³ rounds to an integer held in the low mantissa bits: `n` both as a float
+    // and, by subtracting the constant's bits, as an integer (no float→int conversion, which
+    // would not vectorise).
+    const MAGIC: f32 = 12_582_912.0;
+    let x = x.max(-86.0);
+    let shifted = x.mul_add(std::f32::consts::LOG2_E, MAGIC);
+    let n = shifted - MAGIC;
+    let r = n.mul_add(-LN2_HI, x);
+    let r = n.mul_add(-LN2_LO, r);
+    let p = 1.0 / 720.0f32;
+    let p = p.mul_add(r, 1.0 / 120.0);
+    let p = p.mul_add(r, 1.0 / 24.0);
+    let p = p.mul_add(r, 1.0 / 6.0);
+    let p = p.mul_add(r, 0.5);
+    let p = p.mul_add(r, 1.0);
+    let p = p.mul_add(r, 1.0);
+    let n_bits = shifted.to_bits().wrapping_sub(MAGIC.to_bits());
+    f32::from_bits(p.to_bits().wrapping_add(n_bits << 23))
+}
+
+/// Lanes of the max and sum reductions: independent partial results let the compiler keep
+/// them in vector registers instead of one serial chain.
+const LANES: usize = 16;
+
+/// Each row of `s` (`rows × n`) becomes `exp((s − max) · scale)`; `sums` gets each row's total.
+#[inline(always)]
+fn softmax_numerators_body(s: &mut [f32], n: usize, scale: f32, sums: &mut [f32]) {
+    for (row, sum) in s.chunks_exact_mut(n).zip(sums.iter_mut()) {
+        let mut lanes = [f32::NEG_INFINITY; LANES];
+        let mut chunks = row.chunks_exact(LANES);
+        for c in &mut chunks {
+            for (m, &v) in lanes.iter_mut().zip(c) {
+                *m = if v > *m { v } else { *m };
+            }
+        }
+        let mut max = lanes.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        for &v in chunks.remainder() {
+            max = max.max(v);
+        }
+        let shift = max * scale;
+        let mut totals = [0f32; LANES];
+        let mut chunks = row.chunks_exact_mut(LANES);
+        for c in &mut chunks {
+            for (t, v) in totals.iter_mut().zip(c.iter_mut()) {
+                let e = exp_nonpositive(v.mul_add(scale, -shift));
+                *v = e;
+                *t += e;
+            }
+        }
+        let mut total: f32 = totals.iter().sum();
+        for v in chunks.into_remainder() {
+            let e = exp_nonpositive(v.mul_add(scale, -shift));
+            *v = e;
+            total += e;
+        }
+        *sum = total;
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512vl,fma")]
+unsafe fn softmax_numerators_avx512(s: &mut [f32], n: usize, scale: f32, sums: &mut [f32]) {
+    softmax_numerators_body(s, n, scale, sums)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn softmax_numerators_avx2(s: &mut [f32], n: usize, scale: f32, sums: &mut [f32]) {
+    softmax_numerators_body(s, n, scale, sums)
+}
+
+fn softmax_numerators(s: &mut [f32], n: usize, scale: f32, sums: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512vl") {
+            // SAFETY: the CPU has the features the function is compiled for.
+            return unsafe { softmax_numerators_avx512(s, n, scale, sums) };
+        }
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            // SAFETY: as above.
+            return unsafe { softmax_numerators_avx2(s, n, scale, sums) };
+        }
+    }
+    softmax_numerators_body(s, n, scale, sums)
+}
+
+impl CustomOp3 for FusedAttention {
+    fn name(&self) -> &'static str {
+        "fused-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        qs: &CpuStorage,
+        ql: &Layout,
+        ks: &CpuStorage,
+        kl: &Layout,
+        vs: &CpuStorage,
+        vl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (b, h, lq, d) = ql.shape().dims4()?;
+        let (kb, kh, lk, kd) = kl.shape().dims4()?;
+        let (vb, vh, vk, dv) = vl.shape().dims4()?;
+        if (kb, kh, kd) != (b, h, d) || (vb, vh, vk) != (b, h, lk) {
+            candle_core::bail!(
+                "fused attention: q {:?}, k {:?}, v {:?} do not fit",
+                ql.shape(),
+                kl.shape(),
+                vl.shape()
+            );
+        }
+        let (q, k, v) = (
+            contiguous_f32(qs, ql, self.name(), "q")?,
+            contiguous_f32(ks, kl, self.name(), "k")?,
+            contiguous_f32(vs, vl, self.name(), "v")?,
+        );
+        let rows = BLOCK_ROWS.min(BLOCK_BYTES / (4 * lk.max(1))).max(1);
+        let mut out = vec![0f32; b * h * lq * dv];
+        let scale = self.scale;
+        // One task per block of query rows of one head; each owns its output rows.
+        out.par_chunks_mut(lq * dv)
+            .enumerate()
+            .for_each(|(head, out_h)| {
+                let qh = &q[head * lq * d..(head + 1) * lq * d];
+                let kh = &k[head * lk * d..(head + 1) * lk * d];
+                let vh = &v[head * lk * dv..(head + 1) * lk * dv];
+                out_h.par_chunks_mut(rows * dv).enumerate().for_each_init(
+                    || (vec![0f32; rows * lk], vec![0f32; rows]),
+                    |(scores, sums), (j, dst)| {
+                        let m = dst.len() / dv;
+                        let s = &mut scores[..m * lk];
+                        let qb = &qh[j * rows * d..];
+                        gemm(
+                            (m, lk, d),
+                            s,
+                            lk,
+                            false,
+                            Operand::rows(qb, d),
+                            Operand::transposed(kh, d),
+                            false,
+                        );
+                        softmax_numerators(s, lk, scale, &mut sums[..m]);
+                        gemm(
+                            (m, dv, lk),
+                            dst,
+                            dv,
+                            false,
+                            Operand::rows(s, lk),
+                            Operand::rows(vh, dv),
+                            false,
+                        );
+                        for (row, &sum) in dst.chunks_exact_mut(dv).zip(sums.iter()) {
+                            let inv = 1.0 / sum;
+                            row.iter_mut().for_each(|x| *x *= inv);
+                        }
+                    },
+                );
+            });
+        Ok((CpuStorage::F32(out), Shape::from((b, h, lq, dv))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Tensor};
+
+    #[test]
+    fn exp_is_accurate_on_the_softmax_range() {
+        let mut worst = 0f64;
+        for i in 0..200_000 {
+            let x = -(i as f32) * 0.0005; // 0 … -100
+            let ours = exp_nonpositive(x) as f64;
+            let exact = (x as f64).exp();
+            if exact > 1e-37 {
+                worst = worst.max(((ours - exact) / exact).abs());
+            }
+        }
+        assert!(worst < 1e-6, "relative error {worst}");
+        assert!(exp_nonpositive(-1000.0) < 1e-37 && exp_nonpositive(-1000.0).is_normal());
+        assert_eq!(exp_nonpositive(0.0), 1.0);
+    }
+
+    #[test]
+    fn matches_composed_attention() -> Result<()> {
+        let dev = Device::Cpu;
+        // Lq not a multiple of the block, Lq = 1, cross-attention with short keys.
+        for &(b, h, lq, lk, d, dv) in &[
+            (2, 3, 150, 150, 8, 8),
+            (1, 2, 1, 7, 4, 4),
+            (2, 1, 70, 77, 16, 16),
+            (1, 1, 64, 5000, 8, 4),
+        ] {
+            let q = Tensor::randn(0f32, 1.0, (b, h, lq, d), &dev)?;
+            let k = Tensor::randn(0f32, 1.0, (b, h, lk, d), &dev)?;
+            let v = Tensor::randn(0f32, 1.0, (b, h, lk, dv), &dev)?;
+            let scale = 1.0 / (d as f64).sqrt();
+            let ours = q.apply_op3_no_bwd(
+                &k,
+                &v,
+                &FusedAttention {
+                    scale: scale as f32,
+                },
+            )?;
+            let probs = candle_nn::ops::softmax_last_dim(&(q.matmul(&k.t()?)? * scale)?)?;
+            let theirs = probs.matmul(&v)?;
+            let diff = (ours - theirs)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(diff < 1e-5, "{b} {h} {lq} {lk} {d}: {diff}");
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,213 @@
+"""ldm and PyTorch diffusers side by side, in one run, on the same shapes and thread count.
+
+Usage:
+    python tools/bench/side_by_side.py [--arch sd15] [--sizes 512] [--parts text,unet,vae]
+                                       [--dtypes f32,bf16] [--threads 2] [--runs 3]
+                                       [--ldm target/release/ldm] [--markdown FILE]
+
+For each architecture it first runs `ldm bench` (random weights made in process, JSON lines),
+then builds the same diffusers/transformers modules from the same released configs
+(fixtures/configs) with random weights and times them with torch.set_num_threads(--threads):
+- unet: one UNet2DConditionModel forward at batch 2 (a guided step), text context of 77 tokens;
+- vae_decode: AutoencoderKL.decode of one latent (untiled, as the pipeline does at these sizes);
+- text: the text encoder(s) on the prompt and on the negative prompt, 77 tokens each;
+- generate: StableDiffusion(XL)Pipeline, 20 steps (--steps), guidance 7.5.
+f32 runs plain; bf16 runs under torch.autocast("cpu", torch.bfloat16). Medians of --runs timed
+runs after one warm-up. FLOPs come from torch.utils.flop_counter.FlopCounterMode (ldm counts its
+own). The ratio is PyTorch's time over ldm's: above 1, ldm is faster.
+"""
+import argparse
+import gc
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+CONFIGS = {"sd15": ROOT / "fixtures/configs/sd15", "sdxl": ROOT / "fixtures/configs/sdxl_base"}
+NATIVE = {"sd15": 512, "sdxl": 1024}
+TOKENIZER = ROOT / "fixtures/tiny/sd15/tokenizer"
+PROMPT = "a photograph of an astronaut riding a horse"
+NEGATIVE = "blurry, low quality"
+
+
+def run_ldm(args, arch, sizes, parts, dtypes):
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "ldm.jsonl"
+        cmd = [args.ldm, "bench", "--arch", arch, "--parts", ",".join(parts),
+               "--sizes", ",".join(map(str, sizes)), "--dtypes", ",".join(dtypes),
+               "--runs", str(args.runs), "--steps", str(args.steps), "--json", str(out)]
+        env = dict(os.environ, RAYON_NUM_THREADS=str(args.threads))
+        print("$", " ".join(cmd), flush=True)
+        proc = subprocess.run(cmd, env=env, text=True, capture_output=True)
+        sys.stdout.write(proc.stdout)
+        if proc.returncode != 0:
+            sys.stderr.write(proc.stderr)
+            print(f"ldm bench failed ({proc.returncode}); its rows are left empty", flush=True)
+        rows = {}
+        if out.exists():
+            for line in out.read_text().splitlines():
+                r = json.loads(line)
+                rows[(r["part"], r["size"], r["dtype"])] = r
+        return rows
+
+
+def build_torch(arch):
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    torch.manual_seed(0)
+    root = CONFIGS[arch]
+    unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(root / "unet")).eval()
+    vae = AutoencoderKL.from_config(AutoencoderKL.load_config(root / "vae")).eval()
+    encoders = [CLIPTextModel(CLIPTextConfig.from_pretrained(root / "text_encoder")).eval()]
+    if (root / "text_encoder_2").exists():
+        encoders.append(
+            CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(root / "text_encoder_2")).eval())
+    tokenizer = CLIPTokenizer.from_pretrained(TOKENIZER)
+    return unet, vae, encoders, tokenizer
+
+
+def flops_of(fn):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def time_torch(args, arch, modules, part, size, dtype):
+    import torch
+
+    unet, vae, encoders, tokenizer = modules
+    g = torch.Generator().manual_seed(0)
+    ids = [tokenizer(t, padding="max_length", max_length=77, truncation=True,
+                     return_tensors="pt").input_ids for t in (PROMPT, NEGATIVE)]
+    if part == "unet":
+        h = size // 8
+        x = torch.randn(2, 4, h, h, generator=g)
+        t = torch.tensor([500.0, 500.0])
+        ctx = torch.randn(2, 77, unet.config.cross_attention_dim, generator=g)
+        kw = {}
+        if unet.config.addition_embed_type == "text_time":
+            kw["added_cond_kwargs"] = {
+                "text_embeds": torch.randn(2, 1280, generator=g),
+                "time_ids": torch.tensor([[size, size, 0, 0, size, size]] * 2, dtype=torch.float32),
+            }
+        fn = lambda: unet(x, t, encoder_hidden_states=ctx, **kw).sample
+    elif part == "vae_decode":
+        z = torch.randn(1, 4, size // 8, size // 8, generator=g)
+        fn = lambda: vae.decode(z).sample
+    elif part == "text":
+        def fn():
+            for i in ids:
+                for e in encoders:
+                    e(i, output_hidden_states=True)
+    elif part == "generate":
+        fn = generate_fn(args, arch, modules, size)
+    else:
+        raise ValueError(part)
+
+    def call():
+        with torch.no_grad():
+            if dtype == "bf16":
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    return fn()
+            return fn()
+
+    runs, warmup = (1, 0) if part == "generate" else (args.runs, 1)
+    for _ in range(warmup):
+        call()
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        call()
+        times.append((time.perf_counter() - start) * 1e3)
+    flops = None
+    if part != "generate":
+        with torch.no_grad():
+            flops = flops_of(fn)
+    return {"runs_ms": times, "median_ms": statistics.median(times), "flops": flops}
+
+
+def generate_fn(args, arch, modules, size):
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers import EulerDiscreteScheduler
+
+    unet, vae, encoders, tokenizer = modules
+    sched = EulerDiscreteScheduler.from_config(EulerDiscreteScheduler.load_config(CONFIGS[arch] / "scheduler"))
+    if arch == "sd15":
+        pipe = StableDiffusionPipeline(vae=vae, text_encoder=encoders[0], tokenizer=tokenizer, unet=unet,
+                                       scheduler=sched, safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
+    else:
+        pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=encoders[0], text_encoder_2=encoders[1],
+                                         tokenizer=tokenizer, tokenizer_2=tokenizer, unet=unet, scheduler=sched)
+    pipe.set_progress_bar_config(disable=True)
+    return lambda: pipe(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=args.steps, guidance_scale=7.5,
+                        width=size, height=size, output_type="np")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arch", default="sd15")
+    p.add_argument("--sizes", default=None)
+    p.add_argument("--parts", default="text,unet,vae_decode")
+    p.add_argument("--dtypes", default="f32,bf16")
+    p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--ldm", default=str(ROOT / "target/release/ldm"))
+    p.add_argument("--markdown", default=None, help="also write the table here")
+    args = p.parse_args()
+
+    import torch
+    import diffusers
+
+    torch.set_num_threads(args.threads)
+    parts = [x if x != "vae" else "vae_decode" for x in args.parts.split(",")]
+    dtypes = args.dtypes.split(",")
+    lines = [
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
+        f"threads: {args.threads}; torch {torch.__version__}, diffusers {diffusers.__version__}",
+        "",
+        "| arch | bench | size | dtype | ldm ms | PyTorch ms | ratio (PyTorch/ldm) | ldm GFLOP | PyTorch GFLOP | ldm GFLOP/s |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for arch in args.arch.split(","):
+        sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else [NATIVE[arch]]
+        ours = run_ldm(args, arch, sizes, parts, dtypes)
+        modules = build_torch(arch)
+        for dtype in dtypes:
+            for size in sizes:
+                for part in parts:
+                    theirs = time_torch(args, arch, modules, part, size, dtype)
+                    mine = ours.get((part, size, dtype))
+                    mine_ms = mine["median_ms"] if mine else None
+                    ratio = f"{theirs['median_ms'] / mine_ms:.2f}" if mine_ms else "—"
+                    fmt = lambda v, d=1: f"{v:.{d}f}" if v is not None else "—"
+                    row = (f"| {arch} | {part} | {size} | {dtype} | {fmt(mine_ms)} | {fmt(theirs['median_ms'])} | "
+                           f"{ratio} | {fmt(mine['gflop'] if mine else None)} | "
+                           f"{fmt(theirs['flops'] / 1e9 if theirs['flops'] else None)} | "
+                           f"{fmt(mine['gflops_per_s'] if mine else None)} |")
+                    print(row, flush=True)
+                    lines.append(row)
+        del modules
+        gc.collect()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 / 1024
+    lines.append("")
+    lines.append(f"PyTorch process peak RSS: {peak:.2f} GiB")
+    print("\n".join(lines))
+    if args.markdown:
+        Path(args.markdown).write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
