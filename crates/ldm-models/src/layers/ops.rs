@@ -222,6 +222,59 @@ mod tests {
             eps: 1e-5,
         };
         assert!(max_abs(&ln.forward(&x)?, &ln.forward(v.as_tensor())?) < 1e-5);
+        let h = (Tensor::randn(0f32, 1.0, (2, 7, 12), &dev)? * 3.0)?;
+        let hv = Var::from_tensor(&h)?;
+        assert!(max_abs(&geglu(&h)?, &geglu(hv.as_tensor())?) < 1e-5);
+        assert_eq!(geglu(&h)?.dims(), &[2, 7, 6]);
         Ok(())
+    }
+}
+
+/// GEGLU (Shazeer 2020): the last dimension of `h` is `[hidden | gate]`; returns
+/// `hidden · gelu(gate)` with the exact (erf) GELU. One pass on the CPU for f32 inference.
+pub fn geglu(h: &Tensor) -> Result<Tensor> {
+    let half = h.dim(D::Minus1)? / 2;
+    if !h.track_op() && h.device().is_cpu() && h.dtype() == DType::F32 {
+        return h.contiguous()?.apply_op1_no_bwd(&Geglu);
+    }
+    let (hidden, gate) = (
+        h.narrow(D::Minus1, 0, half)?,
+        h.narrow(D::Minus1, half, half)?,
+    );
+    hidden * super::gelu(&gate)?
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Geglu;
+
+impl CustomOp1 for Geglu {
+    fn name(&self) -> &'static str {
+        "geglu"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let h = super::cpu::contiguous_f32(storage, layout, self.name(), "input")?;
+        let dims = layout.dims();
+        let width = *dims.last().unwrap_or(&0);
+        if !width.is_multiple_of(2) {
+            candle_core::bail!("geglu: odd last dimension {width}");
+        }
+        let half = width / 2;
+        let mut out = vec![0f32; h.len() / 2];
+        // Rows in parallel; each row: copy the gate, GELU it in place, multiply by the hidden half.
+        out.par_chunks_mut(half.max(1))
+            .zip(h.par_chunks(width.max(1)))
+            .for_each(|(o, row)| {
+                o.copy_from_slice(&row[half..]);
+                super::cpu::gelu_erf_slice(o);
+                for (y, &x) in o.iter_mut().zip(&row[..half]) {
+                    *y *= x;
+                }
+            });
+        let mut shape = dims.to_vec();
+        if let Some(last) = shape.last_mut() {
+            *last = half;
+        }
+        Ok((CpuStorage::F32(out), Shape::from(shape)))
     }
 }

@@ -326,7 +326,6 @@ impl UNet2DConditionModel {
             }
         }
 
-        self.conv_out
-            .forward(&self.conv_norm_out.forward(&x)?.silu()?)
+        self.conv_out.forward(&self.conv_norm_out.forward_silu(&x)?)
     }
 }

@@ -3,12 +3,12 @@
 //! to the text, and a GeGLU feed-forward (Shazeer 2020), each pre-normed and residual.
 
 use crate::layers::attention::Attention;
+use crate::layers::conv2d;
 use crate::layers::linear::{linear, Linear};
 use crate::layers::norm::GroupNorm;
 use crate::layers::ops::LayerNorm;
 use crate::layers::Conv2d;
-use crate::layers::{conv2d, gelu};
-use candle_core::{Result, Tensor, D};
+use candle_core::{Result, Tensor};
 use candle_nn::{Module, VarBuilder};
 
 /// Shapes of one spatial transformer.
@@ -39,13 +39,8 @@ impl FeedForward {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let h = self.proj.forward(x)?;
-        let half = h.dim(D::Minus1)? / 2;
-        let (hidden, gate) = (
-            h.narrow(D::Minus1, 0, half)?,
-            h.narrow(D::Minus1, half, half)?,
-        );
-        self.out.forward(&(hidden * gelu(&gate)?)?)
+        self.out
+            .forward(&crate::layers::ops::geglu(&self.proj.forward(x)?)?)
     }
 }
 

@@ -188,8 +188,7 @@ impl Encoder {
             x = b.forward(x)?;
         }
         let x = self.mid_block.forward(&x)?;
-        self.conv_out
-            .forward(&self.conv_norm_out.forward(&x)?.silu()?)
+        self.conv_out.forward(&self.conv_norm_out.forward_silu(&x)?)
     }
 }
 
@@ -252,8 +251,7 @@ impl Decoder {
         for b in &self.up_blocks {
             x = b.forward(x)?;
         }
-        self.conv_out
-            .forward(&self.conv_norm_out.forward(&x)?.silu()?)
+        self.conv_out.forward(&self.conv_norm_out.forward_silu(&x)?)
     }
 }
 
