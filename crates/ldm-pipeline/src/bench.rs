@@ -167,6 +167,7 @@ pub fn random_components(arch: Arch, dtype: DType, device: &Device) -> Result<Co
         source,
     })?;
     let scheduler = SchedulerConfig::from_json(&text)?;
+    ldm_models::weights::release_free_memory();
     Ok(Components {
         folder,
         unet,

@@ -94,6 +94,7 @@ impl Components {
         })?;
         let scheduler = SchedulerConfig::from_json(&text)?;
         unused.retain(|(_, u)| !u.is_empty());
+        ldm_models::weights::release_free_memory();
         Ok(Self {
             folder,
             unet: unet.model,

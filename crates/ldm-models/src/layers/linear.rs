@@ -6,13 +6,34 @@ use candle_nn::VarBuilder;
 
 #[derive(Debug, Clone)]
 pub struct Linear {
+    /// `[out, in]`.
     weight: Tensor,
+    /// `Wᵀ` as `[in, out]`: a contiguous copy for constant weights (the product's right-hand side
+    /// then streams row by row), or a transposed view of a trainable `weight`.
+    weight_t: Tensor,
     bias: Option<Tensor>,
 }
 
 impl Linear {
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
-        Self { weight, bias }
+        let contiguous_t = if weight.is_variable() {
+            None
+        } else {
+            weight.t().and_then(|t| t.contiguous()).ok()
+        };
+        match contiguous_t {
+            // The [out, in] weight becomes a view of the copy, so the memory is not doubled.
+            Some(wt) => Self {
+                weight: wt.t().unwrap_or_else(|_| wt.clone()),
+                weight_t: wt,
+                bias,
+            },
+            None => Self {
+                weight_t: weight.t().unwrap_or_else(|_| weight.clone()),
+                weight,
+                bias,
+            },
+        }
     }
 
     pub fn weight(&self) -> &Tensor {
@@ -43,10 +64,10 @@ impl Module for Linear {
             let mut out_shape = dims.to_vec();
             *out_shape.last_mut().expect("rank > 2") = out_dim;
             x.reshape((rows, in_dim))?
-                .matmul(&self.weight.t()?)?
+                .matmul(&self.weight_t)?
                 .reshape(out_shape)?
         } else {
-            x.broadcast_matmul(&self.weight.t()?)?
+            x.broadcast_matmul(&self.weight_t)?
         };
         match &self.bias {
             Some(b) => y.broadcast_add(b),
