@@ -72,6 +72,10 @@ def build_torch(arch):
         encoders.append(
             CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(root / "text_encoder_2")).eval())
     tokenizer = CLIPTokenizer.from_pretrained(TOKENIZER)
+    # Some released configs name float16 (`torch_dtype`); both sides compute in f32 (bf16 rows
+    # use autocast).
+    unet, vae = unet.float(), vae.float()
+    encoders = [e.float() for e in encoders]
     return unet, vae, encoders, tokenizer
 
 

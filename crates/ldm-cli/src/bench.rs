@@ -82,7 +82,14 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let mut results: Vec<Measurement> = Vec::new();
     for &arch in &archs {
         for &dtype in &dtypes {
-            let c = random_components(arch, dtype, &device)?;
+            let c = match random_components(arch, dtype, &device) {
+                Ok(c) => c,
+                Err(ldm_pipeline::Error::InvalidRequest(why)) => {
+                    out!("{} {}: skipped: {why}", arch.name(), dtype_name(dtype));
+                    continue;
+                }
+                Err(e) => return Err(e.into()),
+            };
             for size in sizes.clone().unwrap_or_else(|| vec![arch.native_size()]) {
                 for &part in &parts {
                     let (runs, warmup) = match part {
@@ -95,7 +102,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
                         arch.name(),
                         part.name(),
                         size,
-                        format!("{dtype:?}").to_lowercase(),
+                        dtype_name(dtype),
                         m.median_ms(),
                         m.flops as f64 / 1e9,
                         m.gflops_per_s(),
@@ -113,6 +120,10 @@ pub fn run(a: BenchArgs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+fn dtype_name(dtype: DType) -> String {
+    format!("{dtype:?}").to_lowercase()
 }
 
 fn rayon_threads() -> usize {
