@@ -209,16 +209,6 @@ impl Conv2d {
         })
     }
 
-    /// A layer from its tensors (`weight` `[C_out, C_in, k, k]`).
-    pub fn from_parts(weight: Tensor, bias: Option<Tensor>, stride: usize, padding: usize) -> Self {
-        Self {
-            weight,
-            bias,
-            stride,
-            padding,
-        }
-    }
-
     pub fn weight(&self) -> &Tensor {
         &self.weight
     }
