@@ -93,20 +93,21 @@ fn col2im<T: WithDType>(src: &[T], g: &Geometry) -> Vec<T> {
     out
 }
 
-fn contiguous<'a, T: WithDType>(s: &'a [T], l: &Layout) -> Result<&'a [T]> {
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&s[a..b]),
-        None => candle_core::bail!("im2col/col2im need a contiguous input"),
-    }
-}
-
 macro_rules! dispatch {
     ($storage:expr, $layout:expr, $f:ident, $g:expr) => {
         match $storage {
-            CpuStorage::F32(s) => CpuStorage::F32($f(contiguous(s, $layout)?, $g)),
-            CpuStorage::F64(s) => CpuStorage::F64($f(contiguous(s, $layout)?, $g)),
-            CpuStorage::F16(s) => CpuStorage::F16($f(contiguous(s, $layout)?, $g)),
-            CpuStorage::BF16(s) => CpuStorage::BF16($f(contiguous(s, $layout)?, $g)),
+            CpuStorage::F32(s) => {
+                CpuStorage::F32($f(super::cpu::contiguous(s, $layout, "im2col/col2im")?, $g))
+            }
+            CpuStorage::F64(s) => {
+                CpuStorage::F64($f(super::cpu::contiguous(s, $layout, "im2col/col2im")?, $g))
+            }
+            CpuStorage::F16(s) => {
+                CpuStorage::F16($f(super::cpu::contiguous(s, $layout, "im2col/col2im")?, $g))
+            }
+            CpuStorage::BF16(s) => {
+                CpuStorage::BF16($f(super::cpu::contiguous(s, $layout, "im2col/col2im")?, $g))
+            }
             s => candle_core::bail!("im2col: unsupported dtype {:?}", s.dtype()),
         }
     };

@@ -5,6 +5,14 @@
 
 use candle_core::{backend::BackendStorage, CpuStorage, Layout, Result};
 
+/// The elements of a contiguous tensor's storage; `op` names the kernel in the error.
+pub fn contiguous<'a, T>(s: &'a [T], l: &Layout, op: &str) -> Result<&'a [T]> {
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&s[a..b]),
+        None => candle_core::bail!("{op}: expected a contiguous input"),
+    }
+}
+
 /// The f32 elements of a contiguous tensor; `op` and `what` name it in errors.
 pub fn contiguous_f32<'a>(
     s: &'a CpuStorage,
@@ -12,13 +20,9 @@ pub fn contiguous_f32<'a>(
     op: &str,
     what: &str,
 ) -> Result<&'a [f32]> {
-    let s = match s {
-        CpuStorage::F32(s) => s,
+    match s {
+        CpuStorage::F32(s) => contiguous(s, l, op),
         s => candle_core::bail!("{op}: {what} must be f32, not {:?}", s.dtype()),
-    };
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&s[a..b]),
-        None => candle_core::bail!("{op}: {what} must be contiguous"),
     }
 }
 

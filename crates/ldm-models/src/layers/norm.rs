@@ -5,6 +5,7 @@
 //! `x̂ = (x − μ)·r`, `dx = r·(dx̂ − mean(dx̂) − x̂·mean(dx̂·x̂))` with `dx̂ = dy·γ`,
 //! `dγ = Σ dy·x̂`, `dβ = Σ dy`. Other devices and dtypes use candle's composition.
 
+use super::cpu::contiguous;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use candle_nn::{Module, VarBuilder};
 use rayon::prelude::*;
@@ -125,24 +126,25 @@ impl Float for f64 {
     }
 }
 
-fn slice<'a, T>(v: &'a [T], l: &Layout) -> Result<&'a [T]> {
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&v[a..b]),
-        None => candle_core::bail!("group norm: expected a contiguous input"),
-    }
-}
-
 /// Evaluates `$body` (a `Vec` of the inputs' float type) with the three inputs bound as slices
 /// of one float type.
 macro_rules! with_floats {
     (($a:expr, $la:expr), ($b:expr, $lb:expr), ($c:expr, $lc:expr), |$x:ident, $y:ident, $z:ident| $body:expr) => {
         match ($a, $b, $c) {
             (CpuStorage::F32(a), CpuStorage::F32(b), CpuStorage::F32(c)) => {
-                let ($x, $y, $z) = (slice(a, $la)?, slice(b, $lb)?, slice(c, $lc)?);
+                let ($x, $y, $z) = (
+                    contiguous(a, $la, "group norm")?,
+                    contiguous(b, $lb, "group norm")?,
+                    contiguous(c, $lc, "group norm")?,
+                );
                 CpuStorage::F32($body)
             }
             (CpuStorage::F64(a), CpuStorage::F64(b), CpuStorage::F64(c)) => {
-                let ($x, $y, $z) = (slice(a, $la)?, slice(b, $lb)?, slice(c, $lc)?);
+                let ($x, $y, $z) = (
+                    contiguous(a, $la, "group norm")?,
+                    contiguous(b, $lb, "group norm")?,
+                    contiguous(c, $lc, "group norm")?,
+                );
                 CpuStorage::F64($body)
             }
             _ => candle_core::bail!("group norm: f32 or f64 inputs of one dtype expected"),

@@ -6,6 +6,7 @@
 //! The compositions are checked against finite differences in f64 (`tests` below and
 //! `ldm-train`'s gradient tests).
 
+use super::cpu::contiguous;
 use candle_core::{
     backend::BackendStorage, CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape,
     Tensor, D,
@@ -72,13 +73,6 @@ fn softmax_backward_rows<T: num_traits::Float + Send + Sync>(y: &[T], g: &[T], n
     out
 }
 
-fn slice<'a, T>(s: &'a [T], l: &Layout) -> Result<&'a [T]> {
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&s[a..b]),
-        None => candle_core::bail!("softmax needs a contiguous input"),
-    }
-}
-
 impl CustomOp1 for Softmax {
     fn name(&self) -> &'static str {
         "softmax-last-dim-differentiable"
@@ -86,8 +80,12 @@ impl CustomOp1 for Softmax {
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let n = row_len(layout)?;
         let out = match storage {
-            CpuStorage::F32(x) => CpuStorage::F32(softmax_rows(slice(x, layout)?, n)),
-            CpuStorage::F64(x) => CpuStorage::F64(softmax_rows(slice(x, layout)?, n)),
+            CpuStorage::F32(x) => {
+                CpuStorage::F32(softmax_rows(contiguous(x, layout, "softmax")?, n))
+            }
+            CpuStorage::F64(x) => {
+                CpuStorage::F64(softmax_rows(contiguous(x, layout, "softmax")?, n))
+            }
             s => candle_core::bail!("softmax: unsupported dtype {:?}", s.dtype()),
         };
         Ok((out, layout.shape().clone()))
@@ -112,12 +110,16 @@ impl CustomOp2 for SoftmaxBackward {
     ) -> Result<(CpuStorage, Shape)> {
         let n = row_len(ly)?;
         let out = match (y, g) {
-            (CpuStorage::F32(y), CpuStorage::F32(g)) => {
-                CpuStorage::F32(softmax_backward_rows(slice(y, ly)?, slice(g, lg)?, n))
-            }
-            (CpuStorage::F64(y), CpuStorage::F64(g)) => {
-                CpuStorage::F64(softmax_backward_rows(slice(y, ly)?, slice(g, lg)?, n))
-            }
+            (CpuStorage::F32(y), CpuStorage::F32(g)) => CpuStorage::F32(softmax_backward_rows(
+                contiguous(y, ly, "softmax")?,
+                contiguous(g, lg, "softmax")?,
+                n,
+            )),
+            (CpuStorage::F64(y), CpuStorage::F64(g)) => CpuStorage::F64(softmax_backward_rows(
+                contiguous(y, ly, "softmax")?,
+                contiguous(g, lg, "softmax")?,
+                n,
+            )),
             _ => candle_core::bail!("softmax backward: unsupported dtypes"),
         };
         Ok((out, ly.shape().clone()))
