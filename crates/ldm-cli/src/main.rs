@@ -154,7 +154,8 @@ struct GenerateArgs {
     /// VAE's training size are tiled.
     #[arg(long)]
     tiled_vae: Option<bool>,
-    /// Compute dtype: f32, f16 or bf16 (bf16 needs a GPU).
+    /// Weights dtype: f32, f16 or bf16 (bf16 on the CPU multiplies in bf16 and computes the
+    /// rest in f32, as PyTorch's bf16 autocast does).
     #[arg(long, default_value = "f32")]
     dtype: String,
     /// Output PNG; several images get -1, -2, … before the extension.
@@ -284,6 +285,7 @@ fn png_info(path: &Path) -> Result<()> {
 }
 
 fn main() -> ExitCode {
+    ldm_models::weights::keep_freed_memory();
     let cli = Cli::parse();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,

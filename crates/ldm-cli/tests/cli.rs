@@ -173,7 +173,7 @@ fn generate_rejects_bad_input_cleanly() {
             "inpainting model",
         ),
         (vec!["--model", "/no/such/model"], "no such file"),
-        (vec!["--model", m, "--dtype", "bf16"], "bf16"),
+        (vec!["--model", m, "--dtype", "bf17"], "unknown dtype"),
     ];
     for (args, expect) in cases {
         let mut full = vec!["generate", "a prompt", "--out", o];

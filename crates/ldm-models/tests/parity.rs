@@ -174,44 +174,37 @@ fn unet_requires_exactly_its_added_conditioning() {
     assert!(err.to_string().contains("pooled text embedding"), "{err}");
 }
 
-#[test]
-fn half_precision_compute_stays_close() {
-    // f16 compute is not bit-parity, but must track f32 closely on the same weights. (candle's
-    // CPU backend has no bf16 matmul; bf16 compute is for CUDA.)
-    let (f16, dev) = (DType::F16, Device::Cpu);
+/// Runs the SD1.5 VAE decoder, U-Net and text encoder with weights in `dtype` on the CPU and
+/// checks each against the f32 oracle within `tol` (relative L2).
+fn reduced_precision_stays_close(dtype: DType, tol: f64) {
+    let dev = Device::Cpu;
+    let compute = ldm_models::layers::compute_dtype(dtype, &dev);
     let folder = open("sd15");
     let refs = reference("sd15");
-    let h = |name: &str| get(&refs, name).to_dtype(f16).unwrap();
-    let check = |what: &str, out: Tensor, oracle: &str, tol: f64| {
+    let input = |name: &str| get(&refs, name).to_dtype(compute).unwrap();
+    let check = |what: &str, out: Tensor, oracle: &str| {
+        assert_eq!(out.dtype(), compute, "{what} computes in {compute:?}");
         let err = rel_l2(&out.to_dtype(DType::F32).unwrap(), get(&refs, oracle));
-        println!("sd15 {what} in f16: relative error {err:.3e}");
-        assert!(err < tol, "{what} in f16: {err}");
+        println!("sd15 {what}, {dtype:?} weights: relative error {err:.3e}");
+        assert!(err < tol, "{what}, {dtype:?} weights: {err}");
     };
-    let vae = folder.load_vae(f16, &dev).unwrap().model;
-    check(
-        "vae decode",
-        vae.decode(&h("vae.decode.input")).unwrap(),
-        "vae.decode.output",
-        2e-2,
-    );
-    let unet = folder.load_unet(f16, &dev).unwrap().model;
-    let t = Tensor::full(
-        get(&refs, "unet.timesteps").to_vec1::<f32>().unwrap()[0],
-        2,
-        &dev,
-    )
-    .unwrap();
+    let vae = folder.load_vae(dtype, &dev).unwrap().model;
+    let out = vae.decode(&input("vae.decode.input")).unwrap();
+    check("vae decode", out, "vae.decode.output");
+    let unet = folder.load_unet(dtype, &dev).unwrap().model;
+    let t = get(&refs, "unet.timesteps").to_vec1::<f32>().unwrap()[0];
+    let t = Tensor::full(t, 2, &dev).unwrap();
     let out = unet
         .forward(
-            &h("unet.sample"),
+            &input("unet.sample"),
             &t,
-            &h("unet.encoder_hidden_states"),
+            &input("unet.encoder_hidden_states"),
             None,
         )
         .unwrap();
-    check("unet", out, "unet.out.0", 2e-2);
+    check("unet", out, "unet.out.0");
     let te = folder
-        .load_text_encoder(TextEncoderSlot::First, f16, &dev)
+        .load_text_encoder(TextEncoderSlot::First, dtype, &dev)
         .unwrap()
         .model;
     let out = te.forward(get(&refs, "text_encoder.input_ids")).unwrap();
@@ -219,8 +212,24 @@ fn half_precision_compute_stays_close() {
         "text encoder",
         out.last_hidden_state,
         "text_encoder.last_hidden_state",
-        2e-2,
     );
+}
+
+/// f16 compute is not bit-parity, but must track f32 closely on the same weights.
+#[test]
+fn half_precision_compute_stays_close() {
+    reduced_precision_stays_close(DType::F16, 2e-2);
+}
+
+/// bf16 weights on the CPU: bf16 operands in every convolution, linear layer and attention
+/// product (the AVX512-BF16 kernels, or f32 copies of the weights without them), f32 elsewhere.
+#[test]
+fn bf16_weights_on_the_cpu_stay_close() {
+    assert_eq!(
+        ldm_models::layers::compute_dtype(DType::BF16, &Device::Cpu),
+        DType::F32
+    );
+    reduced_precision_stays_close(DType::BF16, 3e-2);
 }
 
 #[test]

@@ -137,11 +137,6 @@ impl Drop for ConfigDir {
 /// The architecture's components with seeded random weights (scaled as for training, so
 /// activations stay finite), computing in `dtype`.
 pub fn random_components(arch: Arch, dtype: DType, device: &Device) -> Result<Components> {
-    if dtype == DType::BF16 && device.is_cpu() {
-        return Err(Error::InvalidRequest(
-            "bf16 compute needs a GPU (candle's CPU backend has no bf16 matmul)".into(),
-        ));
-    }
     let dir = ConfigDir::write(arch)?;
     let folder = ModelFolder::open(&dir.0)?;
     let vb = |seed: u64| SeededInit::constants(seed, device).set_dtype(dtype);
@@ -300,7 +295,7 @@ pub fn measure(
             (batch, c.vae.config.latent_channels, size / f, size / f),
             device,
         )?
-        .to_dtype(c.dtype)?)
+        .to_dtype(c.compute_dtype())?)
     };
     let prompt = "a photograph of an astronaut riding a horse";
     let negative = "blurry, low quality";
@@ -316,7 +311,8 @@ pub fn measure(
     let unet_inputs = if part == Part::Unet {
         let cond = crate::prompt::encode(c, prompt, None)?;
         let uncond = crate::prompt::encode(c, negative, None)?;
-        let context = Tensor::cat(&[&uncond.context, &cond.context], 0)?.to_dtype(c.dtype)?;
+        let context =
+            Tensor::cat(&[&uncond.context, &cond.context], 0)?.to_dtype(c.compute_dtype())?;
         let added = match c.unet.config.text_time {
             Some(_) => {
                 let pooled = match (&uncond.pooled, &cond.pooled) {
@@ -326,8 +322,8 @@ pub fn measure(
                 let ids = [size, size, 0, 0, size, size].map(|v| v as f32);
                 let time_ids = Tensor::new(&ids, device)?.unsqueeze(0)?.repeat((2, 1))?;
                 Some(AddedCond {
-                    text_embeds: pooled.to_dtype(c.dtype)?,
-                    time_ids: time_ids.to_dtype(c.dtype)?,
+                    text_embeds: pooled.to_dtype(c.compute_dtype())?,
+                    time_ids: time_ids.to_dtype(c.compute_dtype())?,
                 })
             }
             None => None,

@@ -19,7 +19,7 @@ pub struct Components {
     /// One pair for SD1/SD2, two for SDXL (the second with the projection).
     pub text_encoders: Vec<(ClipTokenizer, ClipTextModel)>,
     pub scheduler: SchedulerConfig,
-    /// The dtype the networks compute in (samplers always run in f32).
+    /// The dtype the weights are held in; see [`Self::compute_dtype`] for the activations'.
     pub dtype: DType,
     pub device: Device,
     /// Checkpoint tensors no network used, per component (reported, not fatal).
@@ -27,6 +27,13 @@ pub struct Components {
 }
 
 impl Components {
+    /// The dtype the networks' activations flow in: the weights' dtype, except bf16 on the
+    /// CPU, which multiplies bf16 operands and computes everything else in f32
+    /// ([`ldm_models::layers::compute_dtype`]). Samplers always run in f32.
+    pub fn compute_dtype(&self) -> DType {
+        ldm_models::layers::compute_dtype(self.dtype, &self.device)
+    }
+
     /// Loads a diffusers folder, computing in `dtype` on `device`.
     pub fn load(path: &Path, dtype: DType, device: &Device) -> Result<Self> {
         Self::from_folder(ModelFolder::open(path)?, dtype, device)
@@ -61,11 +68,6 @@ impl Components {
     fn from_folder(folder: ModelFolder, dtype: DType, device: &Device) -> Result<Self> {
         let path = folder.root.clone();
         let path = path.as_path();
-        if dtype == DType::BF16 && device.is_cpu() {
-            return Err(Error::InvalidRequest(
-                "bf16 compute needs a GPU (candle's CPU backend has no bf16 matmul); use f32 or f16".into(),
-            ));
-        }
         if !matches!(dtype, DType::F32 | DType::F16 | DType::BF16) {
             return Err(Error::InvalidRequest(format!(
                 "unsupported compute dtype {dtype:?}"

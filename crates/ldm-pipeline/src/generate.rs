@@ -255,7 +255,7 @@ fn conditioning(c: &Components, req: &Request) -> Result<Conditioning> {
             .collect::<Result<Vec<_>>>()?,
         0,
     )?
-    .to_dtype(c.dtype)?;
+    .to_dtype(c.compute_dtype())?;
     let added = if sdxl {
         let (h, w) = (req.height, req.width);
         let (oh, ow) = req.sdxl.original_size.unwrap_or((h, w));
@@ -295,7 +295,7 @@ fn conditioning(c: &Components, req: &Request) -> Result<Conditioning> {
             })
             .collect::<Result<Vec<_>>>()?;
         Some(AddedCond {
-            text_embeds: Tensor::cat(&pooled, 0)?.to_dtype(c.dtype)?,
+            text_embeds: Tensor::cat(&pooled, 0)?.to_dtype(c.compute_dtype())?,
             time_ids: Tensor::cat(&id_rows, 0)?,
         })
     } else {
@@ -349,7 +349,7 @@ fn encode_image(
     image: &Tensor,
     noise: &mut dyn NoiseSource,
 ) -> Result<Tensor> {
-    let image = image.to_dtype(c.dtype)?;
+    let image = image.to_dtype(c.compute_dtype())?;
     let posterior = if use_tiles(c, req) {
         c.vae.encode_tiled(&image, c.vae.config.sample_size, 0.25)?
     } else {
@@ -357,7 +357,7 @@ fn encode_image(
     };
     let eps = randn_tensor(noise, posterior.mean.shape(), &c.device)?;
     let latents = posterior
-        .sample(&eps.to_dtype(c.dtype)?)?
+        .sample(&eps.to_dtype(c.compute_dtype())?)?
         .to_dtype(DType::F32)?;
     Ok(c.vae.scale_latents(&latents)?)
 }
@@ -380,8 +380,8 @@ pub fn decode_latents(c: &Components, req: &Request, latents: &Tensor) -> Result
             vae.decode(&z)?
         })
     };
-    let pixels = run(&c.vae, c.dtype)?;
-    if c.dtype == DType::F32 {
+    let pixels = run(&c.vae, c.compute_dtype())?;
+    if c.compute_dtype() == DType::F32 {
         return Ok(pixels);
     }
     let finite = pixels
@@ -395,7 +395,7 @@ pub fn decode_latents(c: &Components, req: &Request, latents: &Tensor) -> Result
     }
     eprintln!(
         "warning: the VAE overflowed in {:?}; decoding again in f32",
-        c.dtype
+        c.compute_dtype()
     );
     let vae32 = c.folder.load_vae(DType::F32, &c.device)?.model;
     run(&vae32, DType::F32)
@@ -558,7 +558,7 @@ pub fn generate_with(
         cond,
         guidance_scale: req.guidance_scale,
         guidance_rescale: req.guidance_rescale,
-        dtype: c.dtype,
+        dtype: c.compute_dtype(),
         extra_channels,
     };
     let last = plan.sigmas[plan.sigmas.len() - 1];

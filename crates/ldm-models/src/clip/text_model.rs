@@ -181,10 +181,10 @@ impl ClipTextModel {
         }
         let device = input_ids.device();
         let positions = Tensor::arange(0u32, len as u32, device)?;
-        let mut x = self
-            .token_embedding
-            .forward(&ids)?
-            .broadcast_add(&self.position_embedding.forward(&positions)?)?;
+        let mut x = crate::layers::compute_param(self.token_embedding.forward(&ids)?)?
+            .broadcast_add(&crate::layers::compute_param(
+                self.position_embedding.forward(&positions)?,
+            )?)?;
         let mask = causal_mask(len, device)?;
         let mut hidden_states = Vec::with_capacity(self.layers.len() + 1);
         hidden_states.push(x.clone());

@@ -21,6 +21,19 @@ pub fn scaled_dot_product(
     scale: f64,
     mask: Option<&Tensor>,
 ) -> Result<Tensor> {
+    attention_with(q, k, v, scale, mask, false)
+}
+
+/// [`scaled_dot_product`]; `bf16`: the fused CPU kernel multiplies bf16 operands (for models
+/// whose weights are bf16, see [`super::compute_dtype`]).
+fn attention_with(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    mask: Option<&Tensor>,
+    bf16: bool,
+) -> Result<Tensor> {
     let tracked = q.track_op() || k.track_op() || v.track_op();
     if mask.is_none() && !tracked && q.device().is_cpu() && v.dtype() != DType::F64 {
         // Block-wise fused kernel: never more than a block of scores, so no slicing needed.
@@ -28,6 +41,7 @@ pub fn scaled_dot_product(
         let f32 = |t: &Tensor| t.to_dtype(DType::F32)?.contiguous();
         let op = super::fused_attention::FusedAttention {
             scale: scale as f32,
+            bf16,
         };
         let (b, h, lq, d) = q.dims4()?;
         let lk = k.dim(2)?;
@@ -154,7 +168,8 @@ impl Attention {
         let q = split_heads(&self.to_q.forward(x)?, self.heads)?;
         let k = split_heads(&self.to_k.forward(context)?, self.heads)?;
         let v = split_heads(&self.to_v.forward(context)?, self.heads)?;
-        let out = scaled_dot_product(&q, &k, &v, self.scale, None)?;
+        let bf16 = self.to_q.is_packed_bf16();
+        let out = attention_with(&q, &k, &v, self.scale, None, bf16)?;
         self.to_out.forward(&merge_heads(&out)?)
     }
 }

@@ -202,9 +202,19 @@ impl Conv2d {
             ..Default::default()
         };
         let c = candle_nn::conv2d(in_channels, out_channels, kernel, cfg, vb)?;
+        let weight = c.weight().clone();
+        // bf16 weights on the CPU feed the bf16 kernel, or compute in f32 without it.
+        let weight = if weight.dtype() == DType::BF16
+            && weight.device().is_cpu()
+            && !super::bf16_gemm::available()
+        {
+            weight.to_dtype(DType::F32)?
+        } else {
+            weight
+        };
         Ok(Self {
-            weight: c.weight().clone(),
-            bias: c.bias().cloned(),
+            weight,
+            bias: c.bias().cloned().map(super::compute_param).transpose()?,
             stride,
             padding,
         })

@@ -5,9 +5,14 @@
 //! holds it. Each block is two GEMMs (`gemm` crate, one thread each) around a softmax whose
 //! exponential is vectorised; blocks of all batches and heads run in parallel on rayon.
 //!
-//! f32, no mask, no backward: training and masked (causal) attention use the composed path in
-//! [`super::attention`].
+//! With `bf16` set (the model's weights are bf16 on the CPU), both products take bf16 operands
+//! with f32 accumulation ([`super::bf16_gemm`]): keys and values are packed once per head, and
+//! the softmax still runs in f32 — PyTorch's bf16 autocast rounds the same operands.
+//!
+//! f32 activations, no mask, no backward: training and masked (causal) attention use the
+//! composed path in [`super::attention`].
 
+use super::bf16_gemm::{self, PackedRef};
 use super::cpu::{contiguous_f32, exp_nonpositive, gemm, Operand};
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape};
 use rayon::prelude::*;
@@ -21,6 +26,8 @@ const BLOCK_BYTES: usize = 4 << 20;
 #[derive(Debug, Clone, Copy)]
 pub struct FusedAttention {
     pub scale: f32,
+    /// bf16 operands for both products.
+    pub bf16: bool,
 }
 
 /// Lanes of the max and sum reductions: independent partial results let the compiler keep
@@ -28,9 +35,17 @@ pub struct FusedAttention {
 const LANES: usize = 16;
 
 /// Each row of `s` (`rows × n`) becomes `exp((s − max) · scale)`; `sums` gets each row's total.
+/// With `words`, each row is also written there as bf16 pairs (`⌈n/2⌉` words a row) while it is
+/// in cache.
 #[inline(always)]
-fn softmax_numerators_body(s: &mut [f32], n: usize, scale: f32, sums: &mut [f32]) {
-    for (row, sum) in s.chunks_exact_mut(n).zip(sums.iter_mut()) {
+fn softmax_numerators_body(
+    s: &mut [f32],
+    n: usize,
+    scale: f32,
+    sums: &mut [f32],
+    mut words: Option<&mut [u32]>,
+) {
+    for (i, (row, sum)) in s.chunks_exact_mut(n).zip(sums.iter_mut()).enumerate() {
         let mut lanes = [f32::NEG_INFINITY; LANES];
         let mut chunks = row.chunks_exact(LANES);
         for c in &mut chunks {
@@ -59,34 +74,129 @@ fn softmax_numerators_body(s: &mut [f32], n: usize, scale: f32, sums: &mut [f32]
             total += e;
         }
         *sum = total;
+        if let Some(words) = words.as_deref_mut() {
+            let pairs = n.div_ceil(2);
+            let out = &mut words[i * pairs..(i + 1) * pairs];
+            let mut it = row.chunks_exact(2);
+            for (w, p) in out.iter_mut().zip(&mut it) {
+                *w = bf16_gemm::pair(p[0], p[1]);
+            }
+            if let [last] = it.remainder() {
+                out[pairs - 1] = bf16_gemm::pair(*last, 0.0);
+            }
+        }
     }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512vl,fma")]
-unsafe fn softmax_numerators_avx512(s: &mut [f32], n: usize, scale: f32, sums: &mut [f32]) {
-    softmax_numerators_body(s, n, scale, sums)
+unsafe fn softmax_numerators_avx512(
+    s: &mut [f32],
+    n: usize,
+    scale: f32,
+    sums: &mut [f32],
+    words: Option<&mut [u32]>,
+) {
+    softmax_numerators_body(s, n, scale, sums, words)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn softmax_numerators_avx2(s: &mut [f32], n: usize, scale: f32, sums: &mut [f32]) {
-    softmax_numerators_body(s, n, scale, sums)
+unsafe fn softmax_numerators_avx2(
+    s: &mut [f32],
+    n: usize,
+    scale: f32,
+    sums: &mut [f32],
+    words: Option<&mut [u32]>,
+) {
+    softmax_numerators_body(s, n, scale, sums, words)
 }
 
-fn softmax_numerators(s: &mut [f32], n: usize, scale: f32, sums: &mut [f32]) {
+fn softmax_numerators(
+    s: &mut [f32],
+    n: usize,
+    scale: f32,
+    sums: &mut [f32],
+    words: Option<&mut [u32]>,
+) {
     #[cfg(target_arch = "x86_64")]
     {
         if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512vl") {
             // SAFETY: the CPU has the features the function is compiled for.
-            return unsafe { softmax_numerators_avx512(s, n, scale, sums) };
+            return unsafe { softmax_numerators_avx512(s, n, scale, sums, words) };
         }
         if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
             // SAFETY: as above.
-            return unsafe { softmax_numerators_avx2(s, n, scale, sums) };
+            return unsafe { softmax_numerators_avx2(s, n, scale, sums, words) };
         }
     }
-    softmax_numerators_body(s, n, scale, sums)
+    softmax_numerators_body(s, n, scale, sums, words)
+}
+
+/// Divides each row of `dst` (`dv` wide) by its softmax total.
+fn normalise(dst: &mut [f32], dv: usize, sums: &[f32]) {
+    for (row, &sum) in dst.chunks_exact_mut(dv).zip(sums.iter()) {
+        let inv = 1.0 / sum;
+        row.iter_mut().for_each(|x| *x *= inv);
+    }
+}
+
+impl FusedAttention {
+    /// The bf16 products: per head, `Kᵀ` and `V` packed once; per block of query rows, the
+    /// queries and then the softmax numerators rounded to bf16 pairs.
+    fn bf16_heads(
+        &self,
+        (q, k, v): (&[f32], &[f32], &[f32]),
+        (lq, lk, d, dv): (usize, usize, usize, usize),
+        rows: usize,
+        out: &mut [f32],
+    ) {
+        let (d_pairs, k_pairs) = (d.div_ceil(2), lk.div_ceil(2));
+        out.par_chunks_mut(lq * dv)
+            .enumerate()
+            .for_each(|(head, out_h)| {
+                let qh = &q[head * lq * d..(head + 1) * lq * d];
+                let kh = &k[head * lk * d..(head + 1) * lk * d];
+                let vh = &v[head * lk * dv..(head + 1) * lk * dv];
+                let mut k_packed = vec![0u32; bf16_gemm::packed_len(d, lk)];
+                bf16_gemm::pack_transposed(&mut k_packed, kh, lk, d);
+                let mut v_packed = vec![0u32; bf16_gemm::packed_len(lk, dv)];
+                let src = bf16_gemm::Rows {
+                    data: vh,
+                    n: dv,
+                    ld: dv,
+                };
+                bf16_gemm::pack(&mut v_packed, lk, dv, &src);
+                let kt = PackedRef {
+                    data: &k_packed,
+                    pairs: d_pairs,
+                    n: lk,
+                };
+                let vp = PackedRef {
+                    data: &v_packed,
+                    pairs: k_pairs,
+                    n: dv,
+                };
+                out_h.par_chunks_mut(rows * dv).enumerate().for_each_init(
+                    || {
+                        (
+                            vec![0f32; rows * lk],
+                            vec![0f32; rows],
+                            vec![0u32; rows * d_pairs.max(k_pairs)],
+                        )
+                    },
+                    |(scores, sums, words), (j, dst)| {
+                        let m = dst.len() / dv;
+                        let s = &mut scores[..m * lk];
+                        bf16_gemm::pair_rows(&qh[j * rows * d..], m, d, d, words);
+                        bf16_gemm::gemm(m, words, d_pairs, kt, s, lk, false, false);
+                        softmax_numerators(s, lk, self.scale, &mut sums[..m], Some(words));
+                        bf16_gemm::gemm(m, words, k_pairs, vp, dst, dv, false, false);
+                        normalise(dst, dv, sums);
+                    },
+                );
+            });
+    }
 }
 
 impl CustomOp3 for FusedAttention {
@@ -122,6 +232,10 @@ impl CustomOp3 for FusedAttention {
         let rows = BLOCK_ROWS.min(BLOCK_BYTES / (4 * lk.max(1))).max(1);
         let mut out = vec![0f32; b * h * lq * dv];
         let scale = self.scale;
+        if self.bf16 && bf16_gemm::available() {
+            self.bf16_heads((q, k, v), (lq, lk, d, dv), rows, &mut out);
+            return Ok((CpuStorage::F32(out), Shape::from((b, h, lq, dv))));
+        }
         // One task per block of query rows of one head; each owns its output rows.
         out.par_chunks_mut(lq * dv)
             .enumerate()
@@ -144,7 +258,7 @@ impl CustomOp3 for FusedAttention {
                             Operand::transposed(kh, d),
                             false,
                         );
-                        softmax_numerators(s, lk, scale, &mut sums[..m]);
+                        softmax_numerators(s, lk, scale, &mut sums[..m], None);
                         gemm(
                             (m, dv, lk),
                             dst,
@@ -154,10 +268,7 @@ impl CustomOp3 for FusedAttention {
                             Operand::rows(vh, dv),
                             false,
                         );
-                        for (row, &sum) in dst.chunks_exact_mut(dv).zip(sums.iter()) {
-                            let inv = 1.0 / sum;
-                            row.iter_mut().for_each(|x| *x *= inv);
-                        }
+                        normalise(dst, dv, sums);
                     },
                 );
             });
@@ -184,17 +295,19 @@ mod tests {
             let k = Tensor::randn(0f32, 1.0, (b, h, lk, d), &dev)?;
             let v = Tensor::randn(0f32, 1.0, (b, h, lk, dv), &dev)?;
             let scale = 1.0 / (d as f64).sqrt();
-            let ours = q.apply_op3_no_bwd(
-                &k,
-                &v,
-                &FusedAttention {
-                    scale: scale as f32,
-                },
-            )?;
+            let op = |bf16| FusedAttention {
+                scale: scale as f32,
+                bf16,
+            };
+            let ours = q.apply_op3_no_bwd(&k, &v, &op(false))?;
             let probs = candle_nn::ops::softmax_last_dim(&(q.matmul(&k.t()?)? * scale)?)?;
             let theirs = probs.matmul(&v)?;
-            let diff = (ours - theirs)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            let diff = (ours - &theirs)?.abs()?.max_all()?.to_scalar::<f32>()?;
             assert!(diff < 1e-5, "{b} {h} {lq} {lk} {d}: {diff}");
+            // bf16 operands: the scores and the output each to about bf16's 2⁻⁸ relative.
+            let ours = q.apply_op3_no_bwd(&k, &v, &op(true))?;
+            let diff = (ours - theirs)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(diff < 0.03, "bf16 {b} {h} {lq} {lk} {d}: {diff}");
         }
         Ok(())
     }

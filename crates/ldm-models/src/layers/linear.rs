@@ -1,77 +1,224 @@
 //! The affine layer `x Wᵀ + b` (PyTorch's `nn.Linear`, weights `[out, in]`), counting its
-//! operations in [`crate::flops`].
+//! operations in [`crate::flops`]. Weights loaded in bf16 on the CPU are packed once for the
+//! [`super::bf16_gemm`] kernel and take f32 inputs (see [`super::compute_dtype`]).
 
-use candle_core::{Module, Result, Tensor};
+use super::bf16_gemm::{self, PackedB};
+use super::cpu::contiguous_f32;
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Module, Result, Shape, Tensor};
 use candle_nn::VarBuilder;
+use std::sync::Arc;
+
+#[derive(Debug, Clone)]
+enum Weight {
+    /// `[out, in]` and `Wᵀ` as `[in, out]`: a contiguous copy for constant weights (the
+    /// product's right-hand side then streams row by row, and the `[out, in]` tensor is a view
+    /// of it), or a transposed view of a trainable weight.
+    Dense { weight: Tensor, weight_t: Tensor },
+    /// `Wᵀ` packed for the bf16 kernel.
+    Bf16(Arc<PackedB>),
+}
 
 #[derive(Debug, Clone)]
 pub struct Linear {
-    /// `[out, in]`.
-    weight: Tensor,
-    /// `Wᵀ` as `[in, out]`: a contiguous copy for constant weights (the product's right-hand side
-    /// then streams row by row), or a transposed view of a trainable `weight`.
-    weight_t: Tensor,
+    weight: Weight,
     bias: Option<Tensor>,
+    in_dim: usize,
+    out_dim: usize,
 }
 
 impl Linear {
-    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
-        let contiguous_t = if weight.is_variable() {
-            None
-        } else {
-            weight.t().and_then(|t| t.contiguous()).ok()
-        };
-        match contiguous_t {
-            // The [out, in] weight becomes a view of the copy, so the memory is not doubled.
-            Some(wt) => Self {
-                weight: wt.t().unwrap_or_else(|_| wt.clone()),
-                weight_t: wt,
+    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
+        let (out_dim, in_dim) = weight.dims2()?;
+        let bias = bias.map(super::compute_param).transpose()?;
+        let cpu_bf16 = weight.dtype() == DType::BF16 && weight.device().is_cpu();
+        if cpu_bf16 && !weight.is_variable() && bf16_gemm::available() {
+            let bits: Vec<u16> = weight
+                .flatten_all()?
+                .to_vec1::<half::bf16>()?
+                .into_iter()
+                .map(|x| x.to_bits())
+                .collect();
+            let packed = PackedB::from_transposed_bf16(&bits, out_dim, in_dim);
+            return Ok(Self {
+                weight: Weight::Bf16(Arc::new(packed)),
                 bias,
-            },
-            None => Self {
-                weight_t: weight.t().unwrap_or_else(|_| weight.clone()),
-                weight,
-                bias,
-            },
+                in_dim,
+                out_dim,
+            });
         }
+        // Without the bf16 kernel, bf16 weights on the CPU compute in f32.
+        let weight = if cpu_bf16 {
+            weight.to_dtype(DType::F32)?
+        } else {
+            weight
+        };
+        let weight = if weight.is_variable() {
+            Weight::Dense {
+                weight_t: weight.t()?,
+                weight,
+            }
+        } else {
+            let weight_t = weight.t()?.contiguous()?;
+            Weight::Dense {
+                weight: weight_t.t()?,
+                weight_t,
+            }
+        };
+        Ok(Self {
+            weight,
+            bias,
+            in_dim,
+            out_dim,
+        })
     }
 
-    pub fn weight(&self) -> &Tensor {
-        &self.weight
+    /// Whether the weight is packed for the bf16 kernel (bf16 weights on a CPU that has it).
+    pub fn is_packed_bf16(&self) -> bool {
+        matches!(self.weight, Weight::Bf16(_))
+    }
+
+    /// The `[out, in]` weight as a tensor (unpacked from the bf16 layout when packed).
+    pub fn weight(&self) -> Result<Tensor> {
+        match &self.weight {
+            Weight::Dense { weight, .. } => Ok(weight.clone()),
+            Weight::Bf16(p) => {
+                let mut w = Vec::with_capacity(self.out_dim * self.in_dim);
+                for o in 0..self.out_dim {
+                    w.extend((0..self.in_dim).map(|i| half::bf16::from_f32(p.get(i, o))));
+                }
+                Tensor::from_vec(w, (self.out_dim, self.in_dim), &candle_core::Device::Cpu)
+            }
+        }
     }
 }
 
 /// `weight` and `bias` under `vb`, initialised as PyTorch does when training.
 pub fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
     let l = candle_nn::linear(in_dim, out_dim, vb)?;
-    Ok(Linear::new(l.weight().clone(), l.bias().cloned()))
+    Linear::new(l.weight().clone(), l.bias().cloned())
 }
 
 /// `weight` only.
 pub fn linear_no_bias(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
     let l = candle_nn::linear_no_bias(in_dim, out_dim, vb)?;
-    Ok(Linear::new(l.weight().clone(), None))
+    Linear::new(l.weight().clone(), None)
 }
 
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (out_dim, in_dim) = self.weight.dims2()?;
+        let (in_dim, out_dim) = (self.in_dim, self.out_dim);
         let rows = x.elem_count() / in_dim.max(1);
         crate::flops::add(crate::flops::matmul(rows, in_dim, out_dim));
+        let weight_t = match &self.weight {
+            Weight::Bf16(packed) => {
+                let op = PackedLinear {
+                    weight: packed.clone(),
+                    bias: self.bias.clone(),
+                };
+                return x.contiguous()?.apply_op1_no_bwd(&op);
+            }
+            Weight::Dense { weight_t, .. } => weight_t,
+        };
         // Leading dimensions are folded into rows so that one 2-D product runs.
         let dims = x.dims();
         let y = if dims.len() > 2 && x.is_contiguous() {
             let mut out_shape = dims.to_vec();
             *out_shape.last_mut().expect("rank > 2") = out_dim;
             x.reshape((rows, in_dim))?
-                .matmul(&self.weight_t)?
+                .matmul(weight_t)?
                 .reshape(out_shape)?
         } else {
-            x.broadcast_matmul(&self.weight_t)?
+            x.broadcast_matmul(weight_t)?
         };
         match &self.bias {
             Some(b) => y.broadcast_add(b),
             None => Ok(y),
         }
+    }
+}
+
+/// `x Wᵀ + b` for f32 `x` `[…, in]` and a packed bf16 `Wᵀ`: `x` rounded to bf16 pairs, one
+/// GEMM into an output that starts as the bias.
+struct PackedLinear {
+    weight: Arc<PackedB>,
+    bias: Option<Tensor>,
+}
+
+impl CustomOp1 for PackedLinear {
+    fn name(&self) -> &'static str {
+        "linear-bf16"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(s, l, self.name(), "input")?;
+        let (k, n) = (self.weight.k(), self.weight.n());
+        let dims = l.shape().dims();
+        if dims.last() != Some(&k) {
+            candle_core::bail!("linear: input {:?} does not end in {k} features", l.shape());
+        }
+        let rows = x.len() / k.max(1);
+        let pairs = k.div_ceil(2);
+        let mut a = vec![0u32; rows * pairs];
+        bf16_gemm::pair_rows(x, rows, k, k, &mut a);
+        let mut out = vec![0f32; rows * n];
+        if let Some(b) = &self.bias {
+            let b = b.to_vec1::<f32>()?;
+            for row in out.chunks_mut(n) {
+                row.copy_from_slice(&b);
+            }
+        }
+        let parallel = rows * n * k >= 1 << 18;
+        bf16_gemm::gemm(
+            rows,
+            &a,
+            pairs,
+            self.weight.view(),
+            &mut out,
+            n,
+            true,
+            parallel,
+        );
+        let mut shape = dims.to_vec();
+        *shape.last_mut().expect("rank ≥ 1") = n;
+        Ok((CpuStorage::F32(out), Shape::from(shape)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    /// bf16 weights on the CPU: the packed kernel (or the f32 fallback) against the f32 layer
+    /// over the same bf16-rounded weights and inputs.
+    #[test]
+    fn bf16_weights_compute_in_f32() -> Result<()> {
+        let dev = Device::Cpu;
+        for &(rows, k, n) in &[(1, 3, 5), (7, 64, 40), (300, 129, 70)] {
+            let w = Tensor::randn(0f32, 1.0, (n, k), &dev)?.to_dtype(DType::BF16)?;
+            let b = Tensor::randn(0f32, 1.0, n, &dev)?.to_dtype(DType::BF16)?;
+            let x = Tensor::randn(0f32, 1.0, (2, rows, k), &dev)?;
+            let ours = Linear::new(w.clone(), Some(b.clone()))?.forward(&x)?;
+            assert_eq!(ours.dtype(), DType::F32);
+            let x_r = x.to_dtype(DType::BF16)?.to_dtype(DType::F32)?;
+            let theirs = Linear::new(w.to_dtype(DType::F32)?, Some(b.to_dtype(DType::F32)?))?
+                .forward(&x_r)?;
+            let diff = (ours - theirs)?
+                .abs()?
+                .flatten_all()?
+                .max(0)?
+                .to_scalar::<f32>()?;
+            assert!(diff < 1e-4 * (k as f32).sqrt(), "{rows}×{k}→{n}: {diff}");
+        }
+        let w = Tensor::randn(0f32, 1.0, (6, 4), &dev)?.to_dtype(DType::BF16)?;
+        let back = Linear::new(w.clone(), None)?
+            .weight()?
+            .to_dtype(DType::F32)?;
+        let diff = (back - w.to_dtype(DType::F32)?)?
+            .abs()?
+            .sum_all()?
+            .to_scalar::<f32>()?;
+        assert_eq!(diff, 0.0, "weight() returns the packed weight");
+        Ok(())
     }
 }

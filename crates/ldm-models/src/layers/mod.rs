@@ -2,6 +2,7 @@
 //! piece of math: attention, the ResNet block, resampling, timestep embeddings, activations.
 
 pub mod attention;
+pub mod bf16_gemm;
 pub mod conv;
 pub mod conv_gemm;
 pub mod cpu;
@@ -13,9 +14,33 @@ pub mod resnet;
 pub mod sampling;
 pub mod timestep;
 
-use candle_core::{Result, Tensor};
+use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::VarBuilder;
 pub use conv::Conv2d;
+
+/// The dtype activations flow in for weights loaded in `weights` on `device`. Weights in bf16
+/// on the CPU compute in f32: the convolutions and linear layers multiply bf16 operands with f32
+/// accumulation ([`bf16_gemm`], or f32 copies of the weights where the CPU lacks AVX512-BF16)
+/// and everything else — norms, softmax, activations, the sampler — runs in f32, as PyTorch's
+/// bf16 autocast does on the CPU. Elsewhere activations take the weights' dtype.
+pub fn compute_dtype(weights: DType, device: &Device) -> DType {
+    if weights == DType::BF16 && device.is_cpu() {
+        DType::F32
+    } else {
+        weights
+    }
+}
+
+/// A parameter outside the matrix products (a norm's scale and shift, a bias, an embedding
+/// row) in the dtype of the activations it meets ([`compute_dtype`]).
+pub fn compute_param(t: Tensor) -> Result<Tensor> {
+    let dtype = compute_dtype(t.dtype(), t.device());
+    if dtype == t.dtype() {
+        Ok(t)
+    } else {
+        t.to_dtype(dtype)
+    }
+}
 
 /// A 2-D convolution with bias, square kernel, given stride and padding.
 pub fn conv2d(

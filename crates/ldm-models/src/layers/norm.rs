@@ -22,8 +22,13 @@ pub struct GroupNorm {
 
 /// Builds a [`GroupNorm`] over `channels` in `groups` from `weight` and `bias` under `vb`.
 pub fn group_norm(groups: usize, channels: usize, eps: f64, vb: VarBuilder) -> Result<GroupNorm> {
-    let weight = vb.get_with_hints(channels, "weight", candle_nn::Init::Const(1.0))?;
-    let bias = vb.get_with_hints(channels, "bias", candle_nn::Init::Const(0.0))?;
+    let weight = super::compute_param(vb.get_with_hints(
+        channels,
+        "weight",
+        candle_nn::Init::Const(1.0),
+    )?)?;
+    let bias =
+        super::compute_param(vb.get_with_hints(channels, "bias", candle_nn::Init::Const(0.0))?)?;
     let composed = candle_nn::GroupNorm::new(weight.clone(), bias.clone(), channels, groups, eps)?;
     Ok(GroupNorm {
         weight,

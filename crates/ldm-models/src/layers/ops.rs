@@ -151,8 +151,10 @@ pub struct LayerNorm {
 
 /// Builds a [`LayerNorm`] of width `dim` from `weight` and `bias` under `vb`.
 pub fn layer_norm(dim: usize, eps: f64, vb: VarBuilder) -> Result<LayerNorm> {
-    let weight = vb.get_with_hints(dim, "weight", candle_nn::Init::Const(1.0))?;
-    let bias = vb.get_with_hints(dim, "bias", candle_nn::Init::Const(0.0))?;
+    let weight =
+        super::compute_param(vb.get_with_hints(dim, "weight", candle_nn::Init::Const(1.0))?)?;
+    let bias =
+        super::compute_param(vb.get_with_hints(dim, "bias", candle_nn::Init::Const(0.0))?)?;
     Ok(LayerNorm { weight, bias, eps })
 }
 

@@ -461,6 +461,22 @@ pub fn component_files(dir: &Path) -> Result<Vec<PathBuf>> {
     }
 }
 
+/// Makes freed buffers of up to 32 MB stay in the process for reuse. Inference allocates and
+/// frees the same activation sizes at every layer; by default glibc maps the larger ones
+/// afresh each time and trims the heap's top, so every layer pays page faults to zero pages
+/// and TLB shootdowns to unmap them (about a tenth of a 512-pixel SD1.5 U-Net step on 2
+/// cores). The peak resident memory is unchanged; the process holds on to it between steps.
+/// Call once at start-up; glibc only (`mallopt`), a no-op elsewhere.
+pub fn keep_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes the allocator's thresholds.
+    unsafe {
+        // glibc's largest mmap threshold (HEAP_MAX_SIZE / 2 on 64-bit targets).
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+    }
+}
+
 /// Returns the heap's free pages to the system. Loading converts, transposes and drops many
 /// tensors, and glibc's allocator keeps the holes between the survivors resident; after a model
 /// is built this trims them (glibc's `malloc_trim`; a no-op elsewhere).
