@@ -11,7 +11,8 @@ then builds the same diffusers/transformers modules from the same released confi
 - unet: one UNet2DConditionModel forward at batch 2 (a guided step), text context of 77 tokens;
 - vae_decode: AutoencoderKL.decode of one latent (untiled, as the pipeline does at these sizes);
 - text: the text encoder(s) on the prompt and on the negative prompt, 77 tokens each;
-- generate: StableDiffusion(XL)Pipeline, 20 steps (--steps), guidance 7.5.
+- generate: StableDiffusion(XL)Pipeline, 20 steps (--steps), guidance 7.5, with the scheduler
+  the config names (PNDM for SD1.5: 21 U-Net evaluations; Euler for SDXL), as ldm does.
 f32 runs plain; bf16 runs under torch.autocast("cpu", torch.bfloat16). Medians of --runs timed
 runs after one warm-up. FLOPs come from torch.utils.flop_counter.FlopCounterMode (ldm counts its
 own). The ratio is PyTorch's time over ldm's: above 1, ldm is faster.
@@ -142,11 +143,14 @@ def time_torch(args, arch, modules, part, size, dtype):
 
 
 def generate_fn(args, arch, modules, size):
+    import diffusers
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-    from diffusers import EulerDiscreteScheduler
 
     unet, vae, encoders, tokenizer = modules
-    sched = EulerDiscreteScheduler.from_config(EulerDiscreteScheduler.load_config(CONFIGS[arch] / "scheduler"))
+    # The scheduler the released config names (PNDM for SD1.5, Euler for SDXL), as both
+    # diffusers' from_pretrained and `ldm bench` use: PNDM evaluates the U-Net steps + 1 times.
+    config = json.loads((CONFIGS[arch] / "scheduler" / "scheduler_config.json").read_text())
+    sched = getattr(diffusers, config["_class_name"]).from_config(config)
     if arch == "sd15":
         pipe = StableDiffusionPipeline(vae=vae, text_encoder=encoders[0], tokenizer=tokenizer, unet=unet,
                                        scheduler=sched, safety_checker=None, feature_extractor=None,

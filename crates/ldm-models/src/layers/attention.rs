@@ -5,8 +5,9 @@ use crate::layers::linear::{linear, Linear};
 use candle_core::{DType, Result, Tensor};
 use candle_nn::{Module, VarBuilder};
 
-/// Bytes of f32 attention scores computed at once; longer queries are processed in chunks
-/// (sliced attention), so large images need memory linear, not quadratic, in their size.
+/// Bytes of f32 attention scores computed at once by the composed path (GPUs, masks, training):
+/// beyond it attention runs head by head, and a head's query rows in chunks (sliced attention),
+/// so large images need memory linear, not quadratic, in their size.
 pub const ATTENTION_CHUNK_BYTES: usize = 256 << 20;
 
 /// `softmax(q kᵀ · scale + mask) v` over `[B, H, L, d]` tensors. Scores and softmax run in f32
@@ -66,19 +67,35 @@ fn sliced(
 ) -> Result<Tensor> {
     let (b, h, lq, _) = q.dims4()?;
     let lk = k.dim(2)?;
-    let row_bytes = b * h * lk * 4;
-    let rows = (chunk_bytes / row_bytes.max(1)).max(1);
-    if lq <= rows || mask.is_some() {
+    if mask.is_some() || b * h * lq * lk * 4 <= chunk_bytes {
         return attention_block(q, k, v, scale, mask);
     }
-    let mut outs = Vec::with_capacity(lq.div_ceil(rows));
-    let mut start = 0;
-    while start < lq {
-        let n = rows.min(lq - start);
-        outs.push(attention_block(&q.narrow(2, start, n)?, k, v, scale, None)?);
-        start += n;
+    // Too large at once: one head at a time (no score matrix of every head ever exists), each
+    // in chunks of query rows if even one head's scores exceed the budget.
+    let rows = (chunk_bytes / (lk * 4).max(1)).max(1);
+    let mut heads = Vec::with_capacity(b * h);
+    for bi in 0..b {
+        for hi in 0..h {
+            let one = |t: &Tensor| t.narrow(0, bi, 1)?.narrow(1, hi, 1);
+            let (qh, kh, vh) = (one(q)?, one(k)?, one(v)?);
+            let mut outs = Vec::with_capacity(lq.div_ceil(rows));
+            let mut start = 0;
+            while start < lq {
+                let n = rows.min(lq - start);
+                outs.push(attention_block(
+                    &qh.narrow(2, start, n)?,
+                    &kh,
+                    &vh,
+                    scale,
+                    None,
+                )?);
+                start += n;
+            }
+            heads.push(Tensor::cat(&outs, 2)?);
+        }
     }
-    Tensor::cat(&outs, 2)
+    let dv = v.dim(3)?;
+    Tensor::cat(&heads, 1)?.reshape((b, h, lq, dv))
 }
 
 fn attention_block(
@@ -194,11 +211,14 @@ mod tests {
         let k = Tensor::randn(0f32, 1.0, (2, 3, 29, 8), &dev)?;
         let v = Tensor::randn(0f32, 1.0, (2, 3, 29, 8), &dev)?;
         let whole = sliced(&q, &k, &v, 0.3, None, usize::MAX)?;
-        // 2·3·29·4 bytes per query row: chunks of 2 rows.
-        let chunked = sliced(&q, &k, &v, 0.3, None, 2 * 2 * 3 * 29 * 4)?;
-        // Equal up to the matmul's blocking over a different number of rows.
-        let diff = (whole - chunked)?.abs()?.max_all()?.to_scalar::<f32>()?;
-        assert!(diff < 1e-6, "{diff}");
+        // One head's scores are 37·29·4 bytes: head by head whole, or in chunks of 2 rows.
+        for budget in [37 * 29 * 4, 2 * 29 * 4] {
+            let chunked = sliced(&q, &k, &v, 0.3, None, budget)?;
+            assert_eq!(chunked.dims(), whole.dims());
+            // Equal up to the matmul's blocking over a different number of rows.
+            let diff = (&whole - chunked)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(diff < 1e-6, "{budget}: {diff}");
+        }
         Ok(())
     }
 }

@@ -461,18 +461,19 @@ pub fn component_files(dir: &Path) -> Result<Vec<PathBuf>> {
     }
 }
 
-/// Makes freed buffers of up to 32 MB stay in the process for reuse. Inference allocates and
-/// frees the same activation sizes at every layer; by default glibc maps the larger ones
-/// afresh each time and trims the heap's top, so every layer pays page faults to zero pages
-/// and TLB shootdowns to unmap them (about a tenth of a 512-pixel SD1.5 U-Net step on 2
-/// cores). The peak resident memory is unchanged; the process holds on to it between steps.
-/// Call once at start-up; glibc only (`mallopt`), a no-op elsewhere.
+/// Makes freed buffers stay in the process for reuse. Inference allocates and frees the same
+/// activation sizes at every layer; by default glibc maps large buffers afresh each time
+/// (`mmap`) and trims the heap's top, so every layer pays page faults to zero new pages and
+/// TLB shootdowns to unmap them — about a tenth of a 512-pixel SD1.5 U-Net step and VAE
+/// decode on 2 cores. Here every allocation comes from the heap and freed memory is kept; the
+/// peak resident memory is about the same, and the process holds on to it between steps
+/// ([`release_free_memory`] still returns it explicitly). Call once at start-up; glibc only
+/// (`mallopt`), a no-op elsewhere.
 pub fn keep_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only changes the allocator's thresholds.
     unsafe {
-        // glibc's largest mmap threshold (HEAP_MAX_SIZE / 2 on 64-bit targets).
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_MMAP_MAX, 0);
         libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
     }
 }
