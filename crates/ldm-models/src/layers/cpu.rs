@@ -174,6 +174,12 @@ pub fn gelu_erf(x: f32) -> f32 {
     0.5 * x * (1.0 + erf)
 }
 
+/// `x·σ(1.702·x)` (OpenAI CLIP's activation) as `silu(1.702·x) / 1.702`.
+#[inline(always)]
+pub fn quick_gelu(x: f32) -> f32 {
+    silu(1.702 * x) * (1.0 / 1.702)
+}
+
 #[inline(always)]
 fn map_body(v: &mut [f32], f: impl Fn(f32) -> f32) {
     for x in v.iter_mut() {
@@ -211,8 +217,10 @@ macro_rules! vectorised_map {
 
 vectorised_map!(silu_slice, silu);
 vectorised_map!(gelu_erf_slice, gelu_erf);
+vectorised_map!(quick_gelu_slice, quick_gelu);
 
-/// [`silu_slice`] or [`gelu_erf_slice`] over a large buffer, in parallel chunks.
+/// [`silu_slice`], [`gelu_erf_slice`] or [`quick_gelu_slice`] over a large buffer, in parallel
+/// chunks.
 pub fn par_map(v: &mut [f32], f: fn(&mut [f32])) {
     use rayon::prelude::*;
     v.par_chunks_mut(1 << 14).for_each(f);

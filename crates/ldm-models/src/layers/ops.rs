@@ -229,6 +229,8 @@ mod tests {
         let h = (Tensor::randn(0f32, 1.0, (2, 7, 12), &dev)? * 3.0)?;
         let hv = Var::from_tensor(&h)?;
         assert!(max_abs(&geglu(&h)?, &geglu(hv.as_tensor())?) < 1e-5);
+        let q = super::super::quick_gelu(&h)?;
+        assert!(max_abs(&q, &super::super::quick_gelu(hv.as_tensor())?) < 1e-5);
         assert_eq!(geglu(&h)?.dims(), &[2, 7, 6]);
         Ok(())
     }
@@ -246,6 +248,22 @@ pub fn geglu(h: &Tensor) -> Result<Tensor> {
         h.narrow(D::Minus1, half, half)?,
     );
     hidden * super::gelu(&gate)?
+}
+
+/// [`super::quick_gelu`]'s inference kernel.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct QuickGelu;
+
+impl CustomOp1 for QuickGelu {
+    fn name(&self) -> &'static str {
+        "quick-gelu"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let mut out = super::cpu::contiguous_f32(storage, layout, self.name(), "input")?.to_vec();
+        super::cpu::par_map(&mut out, super::cpu::quick_gelu_slice);
+        Ok((CpuStorage::F32(out), layout.shape().clone()))
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
