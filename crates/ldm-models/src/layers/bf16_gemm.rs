@@ -93,6 +93,16 @@ pub fn pair_slices(dst: &mut [u32], lo: &[f32], hi: Option<&[f32]>) {
     body(dst, lo, hi)
 }
 
+/// A bf16 tensor's elements as bits, row-major (for packing a weight once).
+pub fn tensor_bits(t: &candle_core::Tensor) -> candle_core::Result<Vec<u16>> {
+    Ok(t.flatten_all()?
+        .to_dtype(candle_core::DType::BF16)?
+        .to_vec1::<half::bf16>()?
+        .into_iter()
+        .map(|v| v.to_bits())
+        .collect())
+}
+
 /// f32 rows `[rows, k]` (row stride `ld`) → words `[rows, ⌈k/2⌉]`, in parallel.
 pub fn pair_rows(src: &[f32], rows: usize, k: usize, ld: usize, dst: &mut [u32]) {
     let pairs = k.div_ceil(2);

@@ -1,15 +1,17 @@
 //! 2-D convolution. Inference on the CPU in f32 uses [`super::conv_gemm`] (banded patches +
-//! GEMM), elsewhere candle's kernel; when a gradient is needed on the CPU the
+//! GEMM), with bf16 weights [`super::conv_bf16`], elsewhere candle's kernel; when a gradient is needed on the CPU the
 //! convolution is computed as im2col followed by a matrix product (Chellapilla et al. 2006), so
 //! that both backward products (input and weight gradients) run through the optimised GEMM
 //! instead of candle's direct-loop `conv_transpose2d`. [`Im2Col`] is a CustomOp whose backward
 //! is its adjoint, col2im, and vice versa; both are checked against finite differences.
 
+use super::conv_bf16::PackedConv;
 use candle_core::{
     backend::BackendStorage, CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor, WithDType,
 };
 use candle_nn::{Module, VarBuilder};
 use rayon::prelude::*;
+use std::sync::Arc;
 
 /// Geometry of a square-kernel convolution over `[B, C, H, W]`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -178,8 +180,16 @@ pub fn conv2d_im2col(x: &Tensor, weight: &Tensor, stride: usize, padding: usize)
 
 /// A convolution layer with bias (`torch.nn.Conv2d` with a square kernel).
 #[derive(Debug, Clone)]
+enum Weight {
+    /// `[C_out, C, k, k]`.
+    Dense(Tensor),
+    /// bf16 on the CPU, reordered once for [`super::conv_bf16`].
+    Bf16(Arc<PackedConv>),
+}
+
+#[derive(Debug, Clone)]
 pub struct Conv2d {
-    weight: Tensor,
+    weight: Weight,
     bias: Option<Tensor>,
     stride: usize,
     padding: usize,
@@ -203,31 +213,41 @@ impl Conv2d {
         };
         let c = candle_nn::conv2d(in_channels, out_channels, kernel, cfg, vb)?;
         let weight = c.weight().clone();
-        // bf16 weights on the CPU feed the bf16 kernel, or compute in f32 without it.
-        let weight = if weight.dtype() == DType::BF16
-            && weight.device().is_cpu()
-            && !super::bf16_gemm::available()
-        {
-            weight.to_dtype(DType::F32)?
+        let bias = c.bias().cloned().map(super::compute_param).transpose()?;
+        let cpu_bf16 = weight.dtype() == DType::BF16 && weight.device().is_cpu();
+        let weight = if cpu_bf16 && super::bf16_gemm::available() {
+            let bits = super::bf16_gemm::tensor_bits(&weight)?;
+            let packed = PackedConv::from_bf16(&bits, out_channels, in_channels, kernel);
+            Weight::Bf16(Arc::new(packed))
+        } else if cpu_bf16 {
+            // Without the bf16 kernel, bf16 weights on the CPU compute in f32.
+            Weight::Dense(weight.to_dtype(DType::F32)?)
         } else {
-            weight
+            Weight::Dense(weight)
         };
         Ok(Self {
             weight,
-            bias: c.bias().cloned().map(super::compute_param).transpose()?,
+            bias,
             stride,
             padding,
         })
     }
 
-    pub fn weight(&self) -> &Tensor {
-        &self.weight
+    /// `(C_out, C_in, k)`.
+    fn dims(&self) -> Result<(usize, usize, usize)> {
+        match &self.weight {
+            Weight::Dense(w) => {
+                let (o, i, k, _) = w.dims4()?;
+                Ok((o, i, k))
+            }
+            Weight::Bf16(p) => Ok((p.c_out, p.c_in, p.k)),
+        }
     }
 }
 
 /// `2 · B · C_out · C_in · k² · H_out · W_out`, added to [`crate::flops`].
-fn count_flops(x: &Tensor, weight: &Tensor, stride: usize, padding: usize) {
-    if let (Ok((b, _, h, w)), Ok((o, i, k, _))) = (x.dims4(), weight.dims4()) {
+fn count_flops(x: &Tensor, (o, i, k): (usize, usize, usize), stride: usize, padding: usize) {
+    if let Ok((b, _, h, w)) = x.dims4() {
         let out = |n: usize| (n + 2 * padding).saturating_sub(k) / stride + 1;
         crate::flops::add(crate::flops::matmul(b * out(h) * out(w), i * k * k, o));
     }
@@ -235,24 +255,35 @@ fn count_flops(x: &Tensor, weight: &Tensor, stride: usize, padding: usize) {
 
 impl Module for Conv2d {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let training = x.track_op() || self.weight.track_op();
-        count_flops(x, &self.weight, self.stride, self.padding);
+        let (c_out, ..) = self.dims()?;
+        count_flops(x, self.dims()?, self.stride, self.padding);
+        let zeros = || Tensor::zeros(c_out, DType::F32, x.device());
+        let weight = match &self.weight {
+            Weight::Bf16(packed) => {
+                let op = super::conv_bf16::ConvBf16 {
+                    weight: packed.clone(),
+                    stride: self.stride,
+                    padding: self.padding,
+                };
+                let bias = self.bias.clone().map_or_else(zeros, Ok)?;
+                return x.contiguous()?.apply_op2_no_bwd(&bias, &op);
+            }
+            Weight::Dense(w) => w,
+        };
+        let training = x.track_op() || weight.track_op();
         let cpu = x.device().is_cpu();
         if !training && cpu && x.dtype() == DType::F32 {
-            let bias = match &self.bias {
-                Some(b) => b.clone(),
-                None => Tensor::zeros(self.weight.dim(0)?, DType::F32, x.device())?,
-            };
+            let bias = self.bias.clone().map_or_else(zeros, Ok)?;
             let op = super::conv_gemm::ConvGemm {
                 stride: self.stride,
                 padding: self.padding,
             };
-            return x.contiguous()?.apply_op3_no_bwd(&self.weight, &bias, &op);
+            return x.contiguous()?.apply_op3_no_bwd(weight, &bias, &op);
         }
         let y = if training && cpu && x.dtype() != DType::BF16 {
-            conv2d_im2col(x, &self.weight, self.stride, self.padding)?
+            conv2d_im2col(x, weight, self.stride, self.padding)?
         } else {
-            x.conv2d(&self.weight, self.padding, self.stride, 1, 1)?
+            x.conv2d(weight, self.padding, self.stride, 1, 1)?
         };
         match &self.bias {
             Some(b) => y.broadcast_add(&b.reshape((1, (), 1, 1))?),

@@ -32,12 +32,7 @@ impl Linear {
         let bias = bias.map(super::compute_param).transpose()?;
         let cpu_bf16 = weight.dtype() == DType::BF16 && weight.device().is_cpu();
         if cpu_bf16 && !weight.is_variable() && bf16_gemm::available() {
-            let bits: Vec<u16> = weight
-                .flatten_all()?
-                .to_vec1::<half::bf16>()?
-                .into_iter()
-                .map(|x| x.to_bits())
-                .collect();
+            let bits = bf16_gemm::tensor_bits(&weight)?;
             let packed = PackedB::from_transposed_bf16(&bits, out_dim, in_dim);
             return Ok(Self {
                 weight: Weight::Bf16(Arc::new(packed)),

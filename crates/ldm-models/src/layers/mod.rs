@@ -4,6 +4,7 @@
 pub mod attention;
 pub mod bf16_gemm;
 pub mod conv;
+pub mod conv_bf16;
 pub mod conv_gemm;
 pub mod cpu;
 pub mod fused_attention;
