@@ -58,13 +58,22 @@ pub fn conv2d(
 /// `x * sigmoid(1.702 x)`: OpenAI CLIP's activation (one vectorised pass for f32 inference on
 /// the CPU).
 pub fn quick_gelu(x: &Tensor) -> Result<Tensor> {
-    if !x.track_op() && x.device().is_cpu() && x.dtype() == DType::F32 {
-        return x.contiguous()?.apply_op1_no_bwd(&ops::QuickGelu);
+    let op = ops::Elementwise {
+        name: "quick-gelu",
+        f: cpu::quick_gelu_slice,
+    };
+    match op.apply(x) {
+        Some(y) => y,
+        None => x * candle_nn::ops::sigmoid(&(x * 1.702)?)?,
     }
-    x * candle_nn::ops::sigmoid(&(x * 1.702)?)?
 }
 
-/// Exact (erf) GELU, as `torch.nn.functional.gelu` without approximation.
+/// Exact (erf) GELU, as `torch.nn.functional.gelu` without approximation (one vectorised pass
+/// for f32 inference on the CPU).
 pub fn gelu(x: &Tensor) -> Result<Tensor> {
-    x.gelu_erf()
+    let op = ops::Elementwise {
+        name: "gelu-erf",
+        f: cpu::gelu_erf_slice,
+    };
+    op.apply(x).unwrap_or_else(|| x.gelu_erf())
 }

@@ -231,6 +231,8 @@ mod tests {
         assert!(max_abs(&geglu(&h)?, &geglu(hv.as_tensor())?) < 1e-5);
         let q = super::super::quick_gelu(&h)?;
         assert!(max_abs(&q, &super::super::quick_gelu(hv.as_tensor())?) < 1e-5);
+        let g = super::super::gelu(&h)?;
+        assert!(max_abs(&g, &super::super::gelu(hv.as_tensor())?) < 1e-5);
         assert_eq!(geglu(&h)?.dims(), &[2, 7, 6]);
         Ok(())
     }
@@ -250,18 +252,30 @@ pub fn geglu(h: &Tensor) -> Result<Tensor> {
     hidden * super::gelu(&gate)?
 }
 
-/// [`super::quick_gelu`]'s inference kernel.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct QuickGelu;
+/// An elementwise activation's inference kernel: one vectorised pass of one of
+/// [`super::cpu`]'s slice functions (quick-GELU, erf-GELU).
+#[derive(Clone, Copy)]
+pub(crate) struct Elementwise {
+    pub name: &'static str,
+    pub f: fn(&mut [f32]),
+}
 
-impl CustomOp1 for QuickGelu {
+impl Elementwise {
+    /// `f` over `x` when it is an untracked f32 CPU tensor; `None` otherwise.
+    pub fn apply(self, x: &Tensor) -> Option<Result<Tensor>> {
+        (!x.track_op() && x.device().is_cpu() && x.dtype() == DType::F32)
+            .then(|| x.contiguous()?.apply_op1_no_bwd(&self))
+    }
+}
+
+impl CustomOp1 for Elementwise {
     fn name(&self) -> &'static str {
-        "quick-gelu"
+        self.name
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let mut out = super::cpu::contiguous_f32(storage, layout, self.name(), "input")?.to_vec();
-        super::cpu::par_map(&mut out, super::cpu::quick_gelu_slice);
+        let mut out = super::cpu::contiguous_f32(storage, layout, self.name, "input")?.to_vec();
+        super::cpu::par_map(&mut out, self.f);
         Ok((CpuStorage::F32(out), layout.shape().clone()))
     }
 }
