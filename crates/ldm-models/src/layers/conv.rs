@@ -1,9 +1,10 @@
 //! 2-D convolution. Inference on the CPU in f32 uses [`super::conv_gemm`] (banded patches +
-//! GEMM), with bf16 weights [`super::conv_bf16`], elsewhere candle's kernel; when a gradient is needed on the CPU the
-//! convolution is computed as im2col followed by a matrix product (Chellapilla et al. 2006), so
-//! that both backward products (input and weight gradients) run through the optimised GEMM
-//! instead of candle's direct-loop `conv_transpose2d`. [`Im2Col`] is a CustomOp whose backward
-//! is its adjoint, col2im, and vice versa; both are checked against finite differences.
+//! GEMM), with bf16 weights [`super::conv_bf16`], elsewhere candle's kernel; when a gradient is
+//! needed on the CPU the convolution is computed as im2col followed by a matrix product
+//! (Chellapilla et al. 2006), so that both backward products (input and weight gradients) run
+//! through the optimised GEMM instead of candle's direct-loop `conv_transpose2d`. [`Im2Col`] is a
+//! CustomOp whose backward is its adjoint, col2im, and vice versa; both are checked against
+//! finite differences.
 
 use super::conv_bf16::PackedConv;
 use candle_core::{
@@ -178,7 +179,6 @@ pub fn conv2d_im2col(x: &Tensor, weight: &Tensor, stride: usize, padding: usize)
         .permute((0, 3, 1, 2))
 }
 
-/// A convolution layer with bias (`torch.nn.Conv2d` with a square kernel).
 #[derive(Debug, Clone)]
 enum Weight {
     /// `[C_out, C, k, k]`.
@@ -187,6 +187,7 @@ enum Weight {
     Bf16(Arc<PackedConv>),
 }
 
+/// A convolution layer with bias (`torch.nn.Conv2d` with a square kernel).
 #[derive(Debug, Clone)]
 pub struct Conv2d {
     weight: Weight,
@@ -255,8 +256,9 @@ fn count_flops(x: &Tensor, (o, i, k): (usize, usize, usize), stride: usize, padd
 
 impl Module for Conv2d {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (c_out, ..) = self.dims()?;
-        count_flops(x, self.dims()?, self.stride, self.padding);
+        let dims = self.dims()?;
+        count_flops(x, dims, self.stride, self.padding);
+        let c_out = dims.0;
         let zeros = || Tensor::zeros(c_out, DType::F32, x.device());
         let weight = match &self.weight {
             Weight::Bf16(packed) => {
