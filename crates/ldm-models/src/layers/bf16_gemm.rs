@@ -28,6 +28,24 @@ pub const NV: usize = 3;
 /// Pairs of `k` per cache block.
 pub const KC: usize = 256;
 
+/// Calls the AVX512-BF16 tile function `$f::<MR, NV>` for the runtime tile size `(mr, nv)`,
+/// `mr ≤` [`MR`], `nv ≤` [`NV`] (one instance per size, so the accumulators stay in registers).
+#[cfg(target_arch = "x86_64")]
+macro_rules! dispatch_tile {
+    ($f:ident, $size:expr, $args:tt) => {
+        dispatch_tile!(@rows $f, $size, $args; 1, 2, 3, 4, 5, 6, 7, 8)
+    };
+    (@rows $f:ident, $size:expr, $args:tt; $($r:literal),*) => {{
+        const _: () = assert!(MR == 8 && NV == 3, "dispatch_tile lists rows 1..=8, vectors 1..=3");
+        match $size {
+            $( ($r, 1) => avx512::$f::<$r, 1> $args,
+               ($r, 2) => avx512::$f::<$r, 2> $args,
+               ($r, 3) => avx512::$f::<$r, 3> $args, )*
+            (mr, nv) => unreachable!("tile {mr}×{nv}"),
+        }
+    }};
+}
+
 /// Whether the running CPU has the AVX512-BF16 kernel.
 pub fn available() -> bool {
     #[cfg(target_arch = "x86_64")]
@@ -565,17 +583,7 @@ unsafe fn conv_kernel(
 ) {
     #[cfg(target_arch = "x86_64")]
     if fast {
-        macro_rules! dispatch {
-            ($($r:literal),*) => {
-                match (mr, nv) {
-                    $( ($r, 1) => avx512::conv_tile::<$r, 1>((p0, p1), ops, a, lda, bases, c, ldc),
-                       ($r, 2) => avx512::conv_tile::<$r, 2>((p0, p1), ops, a, lda, bases, c, ldc),
-                       ($r, 3) => avx512::conv_tile::<$r, 3>((p0, p1), ops, a, lda, bases, c, ldc), )*
-                    _ => unreachable!("tile {mr}×{nv}"),
-                }
-            };
-        }
-        return dispatch!(1, 2, 3, 4, 5, 6, 7, 8);
+        return dispatch_tile!(conv_tile, (mr, nv), ((p0, p1), ops, a, lda, bases, c, ldc));
     }
     let _ = fast;
     for r in 0..mr {
@@ -625,18 +633,11 @@ unsafe fn kernel(
 ) {
     #[cfg(target_arch = "x86_64")]
     if fast {
-        macro_rules! dispatch {
-            ($($r:literal),*) => {
-                match (mr, nv) {
-                    $( ($r, 1) => avx512::tile::<$r, 1>((kc, add), a, lda, b, b_stride, c, ldc, cols),
-                       ($r, 2) => avx512::tile::<$r, 2>((kc, add), a, lda, b, b_stride, c, ldc, cols),
-                       ($r, 3) => avx512::tile::<$r, 3>((kc, add), a, lda, b, b_stride, c, ldc, cols),
-                       ($r, 4) => avx512::tile::<$r, 4>((kc, add), a, lda, b, b_stride, c, ldc, cols), )*
-                    _ => unreachable!("tile {mr}×{nv}"),
-                }
-            };
-        }
-        return dispatch!(1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12);
+        return dispatch_tile!(
+            tile,
+            (mr, nv),
+            ((kc, add), a, lda, b, b_stride, c, ldc, cols)
+        );
     }
     let _ = fast;
     portable_tile(mr, (kc, add), a, lda, b, b_stride, c, ldc, cols);
