@@ -288,7 +288,7 @@ impl Module for Conv2d {
             x.conv2d(weight, self.padding, self.stride, 1, 1)?
         };
         match &self.bias {
-            Some(b) => y.broadcast_add(&b.reshape((1, (), 1, 1))?),
+            Some(b) => super::ops::add_bias(&y, b, 1),
             None => Ok(y),
         }
     }

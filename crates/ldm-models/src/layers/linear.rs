@@ -126,7 +126,7 @@ impl Module for Linear {
             x.broadcast_matmul(weight_t)?
         };
         match &self.bias {
-            Some(b) => y.broadcast_add(b),
+            Some(b) => super::ops::add_bias(&y, b, y.rank() - 1),
             None => Ok(y),
         }
     }

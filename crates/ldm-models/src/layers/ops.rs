@@ -171,6 +171,20 @@ impl Module for LayerNorm {
         if !training && x.is_contiguous() && x.dtype() != DType::F64 {
             return candle_nn::ops::layer_norm(x, &self.weight, &self.bias, self.eps as f32);
         }
+        let fused = x.device().is_cpu()
+            && matches!(x.dtype(), DType::F32 | DType::F64)
+            && self.weight.dtype() == x.dtype()
+            && x.rank() >= 1;
+        if fused {
+            // LayerNorm over the last dimension is GroupNorm with one group over `[rows, C]`:
+            // the fused kernel and its tested backward (the composition below costs four
+            // broadcasts, each with a strided reduction in its backward).
+            let c = x.dim(D::Minus1)?;
+            let rows = x.elem_count() / c.max(1);
+            let gn =
+                super::norm::GroupNorm::new(self.weight.clone(), self.bias.clone(), 1, self.eps)?;
+            return gn.forward(&x.reshape((rows, c))?)?.reshape(x.shape());
+        }
         let dtype = x.dtype();
         let internal = match dtype {
             DType::F16 | DType::BF16 => DType::F32,
@@ -234,6 +248,39 @@ mod tests {
         let g = super::super::gelu(&h)?;
         assert!(max_abs(&g, &super::super::gelu(hv.as_tensor())?) < 1e-5);
         assert_eq!(geglu(&h)?.dims(), &[2, 7, 6]);
+        Ok(())
+    }
+
+    /// The fused bias op against the broadcast it replaces: values, and both gradients, for a
+    /// convolution's channel axis (long rows) and a linear layer's last axis (short rows).
+    #[test]
+    fn add_bias_matches_broadcast() -> Result<()> {
+        let dev = Device::Cpu;
+        for (dims, axis) in [
+            (vec![3usize, 5, 9, 70], 1usize),
+            (vec![4, 6, 5], 2),
+            (vec![130, 7], 1),
+        ] {
+            let x = Var::from_tensor(&Tensor::randn(0f64, 1.0, dims.as_slice(), &dev)?)?;
+            let b = Var::from_tensor(&Tensor::randn(0f64, 1.0, dims[axis], &dev)?)?;
+            let w = Tensor::randn(0f64, 1.0, dims.as_slice(), &dev)?;
+            let mut shape = vec![1; dims.len()];
+            shape[axis] = dims[axis];
+            let reference = x
+                .as_tensor()
+                .broadcast_add(&b.as_tensor().reshape(shape)?)?;
+            let fused = add_bias(x.as_tensor(), b.as_tensor(), axis)?;
+            assert!(max_abs(&reference, &fused) < 1e-12);
+            let g_ref = (reference * &w)?.sum_all()?.backward()?;
+            let g = (fused * &w)?.sum_all()?.backward()?;
+            for v in [&x, &b] {
+                let (a, c) = (
+                    g_ref.get(v.as_tensor()).unwrap(),
+                    g.get(v.as_tensor()).unwrap(),
+                );
+                assert!(max_abs(a, c) < 1e-10, "{dims:?} axis {axis}");
+            }
+        }
         Ok(())
     }
 }
@@ -312,5 +359,172 @@ impl CustomOp1 for Geglu {
             *last = half;
         }
         Ok((CpuStorage::F32(out), Shape::from(shape)))
+    }
+}
+
+/// `x + bias`, with `bias` `[C]` laid along dimension `axis` of `x` (a convolution's or linear
+/// layer's bias). On the CPU, for f32/f64, one pass forward and a fused per-channel sum
+/// backward: candle's broadcast backward sums over non-trailing dimensions with a strided
+/// reduction, ~13 % of a training step in profiles.
+pub fn add_bias(x: &Tensor, bias: &Tensor, axis: usize) -> Result<Tensor> {
+    let fused = x.device().is_cpu()
+        && matches!(x.dtype(), DType::F32 | DType::F64)
+        && bias.dtype() == x.dtype()
+        && bias.rank() == 1
+        && axis < x.rank()
+        && x.dim(axis)? == bias.dim(0)?;
+    if !fused {
+        let mut shape = vec![1; x.rank()];
+        if let Some(s) = shape.get_mut(axis) {
+            *s = bias.elem_count();
+        }
+        return x.broadcast_add(&bias.reshape(shape)?);
+    }
+    let op = ChannelBias { axis };
+    if x.track_op() || bias.track_op() {
+        x.contiguous()?.apply_op2(&bias.contiguous()?, op)
+    } else {
+        x.contiguous()?.apply_op2_no_bwd(&bias.contiguous()?, &op)
+    }
+}
+
+/// `(outer, C, inner)` of a layout split at `axis`.
+fn split_at_axis(l: &Layout, axis: usize) -> (usize, usize, usize) {
+    let d = l.dims();
+    (
+        d[..axis].iter().product(),
+        d[axis],
+        d[axis + 1..].iter().product(),
+    )
+}
+
+/// [`add_bias`]'s op; its backward is [`ChannelSum`].
+#[derive(Debug, Clone, Copy)]
+struct ChannelBias {
+    axis: usize,
+}
+
+/// Sum of every element of one channel (the bias gradient): `[…, C, …]` → `[C]`.
+#[derive(Debug, Clone, Copy)]
+struct ChannelSum {
+    axis: usize,
+}
+
+fn add_channel_bias<T: num_traits::Float + Send + Sync>(
+    x: &[T],
+    b: &[T],
+    (c, inner): (usize, usize),
+) -> Vec<T> {
+    let mut out = x.to_vec();
+    out.par_chunks_mut((c * inner).max(1)).for_each(|block| {
+        for (row, &bv) in block.chunks_mut(inner.max(1)).zip(b) {
+            for v in row {
+                *v = *v + bv;
+            }
+        }
+    });
+    out
+}
+
+/// Per-channel sums in f64. Many channels of long rows: one task per channel; short rows (a
+/// linear layer's, `inner` = 1): partial sums over bands of the outer dimension.
+fn channel_sums<T: num_traits::Float + Send + Sync>(
+    g: &[T],
+    (outer, c, inner): (usize, usize, usize),
+) -> Vec<T> {
+    let f = |v: T| v.to_f64().unwrap_or(0.0);
+    let sums: Vec<f64> = if inner >= 64 {
+        (0..c)
+            .into_par_iter()
+            .map(|ch| {
+                (0..outer)
+                    .map(|o| {
+                        let start = (o * c + ch) * inner;
+                        g[start..start + inner].iter().fold(0f64, |a, &v| a + f(v))
+                    })
+                    .sum()
+            })
+            .collect()
+    } else {
+        let band = (outer / (4 * rayon::current_num_threads()).max(1)).max(1);
+        g.par_chunks((band * c * inner).max(1))
+            .map(|block| {
+                let mut acc = vec![0f64; c];
+                for row in block.chunks(c * inner) {
+                    for (a, ch) in acc.iter_mut().zip(row.chunks(inner.max(1))) {
+                        *a += ch.iter().fold(0f64, |s, &v| s + f(v));
+                    }
+                }
+                acc
+            })
+            .reduce(
+                || vec![0f64; c],
+                |mut a, b| {
+                    a.iter_mut().zip(&b).for_each(|(x, y)| *x += y);
+                    a
+                },
+            )
+    };
+    sums.into_iter()
+        .map(|v| T::from(v).unwrap_or_else(T::zero))
+        .collect()
+}
+
+impl CustomOp2 for ChannelBias {
+    fn name(&self) -> &'static str {
+        "add-channel-bias"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (_, c, inner) = split_at_axis(xl, self.axis);
+        let out = match (xs, bs) {
+            (CpuStorage::F32(x), CpuStorage::F32(b)) => CpuStorage::F32(add_channel_bias(
+                contiguous(x, xl, self.name())?,
+                contiguous(b, bl, self.name())?,
+                (c, inner),
+            )),
+            (CpuStorage::F64(x), CpuStorage::F64(b)) => CpuStorage::F64(add_channel_bias(
+                contiguous(x, xl, self.name())?,
+                contiguous(b, bl, self.name())?,
+                (c, inner),
+            )),
+            _ => candle_core::bail!("add bias: f32 or f64 operands of one dtype expected"),
+        };
+        Ok((out, xl.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        _bias: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let db = grad
+            .contiguous()?
+            .apply_op1_no_bwd(&ChannelSum { axis: self.axis })?;
+        Ok((Some(grad.clone()), Some(db)))
+    }
+}
+
+impl CustomOp1 for ChannelSum {
+    fn name(&self) -> &'static str {
+        "channel-sum"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let dims = split_at_axis(layout, self.axis);
+        let out = match storage {
+            CpuStorage::F32(g) => CpuStorage::F32(channel_sums(contiguous(g, layout, "")?, dims)),
+            CpuStorage::F64(g) => CpuStorage::F64(channel_sums(contiguous(g, layout, "")?, dims)),
+            s => candle_core::bail!("channel sum: unsupported dtype {:?}", s.dtype()),
+        };
+        Ok((out, Shape::from(dims.1)))
     }
 }
