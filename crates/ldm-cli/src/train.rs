@@ -58,6 +58,13 @@ pub struct VaeArgs {
     /// Scale of the adaptive adversarial weight.
     #[arg(long)]
     disc_weight: Option<f64>,
+    /// LPIPS weights (safetensors, the lpips package's VGG state dict; see
+    /// tools/export_lpips.py): adds the perceptual term to the reconstruction loss.
+    #[arg(long)]
+    lpips: Option<PathBuf>,
+    /// Weight of the LPIPS term.
+    #[arg(long)]
+    lpips_weight: Option<f64>,
 }
 
 #[derive(Args)]
@@ -149,6 +156,8 @@ fn vae_options(a: &VaeArgs) -> VaeOptions {
             .max(1),
         disc_start: a.disc_start,
         disc_weight: a.disc_weight.unwrap_or(d.disc_weight),
+        lpips: a.lpips.clone(),
+        lpips_weight: a.lpips_weight.unwrap_or(d.lpips_weight),
         ..d
     }
 }
@@ -203,6 +212,12 @@ fn check_vae(o: &VaeOptions) -> Result<()> {
     if o.crop.is_some_and(|c| c < 8 || c % 8 != 0) {
         bail!("--crop must be a multiple of 8 (at least 8)");
     }
+    if !(o.lpips_weight.is_finite() && o.lpips_weight >= 0.0) {
+        bail!("--lpips-weight must be a finite number ≥ 0");
+    }
+    if o.lpips.is_some() && o.crop.is_some_and(|c| c < 16) {
+        bail!("LPIPS needs crops of at least 16 pixels");
+    }
     Ok(())
 }
 
@@ -213,8 +228,12 @@ fn vae(r: &Recipe, o: &VaeOptions, out: &Path, device: &Device) -> Result<()> {
     let pb = bar(o.steps);
     let v = train_vae(r, o, out, device, &mut report(&pb))?;
     pb.finish();
+    let lpips = v
+        .lpips
+        .map(|d| format!(", LPIPS {d:.4}"))
+        .unwrap_or_default();
     crate::emit(format_args!(
-        "autoencoder: {} steps, loss {:.4}, held-out PSNR {:.2} dB, scaling factor {:.5}",
+        "autoencoder: {} steps, loss {:.4}, held-out PSNR {:.2} dB{lpips}, scaling factor {:.5}",
         v.steps, v.final_loss, v.psnr, v.scaling_factor
     ));
     Ok(())

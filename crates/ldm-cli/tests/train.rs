@@ -246,6 +246,34 @@ fn data_and_prompt_lists() {
     }
 }
 
+/// The autoencoder trains with the LPIPS term (the reduced-width fixture weights) and reports
+/// the held-out distance.
+#[test]
+fn the_autoencoder_trains_with_lpips() {
+    let dir = tempfile::tempdir().unwrap();
+    let weights =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/lpips/weights.safetensors");
+    let (ok, out, err) = ldm(&[
+        "train",
+        "vae",
+        "--miniature",
+        "--steps",
+        "2",
+        "--batch",
+        "2",
+        "--lpips",
+        s(&weights),
+        "--out",
+        s(dir.path()),
+    ]);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("LPIPS") && out.contains("held-out PSNR"),
+        "{out}"
+    );
+    assert!(dir.path().join("vae/config.json").exists());
+}
+
 #[test]
 fn bad_training_input_is_refused_clearly() {
     let dir = tempfile::tempdir().unwrap();
@@ -282,6 +310,30 @@ fn bad_training_input_is_refused_clearly() {
                 s(dir.path()).into(),
             ],
             "--crop must be a multiple of 8",
+        ),
+        (
+            vec![
+                "train".into(),
+                "vae".into(),
+                "--lpips".into(),
+                s(&dir.path().join("no-lpips.safetensors")).into(),
+                "--out".into(),
+                s(dir.path()).into(),
+            ],
+            "no-lpips.safetensors",
+        ),
+        (
+            vec![
+                "train".into(),
+                "vae".into(),
+                "--lpips".into(),
+                "x.safetensors".into(),
+                "--crop".into(),
+                "8".into(),
+                "--out".into(),
+                s(dir.path()).into(),
+            ],
+            "at least 16 pixels",
         ),
         (
             vec![

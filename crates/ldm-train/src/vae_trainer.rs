@@ -4,12 +4,14 @@
 //! that the learning rate reads as for a mean loss. Reports PSNR on held-out scenes and sets the
 //! latent scaling factor to 1/std of the latents, as Stable Diffusion's 0.18215 was chosen.
 //! Optionally, after a warm-up, the patch-based adversarial loss with its adaptive weight
-//! ([`crate::discriminator`]).
+//! ([`crate::discriminator`]), and the LPIPS perceptual term ([`crate::lpips`]) when its
+//! weights are supplied.
 
 use crate::checkpoint::{self, LogRow};
 use crate::component::{named_vars, strip, write_component, SeededInit};
 use crate::data::{batch, psnr, to_bytes};
 use crate::discriminator::{generator_loss, hinge_d_loss, PatchDiscriminator};
+use crate::lpips::Lpips;
 use crate::noise::TrainRng;
 use crate::optim::{clip_grad_norm, warmup_cosine, AdamW, AdamWConfig};
 use crate::recipe::Recipe;
@@ -17,7 +19,7 @@ use crate::{Error, Progress, Result};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarMap;
 use ldm_models::vae::{AutoencoderKL, VaeConfig};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// Options of `ldm train vae`.
 #[derive(Debug, Clone, PartialEq)]
@@ -43,6 +45,11 @@ pub struct VaeOptions {
     pub disc_weight: f64,
     /// Width of the patch discriminator's first layer.
     pub disc_width: usize,
+    /// LPIPS weights (the `lpips` package's VGG state dict as safetensors): adds the
+    /// perceptual distance to the reconstruction loss, as latent diffusion's autoencoders do.
+    pub lpips: Option<PathBuf>,
+    /// Weight of the LPIPS term (the paper's `perceptual_weight`).
+    pub lpips_weight: f64,
 }
 
 impl Default for VaeOptions {
@@ -61,6 +68,8 @@ impl Default for VaeOptions {
             disc_start: None,
             disc_weight: 0.5,
             disc_width: 32,
+            lpips: None,
+            lpips_weight: 1.0,
         }
     }
 }
@@ -69,6 +78,8 @@ impl Default for VaeOptions {
 #[derive(Debug, Clone, PartialEq)]
 pub struct VaeReport {
     pub psnr: f64,
+    /// Mean held-out LPIPS, when LPIPS weights were given.
+    pub lpips: Option<f64>,
     pub scaling_factor: f64,
     pub final_loss: f64,
     pub steps: usize,
@@ -90,6 +101,11 @@ pub fn train_vae(
     device: &Device,
     progress: &mut dyn FnMut(&Progress),
 ) -> Result<VaeReport> {
+    let lpips = opts
+        .lpips
+        .as_deref()
+        .map(|p| Lpips::load(p, device))
+        .transpose()?;
     let varmap = VarMap::new();
     let vb = SeededInit::var_builder(&varmap, opts.seed, device);
     let vae = AutoencoderKL::new(vb, &vae_config(recipe, 1.0)?)?;
@@ -147,7 +163,10 @@ pub fn train_vae(
         let posterior = vae.encode(&x)?;
         let eps = rng.randn(posterior.mean.dims(), device)?;
         let recon = vae.decode(&posterior.sample(&eps)?)?;
-        let rec = (&recon - &x)?.abs()?.mean_all()?;
+        let mut rec = (&recon - &x)?.abs()?.mean_all()?;
+        if let Some(net) = &lpips {
+            rec = (rec + (net.forward(&x, &recon)?.mean_all()? * opts.lpips_weight)?)?;
+        }
         let kl = (posterior.kl()?.mean_all()? * (opts.kl_weight / pixels))?;
         let nll = (&rec + kl)?;
         let mut grads = nll.backward()?;
@@ -211,6 +230,7 @@ pub fn train_vae(
     }
     // Held-out PSNR of the posterior mean's reconstruction, and the latents' spread.
     let mut psnrs = Vec::new();
+    let mut distances = Vec::new();
     let mut latents = Vec::new();
     let chunk = 16;
     for first in (0..opts.held_out).step_by(chunk) {
@@ -220,6 +240,9 @@ pub fn train_vae(
         let recon = vae.decode(&posterior.mean)?;
         for (a, b) in to_bytes(&x)?.iter().zip(to_bytes(&recon)?) {
             psnrs.push(psnr(a, &b));
+        }
+        if let Some(net) = &lpips {
+            distances.extend(net.forward(&x, &recon)?.to_vec1::<f32>()?);
         }
         let eps = rng.randn(posterior.mean.dims(), device)?;
         latents.push(posterior.sample(&eps)?.flatten_all()?);
@@ -237,8 +260,11 @@ pub fn train_vae(
         DType::F32,
     )?;
     let psnr = psnrs.iter().sum::<f64>() / psnrs.len().max(1) as f64;
+    let lpips = (!distances.is_empty())
+        .then(|| distances.iter().map(|&d| d as f64).sum::<f64>() / distances.len() as f64);
     Ok(VaeReport {
         psnr,
+        lpips,
         scaling_factor,
         final_loss: history.last().map_or(f64::NAN, |r| r.loss),
         steps: step,
