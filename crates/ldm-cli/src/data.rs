@@ -121,6 +121,9 @@ pub struct EvalShapes {
     /// Guidance scale (`ldm generate`'s default).
     #[arg(long, default_value_t = 7.5)]
     guidance: f64,
+    /// Guidance rescale φ (Lin et al. 2024; `ldm generate --guidance-rescale`).
+    #[arg(long, default_value_t = 0.0)]
+    guidance_rescale: f64,
     #[arg(long)]
     sampler: Option<String>,
     /// Image side in pixels.
@@ -159,6 +162,7 @@ pub fn eval(cmd: EvalCommand) -> Result<()> {
         request: ldm_pipeline::Request {
             steps: a.steps,
             guidance_scale: a.guidance,
+            guidance_rescale: a.guidance_rescale,
             sampler,
             ..Default::default()
         },
@@ -169,11 +173,12 @@ pub fn eval(cmd: EvalCommand) -> Result<()> {
     })?;
     pb.finish_and_clear();
     crate::emit(format_args!(
-        "{} prompts × {} seeds, {} steps, guidance {}",
+        "{} prompts × {} seeds, {} steps, guidance {} (rescale {})",
         prompts.len(),
         a.seeds,
         a.steps,
-        a.guidance
+        a.guidance,
+        a.guidance_rescale
     ));
     crate::emit(format_args!(
         "{:<14} {:>12} {:>12}",

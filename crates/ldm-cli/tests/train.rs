@@ -338,6 +338,27 @@ fn bad_training_input_is_refused_clearly() {
         (
             vec![
                 "train".into(),
+                "unet".into(),
+                "--zero-terminal-snr".into(),
+                "--out".into(),
+                s(dir.path()).into(),
+            ],
+            "--zero-terminal-snr needs",
+        ),
+        (
+            vec![
+                "train".into(),
+                "unet".into(),
+                "--snr-weight-floor".into(),
+                "0".into(),
+                "--out".into(),
+                s(dir.path()).into(),
+            ],
+            "must be positive",
+        ),
+        (
+            vec![
+                "train".into(),
                 "vae".into(),
                 "--steps".into(),
                 "0".into(),

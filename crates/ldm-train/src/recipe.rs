@@ -146,8 +146,9 @@ impl Recipe {
     }
 
     /// `scheduler/scheduler_config.json`: SD's scaled-linear DDPM schedule, sampled with Euler
-    /// (`EulerDiscreteScheduler`) by default.
-    pub fn scheduler_config(&self, prediction_type: &str) -> Value {
+    /// (`EulerDiscreteScheduler`) by default; with `zero_terminal_snr`, rescaled betas and
+    /// trailing timesteps (sampling starts at the pure-noise step the model was trained on).
+    pub fn scheduler_config(&self, prediction_type: &str, zero_terminal_snr: bool) -> Value {
         json!({
             "_class_name": "EulerDiscreteScheduler",
             "_diffusers_version": "0.42.1",
@@ -157,7 +158,8 @@ impl Recipe {
             "num_train_timesteps": 1000,
             "prediction_type": prediction_type,
             "steps_offset": 1,
-            "timestep_spacing": "leading",
+            "timestep_spacing": if zero_terminal_snr { "trailing" } else { "leading" },
+            "rescale_betas_zero_snr": zero_terminal_snr,
             "interpolation_type": "linear",
             "use_karras_sigmas": false,
             "trained_betas": null,

@@ -44,7 +44,22 @@ pub struct UnetOptions {
     pub caption_dropout: f64,
     pub ema_decay: f64,
     pub min_snr_gamma: Option<f64>,
+    /// A floor under the per-sample loss weight. The weight is min-SNR-γ's when
+    /// `min_snr_gamma` is set, else the ε loss's (`snr/(snr+1)` for v, `snr` for x₀); at zero
+    /// terminal SNR both vanish at the pure-noise step — the one that must follow the caption —
+    /// and the floor keeps it in the loss. Plain v-loss instead gives the noisiest steps (the
+    /// whole image guessed from the caption) as much weight as the nearly clean ones; their
+    /// large, noisy gradients dominate Adam's scale and fine denoising is learned slowly
+    /// (samples keep a noise texture).
+    pub snr_weight_floor: Option<f64>,
     pub grad_clip: f64,
+    /// Rescale the betas to zero terminal SNR (Lin et al. 2024) and sample with trailing
+    /// timesteps: the last training step is pure noise, as sampling starts. With SD's schedule
+    /// the last step keeps √ᾱ ≈ 0.07 of the image, enough for a flat background's colour to
+    /// survive in the noise — the model then reads it from the noise instead of the caption,
+    /// and at sampling time (pure noise) it follows the seed, not the prompt. Needs v or x₀
+    /// prediction (ε says nothing about the image at zero SNR).
+    pub zero_terminal_snr: bool,
     pub seed: u64,
     /// Scenes rendered and encoded once, then sampled from.
     pub pool: usize,
@@ -63,7 +78,9 @@ impl Default for UnetOptions {
             caption_dropout: 0.1,
             ema_decay: 0.995,
             min_snr_gamma: None,
+            snr_weight_floor: None,
             grad_clip: 1.0,
+            zero_terminal_snr: false,
             seed: 0,
             pool: 20_000,
             checkpoint_every: 100,
@@ -80,14 +97,15 @@ pub struct UnetReport {
 
 const TRAIN_STEPS: usize = 1000;
 
-/// SD's scaled-linear schedule, the one [`Recipe::scheduler_config`] writes.
-fn schedule() -> Result<NoiseSchedule> {
+/// SD's scaled-linear schedule, the one [`Recipe::scheduler_config`] writes, optionally
+/// rescaled to zero terminal SNR.
+fn schedule(zero_terminal_snr: bool) -> Result<NoiseSchedule> {
     Ok(NoiseSchedule::new(
         TRAIN_STEPS,
         0.00085,
         0.012,
         &BetaSchedule::ScaledLinear,
-        false,
+        zero_terminal_snr,
     )?)
 }
 
@@ -124,6 +142,12 @@ pub fn train_unet(
     device: &Device,
     progress: &mut dyn FnMut(&Progress),
 ) -> Result<UnetReport> {
+    if opts.zero_terminal_snr && opts.prediction == Prediction::Epsilon {
+        return Err(Error::Msg(
+            "zero terminal SNR needs v or x0 prediction (at pure noise ε says nothing about the image)"
+                .into(),
+        ));
+    }
     // The frozen autoencoder.
     let vae_dir = out.join("vae");
     let vae = load_vae(&vae_dir, device)?;
@@ -179,7 +203,7 @@ pub fn train_unet(
     let stds = Tensor::cat(&stds, 0)?.contiguous()?;
     let empty = tokenizer.encode("")?;
 
-    let sched = schedule()?;
+    let sched = schedule(opts.zero_terminal_snr)?;
     while step < opts.steps {
         let b = opts.batch;
         let picks: Vec<u32> = (0..b).map(|_| rng.below(opts.pool) as u32).collect();
@@ -223,21 +247,30 @@ pub fn train_unet(
         let context = text.forward(&tokens)?.last_hidden_state;
         let pred = unet.forward(&noisy, &t_tensor, &context, None)?;
         let per_sample = (pred - target)?.sqr()?.flatten_from(1)?.mean(1)?; // [B]
-        let loss = match opts.min_snr_gamma {
+        let weight = |a: f32| -> Option<f64> {
+            let snr = a as f64 / (1.0 - a as f64);
+            // The x₀-space weight (min-SNR-γ's `min(snr, γ)`, or the ε loss's `snr`), in the
+            // space of the prediction.
+            let x0_weight = opts.min_snr_gamma.map_or(snr, |gamma| snr.min(gamma));
+            let w = match opts.prediction {
+                Prediction::Epsilon => x0_weight / snr,
+                Prediction::V => x0_weight / (snr + 1.0),
+                Prediction::Sample => x0_weight,
+            };
+            match (opts.min_snr_gamma, opts.snr_weight_floor) {
+                (None, None) => None,
+                (_, Some(floor)) => Some(if w.is_finite() { w.max(floor) } else { floor }),
+                (Some(_), None) => Some(w),
+            }
+        };
+        let loss = match abar
+            .iter()
+            .map(|&a| weight(a))
+            .collect::<Option<Vec<f64>>>()
+        {
             None => per_sample.mean_all()?,
-            Some(gamma) => {
-                let w: Vec<f32> = abar
-                    .iter()
-                    .map(|&a| {
-                        let snr = (a / (1.0 - a)) as f64;
-                        let clipped = snr.min(gamma);
-                        (match opts.prediction {
-                            Prediction::Epsilon => clipped / snr,
-                            Prediction::V => clipped / (snr + 1.0),
-                            Prediction::Sample => clipped,
-                        }) as f32
-                    })
-                    .collect();
+            Some(w) => {
+                let w: Vec<f32> = w.into_iter().map(|v| v as f32).collect();
                 (per_sample * Tensor::from_vec(w, b, device)?)?.mean_all()?
             }
         };
@@ -286,7 +319,7 @@ pub fn train_unet(
     std::fs::create_dir_all(out.join("scheduler"))?;
     crate::io::write_json(
         &out.join("scheduler").join("scheduler_config.json"),
-        &recipe.scheduler_config(prediction_name(opts.prediction)),
+        &recipe.scheduler_config(prediction_name(opts.prediction), opts.zero_terminal_snr),
     )?;
     crate::io::write_json(&out.join("model_index.json"), &Recipe::model_index())?;
     Ok(UnetReport {
