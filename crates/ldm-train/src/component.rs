@@ -2,12 +2,27 @@
 //! a diffusers component folder (`config.json` + safetensors weights).
 
 use crate::io::{write_json, write_safetensors};
-use crate::Result;
+use crate::{Error, Result};
 use candle_core::{DType, Tensor, Var};
 use candle_nn::VarMap;
+use ldm_models::weights::Weights;
 use std::path::Path;
 
 pub use ldm_models::weights::init::SeededInit;
+
+/// Strict loading's last check: every tensor of the checkpoint at `path` was asked for by the
+/// network built from it.
+pub fn check_all_used(weights: &Weights, path: &Path) -> Result<()> {
+    let unused = weights.unused();
+    if unused.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::Msg(format!(
+            "{}: tensors the network does not use: {unused:?}",
+            path.display()
+        )))
+    }
+}
 
 /// The variables of `map`, sorted by name, with `prefix` added to each name.
 pub fn named_vars(map: &VarMap, prefix: &str) -> Vec<(String, Var)> {

@@ -114,13 +114,7 @@ impl Lpips {
         }
         let weights = Weights::new(checkpoint);
         let net = Self::new(weights.var_builder(DType::F32, device), widths)?;
-        let unused = weights.unused();
-        if !unused.is_empty() {
-            return Err(Error::Msg(format!(
-                "{}: tensors LPIPS does not use: {unused:?}",
-                path.display()
-            )));
-        }
+        crate::component::check_all_used(&weights, path)?;
         Ok(net)
     }
 

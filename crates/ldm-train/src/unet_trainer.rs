@@ -6,7 +6,7 @@
 //! min-SNR-γ weighting (Hang et al. 2023) as an option; AdamW, warm-up + cosine, clipping, EMA.
 
 use crate::checkpoint::{self, LogRow};
-use crate::component::{named_vars, strip, write_component, SeededInit};
+use crate::component::{check_all_used, named_vars, strip, write_component, SeededInit};
 use crate::data::batch;
 use crate::noise::TrainRng;
 use crate::optim::{clip_grad_norm, warmup_cosine, AdamW, AdamWConfig, Ema};
@@ -122,13 +122,7 @@ pub fn load_vae(dir: &Path, device: &Device) -> Result<AutoencoderKL> {
     let config = VaeConfig::from_file(&dir.join("config.json"))?;
     let weights = Weights::new(Checkpoint::open(&component_files(dir)?)?);
     let vae = AutoencoderKL::new(weights.var_builder(DType::F32, device), &config)?;
-    let unused = weights.unused();
-    if !unused.is_empty() {
-        return Err(Error::Msg(format!(
-            "{}: unused tensors {unused:?}",
-            dir.display()
-        )));
-    }
+    check_all_used(&weights, dir)?;
     Ok(vae)
 }
 
