@@ -1,5 +1,6 @@
 //! Prompt encoding. The text is parsed with A1111's syntax (weights, `BREAK`), tokenized into
-//! chunks of 75 tokens (A1111's and ComfyUI's way past CLIP's 77-token window), and each chunk
+//! chunks of 75 tokens (A1111's and ComfyUI's way past CLIP's 77-token window; a model with a
+//! shorter window, such as the embedded Shapes model's 32, gets chunks of window − 2), and each chunk
 //! is encoded as diffusers' pipelines do: SD1/SD2 take the text encoder's last hidden state
 //! (or an earlier layer with clip skip); SDXL concatenates the penultimate hidden states of both
 //! encoders and takes the second encoder's pooled, projected output (from the first chunk).
@@ -12,17 +13,18 @@ use crate::Result;
 use candle_core::{DType, Tensor};
 use ldm_models::clip::{ClipTextModel, ClipTokenizer};
 
-/// Tokens per chunk between the start and end tokens.
-const CHUNK: usize = 75;
 /// A1111's `comma_padding_backtrack`: a full chunk moves its words after the last comma (if
 /// within this many tokens) to the next chunk.
 const COMMA_BACKTRACK: usize = 20;
 
-/// Encoded text: `[1, 77·chunks, D]`, and SDXL's pooled embedding `[1, P]`.
+/// Encoded text: `[1, window·chunks, D]` (the window is 77 for every SD model), and SDXL's
+/// pooled embedding `[1, P]`.
 #[derive(Debug, Clone)]
 pub struct PromptEmbeds {
     pub context: Tensor,
     pub pooled: Option<Tensor>,
+    /// Tokens per chunk, start and end tokens included.
+    pub window: usize,
 }
 
 impl PromptEmbeds {
@@ -34,23 +36,25 @@ impl PromptEmbeds {
                 Some(p) => Some(p.zeros_like()?),
                 None => None,
             },
+            window: self.window,
         })
     }
 
-    /// Number of 77-token chunks.
+    /// Number of chunks.
     pub fn chunks(&self) -> Result<usize> {
-        Ok(self.context.dim(1)? / (CHUNK + 2))
+        Ok(self.context.dim(1)? / self.window)
     }
 }
 
-/// One chunk: 77 ids with their weights.
+/// One chunk: `window` ids with their weights.
 struct Chunk {
     ids: Vec<u32>,
     weights: Vec<f64>,
 }
 
-/// A1111's `tokenize_line`: weighted pieces → chunks of `[start] 75 tokens [end]`.
-fn chunk_tokens(tokenizer: &ClipTokenizer, pieces: &[Piece]) -> Result<Vec<Chunk>> {
+/// A1111's `tokenize_line`: weighted pieces → chunks of `[start] window − 2 tokens [end]`.
+fn chunk_tokens(tokenizer: &ClipTokenizer, pieces: &[Piece], window: usize) -> Result<Vec<Chunk>> {
+    let chunk = window - 2;
     let comma = tokenizer.encode_raw(",")?.first().copied();
     let mut chunks = Vec::new();
     let (mut ids, mut weights): (Vec<u32>, Vec<f64>) = (Vec::new(), Vec::new());
@@ -59,10 +63,10 @@ fn chunk_tokens(tokenizer: &ClipTokenizer, pieces: &[Piece]) -> Result<Vec<Chunk
         let mut full = vec![tokenizer.bos_id];
         full.append(ids);
         full.push(tokenizer.eos_id);
-        full.resize(CHUNK + 2, tokenizer.pad_id);
+        full.resize(window, tokenizer.pad_id);
         let mut w = vec![1.0];
         w.append(weights);
-        w.resize(CHUNK + 2, 1.0);
+        w.resize(window, 1.0);
         chunks.push(Chunk {
             ids: full,
             weights: w,
@@ -80,7 +84,7 @@ fn chunk_tokens(tokenizer: &ClipTokenizer, pieces: &[Piece]) -> Result<Vec<Chunk
         for id in tokenizer.encode_raw(text)? {
             if Some(id) == comma {
                 last_comma = Some(ids.len());
-            } else if ids.len() == CHUNK {
+            } else if ids.len() == chunk {
                 if let Some(at) = last_comma.filter(|&at| ids.len() - at <= COMMA_BACKTRACK) {
                     let (moved_ids, moved_w) = (ids.split_off(at + 1), weights.split_off(at + 1));
                     close(&mut ids, &mut weights, &mut chunks);
@@ -89,7 +93,7 @@ fn chunk_tokens(tokenizer: &ClipTokenizer, pieces: &[Piece]) -> Result<Vec<Chunk
                     last_comma = None;
                 }
             }
-            if ids.len() == CHUNK {
+            if ids.len() == chunk {
                 close(&mut ids, &mut weights, &mut chunks);
                 last_comma = None;
             }
@@ -103,7 +107,7 @@ fn chunk_tokens(tokenizer: &ClipTokenizer, pieces: &[Piece]) -> Result<Vec<Chunk
     Ok(chunks)
 }
 
-/// One encoder's hidden states for one chunk, weighted: `[1, 77, D]` (and the projection).
+/// One encoder's hidden states for one chunk, weighted: `[1, window, D]` (and the projection).
 fn encode_chunk(
     encoder: &ClipTextModel,
     chunk: &Chunk,
@@ -135,7 +139,7 @@ fn encode_chunk(
         .to_dtype(DType::F32)?;
     let hidden = if chunk.weights.iter().any(|&w| w != 1.0) {
         let w: Vec<f32> = chunk.weights.iter().map(|&w| w as f32).collect();
-        let w = Tensor::from_vec(w, (1, CHUNK + 2, 1), device)?;
+        let w = Tensor::from_vec(w, (1, chunk.weights.len(), 1), device)?;
         let original_mean = hidden.mean_all()?;
         let weighted = hidden.broadcast_mul(&w)?;
         let new_mean = weighted.mean_all()?;
@@ -161,8 +165,19 @@ pub fn encode(
     let pieces = parse(text);
     let mut per_encoder: Vec<Vec<Tensor>> = Vec::new();
     let mut pooled = None;
+    let windows: Vec<usize> = components
+        .text_encoders
+        .iter()
+        .map(|(t, e)| t.max_length.min(e.config.max_position_embeddings))
+        .collect();
+    let window = windows.first().copied().unwrap_or(77);
+    if windows.iter().any(|&w| w != window) || window < 3 {
+        return Err(crate::Error::InvalidRequest(format!(
+            "the text encoders' context windows {windows:?} differ or are too short"
+        )));
+    }
     for (tokenizer, encoder) in &components.text_encoders {
-        let chunks = chunk_tokens(tokenizer, &pieces)?;
+        let chunks = chunk_tokens(tokenizer, &pieces, window)?;
         let mut hidden = Vec::with_capacity(chunks.len());
         for (i, chunk) in chunks.iter().enumerate() {
             let (h, p) = encode_chunk(encoder, chunk, sdxl, clip_skip, device)?;
@@ -180,6 +195,7 @@ pub fn encode(
     Ok(PromptEmbeds {
         context: Tensor::cat(&chunks, 1)?,
         pooled,
+        window,
     })
 }
 

@@ -4,20 +4,10 @@ use candle_core::{DType, Device, Tensor};
 use ldm_pipeline::image_io::to_images;
 use ldm_pipeline::{Components, Request};
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        let target = to.join(e.file_name());
-        if e.file_type().unwrap().is_dir() {
-            copy_dir(&e.path(), &target);
-        } else {
-            std::fs::copy(e.path(), target).unwrap();
-        }
-    }
-}
+mod common;
+use common::copy_dir;
 
 #[test]
 fn an_overflowing_f16_vae_is_decoded_again_in_f32() {

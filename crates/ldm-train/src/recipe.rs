@@ -20,6 +20,10 @@ pub struct Recipe {
     pub text_hidden: usize,
     pub text_layers: usize,
     pub text_heads: usize,
+    /// The text encoder's context window (tokens, start and end included). The longest
+    /// Shapes caption is 16 tokens; CLIP's 77 would spend most of the text encoder's and the
+    /// cross-attention's work on padding.
+    pub text_context: usize,
 }
 
 impl Default for Recipe {
@@ -35,6 +39,7 @@ impl Default for Recipe {
             text_hidden: 128,
             text_layers: 3,
             text_heads: 4,
+            text_context: 32,
         }
     }
 }
@@ -54,6 +59,7 @@ impl Recipe {
             text_hidden: 32,
             text_layers: 1,
             text_heads: 2,
+            text_context: 32,
         }
     }
 
@@ -137,7 +143,7 @@ impl Recipe {
             "initializer_range": 0.02,
             "intermediate_size": 4 * self.text_hidden,
             "layer_norm_eps": 1e-5,
-            "max_position_embeddings": 77,
+            "max_position_embeddings": self.text_context,
             "num_attention_heads": self.text_heads,
             "num_hidden_layers": self.text_layers,
             "projection_dim": self.text_hidden,

@@ -45,8 +45,9 @@ fn byte_symbols() -> Vec<char> {
         .collect()
 }
 
-/// Writes the tokenizer files for `words` into `dir` and returns the loaded tokenizer.
-pub fn write_tokenizer(dir: &Path, words: &[&str]) -> Result<ClipTokenizer> {
+/// Writes the tokenizer files for `words` into `dir`, padding to `context` tokens, and returns
+/// the loaded tokenizer.
+pub fn write_tokenizer(dir: &Path, words: &[&str], context: usize) -> Result<ClipTokenizer> {
     std::fs::create_dir_all(dir)?;
     let symbols = byte_symbols();
     let mut vocab: Vec<String> = symbols.iter().map(|c| c.to_string()).collect();
@@ -85,7 +86,7 @@ pub fn write_tokenizer(dir: &Path, words: &[&str]) -> Result<ClipTokenizer> {
                 acc = merged;
             }
         }
-        let tok = save(dir, &vocab, &merges)?;
+        let tok = save(dir, &vocab, &merges, context)?;
         pending.clear();
         for w in words {
             let ids = tok.encode_raw(w)?;
@@ -107,7 +108,12 @@ pub fn write_tokenizer(dir: &Path, words: &[&str]) -> Result<ClipTokenizer> {
     Err(Error::Msg("tokenizer: merges did not converge".into()))
 }
 
-fn save(dir: &Path, vocab: &[String], merges: &[(String, String)]) -> Result<ClipTokenizer> {
+fn save(
+    dir: &Path,
+    vocab: &[String],
+    merges: &[(String, String)],
+    context: usize,
+) -> Result<ClipTokenizer> {
     let mut map = serde_json::Map::new();
     for (i, v) in vocab.iter().enumerate() {
         map.insert(v.clone(), i.into());
@@ -131,7 +137,7 @@ fn save(dir: &Path, vocab: &[String], merges: &[(String, String)]) -> Result<Cli
         "unk_token": "<|endoftext|>",
     });
     let mut config = special.clone();
-    config["model_max_length"] = 77.into();
+    config["model_max_length"] = context.into();
     config["tokenizer_class"] = "CLIPTokenizer".into();
     config["do_lower_case"] = true.into();
     crate::io::write_json(&dir.join("tokenizer_config.json"), &config)?;
@@ -147,7 +153,7 @@ mod tests {
     fn every_shapes_word_is_one_token_and_any_text_tokenizes() {
         let dir = tempfile::tempdir().unwrap();
         let words = shapes_words();
-        let tok = write_tokenizer(dir.path(), &words).unwrap();
+        let tok = write_tokenizer(dir.path(), &words, 32).unwrap();
         let mut ids = BTreeSet::new();
         for w in &words {
             let raw = tok.encode_raw(w).unwrap();
@@ -160,6 +166,6 @@ mod tests {
         let odd = tok.encode_raw("A zebra!! ünïcode").unwrap();
         assert!(!odd.is_empty());
         let full = tok.encode(caption).unwrap();
-        assert_eq!(full.len(), 77);
+        assert_eq!(full.len(), 32);
     }
 }

@@ -145,7 +145,7 @@ pub fn train_unet(
     // The frozen autoencoder.
     let vae_dir = out.join("vae");
     let vae = load_vae(&vae_dir, device)?;
-    let tokenizer = write_tokenizer(&out.join("tokenizer"), &shapes_words())?;
+    let tokenizer = write_tokenizer(&out.join("tokenizer"), &shapes_words(), recipe.text_context)?;
     let (bos, eos) = (tokenizer.bos_id, tokenizer.eos_id);
     let text_json = recipe.text_config(tokenizer.vocab_size(), bos, eos);
     let text_cfg = ClipTextConfig::from_json(
@@ -206,7 +206,7 @@ pub fn train_unet(
         let std = stds.index_select(&picks_t, 0)?;
         let dims = mean.dims().to_vec();
         let x0 = ((mean + (std * rng.randn(&dims, device)?)?)? * scaling)?;
-        let mut tokens: Vec<u32> = Vec::with_capacity(b * 77);
+        let mut tokens: Vec<u32> = Vec::with_capacity(b * empty.len());
         for &p in &picks {
             let row = if rng.uniform() < opts.caption_dropout {
                 &empty
