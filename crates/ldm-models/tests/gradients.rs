@@ -201,14 +201,9 @@ fn linear_embedding_and_activations() {
     });
 }
 
-/// FD through a whole tiny network: a few parameters of each tensor kind.
-fn check_network(
-    name: &str,
-    build: impl Fn(VarBuilder) -> Result<Box<dyn Fn() -> Result<Tensor>>>,
-) {
-    let map = VarMap::new();
-    let vb = VarBuilder::from_varmap(&map, DType::F64, &Device::Cpu);
-    let forward = build(vb).unwrap();
+/// The variables of `map`, sorted by name, set to seeded random values (norm scales around 1,
+/// `norm_scale` and `scale` the spreads) so that no gradient is trivially zero.
+fn randomised_vars(map: &VarMap, norm_scale: f64, scale: f64) -> Vec<(String, Var)> {
     let mut vars: Vec<(String, Var)> = map
         .data()
         .lock()
@@ -217,15 +212,30 @@ fn check_network(
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
     vars.sort_by(|a, b| a.0.cmp(&b.0));
-    // Randomise every parameter (norm scales around 1) so no gradient is trivially zero.
     for (i, (n, v)) in vars.iter().enumerate() {
-        let scale = if n.contains("norm") { 0.3 } else { 0.4 };
-        let mut t = tensor(v.dims(), 100 + i as u64, scale);
-        if n.contains("norm") && n.ends_with("weight") {
+        let is_norm = n.contains("norm");
+        let mut t = tensor(
+            v.dims(),
+            100 + i as u64,
+            if is_norm { norm_scale } else { scale },
+        );
+        if is_norm && n.ends_with("weight") {
             t = (t + 1.0).unwrap();
         }
-        v.set(&t).unwrap();
+        v.set(&t.to_dtype(v.dtype()).unwrap()).unwrap();
     }
+    vars
+}
+
+/// FD through a whole tiny network: a few parameters of each tensor kind.
+fn check_network(
+    name: &str,
+    build: impl Fn(VarBuilder) -> Result<Box<dyn Fn() -> Result<Tensor>>>,
+) {
+    let map = VarMap::new();
+    let vb = VarBuilder::from_varmap(&map, DType::F64, &Device::Cpu);
+    let forward = build(vb).unwrap();
+    let vars = randomised_vars(&map, 0.3, 0.4);
     let out = forward().unwrap();
     let r = tensor(out.dims(), 7, 1.0);
     let objective = || weighted_sum(&forward().unwrap(), &r);
@@ -342,4 +352,66 @@ fn candle_traps_are_still_there() {
         .to_vec1::<f64>()
         .unwrap();
     assert!(got.iter().all(|&v| (v - 5.0).abs() < 1e-12), "{got:?}");
+}
+
+/// The f32 training path (fused CPU kernels that only run in f32: bias adds, GroupNorm,
+/// LayerNorm through GroupNorm, the im2col GEMMs) gives the f64 path's gradients, for every
+/// parameter of a whole U-Net + text encoder at a training-like input (a batch, timesteps,
+/// padded captions, short keys in cross-attention).
+#[test]
+fn f32_gradients_equal_f64_gradients() {
+    use ldm_models::clip::{config::ClipTextConfig, text_model::ClipTextModel};
+    use ldm_models::unet::{UNet2DConditionModel, UNetConfig};
+    let ucfg = UNetConfig::from_file(&fixture("tiny/sd15/unet/config.json")).unwrap();
+    let tcfg = ClipTextConfig::from_file(&fixture("tiny/sd15/text_encoder/config.json")).unwrap();
+    let grads_in = |dtype: DType| -> Vec<(String, Vec<f64>)> {
+        let map = VarMap::new();
+        let vb = VarBuilder::from_varmap(&map, dtype, &Device::Cpu);
+        let unet = UNet2DConditionModel::new(vb.pp("unet"), &ucfg).unwrap();
+        let text = ClipTextModel::new(vb.pp("text"), &tcfg).unwrap();
+        let vars = randomised_vars(&map, 0.3, 0.3);
+        let x = tensor(&[3, 4, 8, 8], 31, 1.0).to_dtype(dtype).unwrap();
+        let t = Tensor::new(&[10f32, 500.0, 999.0], &Device::Cpu)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap();
+        let ids = Tensor::new(
+            &[
+                [49u32, 5, 17, 8, 50, 50, 50, 50, 50, 50],
+                [49, 9, 50, 50, 50, 50, 50, 50, 50, 50],
+                [49, 3, 4, 5, 6, 7, 8, 9, 10, 50],
+            ],
+            &Device::Cpu,
+        )
+        .unwrap();
+        let ctx = text.forward(&ids).unwrap().last_hidden_state;
+        let out = unet.forward(&x, &t, &ctx, None).unwrap();
+        let r = tensor(out.dims(), 7, 1.0).to_dtype(dtype).unwrap();
+        let grads = (out * r).unwrap().sum_all().unwrap().backward().unwrap();
+        vars.iter()
+            .map(|(n, v)| {
+                let g = grads
+                    .get(v.as_tensor())
+                    .unwrap_or_else(|| panic!("{dtype:?}: {n} has no gradient"));
+                let g = g.to_dtype(DType::F64).unwrap().flatten_all().unwrap();
+                (n.clone(), g.to_vec1::<f64>().unwrap())
+            })
+            .collect()
+    };
+    let g64 = grads_in(DType::F64);
+    let g32 = grads_in(DType::F32);
+    assert_eq!(g64.len(), g32.len());
+    for ((n, a), (_, b)) in g64.iter().zip(&g32) {
+        let norm = a.iter().map(|v| v * v).sum::<f64>().sqrt();
+        let err = a
+            .iter()
+            .zip(b)
+            .map(|(x, y)| (x - y) * (x - y))
+            .sum::<f64>()
+            .sqrt();
+        assert!(
+            err <= 1e-4 * norm + 1e-6,
+            "{n}: |g32 − g64| = {err:e}, |g64| = {norm:e}"
+        );
+    }
 }

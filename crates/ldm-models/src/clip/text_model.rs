@@ -5,7 +5,7 @@
 
 use super::config::{Activation, ClipTextConfig, PoolAt};
 use crate::layers::attention::{causal_mask, merge_heads, scaled_dot_product, split_heads};
-use crate::layers::linear::{linear, Linear};
+use crate::layers::linear::{linear_normal, Linear};
 use crate::layers::ops::LayerNorm;
 use crate::layers::{gelu, quick_gelu};
 use candle_core::{DType, Result, Tensor};
@@ -21,14 +21,44 @@ struct SelfAttention {
     scale: f64,
 }
 
+/// transformers' CLIP initialisation (`CLIPPreTrainedModel._init_weights` with
+/// `initializer_range` 0.02 and `initializer_factor` 1), used when a model is trained from
+/// scratch: small embeddings (N(0, 0.02²)) that the optimiser reshapes within a few hundred
+/// steps, projections scaled by width and depth. candle's defaults (N(0, 1) embeddings) leave a
+/// freshly trained encoder close to its random start: its words stay barely distinguishable
+/// after thousands of steps.
+struct ClipInit {
+    embedding: f64,
+    /// q, k, v and the second MLP layer: `d^-½ (2 layers)^-½`.
+    in_proj: f64,
+    /// The attention output and the text projection: `d^-½`.
+    out_proj: f64,
+    /// The first MLP layer: `(2d)^-½`.
+    fc: f64,
+}
+
+impl ClipInit {
+    fn new(c: &ClipTextConfig) -> Self {
+        let d = c.hidden_size as f64;
+        let layers = c.num_hidden_layers.max(1) as f64;
+        Self {
+            embedding: 0.02,
+            in_proj: d.powf(-0.5) * (2.0 * layers).powf(-0.5),
+            out_proj: d.powf(-0.5),
+            fc: (2.0 * d).powf(-0.5),
+        }
+    }
+}
+
 impl SelfAttention {
     fn new(vb: VarBuilder, c: &ClipTextConfig) -> Result<Self> {
         let d = c.hidden_size;
+        let init = ClipInit::new(c);
         Ok(Self {
-            q_proj: linear(d, d, vb.pp("q_proj"))?,
-            k_proj: linear(d, d, vb.pp("k_proj"))?,
-            v_proj: linear(d, d, vb.pp("v_proj"))?,
-            out_proj: linear(d, d, vb.pp("out_proj"))?,
+            q_proj: linear_normal(d, d, init.in_proj, vb.pp("q_proj"))?,
+            k_proj: linear_normal(d, d, init.in_proj, vb.pp("k_proj"))?,
+            v_proj: linear_normal(d, d, init.in_proj, vb.pp("v_proj"))?,
+            out_proj: linear_normal(d, d, init.out_proj, vb.pp("out_proj"))?,
             heads: c.num_attention_heads,
             scale: 1.0 / ((d / c.num_attention_heads) as f64).sqrt(),
         })
@@ -56,12 +86,13 @@ struct EncoderLayer {
 impl EncoderLayer {
     fn new(vb: VarBuilder, c: &ClipTextConfig) -> Result<Self> {
         let d = c.hidden_size;
+        let init = ClipInit::new(c);
         Ok(Self {
             layer_norm1: crate::layers::ops::layer_norm(d, c.layer_norm_eps, vb.pp("layer_norm1"))?,
             self_attn: SelfAttention::new(vb.pp("self_attn"), c)?,
             layer_norm2: crate::layers::ops::layer_norm(d, c.layer_norm_eps, vb.pp("layer_norm2"))?,
-            fc1: linear(d, c.intermediate_size, vb.pp("mlp").pp("fc1"))?,
-            fc2: linear(c.intermediate_size, d, vb.pp("mlp").pp("fc2"))?,
+            fc1: linear_normal(d, c.intermediate_size, init.fc, vb.pp("mlp").pp("fc1"))?,
+            fc2: linear_normal(c.intermediate_size, d, init.in_proj, vb.pp("mlp").pp("fc2"))?,
             activation: c.activation,
         })
     }
@@ -123,25 +154,26 @@ impl ClipTextModel {
         let layers = (0..c.num_hidden_layers)
             .map(|i| EncoderLayer::new(tm.pp("encoder").pp("layers").pp(i), c))
             .collect::<Result<Vec<_>>>()?;
+        let init = ClipInit::new(c);
+        let normal = |stdev: f64| candle_nn::Init::Randn { mean: 0.0, stdev };
         let text_projection = match c.projection_dim {
-            Some(p) => Some(crate::layers::linear::linear_no_bias(
-                c.hidden_size,
-                p,
-                vb.pp("text_projection"),
+            Some(p) => Some(Linear::new(
+                vb.pp("text_projection").get_with_hints(
+                    (p, c.hidden_size),
+                    "weight",
+                    normal(init.out_proj),
+                )?,
+                None,
             )?),
             None => None,
         };
+        let embedding = |rows: usize, vb: VarBuilder| -> Result<Embedding> {
+            let w = vb.get_with_hints((rows, c.hidden_size), "weight", normal(init.embedding))?;
+            Ok(Embedding::new(w, c.hidden_size))
+        };
         Ok(Self {
-            token_embedding: candle_nn::embedding(
-                c.vocab_size,
-                c.hidden_size,
-                emb.pp("token_embedding"),
-            )?,
-            position_embedding: candle_nn::embedding(
-                c.max_position_embeddings,
-                c.hidden_size,
-                emb.pp("position_embedding"),
-            )?,
+            token_embedding: embedding(c.vocab_size, emb.pp("token_embedding"))?,
+            position_embedding: embedding(c.max_position_embeddings, emb.pp("position_embedding"))?,
             layers,
             final_layer_norm: crate::layers::ops::layer_norm(
                 c.hidden_size,

@@ -93,6 +93,21 @@ pub fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
     Linear::new(l.weight().clone(), l.bias().cloned())
 }
 
+/// `weight` and `bias` under `vb`; a fresh layer draws its weight from `N(0, std²)` and starts
+/// with a zero bias (the initialisation transformers gives CLIP).
+pub fn linear_normal(in_dim: usize, out_dim: usize, std: f64, vb: VarBuilder) -> Result<Linear> {
+    let weight = vb.get_with_hints(
+        (out_dim, in_dim),
+        "weight",
+        candle_nn::Init::Randn {
+            mean: 0.0,
+            stdev: std,
+        },
+    )?;
+    let bias = vb.get_with_hints(out_dim, "bias", candle_nn::Init::Const(0.0))?;
+    Linear::new(weight, Some(bias))
+}
+
 /// `weight` only.
 pub fn linear_no_bias(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
     let l = candle_nn::linear_no_bias(in_dim, out_dim, vb)?;
