@@ -12,6 +12,7 @@ pub mod io;
 pub mod lpips;
 pub mod noise;
 pub mod optim;
+pub mod parallel;
 pub mod plot;
 pub mod recipe;
 pub mod shapes;

@@ -2,6 +2,7 @@
 //! checkpoints, global-norm gradient clipping, linear warm-up with cosine decay, and an
 //! exponential moving average of the weights.
 
+use crate::parallel::{cores, on_threads};
 use crate::Result;
 use candle_core::{backprop::GradStore, Tensor, Var};
 
@@ -121,7 +122,12 @@ impl AdamW {
                 Tensor::from_vec(nv, shape, dev)?,
             ))
         };
-        let results = parallel_over(&jobs, |i| self.params[i].1.elem_count(), update_one)?;
+        let results = on_threads(
+            &jobs,
+            cores(),
+            |i| self.params[i].1.elem_count(),
+            update_one,
+        )?;
         for (i, np, nm, nv) in results {
             self.params[i].1.set(&np)?;
             self.m[i] = nm;
@@ -157,51 +163,6 @@ impl std::ops::Deref for F32View<'_> {
             _ => &[],
         }
     }
-}
-
-/// `f` applied to every job, the jobs split by `size` into one balanced group per CPU core and
-/// the groups run on their own threads.
-fn parallel_over<T: Send>(
-    jobs: &[usize],
-    size: impl Fn(usize) -> usize,
-    f: impl Fn(usize) -> Result<T> + Sync,
-) -> Result<Vec<T>> {
-    let workers = std::thread::available_parallelism()
-        .map_or(1, |n| n.get())
-        .min(jobs.len())
-        .max(1);
-    // Largest first, each to the least loaded worker.
-    let mut order: Vec<usize> = jobs.to_vec();
-    order.sort_by_key(|&i| std::cmp::Reverse(size(i)));
-    let mut groups: Vec<(usize, Vec<usize>)> = vec![(0, Vec::new()); workers];
-    for i in order {
-        let g = groups
-            .iter_mut()
-            .min_by_key(|(load, _)| *load)
-            .expect("at least one worker");
-        g.0 += size(i);
-        g.1.push(i);
-    }
-    if workers == 1 {
-        return jobs.iter().map(|&i| f(i)).collect();
-    }
-    let f = &f;
-    std::thread::scope(|scope| {
-        let handles: Vec<_> = groups
-            .into_iter()
-            .map(|(_, group)| scope.spawn(move || group.into_iter().map(f).collect::<Vec<_>>()))
-            .collect();
-        let mut out = Vec::with_capacity(jobs.len());
-        for h in handles {
-            let results = h
-                .join()
-                .map_err(|_| crate::Error::Msg("an optimiser thread panicked".into()))?;
-            for r in results {
-                out.push(r?);
-            }
-        }
-        Ok(out)
-    })
 }
 
 /// Scales the gradients so that their global L2 norm is at most `max_norm`; returns the norm
@@ -278,8 +239,9 @@ impl Ema {
             let jobs: Vec<usize> = (0..params.len()).collect();
             let (d32, rest) = (d as f32, (1.0 - d) as f32);
             let shadow = &self.shadow;
-            let results = parallel_over(
+            let results = on_threads(
                 &jobs,
+                cores(),
                 |i| params[i].1.elem_count(),
                 |i| -> Result<(usize, Tensor)> {
                     let p = params[i].1.as_tensor();

@@ -10,6 +10,7 @@ use crate::component::{check_all_used, named_vars, strip, write_component, Seede
 use crate::data::batch;
 use crate::noise::TrainRng;
 use crate::optim::{clip_grad_norm, warmup_cosine, AdamW, AdamWConfig, Ema};
+use crate::parallel::on_threads;
 use crate::recipe::Recipe;
 use crate::tokenizer::{shapes_words, write_tokenizer};
 use crate::{Error, Progress, Result};
@@ -163,30 +164,11 @@ fn sharded_loss_and_grads(
         let grads = loss.backward()?;
         Ok((loss.detach(), grads))
     };
-    let mut results = if ranges.len() == 1 {
-        vec![run(ranges[0].clone())]
-    } else {
-        std::thread::scope(|scope| {
-            let handles: Vec<_> = ranges
-                .iter()
-                .map(|r| {
-                    let r = r.clone();
-                    let run = &run;
-                    scope.spawn(move || run(r))
-                })
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| {
-                    h.join()
-                        .unwrap_or_else(|_| Err(Error::Msg("a training thread panicked".into())))
-                })
-                .collect()
-        })
-    };
-    let (mut loss, mut grads) = results.remove(0)?;
-    for r in results {
-        let (l, g) = r?;
+    // One thread per shard; each returns its loss and gradients.
+    let jobs: Vec<usize> = (0..ranges.len()).collect();
+    let mut results = on_threads(&jobs, jobs.len(), |_| 1, |i| run(ranges[i].clone()))?;
+    let (mut loss, mut grads) = results.remove(0);
+    for (l, g) in results {
         loss = (loss + l)?;
         for (_, p) in params {
             if let Some(extra) = g.get(p.as_tensor()) {
