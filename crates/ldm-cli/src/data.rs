@@ -99,7 +99,8 @@ pub fn run(cmd: DataCommand) -> Result<()> {
 
 #[derive(Subcommand)]
 pub enum EvalCommand {
-    /// Generate each prompt with several seeds and read the images back (Shapes World spec).
+    /// Generate each prompt with several seeds and read the images back (Shapes World spec);
+    /// or, with --images, read back images made elsewhere.
     Shapes(EvalShapes),
 }
 
@@ -109,8 +110,12 @@ pub struct EvalShapes {
     #[arg(long)]
     model: Option<PathBuf>,
     /// A file of Shapes World captions, one a line.
-    #[arg(long)]
-    prompts: PathBuf,
+    #[arg(long, required_unless_present = "images")]
+    prompts: Option<PathBuf>,
+    /// Instead of generating: a folder of images made elsewhere, listed with their captions in
+    /// its captions.jsonl (`{"caption": …, "file": …}` a line, as `ldm data shapes` writes).
+    #[arg(long, conflicts_with_all = ["model", "prompts"])]
+    images: Option<PathBuf>,
     /// Images per prompt.
     #[arg(long, default_value_t = 4)]
     seeds: usize,
@@ -133,8 +138,21 @@ pub struct EvalShapes {
 
 pub fn eval(cmd: EvalCommand) -> Result<()> {
     let EvalCommand::Shapes(a) = cmd;
-    let text = std::fs::read_to_string(&a.prompts)
-        .with_context(|| format!("reading {}", a.prompts.display()))?;
+    if let Some(dir) = &a.images {
+        let pb = indicatif::ProgressBar::new(0);
+        let report = ldm_train::eval::evaluate_folder(dir, &mut |d, n| {
+            pb.set_length(n as u64);
+            pb.set_position(d as u64)
+        })?;
+        pb.finish_and_clear();
+        crate::emit(format_args!("images in {}", dir.display()));
+        return print_report(&report);
+    }
+    let Some(prompts_file) = &a.prompts else {
+        bail!("--prompts or --images is needed");
+    };
+    let text = std::fs::read_to_string(prompts_file)
+        .with_context(|| format!("reading {}", prompts_file.display()))?;
     let prompts: Vec<String> = text
         .lines()
         .map(str::trim)
@@ -142,7 +160,7 @@ pub fn eval(cmd: EvalCommand) -> Result<()> {
         .map(String::from)
         .collect();
     if prompts.is_empty() {
-        bail!("{} holds no prompts", a.prompts.display());
+        bail!("{} holds no prompts", prompts_file.display());
     }
     if a.seeds == 0 || a.steps == 0 {
         bail!("--seeds and --steps must be at least 1");
@@ -180,6 +198,11 @@ pub fn eval(cmd: EvalCommand) -> Result<()> {
         a.guidance,
         a.guidance_rescale
     ));
+    print_report(&report)
+}
+
+/// The eval table: exact match, count and each attribute's rate, one- and two-object prompts.
+fn print_report(report: &ldm_train::eval::EvalReport) -> Result<()> {
     crate::emit(format_args!(
         "{:<14} {:>12} {:>12}",
         "", "one object", "two objects"

@@ -235,6 +235,23 @@ fn data_and_prompt_lists() {
     assert_eq!(lines.lines().count(), 3);
     assert!(lines.contains("\"caption\""));
     assert_eq!(png_size(&out.join("00000002.png")), (128, 128));
+    // The evaluator reads the world's own pictures back as true (images made elsewhere are
+    // evaluated the same way), and --images excludes generating.
+    let (ok, report, err) = ldm(&["eval", "shapes", "--images", s(&out)]);
+    assert!(ok, "{err}");
+    let exact = report
+        .lines()
+        .find(|l| l.starts_with("exact match"))
+        .unwrap();
+    assert!(
+        exact
+            .split_whitespace()
+            .skip(2)
+            .all(|r| r == "100.0%" || r == "—"),
+        "{report}"
+    );
+    let (ok, _, err) = ldm(&["eval", "shapes", "--images", s(&out), "--model", s(&out)]);
+    assert!(!ok && err.contains("cannot be used with"), "{err}");
     // The committed evaluation lists parse as captions of the right kinds.
     for (file, objects) in [("shapes-one-object.txt", 1), ("shapes-two-objects.txt", 2)] {
         let text = std::fs::read_to_string(eval_prompts().join(file)).unwrap();

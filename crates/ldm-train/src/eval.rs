@@ -3,9 +3,11 @@
 //! separately for one- and two-object prompts.
 
 use crate::shapes::read::{parse_caption, read, score, Score};
+use crate::shapes::Statement;
 use crate::{Error, Result};
 use ldm_pipeline::{generate, Components, Request};
 use ldm_sampling::NoHook;
+use std::path::Path;
 
 /// How the evaluated images are generated.
 #[derive(Debug, Clone)]
@@ -63,6 +65,25 @@ pub struct EvalReport {
     pub two: Rates,
 }
 
+impl EvalReport {
+    /// Reads `rgb` (an `size`×`size` RGB image) back and scores it against `st`.
+    fn add(&mut self, st: &Statement, rgb: &[u8], size: usize) {
+        let sc = score(st, &read(rgb, size), size);
+        match st.objects.len() {
+            1 => self.one.add(&sc),
+            _ => self.two.add(&sc),
+        }
+    }
+}
+
+fn statement(caption: &str, line: usize) -> Result<Statement> {
+    parse_caption(caption).ok_or_else(|| {
+        Error::Msg(format!(
+            "line {line}: `{caption}` is not a Shapes World caption"
+        ))
+    })
+}
+
 /// Evaluates `prompts` (Shapes World captions); `progress(done, total)` after each prompt.
 pub fn evaluate(
     components: &Components,
@@ -72,12 +93,7 @@ pub fn evaluate(
 ) -> Result<EvalReport> {
     let mut report = EvalReport::default();
     for (i, prompt) in prompts.iter().enumerate() {
-        let st = parse_caption(prompt).ok_or_else(|| {
-            Error::Msg(format!(
-                "line {}: `{prompt}` is not a Shapes World caption",
-                i + 1
-            ))
-        })?;
+        let st = statement(prompt, i + 1)?;
         let req = Request {
             prompt: prompt.clone(),
             width: opts.size,
@@ -88,13 +104,136 @@ pub fn evaluate(
         };
         let out = generate(components, &req, &mut NoHook)?;
         for img in &out.images {
-            let sc = score(&st, &read(img.as_raw(), opts.size), opts.size);
-            match st.objects.len() {
-                1 => report.one.add(&sc),
-                _ => report.two.add(&sc),
-            }
+            report.add(&st, img.as_raw(), opts.size);
         }
         progress(i + 1, prompts.len());
     }
     Ok(report)
+}
+
+/// One line of a `captions.jsonl`, as `ldm data shapes` writes it (other fields are ignored).
+#[derive(serde::Deserialize)]
+struct Captioned {
+    caption: String,
+    file: String,
+}
+
+/// Evaluates images made elsewhere — by another generator, or Shapes World's own scenes — listed
+/// in `dir/captions.jsonl` (`{"caption": …, "file": …}` a line, files relative to `dir`, as
+/// `ldm data shapes` writes them). Every image must be square, of a side the spec allows.
+pub fn evaluate_folder(dir: &Path, progress: &mut dyn FnMut(usize, usize)) -> Result<EvalReport> {
+    let list = dir.join("captions.jsonl");
+    let text = std::fs::read_to_string(&list)
+        .map_err(|e| Error::Msg(format!("reading {}: {e}", list.display())))?;
+    let lines: Vec<(usize, &str)> = text
+        .lines()
+        .enumerate()
+        .map(|(i, l)| (i + 1, l.trim()))
+        .filter(|(_, l)| !l.is_empty())
+        .collect();
+    if lines.is_empty() {
+        return Err(Error::Msg(format!("{} lists no images", list.display())));
+    }
+    let mut report = EvalReport::default();
+    for (done, &(n, line)) in lines.iter().enumerate() {
+        let item: Captioned = serde_json::from_str(line)
+            .map_err(|e| Error::Msg(format!("{} line {n}: {e}", list.display())))?;
+        let st = statement(&item.caption, n)?;
+        let path = dir.join(&item.file);
+        let img = image::open(&path)
+            .map_err(|e| Error::Msg(format!("reading {}: {e}", path.display())))?
+            .to_rgb8();
+        let (w, h) = img.dimensions();
+        if w != h || ![64, 128, 256].contains(&w) {
+            return Err(Error::Msg(format!(
+                "{} is {w}×{h}; Shapes World images are square, of side 64, 128 or 256",
+                path.display()
+            )));
+        }
+        report.add(&st, img.as_raw(), w as usize);
+        progress(done + 1, lines.len());
+    }
+    Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::shapes::render::render;
+    use crate::shapes::Scene;
+
+    fn write_scenes(dir: &Path, n: u64, size: usize) {
+        let mut list = String::new();
+        for i in 0..n {
+            let scene = Scene::generate(5, i, size);
+            let file = format!("{i:03}.png");
+            image::save_buffer(
+                dir.join(&file),
+                &render(&scene),
+                size as u32,
+                size as u32,
+                image::ColorType::Rgb8,
+            )
+            .unwrap();
+            let line = serde_json::json!({ "caption": scene.caption(), "file": file, "index": i });
+            list.push_str(&format!("{line}\n"));
+        }
+        std::fs::write(dir.join("captions.jsonl"), list).unwrap();
+    }
+
+    /// Shapes World's own scenes, written as PNGs, read back as true of their captions.
+    #[test]
+    fn a_folder_of_rendered_scenes_matches_exactly() {
+        let dir = tempfile::tempdir().unwrap();
+        write_scenes(dir.path(), 40, 64);
+        let mut calls = 0;
+        let r = evaluate_folder(dir.path(), &mut |_, n| {
+            calls += 1;
+            assert_eq!(n, 40);
+        })
+        .unwrap();
+        assert_eq!(calls, 40);
+        assert_eq!(r.one.images + r.two.images, 40);
+        assert!(r.one.images > 0 && r.two.images > 0);
+        assert_eq!(r.one.exact, r.one.images);
+        assert_eq!(r.two.exact, r.two.images);
+    }
+
+    /// Bad folders fail with the file and line named.
+    #[test]
+    fn bad_folders_are_reported() {
+        let err = |dir: &Path| {
+            evaluate_folder(dir, &mut |_, _| {})
+                .unwrap_err()
+                .to_string()
+        };
+        let dir = tempfile::tempdir().unwrap();
+        assert!(err(dir.path()).contains("captions.jsonl"));
+        write_scenes(dir.path(), 2, 64);
+        let list = dir.path().join("captions.jsonl");
+        let good = std::fs::read_to_string(&list).unwrap();
+
+        std::fs::write(&list, format!("{good}{{\"caption\": 3}}\n")).unwrap();
+        assert!(err(dir.path()).contains("line 3"));
+        std::fs::write(&list, r#"{"caption": "a red dog", "file": "000.png"}"#).unwrap();
+        assert!(err(dir.path()).contains("not a Shapes World caption"));
+        std::fs::write(
+            &list,
+            r#"{"caption": "a red circle", "file": "missing.png"}"#,
+        )
+        .unwrap();
+        assert!(err(dir.path()).contains("missing.png"));
+        image::save_buffer(
+            dir.path().join("wide.png"),
+            &[0u8; 64 * 32 * 3],
+            64,
+            32,
+            image::ColorType::Rgb8,
+        )
+        .unwrap();
+        std::fs::write(&list, r#"{"caption": "a red circle", "file": "wide.png"}"#).unwrap();
+        assert!(err(dir.path()).contains("64×32"));
+        std::fs::write(&list, "\n").unwrap();
+        assert!(err(dir.path()).contains("no images"));
+    }
 }
