@@ -162,6 +162,21 @@ fn absurd_configs_are_rejected() {
             "entries",
         ),
         (
+            "unet",
+            serde_json::json!({"addition_embed_type": "text", "addition_embed_type_num_heads": 5}),
+            "divisible",
+        ),
+        (
+            "unet",
+            serde_json::json!({"addition_embed_type": "text", "cross_attention_dim": [32, 32]}),
+            "one `cross_attention_dim`",
+        ),
+        (
+            "unet",
+            serde_json::json!({"addition_embed_type": "image"}),
+            "image",
+        ),
+        (
             "vae",
             serde_json::json!({"scaling_factor": -1.0}),
             "scaling_factor",

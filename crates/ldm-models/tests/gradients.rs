@@ -269,11 +269,27 @@ fn fixture(p: &str) -> std::path::PathBuf {
         .join(p)
 }
 
+/// The tiny SD1.5 U-Net with the pooled text embedding added to the timestep embedding
+/// (`addition_embed_type: "text"`, as the Shapes model trains it), so that its attention
+/// pooling and layer norms are checked too.
+fn unet_with_pooled_text() -> ldm_models::unet::UNetConfig {
+    let path = fixture("tiny/sd15/unet/config.json");
+    let mut json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    json["addition_embed_type"] = "text".into();
+    json["addition_embed_type_num_heads"] = 2.into();
+    let cfg =
+        ldm_models::unet::UNetConfig::from_json(&serde_json::from_value(json).unwrap(), &path)
+            .unwrap();
+    assert_eq!(cfg.text_pool_heads, Some(2));
+    cfg
+}
+
 #[test]
 fn whole_unet_and_text_encoder() {
     use ldm_models::clip::{config::ClipTextConfig, text_model::ClipTextModel};
-    use ldm_models::unet::{UNet2DConditionModel, UNetConfig};
-    let ucfg = UNetConfig::from_file(&fixture("tiny/sd15/unet/config.json")).unwrap();
+    use ldm_models::unet::UNet2DConditionModel;
+    let ucfg = unet_with_pooled_text();
     let tcfg = ClipTextConfig::from_file(&fixture("tiny/sd15/text_encoder/config.json")).unwrap();
     check_network("unet + text encoder", |vb| {
         let unet = UNet2DConditionModel::new(vb.pp("unet"), &ucfg)?;
@@ -361,8 +377,8 @@ fn candle_traps_are_still_there() {
 #[test]
 fn f32_gradients_equal_f64_gradients() {
     use ldm_models::clip::{config::ClipTextConfig, text_model::ClipTextModel};
-    use ldm_models::unet::{UNet2DConditionModel, UNetConfig};
-    let ucfg = UNetConfig::from_file(&fixture("tiny/sd15/unet/config.json")).unwrap();
+    use ldm_models::unet::UNet2DConditionModel;
+    let ucfg = unet_with_pooled_text();
     let tcfg = ClipTextConfig::from_file(&fixture("tiny/sd15/text_encoder/config.json")).unwrap();
     let grads_in = |dtype: DType| -> Vec<(String, Vec<f64>)> {
         let map = VarMap::new();

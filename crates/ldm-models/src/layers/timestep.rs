@@ -1,7 +1,10 @@
-//! Sinusoidal timestep embeddings (Vaswani et al. 2017, §3.5, as used by DDPM) and diffusers'
-//! `TimestepEmbedding` MLP.
+//! Sinusoidal timestep embeddings (Vaswani et al. 2017, §3.5, as used by DDPM), diffusers'
+//! `TimestepEmbedding` MLP, and the pooled-text embedding (`TextTimeEmbedding`) some U-Nets add
+//! to it.
 
+use crate::layers::attention::{merge_heads, scaled_dot_product, split_heads};
 use crate::layers::linear::{linear, Linear};
+use crate::layers::ops::{layer_norm, LayerNorm};
 use candle_core::{DType, Result, Tensor};
 use candle_nn::{Module, VarBuilder};
 
@@ -52,6 +55,83 @@ impl TimestepEmbedding {
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         self.linear_2.forward(&self.linear_1.forward(x)?.silu()?)
+    }
+}
+
+/// diffusers' `AttentionPooling` (from DeepFloyd IF): one query — the mean of the sequence plus
+/// a learned position — attends over itself and the sequence; `[B, L, D]` → `[B, D]`.
+#[derive(Debug, Clone)]
+pub struct AttentionPooling {
+    positional_embedding: Tensor,
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    heads: usize,
+}
+
+impl AttentionPooling {
+    pub fn new(vb: VarBuilder, dim: usize, heads: usize) -> Result<Self> {
+        let positional_embedding = crate::layers::compute_param(vb.get_with_hints(
+            (1, dim),
+            "positional_embedding",
+            candle_nn::Init::Randn {
+                mean: 0.0,
+                stdev: (dim as f64).powf(-0.5),
+            },
+        )?)?;
+        Ok(Self {
+            positional_embedding,
+            q_proj: linear(dim, dim, vb.pp("q_proj"))?,
+            k_proj: linear(dim, dim, vb.pp("k_proj"))?,
+            v_proj: linear(dim, dim, vb.pp("v_proj"))?,
+            heads,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, _, dim) = x.dims3()?;
+        let class = x
+            .mean_keepdim(1)?
+            .broadcast_add(&self.positional_embedding.to_dtype(x.dtype())?)?; // [B, 1, D]
+        let all = Tensor::cat(&[&class, x], 1)?;
+        let q = split_heads(&self.q_proj.forward(&class)?, self.heads)?;
+        let k = split_heads(&self.k_proj.forward(&all)?, self.heads)?;
+        let v = split_heads(&self.v_proj.forward(&all)?, self.heads)?;
+        let scale = ((dim / self.heads) as f64).powf(-0.5);
+        merge_heads(&scaled_dot_product(&q, &k, &v, scale, None)?)?.reshape((b, dim))
+    }
+}
+
+/// diffusers' `TextTimeEmbedding` (`addition_embed_type: "text"`): the text encoder's hidden
+/// states, layer-normed, attention-pooled, projected to the time-embedding width and
+/// layer-normed again; the U-Net adds it to the timestep embedding.
+#[derive(Debug, Clone)]
+pub struct TextTimeEmbedding {
+    norm1: LayerNorm,
+    pool: AttentionPooling,
+    proj: Linear,
+    norm2: LayerNorm,
+}
+
+impl TextTimeEmbedding {
+    pub fn new(
+        vb: VarBuilder,
+        text_dim: usize,
+        time_embed_dim: usize,
+        heads: usize,
+    ) -> Result<Self> {
+        Ok(Self {
+            norm1: layer_norm(text_dim, 1e-5, vb.pp("norm1"))?,
+            pool: AttentionPooling::new(vb.pp("pool"), text_dim, heads)?,
+            proj: linear(text_dim, time_embed_dim, vb.pp("proj"))?,
+            norm2: layer_norm(time_embed_dim, 1e-5, vb.pp("norm2"))?,
+        })
+    }
+
+    /// `[B, L, text_dim]` → `[B, time_embed_dim]`.
+    pub fn forward(&self, hidden: &Tensor) -> Result<Tensor> {
+        let pooled = self.pool.forward(&self.norm1.forward(hidden)?)?;
+        self.norm2.forward(&self.proj.forward(&pooled)?)
     }
 }
 

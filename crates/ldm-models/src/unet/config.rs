@@ -37,6 +37,7 @@ pub struct UNet2DConditionConfigJson {
     pub class_embed_type: Option<String>,
     pub addition_embed_type: Option<String>,
     pub addition_time_embed_dim: Option<usize>,
+    pub addition_embed_type_num_heads: usize,
     pub num_class_embeds: Option<usize>,
     pub upcast_attention: bool,
     pub resnet_time_scale_shift: String,
@@ -94,6 +95,7 @@ impl Default for UNet2DConditionConfigJson {
             class_embed_type: None,
             addition_embed_type: None,
             addition_time_embed_dim: None,
+            addition_embed_type_num_heads: 64,
             num_class_embeds: None,
             upcast_attention: false,
             resnet_time_scale_shift: "default".into(),
@@ -148,6 +150,10 @@ pub struct UNetConfig {
     pub use_linear_projection: bool,
     pub upcast_attention: bool,
     pub text_time: Option<TextTimeConfig>,
+    /// `addition_embed_type: "text"` (DeepFloyd IF's pooled text conditioning): the heads of
+    /// the attention pooling over the text encoder's hidden states, whose projection is added
+    /// to the timestep embedding.
+    pub text_pool_heads: Option<usize>,
     pub time_embed_dim: usize,
     pub conv_in_kernel: usize,
     pub conv_out_kernel: usize,
@@ -330,8 +336,32 @@ impl UNetConfig {
             1,
             4 * MAX_CHANNELS,
         )?;
+        let mut text_pool_heads = None;
         let text_time = match j.addition_embed_type.as_deref() {
             None => None,
+            Some("text") => {
+                let dim = match &j.cross_attention_dim {
+                    OneOrMany::One(d) => *d,
+                    OneOrMany::Many(_) => {
+                        return Err(Error::config(
+                            path,
+                            "addition_embed_type `text` needs one `cross_attention_dim`",
+                        ))
+                    }
+                };
+                let heads = j.addition_embed_type_num_heads;
+                check_range(path, "addition_embed_type_num_heads", heads, 1, dim)?;
+                if dim % heads != 0 {
+                    return Err(Error::config(
+                        path,
+                        format!(
+                            "cross_attention_dim {dim} is not divisible by addition_embed_type_num_heads {heads}"
+                        ),
+                    ));
+                }
+                text_pool_heads = Some(heads);
+                None
+            }
             Some("text_time") => {
                 let addition_time_embed_dim = j.addition_time_embed_dim.ok_or_else(|| {
                     Error::config(path, "text_time needs `addition_time_embed_dim`")
@@ -391,6 +421,7 @@ impl UNetConfig {
             use_linear_projection: j.use_linear_projection,
             upcast_attention: j.upcast_attention,
             text_time,
+            text_pool_heads,
             time_embed_dim,
             conv_in_kernel: j.conv_in_kernel,
             conv_out_kernel: j.conv_out_kernel,

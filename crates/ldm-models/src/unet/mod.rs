@@ -13,7 +13,7 @@ use crate::layers::conv2d;
 use crate::layers::norm::GroupNorm;
 use crate::layers::resnet::{ResnetBlock2D, ResnetConfig};
 use crate::layers::sampling::{Downsample2D, Upsample2D};
-use crate::layers::timestep::{sinusoidal_embedding, TimestepEmbedding};
+use crate::layers::timestep::{sinusoidal_embedding, TextTimeEmbedding, TimestepEmbedding};
 use crate::layers::Conv2d;
 use candle_core::{Result, Tensor};
 use candle_nn::{Module, VarBuilder};
@@ -61,6 +61,7 @@ struct UpBlock {
 pub struct UNet2DConditionModel {
     time_embedding: TimestepEmbedding,
     add_embedding: Option<TimestepEmbedding>,
+    text_embedding: Option<TextTimeEmbedding>,
     conv_in: Conv2d,
     down_blocks: Vec<DownBlock>,
     mid_block: Stage,
@@ -99,6 +100,16 @@ impl UNet2DConditionModel {
                 vb.pp("add_embedding"),
                 tt.projection_class_embeddings_input_dim,
                 temb,
+            )?),
+            None => None,
+        };
+        // `addition_embed_type: "text"` lives at the same key as SDXL's (they never coexist).
+        let text_embedding = match cfg.text_pool_heads {
+            Some(heads) => Some(TextTimeEmbedding::new(
+                vb.pp("add_embedding"),
+                cfg.cross_attention_dim[0],
+                temb,
+                heads,
             )?),
             None => None,
         };
@@ -220,6 +231,7 @@ impl UNet2DConditionModel {
         Ok(Self {
             time_embedding,
             add_embedding,
+            text_embedding,
             conv_in,
             down_blocks,
             mid_block,
@@ -289,6 +301,10 @@ impl UNet2DConditionModel {
                     "added conditioning was given to a U-Net that does not take it".into(),
                 ))
             }
+        }
+
+        if let Some(text_embedding) = &self.text_embedding {
+            emb = (emb + text_embedding.forward(&context.to_dtype(dtype)?)?)?;
         }
 
         let mut x = self.conv_in.forward(sample)?;
