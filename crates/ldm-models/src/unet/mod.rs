@@ -1,8 +1,9 @@
 //! The conditional U-Net of latent diffusion (Rombach et al. 2022, §3.3; Ronneberger et al. 2015;
 //! Ho et al. 2020, appendix B), as diffusers' `UNet2DConditionModel` computes it: a timestep
 //! embedding, ResNet blocks conditioned on it, spatial transformers cross-attending to the text,
-//! skip connections from each down-path stage to its up-path twin, and for SDXL the
-//! `text_time` added conditioning (pooled text embedding and size/crop micro-conditioning).
+//! skip connections from each down-path stage to its up-path twin, and added conditioning: for
+//! SDXL `text_time` (pooled text embedding and size/crop micro-conditioning), or `text` (the
+//! caption attention-pooled inside the U-Net, as the Shapes model uses it).
 
 pub mod config;
 pub mod transformer;
