@@ -60,6 +60,7 @@ def main():
     ap.add_argument("--pool", type=int, default=12800)
     ap.add_argument("--mean", type=float, default=0.5, help="mean of ln σ")
     ap.add_argument("--min-snr", type=float, default=5.0, help="γ; 0 for the unweighted v loss")
+    ap.add_argument("--floor", type=float, default=0.1, help="floor under the min-SNR weight")
     ap.add_argument("--unet", default="{}", help="JSON overriding unet/config.json")
     ap.add_argument("--text", default="{}", help="JSON overriding text_encoder/config.json")
     ap.add_argument("--threads", type=int, default=2)
@@ -99,8 +100,8 @@ def main():
         v = ab.sqrt() * noise - (1 - ab).sqrt() * x0
         if a.min_snr > 0:
             snr = abar[t] / (1 - abar[t])
-            w = (torch.minimum(snr, torch.tensor(a.min_snr)) / (snr + 1)).clamp(min=0.1)
-            w = torch.nan_to_num(w, nan=0.1).float()
+            w = (torch.minimum(snr, torch.tensor(a.min_snr)) / (snr + 1)).clamp(min=a.floor)
+            w = torch.nan_to_num(w, nan=a.floor).float()
         else:
             w = torch.ones(a.batch)
         pred = unet(noisy, t, text(ids).last_hidden_state).sample
