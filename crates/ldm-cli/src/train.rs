@@ -102,8 +102,7 @@ pub struct UnetArgs {
     /// Scenes rendered and encoded up front.
     #[arg(long)]
     pool: Option<usize>,
-    /// Parts of each batch computed in parallel, one thread each (default 1; 2 with
-    /// RAYON_NUM_THREADS=1 is a little faster on 2 cores).
+    /// Parts of each batch computed in parallel, one thread each (default: one per core).
     #[arg(long)]
     shards: Option<usize>,
 }

@@ -50,3 +50,46 @@ pub fn on_threads<T: Send>(
 pub fn cores() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
+
+/// `f(0)`, …, `f(n − 1)`, each on its own thread inside its own one-thread rayon pool (kept for
+/// later calls), results in order; the first error is returned. The shards of a training batch
+/// run this way: a rayon-parallel kernel called from a shard then runs inline on the shard's
+/// thread, where from plain threads every shard's kernels would queue for the one global pool
+/// and hand their work back and forth between threads.
+pub fn on_own_pools<T: Send>(n: usize, f: impl Fn(usize) -> Result<T> + Sync) -> Result<Vec<T>> {
+    static POOLS: std::sync::Mutex<Vec<std::sync::Arc<rayon::ThreadPool>>> =
+        std::sync::Mutex::new(Vec::new());
+    let pools: Vec<std::sync::Arc<rayon::ThreadPool>> = {
+        let mut kept = POOLS
+            .lock()
+            .map_err(|_| Error::Msg("a training thread panicked".into()))?;
+        while kept.len() < n {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(1)
+                .thread_name(|i| format!("ldm-shard-{i}"))
+                .build()
+                .map_err(|e| Error::Msg(format!("cannot start a training thread: {e}")))?;
+            kept.push(std::sync::Arc::new(pool));
+        }
+        kept[..n].to_vec()
+    };
+    let f = &f;
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = pools[1..]
+            .iter()
+            .enumerate()
+            .map(|(i, pool)| scope.spawn(move || pool.install(|| f(i + 1))))
+            .collect();
+        let mut out = Vec::with_capacity(n);
+        if n > 0 {
+            out.push(pools[0].install(|| f(0))?);
+        }
+        for h in handles {
+            out.push(
+                h.join()
+                    .map_err(|_| Error::Msg("a training thread panicked".into()))??,
+            );
+        }
+        Ok(out)
+    })
+}

@@ -10,7 +10,7 @@ use crate::component::{check_all_used, named_vars, strip, write_component, Seede
 use crate::data::batch;
 use crate::noise::TrainRng;
 use crate::optim::{clip_grad_norm, warmup_cosine, AdamW, AdamWConfig, Ema};
-use crate::parallel::on_threads;
+use crate::parallel::on_own_pools;
 use crate::recipe::Recipe;
 use crate::tokenizer::{shapes_words, write_tokenizer};
 use crate::{Error, Progress, Result};
@@ -62,11 +62,12 @@ pub struct UnetOptions {
     /// prediction (ε says nothing about the image at zero SNR).
     pub zero_terminal_snr: bool,
     pub seed: u64,
-    /// Parts of each batch computed in parallel, one thread each (data parallelism over the
-    /// CPU's cores; the gradient is the same for any number). candle already spreads GEMMs and
-    /// large element-wise ops over rayon's pool, so on our 2-core machine two shards pay only
-    /// with `RAYON_NUM_THREADS=1` (batch 16: 0.67 s a step against 0.74 s for one shard on two
-    /// threads; two shards on two rayon threads each: 0.91 s).
+    /// Parts of each batch computed in parallel, one thread each with its own one-thread rayon
+    /// pool (data parallelism over the CPU's cores; the gradient is the same for any number).
+    /// One per core by default. On our 2-core machine, batch 16: one shard 0.74 s a step, two
+    /// shards 0.50 s when candle's element-wise ops run on the calling thread
+    /// (`CANDLE_NUM_THREADS=1`, which `ldm train` sets; with candle's spinning barrier pool the
+    /// shards queue for it in turn: 1.03 s).
     pub shards: usize,
     /// Scenes rendered and encoded once, then sampled from.
     pub pool: usize,
@@ -89,7 +90,7 @@ impl Default for UnetOptions {
             grad_clip: 1.0,
             zero_terminal_snr: false,
             seed: 0,
-            shards: 1,
+            shards: crate::parallel::cores(),
             pool: 20_000,
             checkpoint_every: 100,
         }
@@ -164,9 +165,13 @@ fn sharded_loss_and_grads(
         let grads = loss.backward()?;
         Ok((loss.detach(), grads))
     };
-    // One thread per shard; each returns its loss and gradients.
-    let jobs: Vec<usize> = (0..ranges.len()).collect();
-    let mut results = on_threads(&jobs, jobs.len(), |_| 1, |i| run(ranges[i].clone()))?;
+    // One thread per shard, each with its own one-thread rayon pool; each returns its loss and
+    // gradients.
+    let mut results = if ranges.len() == 1 {
+        vec![run(ranges[0].clone())?]
+    } else {
+        on_own_pools(ranges.len(), |i| run(ranges[i].clone()))?
+    };
     let (mut loss, mut grads) = results.remove(0);
     for (l, g) in results {
         loss = (loss + l)?;
