@@ -197,8 +197,8 @@ pub struct Conv2d {
 }
 
 impl Conv2d {
-    /// Builds the layer from `weight` and `bias` under `vb` (initialised as candle's
-    /// `conv2d` does when training).
+    /// Builds the layer from `weight` and `bias` under `vb` (a fresh layer starts as PyTorch's
+    /// `nn.Conv2d`, see [`torch_default_init`](super::linear::torch_default_init)).
     pub fn new(
         vb: VarBuilder,
         in_channels: usize,
@@ -207,14 +207,14 @@ impl Conv2d {
         stride: usize,
         padding: usize,
     ) -> Result<Self> {
-        let cfg = candle_nn::Conv2dConfig {
-            stride,
-            padding,
-            ..Default::default()
-        };
-        let c = candle_nn::conv2d(in_channels, out_channels, kernel, cfg, vb)?;
-        let weight = c.weight().clone();
-        let bias = c.bias().cloned().map(super::compute_param).transpose()?;
+        let init = super::linear::torch_default_init(in_channels * kernel * kernel);
+        let weight =
+            vb.get_with_hints((out_channels, in_channels, kernel, kernel), "weight", init)?;
+        let bias = Some(super::compute_param(vb.get_with_hints(
+            out_channels,
+            "bias",
+            init,
+        )?)?);
         let cpu_bf16 = weight.dtype() == DType::BF16 && weight.device().is_cpu();
         let weight = if cpu_bf16 && super::bf16_gemm::available() {
             let bits = super::bf16_gemm::tensor_bits(&weight)?;

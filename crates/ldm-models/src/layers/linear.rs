@@ -87,10 +87,26 @@ impl Linear {
     }
 }
 
-/// `weight` and `bias` under `vb`, initialised as PyTorch does when training.
+/// `weight` and `bias` under `vb`; a fresh layer starts as PyTorch's `nn.Linear` (see
+/// [`torch_default_init`]).
 pub fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
-    let l = candle_nn::linear(in_dim, out_dim, vb)?;
-    Linear::new(l.weight().clone(), l.bias().cloned())
+    let init = torch_default_init(in_dim);
+    let weight = vb.get_with_hints((out_dim, in_dim), "weight", init)?;
+    let bias = vb.get_with_hints(out_dim, "bias", init)?;
+    Linear::new(weight, Some(bias))
+}
+
+/// How PyTorch initialises a fresh `nn.Linear` or `nn.Conv2d`, and so every diffusers and
+/// original-LDM model trained from scratch: `kaiming_uniform_(a = √5)` for the weight and the
+/// same bound for the bias — both uniform in ±1/√fan_in, fan_in = inputs × kernel area.
+/// (candle-nn's constructors draw the weight from Kaiming's normal for ReLU, std √(2/fan_in),
+/// √6 times wider, which trained our U-Net markedly worse than PyTorch's start.)
+pub fn torch_default_init(fan_in: usize) -> candle_nn::Init {
+    let bound = 1.0 / (fan_in.max(1) as f64).sqrt();
+    candle_nn::Init::Uniform {
+        lo: -bound,
+        up: bound,
+    }
 }
 
 /// `weight` and `bias` under `vb`; a fresh layer draws its weight from `N(0, std²)` and starts
@@ -110,8 +126,8 @@ pub fn linear_normal(in_dim: usize, out_dim: usize, std: f64, vb: VarBuilder) ->
 
 /// `weight` only.
 pub fn linear_no_bias(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
-    let l = candle_nn::linear_no_bias(in_dim, out_dim, vb)?;
-    Linear::new(l.weight().clone(), None)
+    let weight = vb.get_with_hints((out_dim, in_dim), "weight", torch_default_init(in_dim))?;
+    Linear::new(weight, None)
 }
 
 impl Module for Linear {
