@@ -65,6 +65,8 @@ def main():
     ap.add_argument("--text", default="{}", help="JSON overriding text_encoder/config.json")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--save-at", default="",
+                    help="comma-separated steps at which to also write the EMA weights to OUT-STEP")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
@@ -85,6 +87,7 @@ def main():
                           beta_schedule="scaled_linear", rescale_betas_zero_snr=True)
     abar = sched.alphas_cumprod.double()
     log_sigma = torch.log(((1 - abar) / abar).sqrt())
+    save_at = {int(x) for x in a.save_at.split(",") if x}
     g = torch.Generator().manual_seed(a.seed)
     start, losses = time.time(), []
     for step in range(a.steps):
@@ -125,16 +128,27 @@ def main():
         if (step + 1) % 100 == 0:
             print(f"{step + 1} loss {np.mean(losses[-100:]):.4f} "
                   f"{(time.time() - start) / (step + 1):.2f} s/step", flush=True)
+        if step + 1 in save_at and step + 1 < a.steps:
+            save(a, unet, text, params, ema, f"{a.out}-{step + 1}")
+    save(a, unet, text, params, ema, a.out)
+
+
+def save(a, unet, text, params, ema, out):
+    """Writes a diffusers folder with the EMA weights, leaving the training weights as they were."""
     with torch.no_grad():
+        live = [p.detach().clone() for p in params]
         for e, p in zip(ema, params):
             p.copy_(e)
-    shutil.rmtree(a.out, ignore_errors=True)
-    os.makedirs(a.out)
+    shutil.rmtree(out, ignore_errors=True)
+    os.makedirs(out)
     for d in ["vae", "tokenizer", "scheduler"]:
-        shutil.copytree(os.path.join(a.base, d), os.path.join(a.out, d))
-    shutil.copy(os.path.join(a.base, "model_index.json"), a.out)
-    unet.save_pretrained(os.path.join(a.out, "unet"))
-    text.save_pretrained(os.path.join(a.out, "text_encoder"))
+        shutil.copytree(os.path.join(a.base, d), os.path.join(out, d))
+    shutil.copy(os.path.join(a.base, "model_index.json"), out)
+    unet.save_pretrained(os.path.join(out, "unet"))
+    text.save_pretrained(os.path.join(out, "text_encoder"))
+    with torch.no_grad():
+        for v, p in zip(live, params):
+            p.copy_(v)
 
 
 if __name__ == "__main__":
