@@ -4,6 +4,7 @@ use anyhow::{bail, Result};
 use candle_core::Device;
 use clap::{Args, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
+use ldm_train::component::InitScheme;
 use ldm_train::recipe::Recipe;
 use ldm_train::unet_trainer::{train_unet, TimestepSampling, UnetOptions};
 use ldm_train::vae_trainer::{train_vae, VaeOptions};
@@ -65,6 +66,10 @@ pub struct VaeArgs {
     /// Weight of the LPIPS term.
     #[arg(long)]
     lpips_weight: Option<f64>,
+    /// Fresh weights: torch (PyTorch's nn.Linear/nn.Conv2d defaults) or he-normal (Kaiming's
+    /// normal for ReLU, candle-nn's; the Shapes recipe's autoencoder).
+    #[arg(long, default_value = "torch")]
+    init: InitScheme,
 }
 
 #[derive(Args)]
@@ -169,6 +174,7 @@ fn vae_options(a: &VaeArgs) -> VaeOptions {
         disc_weight: a.disc_weight.unwrap_or(d.disc_weight),
         lpips: a.lpips.clone(),
         lpips_weight: a.lpips_weight.unwrap_or(d.lpips_weight),
+        init: a.init,
         ..d
     }
 }
@@ -311,12 +317,15 @@ pub fn run(cmd: TrainCommand) -> Result<()> {
                 batch: 16,
                 lr: 3e-3,
                 crop: Some(32),
+                // Kaiming's normal start: 30.6 dB held-out PSNR against 29.7 dB from
+                // PyTorch's default (one run each, otherwise this recipe).
+                init: InitScheme::HeNormal,
                 ..VaeOptions::default()
             };
             let mut uo = UnetOptions {
                 seed: a.common.seed,
                 batch: 16,
-                steps: 3000,
+                steps: 5000,
                 lr: 5e-4,
                 prediction: ldm_sampling::Prediction::V,
                 // Centred on the middle of the schedule (ln σ = 0.5, t ≈ 500), where objects

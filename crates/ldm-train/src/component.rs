@@ -8,7 +8,7 @@ use candle_nn::VarMap;
 use ldm_models::weights::Weights;
 use std::path::Path;
 
-pub use ldm_models::weights::init::SeededInit;
+pub use ldm_models::weights::init::{InitScheme, SeededInit};
 
 /// Strict loading's last check: every tensor of the checkpoint at `path` was asked for by the
 /// network built from it.

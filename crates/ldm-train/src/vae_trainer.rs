@@ -8,7 +8,7 @@
 //! weights are supplied.
 
 use crate::checkpoint::{self, LogRow};
-use crate::component::{named_vars, strip, write_component, SeededInit};
+use crate::component::{named_vars, strip, write_component, InitScheme, SeededInit};
 use crate::data::{batch, psnr, to_bytes};
 use crate::discriminator::{generator_loss, hinge_d_loss, PatchDiscriminator};
 use crate::lpips::Lpips;
@@ -50,6 +50,8 @@ pub struct VaeOptions {
     pub lpips: Option<PathBuf>,
     /// Weight of the LPIPS term (the paper's `perceptual_weight`).
     pub lpips_weight: f64,
+    /// How fresh weights are drawn (the autoencoder's and the discriminator's).
+    pub init: InitScheme,
 }
 
 impl Default for VaeOptions {
@@ -70,6 +72,7 @@ impl Default for VaeOptions {
             disc_width: 32,
             lpips: None,
             lpips_weight: 1.0,
+            init: InitScheme::Torch,
         }
     }
 }
@@ -107,7 +110,7 @@ pub fn train_vae(
         .map(|p| Lpips::load(p, device))
         .transpose()?;
     let varmap = VarMap::new();
-    let vb = SeededInit::var_builder(&varmap, opts.seed, device);
+    let vb = SeededInit::var_builder_with(&varmap, opts.seed, opts.init, device);
     let vae = AutoencoderKL::new(vb, &vae_config(recipe, 1.0)?)?;
     let params = named_vars(&varmap, "");
     let mut opt = AdamW::new(params.clone(), AdamWConfig::default())?;
@@ -115,7 +118,7 @@ pub fn train_vae(
     let disc_map = VarMap::new();
     let disc = match opts.disc_start {
         Some(_) => Some(PatchDiscriminator::new(
-            SeededInit::var_builder(&disc_map, opts.seed.wrapping_add(7), device),
+            SeededInit::var_builder_with(&disc_map, opts.seed.wrapping_add(7), opts.init, device),
             3,
             opts.disc_width,
             3,
