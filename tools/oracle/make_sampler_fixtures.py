@@ -147,6 +147,12 @@ CASES = [
     case("euler_zsnr_trailing_v", "EulerDiscreteScheduler", base="sd21",
          overrides={"rescale_betas_zero_snr": True, "timestep_spacing": "trailing"},
          notes="Euler sets alphas_cumprod[-1] = 2**-24 under zero-SNR, so sigma_max ~ 4096."),
+    case("dpmpp_2m_zsnr_trailing_v", "DPMSolverMultistepScheduler", base="sd21",
+         overrides={**DPMPP_2M, "rescale_betas_zero_snr": True, "timestep_spacing": "trailing"},
+         notes="DPM++ 2M also sets alphas_cumprod[-1] = 2**-24 under zero-SNR."),
+    case("unipc_zsnr_trailing_v", "UniPCMultistepScheduler", base="sd21",
+         overrides={"rescale_betas_zero_snr": True, "timestep_spacing": "trailing"},
+         notes="UniPC also sets alphas_cumprod[-1] = 2**-24 under zero-SNR."),
     # ---- beta schedules ----------------------------------------------------------------
     case("ddim_linear", "DDIMScheduler", eta=0.0, overrides={"beta_schedule": "linear"}),
     case("ddim_cosine", "DDIMScheduler", eta=0.0, overrides={"beta_schedule": "squaredcos_cap_v2"}),

@@ -216,8 +216,14 @@ impl SchedulerConfig {
             &beta_schedule,
             flag(self.rescale_betas_zero_snr),
         )?;
-        // The Euler-family schedulers keep the zero-SNR end finite (diffusers sets 2⁻²⁴).
-        if flag(self.rescale_betas_zero_snr) && self.space() == SampleSpace::VarianceExploding {
+        // diffusers keeps the zero-SNR end finite (ᾱ = 2⁻²⁴, σ ≈ 4096) in its Euler, Euler a,
+        // DPM++ multistep and UniPC schedulers; we do so in every σ-space scheduler as well.
+        let finite_end = self.space() == SampleSpace::VarianceExploding
+            || matches!(
+                self.class_name.as_str(),
+                "DPMSolverMultistepScheduler" | "UniPCMultistepScheduler"
+            );
+        if flag(self.rescale_betas_zero_snr) && finite_end {
             if let Some(last) = s.alphas_cumprod.last_mut() {
                 *last = 2f32.powi(-24);
             }
