@@ -217,11 +217,15 @@ impl SchedulerConfig {
             flag(self.rescale_betas_zero_snr),
         )?;
         // diffusers keeps the zero-SNR end finite (ᾱ = 2⁻²⁴, σ ≈ 4096) in its Euler, Euler a,
-        // DPM++ multistep and UniPC schedulers; we do so in every σ-space scheduler as well.
+        // DPM++ multistep and UniPC schedulers; we do so in every σ-space scheduler and in
+        // DEIS as well (diffusers' DEIS has no zero-SNR option: it would ignore the rescale
+        // and sample a schedule the model was not trained on).
         let finite_end = self.space() == SampleSpace::VarianceExploding
             || matches!(
                 self.class_name.as_str(),
-                "DPMSolverMultistepScheduler" | "UniPCMultistepScheduler"
+                "DPMSolverMultistepScheduler"
+                    | "UniPCMultistepScheduler"
+                    | "DEISMultistepScheduler"
             );
         if flag(self.rescale_betas_zero_snr) && finite_end {
             if let Some(last) = s.alphas_cumprod.last_mut() {
@@ -658,6 +662,37 @@ fn float_timesteps(spacing: &str, n_train: usize, steps: usize, offset: f64) -> 
 
 #[cfg(test)]
 mod tests {
+    /// Every scheduler class that samples in σ (all but DDPM, DDIM, PNDM, LCM and TCD, which
+    /// step on ᾱ itself) plans finite, strictly decreasing sigmas from σ ≈ 4096 on a
+    /// zero-terminal-SNR v-prediction config.
+    #[test]
+    fn zero_snr_plans_start_at_a_finite_sigma() {
+        for class in [
+            "EulerDiscreteScheduler",
+            "EulerAncestralDiscreteScheduler",
+            "HeunDiscreteScheduler",
+            "LMSDiscreteScheduler",
+            "KDPM2DiscreteScheduler",
+            "DPMSolverMultistepScheduler",
+            "UniPCMultistepScheduler",
+            "DEISMultistepScheduler",
+        ] {
+            let cfg = super::SchedulerConfig::from_json(&format!(
+                r#"{{"_class_name": "{class}", "beta_schedule": "scaled_linear",
+                    "beta_start": 0.00085, "beta_end": 0.012, "prediction_type": "v_prediction",
+                    "rescale_betas_zero_snr": true, "timestep_spacing": "trailing"}}"#
+            ))
+            .unwrap();
+            let plan = cfg.plan(20, None).unwrap();
+            let s = &plan.sigmas;
+            assert!((s[0] - 4096.0).abs() < 1.0, "{class}: σ₀ = {}", s[0]);
+            assert!(
+                s.windows(2).all(|w| w[1] < w[0] && w[1] >= 0.0),
+                "{class}: {s:?}"
+            );
+        }
+    }
+
     #[test]
     fn python_literals_become_null_outside_strings() {
         let s = super::python_json(r#"{"a": -Infinity, "b": [NaN, 1], "c": "NaN \"Infinity\""}"#);
