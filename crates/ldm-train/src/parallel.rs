@@ -57,6 +57,9 @@ pub fn cores() -> usize {
 /// thread, where from plain threads every shard's kernels would queue for the one global pool
 /// and hand their work back and forth between threads.
 pub fn on_own_pools<T: Send>(n: usize, f: impl Fn(usize) -> Result<T> + Sync) -> Result<Vec<T>> {
+    if n == 0 {
+        return Ok(Vec::new());
+    }
     static POOLS: std::sync::Mutex<Vec<std::sync::Arc<rayon::ThreadPool>>> =
         std::sync::Mutex::new(Vec::new());
     let pools: Vec<std::sync::Arc<rayon::ThreadPool>> = {
@@ -81,9 +84,7 @@ pub fn on_own_pools<T: Send>(n: usize, f: impl Fn(usize) -> Result<T> + Sync) ->
             .map(|(i, pool)| scope.spawn(move || pool.install(|| f(i + 1))))
             .collect();
         let mut out = Vec::with_capacity(n);
-        if n > 0 {
-            out.push(pools[0].install(|| f(0))?);
-        }
+        out.push(pools[0].install(|| f(0))?);
         for h in handles {
             out.push(
                 h.join()
@@ -92,4 +93,22 @@ pub fn on_own_pools<T: Send>(n: usize, f: impl Fn(usize) -> Result<T> + Sync) ->
         }
         Ok(out)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn own_pools_return_results_in_order() {
+        let out = super::on_own_pools(3, |i| Ok(i * 10)).unwrap();
+        assert_eq!(out, vec![0, 10, 20]);
+        assert!(super::on_own_pools(0, Ok).unwrap().is_empty());
+        let err = super::on_own_pools(2, |i| {
+            if i == 1 {
+                Err(crate::Error::Msg("shard 1 failed".into()))
+            } else {
+                Ok(i)
+            }
+        });
+        assert!(err.unwrap_err().to_string().contains("shard 1 failed"));
+    }
 }

@@ -165,8 +165,8 @@ fn sharded_loss_and_grads(
         let grads = loss.backward()?;
         Ok((loss.detach(), grads))
     };
-    // One thread per shard, each with its own one-thread rayon pool; each returns its loss and
-    // gradients.
+    // One shard runs on this thread, its kernels spread over the global pool; several run one
+    // thread each, each with its own one-thread rayon pool. Each returns its loss and gradients.
     let mut results = if ranges.len() == 1 {
         vec![run(ranges[0].clone())?]
     } else {
