@@ -3,8 +3,9 @@
 
     python3 tools/screen/generate_eval_images.py MODEL OUT GUIDANCE [SEEDS]
 
-The folder's own scheduler, 20 steps, 64×64, SEEDS (default 2) images a prompt from
-`torch.Generator().manual_seed(line index)`; writes OUT/*.png and OUT/captions.jsonl.
+The folder's own scheduler, 20 steps, 64×64, SEEDS (default 2) images a prompt, image j of line i
+drawn from `torch.Generator().manual_seed(1000 * j + i)`, 50 prompts a batch; writes OUT/*.png
+and OUT/captions.jsonl. DEVICE=cuda runs the pipeline on a GPU.
 """
 
 import json
@@ -26,21 +27,25 @@ def main():
     pipe = StableDiffusionPipeline.from_pretrained(model, tokenizer=tok, safety_checker=None,
                                                    requires_safety_checker=False,
                                                    torch_dtype=torch.float32)
+    pipe.to(os.environ.get("DEVICE", "cpu"))
     pipe.set_progress_bar_config(disable=True)
     os.makedirs(out, exist_ok=True)
     lines, k = [], 0
     for name in ["one-object", "two-objects"]:
         path = os.path.join(ROOT, "eval", f"shapes-{name}.txt")
         prompts = [p.strip() for p in open(path) if p.strip()]
-        for i, prompt in enumerate(prompts):
-            images = pipe(prompt, height=64, width=64, num_inference_steps=20,
+        for first in range(0, len(prompts), 50):
+            chunk = prompts[first:first + 50]
+            gens = [torch.Generator().manual_seed(1000 * j + first + i)
+                    for i in range(len(chunk)) for j in range(seeds)]
+            images = pipe(chunk, height=64, width=64, num_inference_steps=20,
                           guidance_scale=guidance, num_images_per_prompt=seeds,
-                          generator=torch.Generator().manual_seed(i)).images
-            for im in images:
+                          generator=gens).images
+            for n, im in enumerate(images):
                 file = f"{k:05d}.png"
                 k += 1
                 im.save(os.path.join(out, file))
-                lines.append(json.dumps({"caption": prompt, "file": file}))
+                lines.append(json.dumps({"caption": chunk[n // seeds], "file": file}))
     with open(os.path.join(out, "captions.jsonl"), "w") as f:
         f.write("\n".join(lines) + "\n")
 
