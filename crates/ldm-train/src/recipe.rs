@@ -15,6 +15,11 @@ pub struct Recipe {
     pub latent_channels: usize,
     /// U-Net widths, one per resolution; the last level has no attention.
     pub unet_channels: Vec<usize>,
+    /// GroupNorm groups in the U-Net. 32 groups leave 2 channels a group at the 64-channel
+    /// level; 8 groups let `tools/screen/layout_probe.py` learn the caption at the pure-noise
+    /// step far sooner (held-out loss 0.245 against 0.69 at step 500), but the whole recipe
+    /// with 8 read back worse (one object, Euler 20, guidance 7.5, 2 seeds: exact 6.0 % against
+    /// 13.5 %, count 65.5 % against 77 %), so the embedded model keeps 32.
     pub unet_groups: usize,
     pub unet_heads: usize,
     pub text_hidden: usize,
