@@ -31,10 +31,9 @@ import os
 import re
 import time
 
-import numpy as np
 import torch
-from diffusers import AutoencoderKL, UNet2DConditionModel
-from PIL import Image
+from diffusers import UNet2DConditionModel
+from recipe_mirror import encode_pool
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 SWAP = {"on the left": "on the right", "on the right": "on the left",
@@ -72,22 +71,14 @@ def main():
     dev = torch.device(a.device)
     tok = CLIPTokenizer.from_pretrained(os.path.join(a.base, "tokenizer"))
     lines = [json.loads(l) for l in open(os.path.join(a.data, "captions.jsonl"))]
-    vae = AutoencoderKL.from_pretrained(os.path.join(a.base, "vae")).float().to(dev)
-    chunks = []
-    with torch.no_grad():
-        for i in range(0, len(lines), 256):
-            x = np.stack([np.array(Image.open(os.path.join(a.data, c["file"])).convert("RGB"))
-                          for c in lines[i:i + 256]])
-            x = torch.tensor(x).permute(0, 3, 1, 2).float().to(dev) / 127.5 - 1
-            chunks.append(vae.encode(x).latent_dist.mean * vae.config.scaling_factor)
-    lat = torch.cat(chunks)
+    means, _, ids, scaling = encode_pool(a.base, a.data, len(lines), tok, dev)
+    lat = means * scaling
     caps = [c["caption"] for c in lines]
 
     def ids_of(texts):
         return tok(texts, padding="max_length", max_length=tok.model_max_length,
                    return_tensors="pt").input_ids.to(dev)
 
-    ids = ids_of(caps)
     held = [i for i in range(a.train, len(caps)) if swapped(caps[i])]
     held_ids, held_swapped = ids[held], ids_of([swapped(caps[i]) for i in held])
     target = lat[held]
