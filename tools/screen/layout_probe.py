@@ -75,20 +75,19 @@ def main():
     lat = means * scaling
     caps = [c["caption"] for c in lines]
 
-    def ids_of(texts):
-        return tok(texts, padding="max_length", max_length=tok.model_max_length,
-                   return_tensors="pt").input_ids.to(dev)
-
     held = [i for i in range(a.train, len(caps)) if swapped(caps[i])]
-    held_ids, held_swapped = ids[held], ids_of([swapped(caps[i]) for i in held])
+    held_ids = ids[held]
+    held_swapped = tok([swapped(caps[i]) for i in held], padding="max_length",
+                       max_length=tok.model_max_length, return_tensors="pt").input_ids.to(dev)
     target = lat[held]
 
-    blind = ((target - lat[:a.train].mean(0)) ** 2).mean().item()
+    mean = lat[:a.train].mean(0)
+    blind = ((target - mean) ** 2).mean().item()
     groups = {}
     for i in range(a.train):
         groups.setdefault(words(caps[i]), []).append(i)
-    means = {k: lat[v].mean(0) for k, v in groups.items()}
-    table = torch.stack([means.get(words(caps[i]), lat[:a.train].mean(0)) for i in held])
+    word_means = {k: lat[v].mean(0) for k, v in groups.items()}
+    table = torch.stack([word_means.get(words(caps[i]), mean) for i in held])
     print(f"reference: caption-blind {blind:.4f}, per-word means "
           f"{((target - table) ** 2).mean().item():.4f} ({len(held)} held-out scenes)", flush=True)
 
@@ -99,7 +98,6 @@ def main():
     text = CLIPTextModel(CLIPTextConfig(**tcfg)).to(dev)
     params = list(unet.parameters()) + list(text.parameters())
     opt = torch.optim.AdamW(params, lr=a.lr, weight_decay=0.01)
-    last = torch.full((a.batch,), 999, device=dev)
 
     def x0(noise, tokens):
         t = torch.full((len(noise),), 999, device=dev)
@@ -121,8 +119,7 @@ def main():
     for step in range(a.steps):
         pick = torch.randint(0, a.train, (a.batch,), generator=g, device=dev)
         noise = torch.randn((a.batch,) + lat.shape[1:], generator=g, device=dev)
-        pred = -unet(noise, last, text(ids[pick]).last_hidden_state).sample
-        loss = ((pred - lat[pick]) ** 2).mean()
+        loss = ((x0(noise, ids[pick]) - lat[pick]) ** 2).mean()
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
