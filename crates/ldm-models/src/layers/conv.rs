@@ -2,13 +2,16 @@
 //! GEMM), with bf16 weights [`super::conv_bf16`], elsewhere candle's kernel; when a gradient is
 //! needed on the CPU the convolution is computed as im2col followed by a matrix product
 //! (Chellapilla et al. 2006), so that both backward products (input and weight gradients) run
-//! through the optimised GEMM instead of candle's direct-loop `conv_transpose2d`. [`Im2Col`] is a
-//! CustomOp whose backward is its adjoint, col2im, and vice versa; both are checked against
-//! finite differences.
+//! through the optimised GEMM instead of candle's direct-loop `conv_transpose2d`. In f32 that is
+//! one op, [`ConvTrain`], with its own backward; other dtypes (the f64 gradient checks) compose
+//! [`Im2Col`] — a CustomOp whose backward is its adjoint, col2im, and vice versa — with candle's
+//! matrix product. Both forms are checked against finite differences or each other.
 
 use super::conv_bf16::PackedConv;
+use super::cpu::{contiguous_f32, gemm, Operand};
 use candle_core::{
-    backend::BackendStorage, CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor, WithDType,
+    backend::BackendStorage, CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape,
+    Tensor, WithDType,
 };
 use candle_nn::{Module, VarBuilder};
 use rayon::prelude::*;
@@ -27,37 +30,56 @@ struct Geometry {
 }
 
 impl Geometry {
+    /// The geometry of convolving an input of shape `x` with a weight of shape `w`, and the
+    /// output channels.
+    fn new(x: &Shape, w: &Shape, stride: usize, padding: usize) -> Result<(Self, usize)> {
+        let (batch, channels, height, width) = x.dims4()?;
+        let (c_out, c_in, kernel, kernel_w) = w.dims4()?;
+        if c_in != channels || kernel != kernel_w {
+            candle_core::bail!("conv2d: weight {w:?} does not fit input {x:?}")
+        }
+        let g = Self {
+            batch,
+            channels,
+            height,
+            width,
+            kernel,
+            stride,
+            padding,
+        };
+        Ok((g, c_out))
+    }
     fn out_hw(&self) -> (usize, usize) {
         let o = |n: usize| (n + 2 * self.padding - self.kernel) / self.stride + 1;
         (o(self.height), o(self.width))
     }
-    /// Columns per output pixel: `C · k · k`, ordered (channel, kernel row, kernel column) as
-    /// a contiguous `[C_out, C, k, k]` weight is.
+    /// Columns per output pixel: `k · k · C`, ordered (kernel row, kernel column, channel) so
+    /// that each tap copies `C` consecutive values of a channels-last image; the weight is
+    /// permuted to `[C_out, k, k, C]` to match.
     fn cols(&self) -> usize {
         self.channels * self.kernel * self.kernel
     }
-    /// Calls `f(input_index, column_index)` for every in-bounds tap of image `b`'s patches;
-    /// indices are relative to the image.
+    /// Calls `f(pixel, column)` for every in-bounds tap of an image's patches: `pixel` indexes
+    /// the channels-last image (`y · W + x`) and `column` the first of the tap's `C` columns,
+    /// relative to the image's patches. Taps in the padding are skipped.
     fn for_each_tap(&self, mut f: impl FnMut(usize, usize)) {
         let (ho, wo) = self.out_hw();
         let (k, s, p) = (self.kernel, self.stride, self.padding as isize);
-        let cols = self.cols();
+        let c = self.channels;
         for oy in 0..ho {
             for ox in 0..wo {
-                let row = (oy * wo + ox) * cols;
-                for c in 0..self.channels {
-                    for ki in 0..k {
-                        let iy = (oy * s + ki) as isize - p;
-                        if iy < 0 || iy >= self.height as isize {
-                            continue;
-                        }
-                        for kj in 0..k {
-                            let ix = (ox * s + kj) as isize - p;
-                            if ix < 0 || ix >= self.width as isize {
-                                continue;
-                            }
-                            let input = (c * self.height + iy as usize) * self.width + ix as usize;
-                            f(input, row + (c * k + ki) * k + kj);
+                let row = (oy * wo + ox) * self.cols();
+                for ki in 0..k {
+                    let iy = (oy * s + ki) as isize - p;
+                    for kj in 0..k {
+                        let ix = (ox * s + kj) as isize - p;
+                        let inside = (0..self.height as isize).contains(&iy)
+                            && (0..self.width as isize).contains(&ix);
+                        if inside {
+                            f(
+                                iy as usize * self.width + ix as usize,
+                                row + (ki * k + kj) * c,
+                            );
                         }
                     }
                 }
@@ -66,33 +88,73 @@ impl Geometry {
     }
 }
 
-/// `[B, C, H, W]` → `[B, H_out·W_out, C·k·k]` patches.
+/// `[rows, cols]` → `[cols, rows]` (channels-first ↔ channels-last): whole 8 × 8 blocks through
+/// fixed-size arrays (which the compiler turns into register shuffles), the ragged edges one
+/// element at a time.
+fn transpose<T: WithDType>(src: &[T], rows: usize, cols: usize, dst: &mut [T]) {
+    const B: usize = 8;
+    let (rb, cb) = (rows / B * B, cols / B * B);
+    for r0 in (0..rb).step_by(B) {
+        for c0 in (0..cb).step_by(B) {
+            let mut block = [[T::zero(); B]; B];
+            for (i, row) in block.iter_mut().enumerate() {
+                row.copy_from_slice(&src[(r0 + i) * cols + c0..][..B]);
+            }
+            for j in 0..B {
+                let out: [T; B] = std::array::from_fn(|i| block[i][j]);
+                dst[(c0 + j) * rows + r0..][..B].copy_from_slice(&out);
+            }
+        }
+    }
+    for r in 0..rows {
+        let from = if r < rb { cb } else { 0 };
+        for c in from..cols {
+            dst[c * rows + r] = src[r * cols + c];
+        }
+    }
+}
+
+/// `[B, C, H, W]` → `[B, H_out·W_out, k·k·C]` patches.
 #[derive(Debug, Clone, Copy)]
 struct Im2Col(Geometry);
 
-/// The adjoint of [`Im2Col`]: `[B, H_out·W_out, C·k·k]` → `[B, C, H, W]`, summing overlaps.
+/// The adjoint of [`Im2Col`]: `[B, H_out·W_out, k·k·C]` → `[B, C, H, W]`, summing overlaps.
 #[derive(Debug, Clone, Copy)]
 struct Col2Im(Geometry);
 
 fn im2col<T: WithDType>(src: &[T], g: &Geometry) -> Vec<T> {
     let (ho, wo) = g.out_hw();
-    let per_in = g.channels * g.height * g.width;
+    let (c, hw) = (g.channels, g.height * g.width);
     let per_out = ho * wo * g.cols();
     let mut out = vec![T::zero(); g.batch * per_out];
     out.par_chunks_mut(per_out)
-        .zip(src.par_chunks(per_in))
-        .for_each(|(dst, img)| g.for_each_tap(|i, o| dst[o] = img[i]));
+        .zip(src.par_chunks(c * hw))
+        .for_each(|(dst, img)| {
+            let mut hwc = vec![T::zero(); c * hw];
+            transpose(img, c, hw, &mut hwc);
+            // Taps in the padding keep the zeros `out` starts with.
+            g.for_each_tap(|px, col| dst[col..col + c].copy_from_slice(&hwc[px * c..(px + 1) * c]))
+        });
     out
 }
 
 fn col2im<T: WithDType>(src: &[T], g: &Geometry) -> Vec<T> {
     let (ho, wo) = g.out_hw();
-    let per_in = g.channels * g.height * g.width;
+    let (c, hw) = (g.channels, g.height * g.width);
     let per_out = ho * wo * g.cols();
-    let mut out = vec![T::zero(); g.batch * per_in];
-    out.par_chunks_mut(per_in)
+    let mut out = vec![T::zero(); g.batch * c * hw];
+    out.par_chunks_mut(c * hw)
         .zip(src.par_chunks(per_out))
-        .for_each(|(img, cols)| g.for_each_tap(|i, o| img[i] += cols[o]));
+        .for_each(|(img, cols)| {
+            let mut hwc = vec![T::zero(); c * hw];
+            g.for_each_tap(|px, col| {
+                let acc = &mut hwc[px * c..(px + 1) * c];
+                for (a, &v) in acc.iter_mut().zip(&cols[col..col + c]) {
+                    *a += v;
+                }
+            });
+            transpose(&hwc, hw, c, img);
+        });
     out
 }
 
@@ -152,31 +214,176 @@ impl CustomOp1 for Col2Im {
 /// Convolution of `x` `[B, C, H, W]` with `weight` `[C_out, C, k, k]` as im2col + GEMM; exact
 /// gradients for both through [`Im2Col`]'s adjoint and the matrix product's backward.
 pub fn conv2d_im2col(x: &Tensor, weight: &Tensor, stride: usize, padding: usize) -> Result<Tensor> {
-    let (batch, channels, height, width) = x.dims4()?;
-    let (c_out, c_in, kernel, kernel_w) = weight.dims4()?;
-    if c_in != channels || kernel != kernel_w {
-        candle_core::bail!(
-            "conv2d: weight {:?} does not fit input {:?}",
-            weight.shape(),
-            x.shape()
-        )
-    }
-    let g = Geometry {
-        batch,
-        channels,
-        height,
-        width,
-        kernel,
-        stride,
-        padding,
-    };
+    let (g, c_out) = Geometry::new(x.shape(), weight.shape(), stride, padding)?;
     let (ho, wo) = g.out_hw();
-    let cols = x.contiguous()?.apply_op1(Im2Col(g))?; // [B, Ho·Wo, C·k·k]
-    let w = weight.reshape((c_out, g.cols()))?;
-    cols.reshape((batch * ho * wo, g.cols()))?
+    let cols = x.contiguous()?.apply_op1(Im2Col(g))?; // [B, Ho·Wo, k·k·C]
+    let w = weight.permute((0, 2, 3, 1))?.reshape((c_out, g.cols()))?;
+    cols.reshape((g.batch * ho * wo, g.cols()))?
         .matmul(&w.t()?)? // [B·Ho·Wo, C_out]
-        .reshape((batch, ho, wo, c_out))?
+        .reshape((g.batch, ho, wo, c_out))?
         .permute((0, 3, 1, 2))
+}
+
+/// `[C_out, C, k, k]` → `[C_out, k·k·C]`, the column order of [`im2col`].
+fn weight_to_cols(w: &[f32], c: usize, k: usize) -> Vec<f32> {
+    let mut out = vec![0f32; w.len()];
+    for (dst, src) in out.chunks_mut(c * k * k).zip(w.chunks(c * k * k)) {
+        transpose(src, c, k * k, dst);
+    }
+    out
+}
+
+/// The training convolution on the CPU in f32 as one op: `x` `[B, C, H, W]`, weight
+/// `[C_out, C, k, k]`, bias `[C_out]` → `[B, C_out, H_out, W_out]`. The same im2col + GEMM as
+/// [`conv2d_im2col`], but the bias is added while the GEMM's channels-last result is written
+/// out channels-first, and the backward recomputes the patches instead of keeping them in the
+/// graph: one node where the composed form has six (patches, two reshapes, the product, the
+/// permute and the bias), so the backward pass allocates, adds and copies less.
+#[derive(Debug, Clone, Copy)]
+struct ConvTrain {
+    stride: usize,
+    padding: usize,
+}
+
+impl ConvTrain {
+    fn geometry(&self, xl: &Layout, wl: &Layout) -> Result<(Geometry, usize)> {
+        Geometry::new(xl.shape(), wl.shape(), self.stride, self.padding)
+    }
+}
+
+/// The backward of [`ConvTrain`]: inputs `x`, weight, `dy`; output `[dx | dW | db]` flat.
+#[derive(Debug, Clone, Copy)]
+struct ConvTrainBackward(ConvTrain);
+
+impl CustomOp3 for ConvTrain {
+    fn name(&self) -> &'static str {
+        "conv2d-train"
+    }
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (g, c_out) = self.geometry(xl, wl)?;
+        let x = contiguous_f32(xs, xl, "conv2d-train", "input")?;
+        let w = contiguous_f32(ws, wl, "conv2d-train", "weight")?;
+        let bias = contiguous_f32(bs, bl, "conv2d-train", "bias")?;
+        if bias.len() != c_out {
+            candle_core::bail!("conv2d: bias {:?} for {c_out} channels", bl.shape())
+        }
+        let (ho, wo) = g.out_hw();
+        let (p, kkc) = (ho * wo, g.cols());
+        let wc = weight_to_cols(w, g.channels, g.kernel);
+        let cols = im2col(x, &g);
+        // Per image, y = W · patchesᵀ + b: [C_out, P] written channels-first over the bias.
+        let mut y = vec![0f32; g.batch * c_out * p];
+        for (dst, patches) in y.chunks_mut(c_out * p).zip(cols.chunks(p * kkc)) {
+            for (plane, &b) in dst.chunks_mut(p).zip(bias) {
+                plane.fill(b);
+            }
+            gemm(
+                (c_out, p, kkc),
+                dst,
+                p,
+                true,
+                Operand::rows(&wc, kkc),
+                Operand::transposed(patches, kkc),
+                true,
+            );
+        }
+        Ok((CpuStorage::F32(y), Shape::from((g.batch, c_out, ho, wo))))
+    }
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let flat = x.apply_op3_no_bwd(w, &grad.contiguous()?, &ConvTrainBackward(*self))?;
+        super::split_gradients(&flat, x.shape(), w.shape(), w.dim(0)?)
+    }
+}
+
+impl CustomOp3 for ConvTrainBackward {
+    fn name(&self) -> &'static str {
+        "conv2d-train-backward"
+    }
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (g, c_out) = self.0.geometry(xl, wl)?;
+        let x = contiguous_f32(xs, xl, "conv2d-train-backward", "input")?;
+        let w = contiguous_f32(ws, wl, "conv2d-train-backward", "weight")?;
+        let dy = contiguous_f32(gs, gl, "conv2d-train-backward", "gradient")?;
+        let (ho, wo) = g.out_hw();
+        let (p, kkc) = (ho * wo, g.cols());
+        let rows = g.batch * p;
+        if dy.len() != rows * c_out {
+            candle_core::bail!("conv2d-train-backward: gradient {:?}", gl.shape())
+        }
+        let mut db = vec![0f32; c_out];
+        for img in dy.chunks(c_out * p) {
+            for (acc, plane) in db.iter_mut().zip(img.chunks(p)) {
+                *acc += plane.iter().sum::<f32>();
+            }
+        }
+        // Per image, with dy channels-first `[C_out, P]`: d(patches) = dyᵀ · W, then
+        // dx = col2im(d(patches)); dW += dy · patches.
+        let wc = weight_to_cols(w, g.channels, g.kernel);
+        let mut dcols = vec![0f32; rows * kkc];
+        for (dst, dyi) in dcols.chunks_mut(p * kkc).zip(dy.chunks(c_out * p)) {
+            gemm(
+                (p, kkc, c_out),
+                dst,
+                kkc,
+                false,
+                Operand::transposed(dyi, p),
+                Operand::rows(&wc, kkc),
+                true,
+            );
+        }
+        let dx = col2im(&dcols, &g);
+        drop(dcols);
+        let cols = im2col(x, &g);
+        let mut dwc = vec![0f32; c_out * kkc];
+        for (i, (dyi, patches)) in dy.chunks(c_out * p).zip(cols.chunks(p * kkc)).enumerate() {
+            gemm(
+                (c_out, kkc, p),
+                &mut dwc,
+                kkc,
+                i > 0,
+                Operand::rows(dyi, p),
+                Operand::rows(patches, kkc),
+                true,
+            );
+        }
+        let kk = g.kernel * g.kernel;
+        let mut out = dx;
+        out.reserve(dwc.len() + c_out);
+        let start = out.len();
+        out.resize(start + dwc.len(), 0.0);
+        for (dst, src) in out[start..]
+            .chunks_mut(g.channels * kk)
+            .zip(dwc.chunks(kk * g.channels))
+        {
+            transpose(src, kk, g.channels, dst);
+        }
+        out.extend_from_slice(&db);
+        let len = out.len();
+        Ok((CpuStorage::F32(out), Shape::from(len)))
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -282,6 +489,14 @@ impl Module for Conv2d {
             };
             return x.contiguous()?.apply_op3_no_bwd(weight, &bias, &op);
         }
+        if training && cpu && x.dtype() == DType::F32 && weight.dtype() == DType::F32 {
+            let bias = self.bias.clone().map_or_else(zeros, Ok)?;
+            let op = ConvTrain {
+                stride: self.stride,
+                padding: self.padding,
+            };
+            return x.contiguous()?.apply_op3(&weight.contiguous()?, &bias, op);
+        }
         let y = if training && cpu && x.dtype() != DType::BF16 {
             conv2d_im2col(x, weight, self.stride, self.padding)?
         } else {
@@ -297,17 +512,57 @@ impl Module for Conv2d {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::Device;
+    use candle_core::{Device, Var};
+
+    /// The fused training op gives the composed im2col path's output and gradients (input,
+    /// weight, bias), with and without padding, at stride 1 and 2.
+    /// (kernel, stride, padding, height, width) of the tests.
+    const GEOMETRIES: [(usize, usize, usize, usize, usize); 4] = [
+        (3, 1, 1, 7, 6),
+        (3, 2, 1, 8, 8),
+        (3, 2, 0, 9, 9),
+        (1, 1, 0, 5, 4),
+    ];
+
+    #[test]
+    fn fused_training_conv_matches_the_composed_one() -> Result<()> {
+        let dev = Device::Cpu;
+        for (k, s, p, h, w) in GEOMETRIES {
+            let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, 3, h, w), &dev)?)?;
+            let wt = Var::from_tensor(&Tensor::randn(0f32, 1.0, (4, 3, k, k), &dev)?)?;
+            let b = Var::from_tensor(&Tensor::randn(0f32, 1.0, 4, &dev)?)?;
+            let fused = x.as_tensor().apply_op3(
+                wt.as_tensor(),
+                b.as_tensor(),
+                ConvTrain {
+                    stride: s,
+                    padding: p,
+                },
+            )?;
+            let composed = super::super::ops::add_bias(
+                &conv2d_im2col(x.as_tensor(), wt.as_tensor(), s, p)?,
+                b.as_tensor(),
+                1,
+            )?;
+            let r = Tensor::randn(0f32, 1.0, fused.shape(), &dev)?;
+            let ga = (&fused * &r)?.sum_all()?.backward()?;
+            let gb = (&composed * &r)?.sum_all()?.backward()?;
+            let maxdiff = |a: &Tensor, b: &Tensor| -> Result<f32> {
+                (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()
+            };
+            assert!(maxdiff(&fused, &composed)? < 1e-4, "k{k} s{s} p{p}: output");
+            for (name, v) in [("x", &x), ("w", &wt), ("b", &b)] {
+                let (a, c) = (ga.get(v).expect("grad"), gb.get(v).expect("grad"));
+                assert!(maxdiff(a, c)? < 1e-4, "k{k} s{s} p{p}: d{name}");
+            }
+        }
+        Ok(())
+    }
 
     #[test]
     fn im2col_matches_candle_conv() -> Result<()> {
         let dev = Device::Cpu;
-        for (k, s, p, h, w) in [
-            (3, 1, 1, 7, 6),
-            (3, 2, 1, 8, 8),
-            (3, 2, 0, 9, 9),
-            (1, 1, 0, 5, 4),
-        ] {
+        for (k, s, p, h, w) in GEOMETRIES {
             let x = Tensor::randn(0f32, 1.0, (2, 3, h, w), &dev)?;
             let wt = Tensor::randn(0f32, 1.0, (4, 3, k, k), &dev)?;
             let ours = conv2d_im2col(&x, &wt, s, p)?;

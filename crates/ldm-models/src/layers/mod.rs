@@ -77,3 +77,19 @@ pub fn gelu(x: &Tensor) -> Result<Tensor> {
     };
     op.apply(x).unwrap_or_else(|| x.gelu_erf())
 }
+
+/// The gradients of a three-input op (input, weight, bias) out of its backward kernel's flat
+/// `[dx | dW | db]` output.
+type Gradients3 = (Option<Tensor>, Option<Tensor>, Option<Tensor>);
+pub(crate) fn split_gradients(
+    flat: &Tensor,
+    x: &candle_core::Shape,
+    w: &candle_core::Shape,
+    bias_len: usize,
+) -> Result<Gradients3> {
+    let (nx, nw) = (x.elem_count(), w.elem_count());
+    let dx = flat.narrow(0, 0, nx)?.reshape(x)?;
+    let dw = flat.narrow(0, nx, nw)?.reshape(w)?;
+    let db = flat.narrow(0, nx + nw, bias_len)?;
+    Ok((Some(dx), Some(dw), Some(db)))
+}

@@ -323,7 +323,6 @@ impl CustomOp3 for GroupNormOp {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let c = x.dim(1)?;
-        let n = x.elem_count();
         let flat = x.apply_op3_no_bwd(
             weight,
             &grad.contiguous()?,
@@ -332,10 +331,7 @@ impl CustomOp3 for GroupNormOp {
                 eps: self.eps,
             },
         )?;
-        let dx = flat.narrow(0, 0, n)?.reshape(x.shape())?;
-        let dw = flat.narrow(0, n, c)?;
-        let db = flat.narrow(0, n + c, c)?;
-        Ok((Some(dx), Some(dw), Some(db)))
+        super::split_gradients(&flat, x.shape(), weight.shape(), c)
     }
 }
 
