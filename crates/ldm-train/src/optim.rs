@@ -59,9 +59,9 @@ impl AdamW {
 
     /// One update with learning rate `lr`. Parameters without a gradient are left alone.
     ///
-    /// Fused: each parameter's moments and value are computed in one pass over its f32 data
-    /// (the composed tensor form took about fifteen passes, each allocating), the parameters
-    /// spread over the CPU's cores. Other dtypes and devices take the composed path.
+    /// Fused: each parameter's moments and value are updated in place in one pass over its f32
+    /// data (the composed tensor form took about fifteen passes, each allocating), the
+    /// parameters spread over the CPU's cores. Other dtypes and devices take the composed path.
     pub fn step(&mut self, grads: &GradStore, lr: f64) -> Result<()> {
         self.step += 1;
         let c = self.config;
@@ -93,46 +93,25 @@ impl AdamW {
         let (inv_bc1, inv_bc2) = ((1.0 / bc1) as f32, (1.0 / bc2) as f32);
         let (eps, lr32) = (c.eps as f32, lr as f32);
         let decay = (1.0 - lr * c.weight_decay) as f32;
-        let update_one = |i: usize| -> Result<(usize, Tensor, Tensor, Tensor)> {
-            let p = self.params[i].1.as_tensor();
-            let g = grads.get(p).expect("filtered above");
-            let (pv, gv, mv, vv) = (
-                f32_data(p)?,
-                f32_data(g)?,
-                f32_data(&self.m[i])?,
-                f32_data(&self.v[i])?,
-            );
-            let n = pv.len();
-            let (mut np, mut nm, mut nv) = (vec![0f32; n], vec![0f32; n], vec![0f32; n]);
-            for k in 0..n {
-                let gk = gv[k];
-                let m = b1 * mv[k] + (1.0 - b1) * gk;
-                let v = b2 * vv[k] + (1.0 - b2) * gk * gk;
-                let update = (m * inv_bc1) / ((v * inv_bc2).sqrt() + eps);
-                np[k] = pv[k] * decay - lr32 * update;
-                nm[k] = m;
-                nv[k] = v;
-            }
-            let shape = p.shape().clone();
-            let dev = p.device();
-            Ok((
-                i,
-                Tensor::from_vec(np, shape.clone(), dev)?,
-                Tensor::from_vec(nm, shape.clone(), dev)?,
-                Tensor::from_vec(nv, shape, dev)?,
-            ))
+        let (params, m, v) = (&self.params, &self.m, &self.v);
+        let update_one = |i: usize| -> Result<()> {
+            let p = params[i].1.as_tensor();
+            let gv = f32_data(grads.get(p).expect("filtered above"))?;
+            with_f32_mut(&m[i], |mv| {
+                with_f32_mut(&v[i], |vv| {
+                    with_f32_mut(p, |pv| {
+                        for (((pk, mk), vk), &gk) in pv.iter_mut().zip(mv).zip(vv).zip(gv.iter()) {
+                            *mk = b1 * *mk + (1.0 - b1) * gk;
+                            *vk = b2 * *vk + (1.0 - b2) * gk * gk;
+                            let update = (*mk * inv_bc1) / ((*vk * inv_bc2).sqrt() + eps);
+                            *pk = *pk * decay - lr32 * update;
+                        }
+                        Ok(())
+                    })
+                })
+            })
         };
-        let results = on_threads(
-            &jobs,
-            cores(),
-            |i| self.params[i].1.elem_count(),
-            update_one,
-        )?;
-        for (i, np, nm, nv) in results {
-            self.params[i].1.set(&np)?;
-            self.m[i] = nm;
-            self.v[i] = nv;
-        }
+        on_threads(&jobs, cores(), |i| params[i].1.elem_count(), update_one)?;
         Ok(())
     }
 }
@@ -147,6 +126,43 @@ fn f32_data(t: &Tensor) -> Result<F32View<'_>> {
         storage,
         range: offsets.0..offsets.1,
     })
+}
+
+/// Runs `f` on a contiguous f32 CPU tensor's values, writable in place (through candle's
+/// [`InplaceOp1`](candle_core::InplaceOp1), which holds the storage's write lock meanwhile).
+/// Only for tensors that no graph reads: the optimiser's parameters, moments and averages
+/// between steps.
+fn with_f32_mut<R>(t: &Tensor, f: impl FnOnce(&mut [f32]) -> Result<R>) -> Result<R> {
+    struct Op<F, R>(
+        std::cell::RefCell<Option<F>>,
+        std::cell::RefCell<Option<Result<R>>>,
+    );
+    impl<F: FnOnce(&mut [f32]) -> Result<R>, R> candle_core::InplaceOp1 for Op<F, R> {
+        fn name(&self) -> &'static str {
+            "optimiser-update"
+        }
+        fn cpu_fwd(
+            &self,
+            storage: &mut candle_core::CpuStorage,
+            layout: &candle_core::Layout,
+        ) -> candle_core::Result<()> {
+            let (Some((a, b)), candle_core::CpuStorage::F32(v)) =
+                (layout.contiguous_offsets(), storage)
+            else {
+                candle_core::bail!("optimiser: expected a contiguous f32 tensor")
+            };
+            let f = self.0.borrow_mut().take().expect("called once");
+            *self.1.borrow_mut() = Some(f(&mut v[a..b]));
+            Ok(())
+        }
+    }
+    let op = Op(
+        std::cell::RefCell::new(Some(f)),
+        std::cell::RefCell::new(None),
+    );
+    t.inplace_op1(&op)?;
+    op.1.into_inner()
+        .unwrap_or_else(|| Err(crate::Error::Msg("optimiser: not a CPU tensor".into())))
 }
 
 /// A read guard on a tensor's storage and the range of its data.
@@ -239,24 +255,20 @@ impl Ema {
             let jobs: Vec<usize> = (0..params.len()).collect();
             let (d32, rest) = (d as f32, (1.0 - d) as f32);
             let shadow = &self.shadow;
-            let results = on_threads(
+            on_threads(
                 &jobs,
                 cores(),
                 |i| params[i].1.elem_count(),
-                |i| -> Result<(usize, Tensor)> {
-                    let p = params[i].1.as_tensor();
-                    let (sv, pv) = (f32_data(&shadow[i])?, f32_data(p)?);
-                    let out: Vec<f32> = sv
-                        .iter()
-                        .zip(pv.iter())
-                        .map(|(s, p)| d32 * s + rest * p)
-                        .collect();
-                    Ok((i, Tensor::from_vec(out, p.shape().clone(), p.device())?))
+                |i| -> Result<()> {
+                    let pv = f32_data(params[i].1.as_tensor())?;
+                    with_f32_mut(&shadow[i], |sv| {
+                        for (s, p) in sv.iter_mut().zip(pv.iter()) {
+                            *s = d32 * *s + rest * p;
+                        }
+                        Ok(())
+                    })
                 },
             )?;
-            for (i, t) in results {
-                self.shadow[i] = t;
-            }
         } else {
             for (s, (_, p)) in self.shadow.iter_mut().zip(params) {
                 *s = ((&*s * d)? + (p.as_tensor().detach() * (1.0 - d))?)?.detach();
