@@ -325,7 +325,7 @@ pub fn run(cmd: TrainCommand) -> Result<()> {
             let mut uo = UnetOptions {
                 seed: a.common.seed,
                 batch: 16,
-                steps: 5000,
+                steps: 6000,
                 lr: 5e-4,
                 prediction: ldm_sampling::Prediction::V,
                 // Centred on the middle of the schedule (ln σ = 0.5, t ≈ 500), where objects
