@@ -224,21 +224,23 @@ pub fn conv2d_im2col(x: &Tensor, weight: &Tensor, stride: usize, padding: usize)
         .permute((0, 3, 1, 2))
 }
 
-/// `[C_out, C, k, k]` → `[C_out, k·k·C]`, the column order of [`im2col`].
-fn weight_to_cols(w: &[f32], c: usize, k: usize) -> Vec<f32> {
-    let mut out = vec![0f32; w.len()];
-    for (dst, src) in out.chunks_mut(c * k * k).zip(w.chunks(c * k * k)) {
-        transpose(src, c, k * k, dst);
+/// Each consecutive `[rows, cols]` block of `src` transposed: with `(C, k·k)` a weight
+/// `[C_out, C, k, k]` becomes `[C_out, k·k·C]`, the column order of [`im2col`], and with
+/// `(k·k, C)` back.
+fn transpose_blocks(src: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let mut out = vec![0f32; src.len()];
+    for (dst, block) in out.chunks_mut(rows * cols).zip(src.chunks(rows * cols)) {
+        transpose(block, rows, cols, dst);
     }
     out
 }
 
 /// The training convolution on the CPU in f32 as one op: `x` `[B, C, H, W]`, weight
 /// `[C_out, C, k, k]`, bias `[C_out]` → `[B, C_out, H_out, W_out]`. The same im2col + GEMM as
-/// [`conv2d_im2col`], but the bias is added while the GEMM's channels-last result is written
-/// out channels-first, and the backward recomputes the patches instead of keeping them in the
-/// graph: one node where the composed form has six (patches, two reshapes, the product, the
-/// permute and the bias), so the backward pass allocates, adds and copies less.
+/// [`conv2d_im2col`], but each image's product is written channels-first over the bias, and the
+/// backward recomputes the patches instead of keeping them in the graph: one node where the
+/// composed form has six (patches, two reshapes, the product, the permute and the bias), so the
+/// backward pass allocates, adds and copies less.
 #[derive(Debug, Clone, Copy)]
 struct ConvTrain {
     stride: usize,
@@ -277,7 +279,7 @@ impl CustomOp3 for ConvTrain {
         }
         let (ho, wo) = g.out_hw();
         let (p, kkc) = (ho * wo, g.cols());
-        let wc = weight_to_cols(w, g.channels, g.kernel);
+        let wc = transpose_blocks(w, g.channels, g.kernel * g.kernel);
         let cols = im2col(x, &g);
         // Per image, y = W · patchesᵀ + b: [C_out, P] written channels-first over the bias.
         let mut y = vec![0f32; g.batch * c_out * p];
@@ -341,7 +343,7 @@ impl CustomOp3 for ConvTrainBackward {
         }
         // Per image, with dy channels-first `[C_out, P]`: d(patches) = dyᵀ · W, then
         // dx = col2im(d(patches)); dW += dy · patches.
-        let wc = weight_to_cols(w, g.channels, g.kernel);
+        let wc = transpose_blocks(w, g.channels, g.kernel * g.kernel);
         let mut dcols = vec![0f32; rows * kkc];
         for (dst, dyi) in dcols.chunks_mut(p * kkc).zip(dy.chunks(c_out * p)) {
             gemm(
@@ -369,17 +371,8 @@ impl CustomOp3 for ConvTrainBackward {
                 true,
             );
         }
-        let kk = g.kernel * g.kernel;
         let mut out = dx;
-        out.reserve(dwc.len() + c_out);
-        let start = out.len();
-        out.resize(start + dwc.len(), 0.0);
-        for (dst, src) in out[start..]
-            .chunks_mut(g.channels * kk)
-            .zip(dwc.chunks(kk * g.channels))
-        {
-            transpose(src, kk, g.channels, dst);
-        }
+        out.extend(transpose_blocks(&dwc, g.kernel * g.kernel, g.channels));
         out.extend_from_slice(&db);
         let len = out.len();
         Ok((CpuStorage::F32(out), Shape::from(len)))
