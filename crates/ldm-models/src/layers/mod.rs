@@ -78,9 +78,11 @@ pub fn gelu(x: &Tensor) -> Result<Tensor> {
     op.apply(x).unwrap_or_else(|| x.gelu_erf())
 }
 
+/// What a three-input CustomOp's backward returns.
+type Gradients3 = (Option<Tensor>, Option<Tensor>, Option<Tensor>);
+
 /// The gradients of a three-input op (input, weight, bias) out of its backward kernel's flat
 /// `[dx | dW | db]` output.
-type Gradients3 = (Option<Tensor>, Option<Tensor>, Option<Tensor>);
 pub(crate) fn split_gradients(
     flat: &Tensor,
     x: &candle_core::Shape,
