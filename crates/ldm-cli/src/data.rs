@@ -126,9 +126,10 @@ pub struct EvalShapes {
     /// Guidance scale (`ldm generate`'s default).
     #[arg(long, default_value_t = 7.5)]
     guidance: f64,
-    /// Guidance rescale φ (Lin et al. 2024; `ldm generate --guidance-rescale`).
-    #[arg(long, default_value_t = 0.0)]
-    guidance_rescale: f64,
+    /// Guidance rescale φ (Lin et al. 2024); `ldm generate`'s default: 0.7 for
+    /// zero-terminal-SNR models (the embedded one), else 0.
+    #[arg(long)]
+    guidance_rescale: Option<f64>,
     #[arg(long)]
     sampler: Option<String>,
     /// Image side in pixels.
@@ -173,6 +174,9 @@ pub fn eval(cmd: EvalCommand) -> Result<()> {
         Some(name) => Some(ldm_sampling::names::SamplerName::parse(name)?.0),
         None => None,
     };
+    let guidance_rescale = a
+        .guidance_rescale
+        .unwrap_or_else(|| components.default_guidance_rescale());
     let opts = ldm_train::eval::EvalOptions {
         seeds: a.seeds,
         seed: a.seed,
@@ -180,7 +184,7 @@ pub fn eval(cmd: EvalCommand) -> Result<()> {
         request: ldm_pipeline::Request {
             steps: a.steps,
             guidance_scale: a.guidance,
-            guidance_rescale: a.guidance_rescale,
+            guidance_rescale,
             sampler,
             ..Default::default()
         },
@@ -196,7 +200,7 @@ pub fn eval(cmd: EvalCommand) -> Result<()> {
         a.seeds,
         a.steps,
         a.guidance,
-        a.guidance_rescale
+        guidance_rescale
     ));
     print_report(&report)
 }

@@ -46,6 +46,10 @@ fn parameters(
     if let Some(eta) = req.eta {
         text.push_str(&format!(", Eta: {eta}"));
     }
+    if req.guidance_rescale != 0.0 {
+        // As A1111's CFG Rescale extension writes it.
+        text.push_str(&format!(", CFG Rescale phi: {}", req.guidance_rescale));
+    }
     if req.init_image.is_some() {
         text.push_str(&format!(", Denoising strength: {}", req.strength));
     }
@@ -170,7 +174,9 @@ pub fn run(a: GenerateArgs) -> Result<()> {
             height,
             steps: a.steps,
             guidance_scale: a.guidance,
-            guidance_rescale: a.guidance_rescale,
+            guidance_rescale: a
+                .guidance_rescale
+                .unwrap_or_else(|| components.default_guidance_rescale()),
             sampler,
             schedule: schedule.clone(),
             eta: a.eta,

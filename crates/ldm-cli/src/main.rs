@@ -100,9 +100,10 @@ struct GenerateArgs {
     /// Classifier-free guidance scale (1 disables the unconditional pass).
     #[arg(long, default_value_t = 7.5)]
     guidance: f64,
-    /// Guidance rescale φ (0 = off).
-    #[arg(long, default_value_t = 0.0)]
-    guidance_rescale: f64,
+    /// Guidance rescale φ (0 = off); by default 0.7 for zero-terminal-SNR models (the embedded
+    /// one), 0 for others.
+    #[arg(long)]
+    guidance_rescale: Option<f64>,
     /// Sampler name (ldm's, ComfyUI's or A1111's: "DPM++ 2M Karras"); the model's own by default.
     #[arg(long)]
     sampler: Option<String>,

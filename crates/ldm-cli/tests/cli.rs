@@ -65,6 +65,28 @@ fn info_check_builds_every_network() {
     }
 }
 
+/// The embedded (zero-terminal-SNR) model rescales its guidance by 0.7 unless told otherwise,
+/// and the PNG says so.
+#[test]
+fn generate_rescales_guidance_on_zero_snr_models_by_default() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("img.png");
+    let info = |extra: &[&str]| {
+        let mut args = vec!["generate", "a red circle", "--steps", "2", "--out"];
+        args.push(out.to_str().unwrap());
+        args.extend_from_slice(extra);
+        let (ok, _, stderr) = ldm(&args);
+        assert!(ok, "{stderr}");
+        let (ok, stdout, stderr) = ldm(&["info", out.to_str().unwrap()]);
+        assert!(ok, "{stderr}");
+        stdout
+    };
+    let text = info(&[]);
+    assert!(text.contains(", CFG Rescale phi: 0.7"), "{text}");
+    let text = info(&["--guidance-rescale", "0"]);
+    assert!(!text.contains("CFG Rescale"), "{text}");
+}
+
 #[test]
 fn generate_writes_a_png_with_its_parameters() {
     let dir = tempfile::tempdir().unwrap();
@@ -99,6 +121,8 @@ fn generate_writes_a_png_with_its_parameters() {
         stdout.contains("Seed: 7, Size: 32x32, Model hash: "),
         "{stdout}"
     );
+    // SD1.5's schedule keeps diffusers' default: no guidance rescale.
+    assert!(!stdout.contains("CFG Rescale"), "{stdout}");
     // No temporary file is left behind.
     let names: Vec<_> = std::fs::read_dir(dir.path())
         .unwrap()

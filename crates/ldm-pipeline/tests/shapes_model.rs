@@ -63,3 +63,16 @@ fn the_embedded_model_renders_as_in_diffusers() {
         assert!(mean <= 1.0 && far < 0.01, "{name}: mean {mean}, far {far}");
     }
 }
+
+/// Without `--guidance-rescale`, a zero-terminal-SNR model (the embedded one) gets φ = 0.7 and
+/// any other model diffusers' 0.
+#[test]
+fn guidance_rescale_defaults_follow_the_noise_schedule() {
+    let load = |dir: &str| Components::load(&root().join(dir), DType::F32, &Device::Cpu).unwrap();
+    let shapes = load("models/shapes");
+    assert_eq!(shapes.scheduler.rescale_betas_zero_snr, Some(true));
+    assert_eq!(shapes.default_guidance_rescale(), 0.7);
+    let sd15 = load("fixtures/tiny/sd15");
+    assert_ne!(sd15.scheduler.rescale_betas_zero_snr, Some(true));
+    assert_eq!(sd15.default_guidance_rescale(), 0.0);
+}
