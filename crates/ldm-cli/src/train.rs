@@ -104,6 +104,10 @@ pub struct UnetArgs {
     /// of a zero-terminal-SNR schedule in the loss (e.g. 0.1).
     #[arg(long)]
     snr_weight_floor: Option<f64>,
+    /// Start the U-Net's residual branches and its output convolution at zero (the resnets'
+    /// conv2, the transformers' proj_out, conv_out), as the latent-diffusion code does.
+    #[arg(long)]
+    zero_init: bool,
     /// Scenes rendered and encoded up front.
     #[arg(long)]
     pool: Option<usize>,
@@ -216,6 +220,7 @@ fn unet_options(a: &UnetArgs) -> Result<UnetOptions> {
         ema_decay: a.ema_decay.unwrap_or(d.ema_decay),
         min_snr_gamma: a.min_snr_gamma,
         snr_weight_floor: a.snr_weight_floor,
+        zero_init: a.zero_init,
         zero_terminal_snr: a.zero_terminal_snr,
         pool: a.pool.unwrap_or(d.pool),
         shards: a.shards.unwrap_or(d.shards).max(1),
