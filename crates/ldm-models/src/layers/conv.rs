@@ -59,10 +59,10 @@ impl Geometry {
     fn cols(&self) -> usize {
         self.channels * self.kernel * self.kernel
     }
-    /// Calls `f(pixel, column)` for every in-bounds tap of an image's patches: `pixel` indexes
-    /// the channels-last image (`y · W + x`) and `column` the first of the tap's `C` columns,
-    /// relative to the image's patches. Taps in the padding are skipped.
-    fn for_each_tap(&self, mut f: impl FnMut(usize, usize)) {
+    /// Calls `f(Some(pixel), column)` for every tap of an image's patches, in column order:
+    /// `pixel` indexes the channels-last image (`y · W + x`) and `column` the first of the tap's
+    /// `C` columns, relative to the image's patches; taps in the padding get `None`.
+    fn for_each_tap(&self, mut f: impl FnMut(Option<usize>, usize)) {
         let (ho, wo) = self.out_hw();
         let (k, s, p) = (self.kernel, self.stride, self.padding as isize);
         let c = self.channels;
@@ -75,12 +75,8 @@ impl Geometry {
                         let ix = (ox * s + kj) as isize - p;
                         let inside = (0..self.height as isize).contains(&iy)
                             && (0..self.width as isize).contains(&ix);
-                        if inside {
-                            f(
-                                iy as usize * self.width + ix as usize,
-                                row + (ki * k + kj) * c,
-                            );
-                        }
+                        let px = inside.then(|| iy as usize * self.width + ix as usize);
+                        f(px, row + (ki * k + kj) * c);
                     }
                 }
             }
@@ -126,15 +122,29 @@ fn im2col<T: WithDType>(src: &[T], g: &Geometry) -> Vec<T> {
     let (ho, wo) = g.out_hw();
     let (c, hw) = (g.channels, g.height * g.width);
     let per_out = ho * wo * g.cols();
-    let mut out = vec![T::zero(); g.batch * per_out];
-    out.par_chunks_mut(per_out)
+    let len = g.batch * per_out;
+    // Every element is written exactly once below (the patches are as large as the product's
+    // other operand; zero-filling them first cost as much as filling them).
+    let mut out: Vec<T> = Vec::with_capacity(len);
+    out.spare_capacity_mut()[..len]
+        .par_chunks_mut(per_out)
         .zip(src.par_chunks(c * hw))
         .for_each(|(dst, img)| {
             let mut hwc = vec![T::zero(); c * hw];
             transpose(img, c, hw, &mut hwc);
-            // Taps in the padding keep the zeros `out` starts with.
-            g.for_each_tap(|px, col| dst[col..col + c].copy_from_slice(&hwc[px * c..(px + 1) * c]))
+            g.for_each_tap(|px, col| {
+                let dst = &mut dst[col..col + c];
+                match px {
+                    Some(px) => {
+                        dst.write_copy_of_slice(&hwc[px * c..(px + 1) * c]);
+                    }
+                    None => dst.fill(std::mem::MaybeUninit::new(T::zero())),
+                }
+            })
         });
+    // SAFETY: the taps of every output pixel cover each image's `per_out` columns exactly
+    // once, and the images cover the `len` elements, so all of them were written above.
+    unsafe { out.set_len(len) };
     out
 }
 
@@ -148,6 +158,7 @@ fn col2im<T: WithDType>(src: &[T], g: &Geometry) -> Vec<T> {
         .for_each(|(img, cols)| {
             let mut hwc = vec![T::zero(); c * hw];
             g.for_each_tap(|px, col| {
+                let Some(px) = px else { return };
                 let acc = &mut hwc[px * c..(px + 1) * c];
                 for (a, &v) in acc.iter_mut().zip(&cols[col..col + c]) {
                     *a += v;
@@ -237,8 +248,9 @@ fn transpose_blocks(src: &[f32], rows: usize, cols: usize) -> Vec<f32> {
 
 /// The training convolution on the CPU in f32 as one op: `x` `[B, C, H, W]`, weight
 /// `[C_out, C, k, k]`, bias `[C_out]` → `[B, C_out, H_out, W_out]`. The same im2col + GEMM as
-/// [`conv2d_im2col`], but each image's product is written channels-first over the bias, and the
-/// backward recomputes the patches instead of keeping them in the graph: one node where the
+/// [`conv2d_im2col`], but the whole batch's product is copied out channels-first with the bias
+/// added, and the backward recomputes the patches instead of keeping them in the graph: one node
+/// where the
 /// composed form has six (patches, two reshapes, the product, the permute and the bias), so the
 /// backward pass allocates, adds and copies less.
 #[derive(Debug, Clone, Copy)]
@@ -281,21 +293,28 @@ impl CustomOp3 for ConvTrain {
         let (p, kkc) = (ho * wo, g.cols());
         let wc = transpose_blocks(w, g.channels, g.kernel * g.kernel);
         let cols = im2col(x, &g);
-        // Per image, y = W · patchesᵀ + b: [C_out, P] written channels-first over the bias.
+        // One product for the whole batch, yᵀ = W · patchesᵀ: `[C_out, B·P]` (a product per
+        // image has only P columns — 16 at a 4 × 4 level — and runs far below the kernel's
+        // speed), then each image's planes copied out channels-first with the bias added.
+        let n = g.batch * p;
+        let mut yt = vec![0f32; c_out * n];
+        gemm(
+            (c_out, n, kkc),
+            &mut yt,
+            n,
+            false,
+            Operand::rows(&wc, kkc),
+            Operand::transposed(&cols, kkc),
+            true,
+        );
+        drop(cols);
         let mut y = vec![0f32; g.batch * c_out * p];
-        for (dst, patches) in y.chunks_mut(c_out * p).zip(cols.chunks(p * kkc)) {
-            for (plane, &b) in dst.chunks_mut(p).zip(bias) {
-                plane.fill(b);
+        for (b, dst) in y.chunks_mut(c_out * p).enumerate() {
+            for ((plane, src), &bias) in dst.chunks_mut(p).zip(yt.chunks(n)).zip(bias) {
+                for (o, &v) in plane.iter_mut().zip(&src[b * p..(b + 1) * p]) {
+                    *o = v + bias;
+                }
             }
-            gemm(
-                (c_out, p, kkc),
-                dst,
-                p,
-                true,
-                Operand::rows(&wc, kkc),
-                Operand::transposed(patches, kkc),
-                true,
-            );
         }
         Ok((CpuStorage::F32(y), Shape::from((g.batch, c_out, ho, wo))))
     }
@@ -335,42 +354,39 @@ impl CustomOp3 for ConvTrainBackward {
         if dy.len() != rows * c_out {
             candle_core::bail!("conv2d-train-backward: gradient {:?}", gl.shape())
         }
-        let mut db = vec![0f32; c_out];
-        for img in dy.chunks(c_out * p) {
-            for (acc, plane) in db.iter_mut().zip(img.chunks(p)) {
-                *acc += plane.iter().sum::<f32>();
+        // dy as one `[C_out, B·P]` matrix, so that each product below is one GEMM over the
+        // batch: d(patches) = dyᵀ · W, then dx = col2im(d(patches)); dW = dy · patches.
+        let mut dyt = vec![0f32; c_out * rows];
+        for (b, img) in dy.chunks(c_out * p).enumerate() {
+            for (plane, dst) in img.chunks(p).zip(dyt.chunks_mut(rows)) {
+                dst[b * p..(b + 1) * p].copy_from_slice(plane);
             }
         }
-        // Per image, with dy channels-first `[C_out, P]`: d(patches) = dyᵀ · W, then
-        // dx = col2im(d(patches)); dW += dy · patches.
+        let db: Vec<f32> = dyt.chunks(rows).map(|r| r.iter().sum::<f32>()).collect();
         let wc = transpose_blocks(w, g.channels, g.kernel * g.kernel);
         let mut dcols = vec![0f32; rows * kkc];
-        for (dst, dyi) in dcols.chunks_mut(p * kkc).zip(dy.chunks(c_out * p)) {
-            gemm(
-                (p, kkc, c_out),
-                dst,
-                kkc,
-                false,
-                Operand::transposed(dyi, p),
-                Operand::rows(&wc, kkc),
-                true,
-            );
-        }
+        gemm(
+            (rows, kkc, c_out),
+            &mut dcols,
+            kkc,
+            false,
+            Operand::transposed(&dyt, rows),
+            Operand::rows(&wc, kkc),
+            true,
+        );
         let dx = col2im(&dcols, &g);
         drop(dcols);
         let cols = im2col(x, &g);
         let mut dwc = vec![0f32; c_out * kkc];
-        for (i, (dyi, patches)) in dy.chunks(c_out * p).zip(cols.chunks(p * kkc)).enumerate() {
-            gemm(
-                (c_out, kkc, p),
-                &mut dwc,
-                kkc,
-                i > 0,
-                Operand::rows(dyi, p),
-                Operand::rows(patches, kkc),
-                true,
-            );
-        }
+        gemm(
+            (c_out, kkc, rows),
+            &mut dwc,
+            kkc,
+            false,
+            Operand::rows(&dyt, rows),
+            Operand::rows(&cols, kkc),
+            true,
+        );
         let mut out = dx;
         out.extend(transpose_blocks(&dwc, g.kernel * g.kernel, g.channels));
         out.extend_from_slice(&db);
