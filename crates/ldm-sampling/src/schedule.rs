@@ -86,6 +86,19 @@ fn rescale_zero_terminal_snr(betas: &[f32]) -> Vec<f32> {
     out
 }
 
+/// ᾱ that stands in for the zero of a zero-terminal-SNR schedule's last step where a sampler
+/// needs a finite σ (diffusers' choice in its Euler, Euler a, DPM++ multistep and UniPC
+/// schedulers): σ = √((1 − ᾱ)/ᾱ) ≈ 4096.
+pub const ZERO_SNR_END_ALPHA_BAR: f32 = 1.0 / 16_777_216.0;
+
+/// Whether `sigma` is the pure noise of a zero-terminal-SNR schedule's finite end
+/// ([`ZERO_SNR_END_ALPHA_BAR`]) or beyond: nothing of the image is left in the sample, so a
+/// step from it can only be "denoise, then noise to σ_next".
+pub fn is_pure_noise(sigma: f64) -> bool {
+    let end = ZERO_SNR_END_ALPHA_BAR as f64;
+    sigma >= 0.99 * ((1.0 - end) / end).sqrt()
+}
+
 impl NoiseSchedule {
     /// Builds ᾱ from the config's betas; `zero_snr` applies the terminal-SNR rescale.
     pub fn new(

@@ -218,18 +218,20 @@ impl SchedulerConfig {
         )?;
         // diffusers keeps the zero-SNR end finite (ᾱ = 2⁻²⁴, σ ≈ 4096) in its Euler, Euler a,
         // DPM++ multistep and UniPC schedulers; we do so in every σ-space scheduler and in
-        // DEIS as well (diffusers' DEIS has no zero-SNR option: it would ignore the rescale
-        // and sample a schedule the model was not trained on).
+        // DEIS and PNDM as well (diffusers' have no zero-SNR option: they would ignore the
+        // rescale and sample a schedule the model was not trained on; with ᾱ = 0 PNDM's
+        // step divides by zero and the embedded model drew empty backgrounds).
         let finite_end = self.space() == SampleSpace::VarianceExploding
             || matches!(
                 self.class_name.as_str(),
                 "DPMSolverMultistepScheduler"
                     | "UniPCMultistepScheduler"
                     | "DEISMultistepScheduler"
+                    | "PNDMScheduler"
             );
         if flag(self.rescale_betas_zero_snr) && finite_end {
             if let Some(last) = s.alphas_cumprod.last_mut() {
-                *last = 2f32.powi(-24);
+                *last = crate::schedule::ZERO_SNR_END_ALPHA_BAR;
             }
         }
         Ok(s)
@@ -662,9 +664,9 @@ fn float_timesteps(spacing: &str, n_train: usize, steps: usize, offset: f64) -> 
 
 #[cfg(test)]
 mod tests {
-    /// Every scheduler class that samples in σ (all but DDPM, DDIM, PNDM, LCM and TCD, which
-    /// step on ᾱ itself) plans finite, strictly decreasing sigmas from σ ≈ 4096 on a
-    /// zero-terminal-SNR v-prediction config.
+    /// Every scheduler class that samples in σ, and PNDM (all but DDPM, DDIM, LCM and TCD,
+    /// which step on ᾱ itself and handle ᾱ = 0), plans finite, strictly decreasing sigmas from
+    /// σ ≈ 4096 on a zero-terminal-SNR v-prediction config.
     #[test]
     fn zero_snr_plans_start_at_a_finite_sigma() {
         for class in [
@@ -676,11 +678,13 @@ mod tests {
             "DPMSolverMultistepScheduler",
             "UniPCMultistepScheduler",
             "DEISMultistepScheduler",
+            "PNDMScheduler",
         ] {
             let cfg = super::SchedulerConfig::from_json(&format!(
                 r#"{{"_class_name": "{class}", "beta_schedule": "scaled_linear",
                     "beta_start": 0.00085, "beta_end": 0.012, "prediction_type": "v_prediction",
-                    "rescale_betas_zero_snr": true, "timestep_spacing": "trailing"}}"#
+                    "rescale_betas_zero_snr": true, "timestep_spacing": "trailing",
+                    "skip_prk_steps": true}}"#
             ))
             .unwrap();
             let plan = cfg.plan(20, None).unwrap();

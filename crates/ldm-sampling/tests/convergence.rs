@@ -115,6 +115,49 @@ fn deterministic_samplers_converge_at_their_order() {
     println!("{}", report.join("\n"));
 }
 
+/// From the pure noise of a zero-terminal-SNR schedule (σ₀ = 4096, diffusers' finite stand-in),
+/// Heun and DPM2 take a plain Euler step: with one more step to σ = 0 (Euler too) they give
+/// Euler's result (to rounding), where from an ordinary σ₀ they do not; and Heun from 4096
+/// still converges to the exact ODE solution at second order.
+#[test]
+fn two_evaluation_samplers_step_from_pure_noise_as_euler() {
+    let x = Tensor::from_vec(
+        (0..64)
+            .map(|i| (i as f64 - 32.0) * 64.0)
+            .collect::<Vec<_>>(),
+        64,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let euler = |sigmas: &[f64]| run(&Sampler::Euler, x.clone(), sigmas, 0);
+    for (name, sampler) in [("heun", Sampler::Heun), ("dpm2", Sampler::Dpm2)] {
+        let pure = [4096.0, 40.0, 0.0];
+        let diff = max_abs(&(run(&sampler, x.clone(), &pure, 0) - euler(&pure)).unwrap());
+        assert!(diff < 1e-9, "{name} from pure noise: {diff} from Euler");
+        let ordinary = [14.6, 4.0, 0.0];
+        let diff = max_abs(&(run(&sampler, x.clone(), &ordinary, 0) - euler(&ordinary)).unwrap());
+        assert!(diff > 1e-3, "{name} from σ = 14.6 is Euler ({diff})");
+    }
+    // Still second order over Karras steps from 4096 (max error 0.048, 0.011, 0.0026).
+    let (s0, s1) = (4096.0, 0.05);
+    let exact = (((&x - MU).unwrap() * ((S * S + s1 * s1).sqrt() / (S * S + s0 * s0).sqrt()))
+        .unwrap()
+        + MU)
+        .unwrap();
+    let errs: Vec<f64> = [20, 40, 80]
+        .iter()
+        .map(|&n| {
+            let out = run(&Sampler::Heun, x.clone(), &karras(s1, s0, n + 1, 7.0), 0);
+            max_abs(&(out - &exact).unwrap())
+        })
+        .collect();
+    let order = (errs[1] / errs[2]).log2();
+    assert!(
+        errs[0] < 0.05 && order > 1.65,
+        "heun from 4096: errors {errs:?}"
+    );
+}
+
 /// Mean and variance of the final samples against N(μ, s²).
 fn distribution_error(sampler: &Sampler, steps: usize) -> f64 {
     let sigmas: Vec<f64> = karras(0.03, 14.6, steps, 7.0)

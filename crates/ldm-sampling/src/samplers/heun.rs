@@ -1,9 +1,16 @@
 //! Two-evaluation steps: Heun's method (Karras et al. 2022, Alg. 1 without churn) and
 //! DPM-Solver-2 (Lu et al. 2022a, Alg. 1 with the midpoint taken in log-sigma, as k-diffusion's
-//! `sample_dpm_2`), and its ancestral variant. A step that ends at σ = 0 is a plain Euler step.
+//! `sample_dpm_2`), and its ancestral variant. A step that ends at σ = 0 is a plain Euler step,
+//! and so is one that starts from the pure noise of a zero-terminal-SNR schedule
+//! ([`is_pure_noise`], σ ≈ 4096): its second evaluation, one step later, would be weighted by
+//! the whole jump (Heun: (σ − σ_next)/2 ≈ 2000 against σ_next ≈ 40 at 20 steps), multiplying
+//! the model's error there some fifty-fold. On the embedded Shapes model (50 one-object prompts,
+//! guidance 7.5, 20 steps) Heun drew the background the caption names 11 % of the time and
+//! DPM2 a 74 %, against 100 % and 94 % with the Euler first step.
 
 use super::ancestral::ancestral_step;
 use super::{derivative, Run};
+use crate::schedule::is_pure_noise;
 use crate::Result;
 use candle_core::Tensor;
 
@@ -14,7 +21,7 @@ pub(super) fn sample_heun(mut x: Tensor, run: &mut Run) -> Result<Tensor> {
         let d = derivative(&x, &denoised, sigma)?;
         let dt = sigma_next - sigma;
         let x_euler = (&x + (&d * dt)?)?;
-        x = if sigma_next == 0.0 {
+        x = if sigma_next == 0.0 || is_pure_noise(sigma) {
             x_euler
         } else {
             let denoised_2 = run.denoiser.denoise(&x_euler, sigma_next)?;
@@ -35,7 +42,7 @@ pub(super) fn sample_dpm2(mut x: Tensor, run: &mut Run, eta: f64) -> Result<Tens
         let (sigma_down, sigma_up) = ancestral_step(sigma, sigma_next, eta);
         let denoised = run.denoiser.denoise(&x, sigma)?;
         let d = derivative(&x, &denoised, sigma)?;
-        x = if sigma_down == 0.0 {
+        x = if sigma_down == 0.0 || is_pure_noise(sigma) {
             (&x + (&d * (sigma_down - sigma))?)?
         } else {
             let sigma_mid = ((sigma.ln() + sigma_down.ln()) / 2.0).exp();
