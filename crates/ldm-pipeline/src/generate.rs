@@ -326,8 +326,15 @@ pub fn plan_for(c: &Components, req: &Request) -> Result<Plan> {
         Some(s) => s,
         None => SamplerName::for_config(&c.scheduler)?,
     };
+    // diffusers' pipelines pass their own `eta = 0.0` to every scheduler whose step takes
+    // one: DDIM's η and TCD's γ are 0 unless asked (the TCD scheduler alone would default to
+    // γ = 0.3).
+    let eta = match (sampler, req.eta) {
+        (SamplerName::Tcd, None) => Some(0.0),
+        (_, eta) => eta,
+    };
     Ok(c.scheduler
-        .plan_with(sampler, &req.schedule, req.steps, req.eta)?)
+        .plan_with(sampler, &req.schedule, req.steps, eta)?)
 }
 
 /// Nearest-neighbour resize of a `[B, C, H, W]` tensor (torch's `interpolate(mode="nearest")`:
@@ -580,6 +587,7 @@ pub fn generate_with(
     let mut run = Run {
         denoiser: &denoiser,
         sigmas: &plan.sigmas,
+        landings: plan.landings.as_deref(),
         noise: noise_source,
         hook,
     };

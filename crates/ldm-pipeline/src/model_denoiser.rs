@@ -71,6 +71,6 @@ impl Denoiser for UNetDenoiser<'_> {
             out
         };
         let x0 = self.plan.prediction.to_denoised(x, &out, sigma)?;
-        self.plan.boundary_condition(x, x0, sigma)
+        self.plan.finish_denoised(x, x0, sigma)
     }
 }

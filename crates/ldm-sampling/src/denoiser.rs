@@ -63,3 +63,49 @@ impl Prediction {
         }
     }
 }
+
+/// What a scheduler does to its x̂₀ estimate before stepping (diffusers' `clip_sample` and
+/// `thresholding`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum X0Clip {
+    /// Clamp to `[−r, r]` (`clip_sample_range`).
+    Clamp(f64),
+    /// Dynamic thresholding (Saharia et al. 2022, §2.3; diffusers' `_threshold_sample`): per
+    /// batch item, s = the `ratio`-quantile of |x̂₀| clamped to [1, `max`], then x̂₀ clamped to
+    /// [−s, s] and divided by s.
+    Threshold { ratio: f64, max: f64 },
+}
+
+impl X0Clip {
+    /// Applies the clip to a `[B, …]` estimate.
+    pub fn apply(&self, x0: &Tensor) -> Result<Tensor> {
+        match *self {
+            X0Clip::Clamp(r) => x0.clamp(-r, r),
+            X0Clip::Threshold { ratio, max } => {
+                let dims = x0.dims().to_vec();
+                let dtype = x0.dtype();
+                let flat = x0.flatten_from(1)?.to_dtype(candle_core::DType::F32)?;
+                let rows: Vec<Vec<f32>> = flat.to_vec2()?;
+                let mut out = Vec::with_capacity(rows.len() * rows.first().map_or(0, Vec::len));
+                for row in rows {
+                    let s = (quantile_abs(&row, ratio) as f64).clamp(1.0, max.max(1.0)) as f32;
+                    out.extend(row.iter().map(|v| v.clamp(-s, s) / s));
+                }
+                Tensor::from_vec(out, dims, x0.device())?.to_dtype(dtype)
+            }
+        }
+    }
+}
+
+/// `torch.quantile(|v|, q)` (linear interpolation between the order statistics, in float32).
+fn quantile_abs(v: &[f32], q: f64) -> f32 {
+    let mut a: Vec<f32> = v.iter().map(|x| x.abs()).collect();
+    a.sort_by(f32::total_cmp);
+    if a.is_empty() {
+        return 0.0;
+    }
+    let pos = q.clamp(0.0, 1.0) * (a.len() - 1) as f64;
+    let (lo, hi) = (pos.floor() as usize, pos.ceil() as usize);
+    let w = (pos - lo as f64) as f32;
+    a[lo] + w * (a[hi] - a[lo])
+}

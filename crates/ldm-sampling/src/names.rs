@@ -137,31 +137,32 @@ impl SamplerName {
 
     /// The sampler that reproduces a diffusers scheduler config's own class.
     pub fn for_config(config: &crate::scheduler_config::SchedulerConfig) -> Result<Self> {
+        use crate::scheduler_config::SchedulerClass as C;
         use SamplerName::*;
-        let sde = config.algorithm_type.as_deref() == Some("sde-dpmsolver++");
-        Ok(match config.class_name.as_str() {
-            "DDPMScheduler" => Ddpm,
-            "DDIMScheduler" => Ddim,
-            "PNDMScheduler" => Pndm,
-            "LMSDiscreteScheduler" => Lms,
-            "EulerDiscreteScheduler" => Euler,
-            "EulerAncestralDiscreteScheduler" => EulerA,
-            "HeunDiscreteScheduler" => Heun,
-            "KDPM2DiscreteScheduler" => Dpm2,
-            "KDPM2AncestralDiscreteScheduler" => Dpm2A,
-            "DPMSolverMultistepScheduler" if sde && config.solver_order == Some(3) => DpmPp3MSde,
-            "DPMSolverMultistepScheduler" if sde => DpmPp2MSde,
-            "DPMSolverMultistepScheduler" => DpmPp2M,
-            "DPMSolverSDEScheduler" => DpmPpSde,
-            "UniPCMultistepScheduler" => UniPc,
-            "DEISMultistepScheduler" => Deis,
-            "LCMScheduler" => Lcm,
-            "TCDScheduler" => Tcd,
-            other => {
-                return Err(Error::Config(format!(
-                    "scheduler `{other}` has no ldm sampler; pick one with a sampler name"
-                )))
-            }
+        let class = config.class().map_err(|e| {
+            Error::Config(format!(
+                "{e}; pick a sampler by name (--sampler) to use this model"
+            ))
+        })?;
+        let s = config.settings(class)?;
+        Ok(match class {
+            C::Ddpm => Ddpm,
+            C::Ddim => Ddim,
+            C::Pndm => Pndm,
+            C::Lms => Lms,
+            C::Euler => Euler,
+            C::EulerAncestral => EulerA,
+            C::Heun => Heun,
+            C::Kdpm2 => Dpm2,
+            C::Kdpm2Ancestral => Dpm2A,
+            C::DpmSolverMultistep if s.sde == Ok(true) && s.solver_order == 3 => DpmPp3MSde,
+            C::DpmSolverMultistep if s.sde == Ok(true) => DpmPp2MSde,
+            C::DpmSolverMultistep => DpmPp2M,
+            C::DpmSolverSde => DpmPpSde,
+            C::UniPc => UniPc,
+            C::Deis => Deis,
+            C::Lcm => Lcm,
+            C::Tcd => Tcd,
         })
     }
 
@@ -172,6 +173,22 @@ impl SamplerName {
 }
 
 impl SigmaSchedule {
+    /// The name [`SigmaSchedule::parse`] reads back (custom sigmas in full precision).
+    pub fn name(&self) -> String {
+        match self {
+            SigmaSchedule::Default => "default".into(),
+            SigmaSchedule::Karras => "karras".into(),
+            SigmaSchedule::Exponential => "exponential".into(),
+            SigmaSchedule::Beta => "beta".into(),
+            SigmaSchedule::SgmUniform => "sgm_uniform".into(),
+            SigmaSchedule::Simple => "simple".into(),
+            SigmaSchedule::Custom(s) => {
+                let list: Vec<String> = s.iter().map(|v| v.to_string()).collect();
+                format!("custom:{}", list.join(","))
+            }
+        }
+    }
+
     /// Parses a schedule name, or `custom:` followed by comma-separated sigmas.
     pub fn parse(name: &str) -> Result<Self> {
         let lower = name.trim().to_lowercase();
@@ -225,6 +242,25 @@ mod tests {
         for (name, s) in SamplerName::all() {
             assert_eq!(SamplerName::parse(name).unwrap().0, s);
             assert_eq!(s.as_str(), name);
+        }
+    }
+
+    /// What the PNG parameters record is what `--sampler` and `--schedule` accept.
+    #[test]
+    fn names_round_trip() {
+        for (name, s) in SamplerName::all() {
+            assert_eq!(SamplerName::parse(s.as_str()).unwrap(), (s, None), "{name}");
+        }
+        for s in [
+            SigmaSchedule::Default,
+            SigmaSchedule::Karras,
+            SigmaSchedule::Exponential,
+            SigmaSchedule::Beta,
+            SigmaSchedule::SgmUniform,
+            SigmaSchedule::Simple,
+            SigmaSchedule::Custom(vec![14.614641189575195, 0.1, 1e-3, 0.0]),
+        ] {
+            assert_eq!(SigmaSchedule::parse(&s.name()).unwrap(), s, "{}", s.name());
         }
     }
 

@@ -6,37 +6,63 @@
 use crate::names::{SamplerName, SigmaSchedule};
 use crate::samplers::Sampler;
 use crate::schedule;
-use crate::scheduler_config::{Plan, SampleSpace, SchedulerConfig};
+use crate::scheduler_config::{
+    Plan, SampleSpace, SchedulerClass, SchedulerConfig, Settings, SigmaOption,
+};
 use crate::{Error, Result};
 
-fn class_of(name: SamplerName) -> &'static str {
-    use SamplerName::*;
-    match name {
-        Ddpm => "DDPMScheduler",
-        Ddim => "DDIMScheduler",
-        Pndm => "PNDMScheduler",
-        Lms => "LMSDiscreteScheduler",
-        Euler => "EulerDiscreteScheduler",
-        EulerA | DpmPp2SA => "EulerAncestralDiscreteScheduler",
-        Heun => "HeunDiscreteScheduler",
-        Dpm2 => "KDPM2DiscreteScheduler",
-        Dpm2A => "KDPM2AncestralDiscreteScheduler",
-        DpmPp2M | DpmPp2MSde | DpmPp3MSde => "DPMSolverMultistepScheduler",
-        DpmPpSde => "DPMSolverSDEScheduler",
-        UniPc => "UniPCMultistepScheduler",
-        Deis => "DEISMultistepScheduler",
-        Lcm => "LCMScheduler",
-        Tcd => "TCDScheduler",
+impl SamplerName {
+    /// The diffusers scheduler class whose numbers this sampler reproduces.
+    pub fn class(self) -> SchedulerClass {
+        use SamplerName::*;
+        match self {
+            Ddpm => SchedulerClass::Ddpm,
+            Ddim => SchedulerClass::Ddim,
+            Pndm => SchedulerClass::Pndm,
+            Lms => SchedulerClass::Lms,
+            Euler => SchedulerClass::Euler,
+            EulerA | DpmPp2SA => SchedulerClass::EulerAncestral,
+            Heun => SchedulerClass::Heun,
+            Dpm2 => SchedulerClass::Kdpm2,
+            Dpm2A => SchedulerClass::Kdpm2Ancestral,
+            DpmPp2M | DpmPp2MSde | DpmPp3MSde => SchedulerClass::DpmSolverMultistep,
+            DpmPpSde => SchedulerClass::DpmSolverSde,
+            UniPc => SchedulerClass::UniPc,
+            Deis => SchedulerClass::Deis,
+            Lcm => SchedulerClass::Lcm,
+            Tcd => SchedulerClass::Tcd,
+        }
     }
-}
 
-/// Whether diffusers' scheduler for `name` has its own option for this spacing.
-fn has_own_option(name: SamplerName) -> bool {
-    use SamplerName::*;
-    matches!(
-        name,
-        Euler | Heun | Lms | Dpm2 | Dpm2A | DpmPp2M | DpmPp2MSde | DpmPp3MSde | DpmPpSde | UniPc
-    )
+    /// What the name fixes in its class's settings (`from_config(config, **overrides)`).
+    fn configure(self, s: &mut Settings) {
+        use SamplerName::*;
+        match self {
+            DpmPp2M => (s.sde, s.solver_order) = (Ok(false), 2),
+            DpmPp2MSde => (s.sde, s.solver_order) = (Ok(true), 2),
+            DpmPp3MSde => (s.sde, s.solver_order) = (Ok(true), 3),
+            Pndm => s.skip_prk_steps = true,
+            _ => {}
+        }
+    }
+
+    /// Whether diffusers' scheduler for this name has its own option for a sigma spacing.
+    fn has_own_option(self) -> bool {
+        use SamplerName::*;
+        matches!(
+            self,
+            Euler
+                | Heun
+                | Lms
+                | Dpm2
+                | Dpm2A
+                | DpmPp2M
+                | DpmPp2MSde
+                | DpmPp3MSde
+                | DpmPpSde
+                | UniPc
+        )
+    }
 }
 
 impl SchedulerConfig {
@@ -56,39 +82,22 @@ impl SchedulerConfig {
                 )));
             }
         }
-        let mut cfg = self.clone();
-        cfg.class_name = class_of(sampler).to_string();
-        match sampler {
-            SamplerName::DpmPp2M => {
-                (cfg.algorithm_type, cfg.solver_order) = (Some("dpmsolver++".into()), Some(2))
-            }
-            SamplerName::DpmPp2MSde => {
-                (cfg.algorithm_type, cfg.solver_order) = (Some("sde-dpmsolver++".into()), Some(2))
-            }
-            SamplerName::DpmPp3MSde => {
-                (cfg.algorithm_type, cfg.solver_order) = (Some("sde-dpmsolver++".into()), Some(3))
-            }
-            SamplerName::UniPc | SamplerName::Deis => cfg.algorithm_type = None,
-            SamplerName::Pndm => cfg.skip_prk_steps = Some(true),
-            _ => {}
-        }
-        let own = has_own_option(sampler);
-        let (karras, exponential, beta) = match sigma_schedule {
-            SigmaSchedule::Karras if own => (true, false, false),
-            SigmaSchedule::Exponential if own => (false, true, false),
-            SigmaSchedule::Beta if own => (false, false, true),
-            _ => (false, false, false),
-        };
+        let mut settings = self.settings(sampler.class())?;
+        sampler.configure(&mut settings);
+        let own = sampler.has_own_option();
         // `default` keeps the config's own spacing options; a named schedule replaces them.
-        if !matches!(sigma_schedule, SigmaSchedule::Default) {
-            (
-                cfg.use_karras_sigmas,
-                cfg.use_exponential_sigmas,
-                cfg.use_beta_sigmas,
-            ) = (Some(karras), Some(exponential), Some(beta));
+        let option = match sigma_schedule {
+            SigmaSchedule::Karras if own => Some(SigmaOption::Karras),
+            SigmaSchedule::Exponential if own => Some(SigmaOption::Exponential),
+            SigmaSchedule::Beta if own => Some(SigmaOption::Beta),
+            SigmaSchedule::Default => None,
+            _ => Some(SigmaOption::None),
+        };
+        if let Some(o) = option {
+            settings.sigma_option = o;
         }
         let generic =
-            !(matches!(sigma_schedule, SigmaSchedule::Default) || karras || exponential || beta);
+            !matches!(sigma_schedule, SigmaSchedule::Default) && option == Some(SigmaOption::None);
         if generic && matches!(sampler, SamplerName::Lcm | SamplerName::Tcd) {
             return Err(Error::InvalidArgument(format!(
                 "{} runs on its distillation timesteps; the schedule must be `default`",
@@ -99,7 +108,7 @@ impl SchedulerConfig {
             SigmaSchedule::Custom(s) => s.len().saturating_sub(1).max(1),
             _ => steps,
         };
-        let mut plan = cfg.plan(plan_steps, eta)?;
+        let mut plan = settings.plan(plan_steps, eta)?;
         match sampler {
             SamplerName::DpmPp2SA => {
                 plan.sampler = Sampler::DpmPp2SAncestral {
@@ -129,6 +138,10 @@ impl SchedulerConfig {
                 plan.init_noise_sigma = sigmas[0];
             }
             plan.sigmas = sigmas;
+            plan.landings = None;
+            if let Sampler::Plms { first_from, .. } = &mut plan.sampler {
+                *first_from = None;
+            }
         }
         Ok(plan)
     }

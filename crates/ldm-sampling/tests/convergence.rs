@@ -26,6 +26,7 @@ fn run(sampler: &Sampler, x: Tensor, sigmas: &[f64], seed: u64) -> Tensor {
     let mut r = Run {
         denoiser: &Gaussian,
         sigmas,
+        landings: None,
         noise: &mut rng,
         hook: &mut hook,
     };
@@ -63,6 +64,7 @@ fn deterministic_samplers_converge_at_their_order() {
         order,
         sde: false,
         lower_order_final: false,
+        euler_at_final: false,
     };
     let cases: Vec<(&str, Sampler, f64)> = vec![
         ("euler", Sampler::Euler, 1.0),
@@ -71,7 +73,14 @@ fn deterministic_samplers_converge_at_their_order() {
         ("dpm2", Sampler::Dpm2, 2.0),
         ("lms", Sampler::Lms { order: 4 }, 3.0),
         // Fixed Adams–Bashforth weights on Karras' non-uniform steps: second order.
-        ("plms", Sampler::Plms { combine_v: false }, 2.0),
+        (
+            "plms",
+            Sampler::Plms {
+                combine_v: false,
+                first_from: None,
+            },
+            2.0,
+        ),
         ("dpmpp_2m", Sampler::DpmPpMultistep(ode(2)), 2.0),
         // Its first step is first order (one step: local error O(h²)), so globally second order.
         ("dpmpp_3m", Sampler::DpmPpMultistep(ode(3)), 2.0),
@@ -183,6 +192,7 @@ fn stochastic_samplers_reach_the_data_distribution() {
         order,
         sde: true,
         lower_order_final: false,
+        euler_at_final: false,
     };
     let cases: Vec<(&str, Sampler)> = vec![
         ("euler_a", Sampler::EulerAncestral { eta: 1.0 }),

@@ -46,6 +46,7 @@ fn every_sampler_starts_part_way_and_honours_its_hook() {
             let mut run = Run {
                 denoiser: &Shrink,
                 sigmas: &plan.sigmas,
+                landings: plan.landings.as_deref(),
                 noise: &mut rng,
                 hook: &mut hook,
             };

@@ -4,6 +4,7 @@
 //! (and deterministic DDIM), η = 1 is Euler ancestral and DDPM's posterior (Song et al. 2021 §4.1).
 
 use super::{derivative, Run};
+use crate::denoiser::X0Clip;
 use crate::Result;
 use candle_core::Tensor;
 
@@ -19,19 +20,31 @@ pub fn ancestral_step(sigma: f64, sigma_next: f64, eta: f64) -> (f64, f64) {
     ((sigma_next * sigma_next - up * up).sqrt(), up)
 }
 
-pub(super) fn sample(mut x: Tensor, run: &mut Run, eta: f64) -> Result<Tensor> {
+/// Steps to each landing (the next sigma unless the plan says otherwise); `clip` acts on the
+/// x̂₀ term alone, as DDIM's does.
+pub(super) fn sample(
+    mut x: Tensor,
+    run: &mut Run,
+    eta: f64,
+    clip: Option<&X0Clip>,
+) -> Result<Tensor> {
     for i in 0..run.sigmas.len() - 1 {
-        let (sigma, sigma_next) = (run.sigmas[i], run.sigmas[i + 1]);
+        let (sigma, sigma_next) = (run.sigmas[i], run.landing(i));
         let denoised = run.denoiser.denoise(&x, sigma)?;
         let d = derivative(&x, &denoised, sigma)?;
         let (sigma_down, sigma_up) = ancestral_step(sigma, sigma_next, eta);
+        let x0 = match clip {
+            Some(c) => c.apply(&denoised)?,
+            None => denoised.clone(),
+        };
         // x₀ + σ_down d, not x + (σ_down − σ) d: the same step without cancelling a huge x
         // against a huge update at the first step of a zero-terminal-SNR schedule.
-        x = (&denoised + (d * sigma_down)?)?;
+        x = (&x0 + (d * sigma_down)?)?;
         if sigma_up > 0.0 {
             let z = run.randn_like(&x)?;
             x = (x + (z * sigma_up)?)?;
         }
+        x = run.hand_off(i, x)?;
         x = run.report(i, x, &denoised)?;
     }
     Ok(x)

@@ -45,7 +45,13 @@ pub(super) fn sample_dpm2(mut x: Tensor, run: &mut Run, eta: f64) -> Result<Tens
         x = if sigma_down == 0.0 || is_pure_noise(sigma) {
             (&x + (&d * (sigma_down - sigma))?)?
         } else {
-            let sigma_mid = ((sigma.ln() + sigma_down.ln()) / 2.0).exp();
+            let mut sigma_mid = ((sigma.ln() + sigma_down.ln()) / 2.0).exp();
+            // The midpoint takes its own interpolated timestep (diffusers' `timesteps_interpol`).
+            // At η = 1, √(σ σ_down) = σ_next exactly, and the plan would hand it σ_next's
+            // timestep (rounded under KDPM2's Karras spacing): one ulp keeps them apart.
+            if run.sigmas.contains(&sigma_mid) {
+                sigma_mid = f64::from_bits(sigma_mid.to_bits() - 1);
+            }
             let x_2 = (&x + (&d * (sigma_mid - sigma))?)?;
             let denoised_2 = run.denoiser.denoise(&x_2, sigma_mid)?;
             let d_2 = derivative(&x_2, &denoised_2, sigma_mid)?;

@@ -17,7 +17,7 @@ mod unipc;
 
 pub use multistep::MultistepOptions;
 
-use crate::denoiser::Denoiser;
+use crate::denoiser::{Denoiser, X0Clip};
 use crate::noise::NoiseSource;
 use crate::schedule::NoiseSchedule;
 use crate::{Error, Result};
@@ -62,6 +62,10 @@ pub struct Run<'a> {
     pub denoiser: &'a dyn Denoiser,
     /// Decreasing noise levels, the last usually 0.
     pub sigmas: &'a [f64],
+    /// Where each step lands when not on the next sigma (see `Plan::landings`); the
+    /// variance-preserving sample is then read at the next sigma. Only DDIM, DDPM and PLMS
+    /// take them.
+    pub landings: Option<&'a [f64]>,
     pub noise: &'a mut dyn NoiseSource,
     pub hook: &'a mut dyn StepHook,
 }
@@ -78,6 +82,21 @@ impl Run<'_> {
             denoised,
         };
         Ok(self.hook.after_step(&info)?.unwrap_or(x))
+    }
+
+    /// Where step `i` lands.
+    fn landing(&self, i: usize) -> f64 {
+        self.landings.map_or(self.sigmas[i + 1], |l| l[i])
+    }
+
+    /// The sample `x` at step `i`'s landing, read at `sigmas[i + 1]`: the same
+    /// variance-preserving sample `x / √(1 + σ²)`.
+    fn hand_off(&self, i: usize, x: Tensor) -> Result<Tensor> {
+        let (from, to) = (self.landing(i), self.sigmas[i + 1]);
+        if from == to {
+            return Ok(x);
+        }
+        Ok((x * ((1.0 + to * to).sqrt() / (1.0 + from * from).sqrt()))?)
     }
 
     fn randn_like(&mut self, x: &Tensor) -> Result<Tensor> {
@@ -106,6 +125,10 @@ pub enum Sampler {
     /// (Ho et al. 2020; diffusers `DDPMScheduler`, `fixed_small`) are the same update on their
     /// own sigma lists, so `ddim` and `ddpm` run this code.
     EulerAncestral { eta: f64 },
+    /// DDIM with η (Song et al. 2021, eq. 12; diffusers `DDIMScheduler`): the ancestral update
+    /// on its own sigmas and landings, with `clip` (`clip_sample` / `thresholding`) applied to
+    /// the x̂₀ term alone — diffusers keeps the unclipped ε in the direction term.
+    Ddim { eta: f64, clip: Option<X0Clip> },
     /// Heun's second-order method (Karras et al. 2022, Alg. 1; diffusers `HeunDiscreteScheduler`).
     Heun,
     /// DPM-Solver-2 with the midpoint in log-sigma (k-diffusion `sample_dpm_2`;
@@ -121,7 +144,7 @@ pub enum Sampler {
     /// `dpmpp_3m_sde`.
     DpmPpMultistep(MultistepOptions),
     /// Latent Consistency Model multistep sampling (diffusers `LCMScheduler`); the model's
-    /// boundary condition belongs to its denoiser (see `Plan::boundary_condition`).
+    /// boundary condition belongs to its denoiser (see `Plan::finish_denoised`).
     Lcm,
     /// DPM-Solver++(2S) ancestral (k-diffusion `sample_dpmpp_2s_ancestral`).
     DpmPp2SAncestral { eta: f64 },
@@ -133,8 +156,12 @@ pub enum Sampler {
         lower_order_final: bool,
     },
     /// PLMS (diffusers `PNDMScheduler` with `skip_prk_steps`); `combine_v` reproduces its
-    /// handling of v-prediction models (see the module).
-    Plms { combine_v: bool },
+    /// handling of v-prediction models, `first_from` the σ its averaged first step starts from
+    /// where that is not `sigmas[0]` (see the module).
+    Plms {
+        combine_v: bool,
+        first_from: Option<f64>,
+    },
     /// UniPC-bh2 predictor-corrector of `order` (diffusers `UniPCMultistepScheduler`).
     UniPc {
         order: usize,
@@ -157,19 +184,34 @@ impl Sampler {
                 "a sampler needs at least two sigmas (one step)".into(),
             ));
         }
+        // With landings (DDIM, PLMS) a step may be of zero length: from ᾱ₀ to ᾱ₀ at the end.
+        let strict = run.landings.is_none();
         if run
             .sigmas
             .windows(2)
-            .any(|w| w[1] >= w[0] || w[1] < 0.0 || w[1].is_nan())
+            .any(|w| w[1] > w[0] || (strict && w[1] == w[0]) || w[1] < 0.0 || w[1].is_nan())
             || !run.sigmas[0].is_finite()
         {
             return Err(Error::InvalidArgument(
                 "sigmas must be finite, non-negative and strictly decreasing".into(),
             ));
         }
+        if let Some(l) = run.landings {
+            let takes = matches!(
+                self,
+                Sampler::Ddim { .. } | Sampler::EulerAncestral { .. } | Sampler::Plms { .. }
+            );
+            let below = l.iter().zip(run.sigmas).all(|(l, s)| *l <= *s && *l >= 0.0);
+            if !takes || l.len() + 1 != run.sigmas.len() || !below {
+                return Err(Error::InvalidArgument(
+                    "landings need DDIM, DDPM or PLMS, one per step, each at or below its step's sigma".into(),
+                ));
+            }
+        }
         match self {
-            Sampler::Euler => ancestral::sample(x, run, 0.0),
-            Sampler::EulerAncestral { eta } => ancestral::sample(x, run, *eta),
+            Sampler::Euler => ancestral::sample(x, run, 0.0, None),
+            Sampler::EulerAncestral { eta } => ancestral::sample(x, run, *eta, None),
+            Sampler::Ddim { eta, clip } => ancestral::sample(x, run, *eta, clip.as_ref()),
             Sampler::Heun => heun::sample_heun(x, run),
             Sampler::Dpm2 => heun::sample_dpm2(x, run, 0.0),
             Sampler::Dpm2Ancestral => heun::sample_dpm2(x, run, 1.0),
@@ -184,7 +226,10 @@ impl Sampler {
                 order,
                 lower_order_final,
             } => deis::sample_deis(x, run, *order, *lower_order_final),
-            Sampler::Plms { combine_v } => plms::sample_plms(x, run, *combine_v),
+            Sampler::Plms {
+                combine_v,
+                first_from,
+            } => plms::sample_plms(x, run, *combine_v, *first_from),
             Sampler::UniPc {
                 order,
                 lower_order_final,

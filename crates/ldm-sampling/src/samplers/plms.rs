@@ -30,22 +30,39 @@ fn to_eps(combined: Tensor, x: &Tensor, sigma: f64, combine_v: bool) -> Result<T
     }
 }
 
-pub(super) fn sample_plms(mut x: Tensor, run: &mut Run, combine_v: bool) -> Result<Tensor> {
+/// `first_from`: the σ diffusers' averaged first step starts from (`t₁ + N // steps`), where
+/// that is not `sigmas[0]`. With a single step there is no second evaluation.
+pub(super) fn sample_plms(
+    mut x: Tensor,
+    run: &mut Run,
+    combine_v: bool,
+    first_from: Option<f64>,
+) -> Result<Tensor> {
+    let steps = run.sigmas.len() - 1;
     let mut history: Vec<Tensor> = Vec::with_capacity(4);
-    for i in 0..run.sigmas.len() - 1 {
-        let (sigma, sigma_next) = (run.sigmas[i], run.sigmas[i + 1]);
+    for i in 0..steps {
+        let (mut sigma, mut sigma_next) = (run.sigmas[i], run.landing(i));
         let denoised = run.denoiser.denoise(&x, sigma)?;
         let e = derivative(&x, &denoised, sigma)?;
         let entry = history_entry(&e, &denoised, sigma, combine_v)?;
-        let dt = sigma_next - sigma;
-        let combined = if i == 0 {
-            let x_pred = (&x + (&e * dt)?)?;
-            let denoised_2 = run.denoiser.denoise(&x_pred, sigma_next)?;
-            let e_2 = derivative(&x_pred, &denoised_2, sigma_next)?;
-            let entry_2 = history_entry(&e_2, &denoised_2, sigma_next, combine_v)?;
+        let combined = if i == 0 && steps > 1 {
+            // The predictor lands where a plain step would, then is read at sigmas[1].
+            let x_pred = run.hand_off(0, (&x + (&e * (sigma_next - sigma))?)?)?;
+            let s1 = run.sigmas[1];
+            let denoised_2 = run.denoiser.denoise(&x_pred, s1)?;
+            let e_2 = derivative(&x_pred, &denoised_2, s1)?;
+            let entry_2 = history_entry(&e_2, &denoised_2, s1, combine_v)?;
             let avg = ((&entry + entry_2)? / 2.0)?;
             history.push(entry);
+            // The averaged step goes from `first_from` (the same VP sample) to sigmas[1].
+            if let Some(from) = first_from {
+                x = (x * ((1.0 + from * from).sqrt() / (1.0 + sigma * sigma).sqrt()))?;
+                sigma = from;
+            }
+            sigma_next = s1;
             avg
+        } else if i == 0 {
+            entry
         } else {
             history.push(entry);
             if history.len() > 4 {
@@ -63,7 +80,10 @@ pub(super) fn sample_plms(mut x: Tensor, run: &mut Run, combine_v: bool) -> Resu
             }
         };
         let eps = to_eps(combined, &x, sigma, combine_v)?;
-        x = (&x + (eps * dt)?)?;
+        x = (&x + (eps * (sigma_next - sigma))?)?;
+        if i > 0 || steps == 1 {
+            x = run.hand_off(i, x)?;
+        }
         x = run.report(i, x, &denoised)?;
     }
     Ok(x)
