@@ -110,7 +110,7 @@ struct GenerateArgs {
     /// Sigma schedule: default, karras, exponential, beta, sgm_uniform, simple, custom:σ,σ,…
     #[arg(long)]
     schedule: Option<String>,
-    /// Noise strength of DDIM / ancestral samplers (TCD's gamma).
+    /// Noise strength of DDIM / ancestral samplers; TCD's gamma (0 unless given, as in diffusers' pipelines; 0.3 is TCD's suggestion).
     #[arg(long)]
     eta: Option<f64>,
     #[arg(long, default_value_t = 0)]

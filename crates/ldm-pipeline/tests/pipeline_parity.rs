@@ -7,6 +7,7 @@ use candle_core::{DType, Device, Tensor};
 use ldm_pipeline::generate::{Request, SdxlConditioning};
 use ldm_pipeline::image_io::load_image;
 use ldm_pipeline::Components;
+use ldm_sampling::names::SamplerName;
 use ldm_sampling::scheduler_config::SchedulerConfig;
 use ldm_sampling::NoHook;
 use serde_json::Value;
@@ -111,7 +112,10 @@ fn run_case(components: &mut Components, case: &Value) -> Diff {
 
 /// Our output against the oracle's PNG and final latents for case `name`.
 fn against_oracle(name: &str, out: &ldm_pipeline::Output) -> Diff {
-    let dir = fixtures().join("pipelines");
+    against_oracle_in(&fixtures().join("pipelines"), name, out)
+}
+
+fn against_oracle_in(dir: &Path, name: &str, out: &ldm_pipeline::Output) -> Diff {
     let theirs = image::open(dir.join(format!("{name}.png")))
         .unwrap()
         .to_rgb8();
@@ -274,4 +278,72 @@ fn single_file_checkpoints_match_their_folders() {
         ran += 1;
     }
     assert!(ran >= 20, "only {ran} single-file cases ran");
+}
+
+/// Every sampler name, as `ldm generate --sampler NAME` runs it on the tiny SD1, SD2-v (trailing
+/// spacing) and SDXL folders, at 7, 9 and 13 steps, against diffusers' pipeline with that name's
+/// scheduler class (fixtures from `tools/oracle/make_sampler_pipeline_fixtures.py`).
+#[test]
+fn every_sampler_name_matches_diffusers_end_to_end() {
+    let dir = fixtures().join("pipelines_samplers");
+    let all: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("cases.json")).unwrap()).unwrap();
+    let cases = all["cases"].as_array().unwrap();
+    let mut loaded: HashMap<String, Components> = HashMap::new();
+    let mut failures = Vec::new();
+    let mut table = String::new();
+    for case in cases {
+        let name = case["name"].as_str().unwrap();
+        let model = case["model"].as_str().unwrap().to_string();
+        let model_dir = fixtures().join("tiny").join(&model);
+        let components = loaded
+            .entry(model.clone())
+            .or_insert_with(|| Components::load(&model_dir, DType::F32, &Device::Cpu).unwrap());
+        // The folder's own config, as the user has it, with the case's config edits.
+        let text =
+            std::fs::read_to_string(model_dir.join("scheduler/scheduler_config.json")).unwrap();
+        let mut json: Value = serde_json::from_str(&text).unwrap();
+        for (k, v) in case["config_overrides"].as_object().unwrap() {
+            json[k] = v.clone();
+        }
+        components.scheduler = serde_json::from_value(json).unwrap();
+        let (sampler, _) = SamplerName::parse(case["ldm_sampler"].as_str().unwrap()).unwrap();
+        let req = Request {
+            prompt: case["prompt"].as_str().unwrap().to_string(),
+            width: case["width"].as_u64().unwrap() as usize,
+            height: case["height"].as_u64().unwrap() as usize,
+            steps: case["steps"].as_u64().unwrap() as usize,
+            guidance_scale: case["guidance_scale"].as_f64().unwrap(),
+            seed: case["seed"].as_u64().unwrap(),
+            sampler: Some(sampler),
+            ..Request::default()
+        };
+        let d = match ldm_pipeline::generate(components, &req, &mut NoHook) {
+            Ok(out) => against_oracle_in(&dir, name, &out),
+            Err(e) => {
+                failures.push(format!("{name}: {e}"));
+                continue;
+            }
+        };
+        table.push_str(&format!(
+            "{name}: mean |Δ| {:.3} levels, {:.2}% > 2 levels, latents rel {:.1e}\n",
+            d.mean,
+            d.over2 * 100.0,
+            d.latents
+        ));
+        if d.mean > 1.0 || d.over2 >= 0.01 {
+            failures.push(format!(
+                "{name}: mean {:.3}, {:.2}% > 2",
+                d.mean,
+                d.over2 * 100.0
+            ));
+        }
+    }
+    println!("{table}{} cases compared", cases.len());
+    assert!(failures.is_empty(), "{failures:#?}");
+    assert_eq!(
+        cases.len(),
+        3 * 16 * 3,
+        "models × sampler names × step counts"
+    );
 }
