@@ -89,6 +89,9 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         (None, Some(s)) => s,
         (None, None) => SigmaSchedule::Default,
     };
+    if a.count == 0 {
+        bail!("--count must be at least 1 (the number of batches to make)");
+    }
     if let Some(dir) = a.out.parent().filter(|d| !d.as_os_str().is_empty()) {
         if !dir.is_dir() {
             bail!("output folder {} does not exist", dir.display());
@@ -219,7 +222,11 @@ pub fn run(a: GenerateArgs) -> Result<()> {
             Some(s) => s.as_str(),
             None => SamplerName::for_config(&components.scheduler)?.as_str(),
         };
-        let schedule_name = format!("{schedule:?}").to_lowercase();
+        // A1111 quotes values that hold commas (custom sigmas).
+        let schedule_name = match schedule.name() {
+            n if n.contains(',') => format!("\"{n}\""),
+            n => n,
+        };
         let mut text = parameters(&req, sampler_name, &schedule_name, seed, &model_name, &hash);
         if let Some(name) = a.vae.as_ref().and_then(|v| v.file_name()) {
             text.push_str(&format!(", VAE: {}", name.to_string_lossy()));

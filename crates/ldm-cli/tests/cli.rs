@@ -131,6 +131,59 @@ fn generate_writes_a_png_with_its_parameters() {
     assert_eq!(names.len(), 1, "{names:?}");
 }
 
+/// `Sampler:` and `Schedule type:` in the PNG's parameters are arguments `ldm generate` takes.
+#[test]
+fn recorded_sampler_and_schedule_are_accepted_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = fixtures().join("tiny/sd15");
+    let field = |text: &str, key: &str| -> String {
+        let rest = &text[text.find(key).unwrap_or_else(|| panic!("{key} in {text}")) + key.len()..];
+        let value = if let Some(quoted) = rest.strip_prefix('"') {
+            &quoted[..quoted.find('"').unwrap()]
+        } else {
+            &rest[..rest.find(',').unwrap_or(rest.len())]
+        };
+        value.trim().to_string()
+    };
+    for (sampler, schedule) in [
+        ("Euler a", "sgm_uniform"),
+        ("DPM++ 2M Karras", "karras"),
+        ("euler", "simple"),
+        ("heun", "custom:14.6146,3.5,0.6,0"),
+    ] {
+        let out = dir.path().join("a.png");
+        let gen = |sampler: &str, schedule: &str| {
+            ldm(&[
+                "generate",
+                "a red circle",
+                "--model",
+                model.to_str().unwrap(),
+                "--width",
+                "32",
+                "--height",
+                "32",
+                "--steps",
+                "3",
+                "--sampler",
+                sampler,
+                "--schedule",
+                schedule,
+                "--out",
+                out.to_str().unwrap(),
+            ])
+        };
+        let (ok, _, stderr) = gen(sampler, schedule);
+        assert!(ok, "{sampler} {schedule}: {stderr}");
+        let (ok, text, stderr) = ldm(&["info", out.to_str().unwrap()]);
+        assert!(ok, "{stderr}");
+        let (s, t) = (field(&text, "Sampler: "), field(&text, "Schedule type: "));
+        let (ok, _, stderr) = gen(&s, &t);
+        assert!(ok, "{s} / {t} read back from {text}: {stderr}");
+        let (_, again, _) = ldm(&["info", out.to_str().unwrap()]);
+        assert_eq!(again, text, "the same parameters after a second run");
+    }
+}
+
 #[test]
 fn generate_rejects_bad_input_cleanly() {
     let dir = tempfile::tempdir().unwrap();
@@ -158,6 +211,11 @@ fn generate_rejects_bad_input_cleanly() {
         ),
         (vec!["--model", m, "--schedule", "wavy"], "valid schedules"),
         (vec!["--model", m, "--steps", "0"], "steps"),
+        (
+            vec!["--model", m, "--count", "0"],
+            "--count must be at least 1",
+        ),
+        (vec!["--model", m, "--batch", "0"], "batch size"),
         (
             vec![
                 "--model",
