@@ -1,5 +1,6 @@
 //! Parity of the three networks with diffusers / transformers on the oracle's tiny random models
-//! (fixtures written by `tools/oracle/make_fixtures.py`): relative L2 error ≤ 1e-4 in f32.
+//! (fixtures written by `tools/oracle/make_fixtures.py`): relative L2 error ≤ 1e-5 in f32 (the
+//! largest measured is 2.6e-6, on an AVX2-only CPU; AVX-512 machines measured up to 2.1e-6).
 
 mod common;
 
@@ -8,7 +9,7 @@ use common::{assert_close, get, reference, rel_l2, tiny};
 use ldm_models::model::{ModelFolder, TextEncoderSlot};
 use ldm_models::unet::AddedCond;
 
-const TOL: f64 = 1e-4;
+const TOL: f64 = 1e-5;
 const MODELS: [&str; 4] = ["sd15", "sd21", "sdxl", "sd15_inpaint"];
 
 fn open(name: &str) -> ModelFolder {
