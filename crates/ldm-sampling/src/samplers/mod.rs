@@ -184,13 +184,15 @@ impl Sampler {
                 "a sampler needs at least two sigmas (one step)".into(),
             ));
         }
-        // With landings (DDIM, PLMS) a step may be of zero length: from ᾱ₀ to ᾱ₀ at the end.
+        // With landings (DDIM, PLMS) a step may be of zero length: from ᾱ₀ to ᾱ₀ at the end;
+        // so may DEIS's last, from timestep 0 to its σ_min end (trailing spacing at 999 steps).
         let strict = run.landings.is_none();
-        if run
-            .sigmas
-            .windows(2)
-            .any(|w| w[1] > w[0] || (strict && w[1] == w[0]) || w[1] < 0.0 || w[1].is_nan())
-            || !run.sigmas[0].is_finite()
+        let last = run.sigmas.len() - 2;
+        let zero_final = matches!(self, Sampler::Deis { .. });
+        if run.sigmas.windows(2).enumerate().any(|(i, w)| {
+            let equal_ok = !strict || (zero_final && i == last && w[1] > 0.0);
+            w[1] > w[0] || (w[1] == w[0] && !equal_ok) || w[1] < 0.0 || w[1].is_nan()
+        }) || !run.sigmas[0].is_finite()
         {
             return Err(Error::InvalidArgument(
                 "sigmas must be finite, non-negative and strictly decreasing".into(),

@@ -322,6 +322,18 @@ impl Settings {
         };
         // diffusers holds these timesteps as int64: fractional ones are truncated.
         ts.iter_mut().for_each(|t| *t = t.trunc());
+        // Equal neighbours make a zero step h, which diffusers divides by (its sample turns
+        // NaN): leading spacing with an offset past the last training timestep does this.
+        if sigmas.windows(2).any(|w| w[1] >= w[0]) {
+            return Err(Error::Config(format!(
+                "{}: at {steps} steps with {:?} spacing and steps_offset {} two timesteps share a sigma (the first is {}, past the last training timestep {}); diffusers' solver divides by the zero step — use another step count or spacing",
+                class.name(),
+                self.spacing,
+                self.steps_offset,
+                ts[0],
+                n_train - 1
+            )));
+        }
         // diffusers finds its first step by searching for the first timestep and, where it
         // occurs twice, starts at the second occurrence — then runs past its sigmas and raises
         // (beta spacing rounds the first two timesteps together at some step counts).
