@@ -184,6 +184,13 @@ impl Recipe {
             "interpolation_type": "linear",
             "use_karras_sigmas": false,
             "trained_betas": null,
+            // For the other classes a user may pick: DDIM and DDPM would clip the latents to
+            // [−1, 1] by default; DDIM and PNDM end on a clean sample (ᾱ = 1), not at σ_min
+            // (PNDM's default, which left the embedded model's PLMS pictures with half the
+            // counts right); PNDM runs PLMS, as Stable Diffusion's configs ask.
+            "clip_sample": false,
+            "set_alpha_to_one": true,
+            "skip_prk_steps": true,
         })
     }
 
