@@ -191,13 +191,7 @@ impl Settings {
         };
         let mut sigmas: Vec<f64> = ts.iter().map(|&t| schedule.t_to_sigma(t)).collect();
         let (lo, hi) = (sigmas[sigmas.len() - 1], sigmas[0]);
-        let converted = match self.sigma_option {
-            SigmaOption::None => None,
-            SigmaOption::Karras => Some(schedule::karras(lo, hi, steps, 7.0)),
-            SigmaOption::Exponential => Some(schedule::exponential(lo, hi, steps)),
-            SigmaOption::Beta => Some(schedule::beta(lo, hi, steps, 0.6, 0.6)),
-        };
-        if let Some(c) = converted {
+        if let Some(c) = self.sigma_option.respace(lo, hi, steps) {
             let log_sigmas = schedule.log_sigmas();
             ts = c
                 .iter()
@@ -293,16 +287,10 @@ impl Settings {
         };
         let train = schedule.sigmas();
         let (sig_min, sig_max) = (train[0] as f64, train[n_train - 1] as f64);
-        let converted = match self.sigma_option {
-            SigmaOption::None => None,
-            SigmaOption::Karras => Some((schedule::karras(sig_min, sig_max, steps, 7.0), true)),
-            SigmaOption::Exponential => {
-                Some((schedule::exponential(sig_min, sig_max, steps), false))
-            }
-            SigmaOption::Beta => Some((schedule::beta(sig_min, sig_max, steps, 0.6, 0.6), false)),
-        };
-        let mut sigmas = match converted {
-            Some((c, round)) => {
+        // Karras timesteps are rounded (except under the cosine schedule); the others not.
+        let round = self.sigma_option == SigmaOption::Karras;
+        let mut sigmas = match self.sigma_option.respace(sig_min, sig_max, steps) {
+            Some(c) => {
                 let log_sigmas = schedule.log_sigmas();
                 let cosine = self.beta_schedule == "squaredcos_cap_v2";
                 ts = c
@@ -407,6 +395,18 @@ impl Settings {
             landings: None,
             init_noise_sigma: 1.0,
         })
+    }
+}
+
+impl SigmaOption {
+    /// `steps` sigmas from `hi` down to `lo` in this spacing (`None`: the timestep spacing's own).
+    fn respace(self, lo: f64, hi: f64, steps: usize) -> Option<Vec<f64>> {
+        match self {
+            SigmaOption::None => None,
+            SigmaOption::Karras => Some(schedule::karras(lo, hi, steps, 7.0)),
+            SigmaOption::Exponential => Some(schedule::exponential(lo, hi, steps)),
+            SigmaOption::Beta => Some(schedule::beta(lo, hi, steps, 0.6, 0.6)),
+        }
     }
 }
 
