@@ -6,10 +6,10 @@
 mod common;
 
 use candle_core::{Device, Tensor};
-use common::{Replay, Standin};
+use common::{Calls, Replay, Standin};
 use ldm_sampling::noise::{NoiseSource, TorchCpuRng};
 use ldm_sampling::scheduler_config::SchedulerConfig;
-use ldm_sampling::{Run, Sampler, StepInfo};
+use ldm_sampling::{Run, StepInfo};
 use serde_json::Value;
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -58,29 +58,9 @@ fn run_case(case: &Value) -> Option<f64> {
     };
     // diffusers' own timesteps must be ours (first-stage entries for two-stage schedulers).
     let theirs: Vec<f32> = tensors["timesteps"].to_vec1().unwrap();
-    let two_stage = matches!(
-        plan.sampler,
-        Sampler::Heun | Sampler::Dpm2 | Sampler::Dpm2Ancestral | Sampler::DpmPpSde { .. }
-    );
-    let plms = matches!(plan.sampler, Sampler::Plms { .. });
-    let theirs_main: Vec<f32> = if two_stage {
-        theirs
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| i % 2 == 0)
-            .map(|(_, t)| *t)
-            .collect()
-    } else if plms {
-        // PLMS evaluates its second timestep twice (the Heun-like start).
-        theirs
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| *i != 1)
-            .map(|(_, t)| *t)
-            .collect()
-    } else {
-        theirs.clone()
-    };
+    let theirs: Vec<f64> = theirs.iter().map(|&t| t as f64).collect();
+    let calls = Calls::new(&plan, case["calls"].as_u64().unwrap() as usize);
+    let theirs_main = calls.step_timesteps(&theirs);
     // Equal up to float32 rounding of the log-sigma interpolation (a few 1e-6 in t).
     assert_eq!(
         plan.timesteps.len(),
@@ -89,7 +69,7 @@ fn run_case(case: &Value) -> Option<f64> {
     );
     for (a, b) in plan.timesteps.iter().zip(&theirs_main) {
         assert!(
-            (a - *b as f64).abs() <= 1e-4 * (1.0 + a.abs()).min(10.0),
+            (a - b).abs() <= 1e-4 * (1.0 + a.abs()).min(10.0),
             "{name}: timesteps {:?} vs {theirs_main:?}",
             plan.timesteps
         );
@@ -147,16 +127,6 @@ fn run_case(case: &Value) -> Option<f64> {
     };
     x = plan.sampler.sample(x, &mut run).unwrap();
     let _ = x;
-    let calls = case["calls"].as_u64().unwrap() as usize;
-    let call_of_step = |i: usize| {
-        if plms {
-            i + 2
-        } else if two_stage {
-            (2 * i + 2).min(calls)
-        } else {
-            i + 1
-        }
-    };
     // Zero terminal SNR under the Euler scheduler starts at σ = 4096: x ≈ 4096·ε carries an
     // absolute float32 rounding of 2.4e-4, which the first steps cancel down to |x| ≈ 18, so a
     // one-ulp difference anywhere upstream (torch's and libm's `sin` differ by one ulp) moves
@@ -168,7 +138,7 @@ fn run_case(case: &Value) -> Option<f64> {
     };
     let mut worst = 0f64;
     for (i, ours) in states.iter().enumerate() {
-        let key = format!("x.{}", call_of_step(i));
+        let key = format!("x.{}", calls.of_step(i));
         let err = rel(ours, &tensors[&key]);
         worst = worst.max(err);
         assert!(err < tol, "{name}: step {i} ({key}) off by {err:.2e}");

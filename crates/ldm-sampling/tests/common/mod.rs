@@ -1,5 +1,8 @@
-//! What the oracle-fixture tests share: the oracle's analytic stand-in model as a denoiser, and
-//! replayed noise.
+//! What the oracle-fixture tests share: the oracle's analytic stand-in model as a denoiser,
+//! replayed noise, and how diffusers' scheduler calls line up with a plan's steps.
+
+// Each test binary uses a part of this module.
+#![allow(dead_code)]
 
 use candle_core::Tensor;
 use ldm_sampling::denoiser::scale_input;
@@ -37,5 +40,61 @@ impl NoiseSource for Replay {
         self.1 += 1;
         assert_eq!(v.len(), n, "replayed noise {} has the wrong size", self.1);
         v
+    }
+}
+
+/// How diffusers' scheduler calls line up with a plan's steps: two-stage schedulers (Heun, DPM2
+/// (a), DPM++ SDE) make two calls a step, interleaving their midpoint timesteps; PLMS evaluates
+/// its second timestep twice (its Heun-like start) when it runs more than one step.
+pub struct Calls {
+    two_stage: bool,
+    plms: bool,
+    /// diffusers' number of `step` calls.
+    pub calls: usize,
+}
+
+impl Calls {
+    pub fn new(plan: &Plan, calls: usize) -> Self {
+        use ldm_sampling::Sampler;
+        let two_stage = matches!(
+            plan.sampler,
+            Sampler::Heun | Sampler::Dpm2 | Sampler::Dpm2Ancestral | Sampler::DpmPpSde { .. }
+        );
+        let plms = matches!(plan.sampler, Sampler::Plms { .. }) && plan.timesteps.len() > 1;
+        Calls {
+            two_stage,
+            plms,
+            calls,
+        }
+    }
+
+    pub fn two_stage(&self) -> bool {
+        self.two_stage
+    }
+
+    /// The timesteps of the plan's steps among diffusers' `scheduler.timesteps`.
+    pub fn step_timesteps(&self, theirs: &[f64]) -> Vec<f64> {
+        let keep = |i: usize| {
+            if self.two_stage {
+                i.is_multiple_of(2)
+            } else {
+                !(self.plms && i == 1)
+            }
+        };
+        (0..theirs.len())
+            .filter(|&i| keep(i))
+            .map(|i| theirs[i])
+            .collect()
+    }
+
+    /// The (1-based) diffusers call after which the sample equals ours after step `i`.
+    pub fn of_step(&self, i: usize) -> usize {
+        if self.plms {
+            i + 2
+        } else if self.two_stage {
+            (2 * i + 2).min(self.calls)
+        } else {
+            i + 1
+        }
     }
 }
