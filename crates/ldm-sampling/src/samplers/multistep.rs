@@ -22,16 +22,6 @@ pub struct MultistepOptions {
     pub euler_at_final: bool,
 }
 
-/// λ = log α − log σ of the variance-preserving pair at VE noise level `sigma`, in float32 as
-/// diffusers computes it (`_sigma_to_alpha_sigma_t`, then `torch.log` of each): its step
-/// sizes h and their ratios carry that rounding, and the SDE coefficients below lose most of
-/// their digits to cancellation at small h, so ldm reproduces the float32 values.
-fn lambda_f32(sigma: f64) -> f32 {
-    let s = sigma as f32;
-    let alpha = 1.0f32 / (s * s + 1.0).sqrt();
-    alpha.ln() - (s * alpha).ln()
-}
-
 pub(super) fn dpmpp_multistep(
     mut x: Tensor,
     run: &mut Run,
@@ -39,11 +29,11 @@ pub(super) fn dpmpp_multistep(
 ) -> Result<Tensor> {
     let steps = run.sigmas.len() - 1;
     // (denoised, λ at which it was made), most recent last.
-    let mut history: Vec<(Tensor, f32)> = Vec::with_capacity(3);
+    let mut history: Vec<(Tensor, f64)> = Vec::with_capacity(3);
     for i in 0..steps {
         let (sigma, sigma_next) = (run.sigmas[i], run.sigmas[i + 1]);
         let denoised = run.denoiser.denoise(&x, sigma)?;
-        let lambda = lambda_f32(sigma);
+        let lambda = -sigma.ln();
         history.push((denoised.clone(), lambda));
         if history.len() > 3 {
             history.remove(0);
@@ -66,62 +56,62 @@ pub(super) fn dpmpp_multistep(
         x = if sigma_next == 0.0 {
             denoised.clone()
         } else {
-            let h = lambda_f32(sigma_next) - lambda;
+            let h = -sigma_next.ln() - lambda;
             let n = history.len();
             let m0 = &history[n - 1].0;
-            // D1, D2 of diffusers' multistep updates (float32 scalars, as there).
+            // D1, D2 of diffusers' multistep updates.
             let (d1, d2) = match order {
                 1 => (None, None),
                 2 => {
                     let (m1, l1) = &history[n - 2];
                     let r0 = (lambda - l1) / h;
-                    (Some(((m0 - m1)? * (1.0 / r0) as f64)?), None)
+                    (Some(((m0 - m1)? * (1.0 / r0))?), None)
                 }
                 _ => {
                     let (m1, l1) = &history[n - 2];
                     let (m2, l2) = &history[n - 3];
                     let (r0, r1) = ((lambda - l1) / h, (l1 - l2) / h);
-                    let d1_0 = ((m0 - m1)? * (1.0 / r0) as f64)?;
-                    let d1_1 = ((m1 - m2)? * (1.0 / r1) as f64)?;
+                    let d1_0 = ((m0 - m1)? * (1.0 / r0))?;
+                    let d1_1 = ((m1 - m2)? * (1.0 / r1))?;
                     let diff = (&d1_0 - &d1_1)?;
-                    let d1 = (&d1_0 + (&diff * (r0 / (r0 + r1)) as f64)?)?;
-                    let d2 = (diff * (1.0 / (r0 + r1)) as f64)?;
+                    let d1 = (&d1_0 + (&diff * (r0 / (r0 + r1)))?)?;
+                    let d2 = (diff * (1.0 / (r0 + r1)))?;
                     (Some(d1), Some(d2))
                 }
             };
             let ratio = sigma_next / sigma;
             let mut out;
             if opt.sde {
-                let e2 = 1.0 - (-2.0 * h).exp(); // 1 − e^{−2h}
-                out = ((&x * (ratio * (-h).exp() as f64))? + (m0 * e2 as f64)?)?;
+                let e2 = -(-2.0 * h).exp_m1(); // 1 − e^{−2h}
+                out = ((&x * (ratio * (-h).exp()))? + (m0 * e2)?)?;
                 if let Some(d1) = &d1 {
                     let c1 = if order == 2 {
                         0.5 * e2
                     } else {
                         e2 / (-2.0 * h) + 1.0
                     };
-                    out = (out + (d1 * c1 as f64)?)?;
+                    out = (out + (d1 * c1)?)?;
                 }
                 if let Some(d2) = &d2 {
                     let c2 = (e2 - 2.0 * h) / ((2.0 * h) * (2.0 * h)) - 0.5;
-                    out = (out + (d2 * c2 as f64)?)?;
+                    out = (out + (d2 * c2)?)?;
                 }
                 if let Some(z) = &z {
-                    out = (out + (z * (sigma_next * (e2 as f64).sqrt()))?)?;
+                    out = (out + (z * (sigma_next * e2.sqrt()))?)?;
                 }
             } else {
-                let em1 = (-h).exp() - 1.0; // e^{−h} − 1
-                out = ((&x * ratio)? - (m0 * em1 as f64)?)?;
+                let em1 = (-h).exp_m1(); // e^{−h} − 1
+                out = ((&x * ratio)? - (m0 * em1)?)?;
                 if let Some(d1) = &d1 {
                     let c1 = if order == 2 {
                         -0.5 * em1
                     } else {
                         em1 / h + 1.0
                     };
-                    out = (out + (d1 * c1 as f64)?)?;
+                    out = (out + (d1 * c1)?)?;
                 }
                 if let Some(d2) = &d2 {
-                    out = (out - (d2 * ((em1 + h) / (h * h) - 0.5) as f64)?)?;
+                    out = (out - (d2 * ((em1 + h) / (h * h) - 0.5))?)?;
                 }
             }
             out
