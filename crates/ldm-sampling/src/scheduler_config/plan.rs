@@ -35,20 +35,20 @@ impl Settings {
                 )))
             }
         };
-        let zero_snr = self.zero_snr;
         let mut s = NoiseSchedule::new(
             self.num_train_timesteps,
             self.beta_start,
             self.beta_end,
             &beta_schedule,
-            zero_snr,
+            self.zero_snr,
         )?;
         // diffusers keeps the zero-SNR end finite (ᾱ = 2⁻²⁴, σ ≈ 4096) in its Euler, Euler a,
         // DPM++ multistep and UniPC schedulers; ldm does so in every σ-space class and in DEIS
-        // and PNDM too (with ᾱ = 0 PNDM's step divides by zero).
-        let finite_end =
-            self.class.family() != Family::Discrete || self.class == SchedulerClass::Pndm;
-        if zero_snr && finite_end && self.class.family() != Family::Consistency {
+        // and PNDM too (with ᾱ = 0 PNDM's step divides by zero). DDIM, DDPM, LCM and TCD step
+        // on ᾱ itself and keep ᾱ = 0.
+        let finite_end = matches!(self.class.family(), Family::Karras | Family::Multistep)
+            || self.class == SchedulerClass::Pndm;
+        if self.zero_snr && finite_end {
             if let Some(last) = s.alphas_cumprod.last_mut() {
                 *last = schedule::ZERO_SNR_END_ALPHA_BAR;
             }
