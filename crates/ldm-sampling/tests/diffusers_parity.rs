@@ -6,10 +6,9 @@
 mod common;
 
 use candle_core::{Device, Tensor};
-use common::{Calls, Replay, Standin};
+use common::{trajectory, Calls, Replay};
 use ldm_sampling::noise::{NoiseSource, TorchCpuRng};
 use ldm_sampling::scheduler_config::SchedulerConfig;
-use ldm_sampling::{Run, StepInfo};
 use serde_json::Value;
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -85,7 +84,7 @@ fn run_case(case: &Value) -> Option<f64> {
         noise.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
         "{name}: initial noise"
     );
-    let mut x = if let Some(strength) = case["strength"].as_f64() {
+    let x = if let Some(strength) = case["strength"].as_f64() {
         plan.truncate(strength).unwrap();
         (&tensors["init_latents"] + (noise * plan.sigmas[0]).unwrap()).unwrap()
     } else {
@@ -111,22 +110,7 @@ fn run_case(case: &Value) -> Option<f64> {
     } else {
         &mut brownian
     };
-    let mut states = Vec::new();
-    let plan_ref = &plan;
-    let mut hook = |info: &StepInfo| -> ldm_sampling::Result<Option<Tensor>> {
-        states.push((info.x * plan_ref.to_scheduler_space(info.sigma_next))?);
-        Ok(None)
-    };
-    let denoiser = Standin(&plan);
-    let mut run = Run {
-        denoiser: &denoiser,
-        sigmas: &plan.sigmas,
-        landings: plan.landings.as_deref(),
-        noise,
-        hook: &mut hook,
-    };
-    x = plan.sampler.sample(x, &mut run).unwrap();
-    let _ = x;
+    let states = trajectory(&plan, x, noise).unwrap();
     // Zero terminal SNR under the Euler scheduler starts at σ = 4096: x ≈ 4096·ε carries an
     // absolute float32 rounding of 2.4e-4, which the first steps cancel down to |x| ≈ 18, so a
     // one-ulp difference anywhere upstream (torch's and libm's `sin` differ by one ulp) moves

@@ -7,12 +7,11 @@
 
 mod common;
 
-use candle_core::{Device, Tensor};
-use common::{Calls, Replay, Standin};
+use candle_core::Device;
+use common::{trajectory, Calls, Replay};
 use ldm_sampling::names::{SamplerName, SigmaSchedule};
 use ldm_sampling::noise::{NoiseSource, TorchCpuRng};
 use ldm_sampling::scheduler_config::SchedulerConfig;
-use ldm_sampling::{Run, StepInfo};
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::io::Read;
@@ -166,22 +165,12 @@ fn check(cfg: &SchedulerConfig, case: &Value, shape: &[usize]) -> Result<f64, St
     } else {
         &mut brownian
     };
-    let mut states: Vec<Vec<f32>> = Vec::new();
-    let mut hook = |info: &StepInfo| -> ldm_sampling::Result<Option<Tensor>> {
-        let x = (info.x * plan.to_scheduler_space(info.sigma_next))?;
-        states.push(x.flatten_all()?.to_vec1()?);
-        Ok(None)
-    };
-    let denoiser = Standin(&plan);
-    let mut run = Run {
-        denoiser: &denoiser,
-        sigmas: &plan.sigmas,
-        landings: plan.landings.as_deref(),
-        noise,
-        hook: &mut hook,
-    };
-    plan.sampler
-        .sample(x, &mut run)
+    let states: Vec<Vec<f32>> = trajectory(&plan, x, noise)
+        .and_then(|t| {
+            t.iter()
+                .map(|s| Ok(s.flatten_all()?.to_vec1()?))
+                .collect::<ldm_sampling::Result<_>>()
+        })
         .map_err(|e| format!("sampling: {e}"))?;
     let kept: BTreeMap<usize, Vec<f64>> = case["trajectory"]
         .as_array()

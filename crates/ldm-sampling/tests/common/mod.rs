@@ -98,3 +98,27 @@ impl Calls {
         }
     }
 }
+
+/// Runs `plan` on the stand-in model from `x` and returns the sample after every step in the
+/// scheduler's own space (what diffusers' `step` returns).
+pub fn trajectory(
+    plan: &Plan,
+    x: Tensor,
+    noise: &mut dyn NoiseSource,
+) -> ldm_sampling::Result<Vec<Tensor>> {
+    let mut states = Vec::new();
+    let mut hook = |info: &ldm_sampling::StepInfo| -> ldm_sampling::Result<Option<Tensor>> {
+        states.push((info.x * plan.to_scheduler_space(info.sigma_next))?);
+        Ok(None)
+    };
+    let denoiser = Standin(plan);
+    let mut run = ldm_sampling::Run {
+        denoiser: &denoiser,
+        sigmas: &plan.sigmas,
+        landings: plan.landings.as_deref(),
+        noise,
+        hook: &mut hook,
+    };
+    plan.sampler.sample(x, &mut run)?;
+    Ok(states)
+}
