@@ -89,20 +89,25 @@ impl Run<'_> {
         self.landings.map_or(self.sigmas[i + 1], |l| l[i])
     }
 
-    /// The sample `x` at step `i`'s landing, read at `sigmas[i + 1]`: the same
-    /// variance-preserving sample `x / √(1 + σ²)`.
+    /// The sample `x` at step `i`'s landing, read at `sigmas[i + 1]`.
     fn hand_off(&self, i: usize, x: Tensor) -> Result<Tensor> {
-        let (from, to) = (self.landing(i), self.sigmas[i + 1]);
-        if from == to {
-            return Ok(x);
-        }
-        Ok((x * ((1.0 + to * to).sqrt() / (1.0 + from * from).sqrt()))?)
+        reread(x, self.landing(i), self.sigmas[i + 1])
     }
 
     fn randn_like(&mut self, x: &Tensor) -> Result<Tensor> {
         let z = crate::noise::randn_tensor(self.noise, x.shape(), x.device())?;
         Ok(z.to_dtype(x.dtype())?)
     }
+}
+
+/// The VE sample `x` at `from` read at `to` with the same variance-preserving sample
+/// `x / √(1 + σ²)`: how DDIM and PLMS carry a sample from where a step lands to where the next
+/// one starts.
+fn reread(x: Tensor, from: f64, to: f64) -> Result<Tensor> {
+    if from == to {
+        return Ok(x);
+    }
+    Ok((x * ((1.0 + to * to).sqrt() / (1.0 + from * from).sqrt()))?)
 }
 
 /// `d = (x − D(x; σ)) / σ`, the probability-flow ODE's derivative (Karras et al. 2022, eq. 3).

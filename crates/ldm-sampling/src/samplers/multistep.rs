@@ -93,8 +93,7 @@ pub(super) fn dpmpp_multistep(
                     out = (out + (d1 * c1)?)?;
                 }
                 if let Some(d2) = &d2 {
-                    let c2 = (e2 - 2.0 * h) / ((2.0 * h) * (2.0 * h)) - 0.5;
-                    out = (out + (d2 * c2)?)?;
+                    out = (out + (d2 * ((e2 - 2.0 * h) / (2.0 * h).powi(2) - 0.5))?)?;
                 }
                 if let Some(z) = &z {
                     out = (out + (z * (sigma_next * e2.sqrt()))?)?;

@@ -6,7 +6,7 @@
 //! For v-prediction models diffusers combines the raw v outputs and converts the combination to
 //! ε at the current step; `combine_v` reproduces that (v = c_in (ε − σ x₀) in VE terms).
 
-use super::{derivative, Run};
+use super::{derivative, reread, Run};
 use crate::denoiser::c_in;
 use crate::Result;
 use candle_core::Tensor;
@@ -56,7 +56,7 @@ pub(super) fn sample_plms(
             history.push(entry);
             // The averaged step goes from `first_from` (the same VP sample) to sigmas[1].
             if let Some(from) = first_from {
-                x = (x * ((1.0 + from * from).sqrt() / (1.0 + sigma * sigma).sqrt()))?;
+                x = reread(x, sigma, from)?;
                 sigma = from;
             }
             sigma_next = s1;

@@ -438,7 +438,7 @@ impl SchedulerConfig {
         use SchedulerClass::*;
         let c = self;
         let on = |v: Option<bool>| v == Some(true);
-        let multistep = matches!(class, DpmSolverMultistep | UniPc | Deis);
+        let multistep = class.family() == Family::Multistep;
         if class == Euler {
             if let Some(v) = c.interpolation_type.as_deref().filter(|v| *v != "linear") {
                 return Err(refuse(
