@@ -582,6 +582,22 @@ mod tests {
         let t_sigma = |t: f64| plan.schedule.t_to_sigma(t) as f32 as f64;
         assert_eq!(landings[0], t_sigma(833.0));
         assert_eq!(landings[5], t_sigma(0.0));
+        // At 61 steps numpy's arange adds a 62nd trailing timestep, −1: DDIM would index ᾱ from
+        // the end, so ldm refuses; Euler clamps it to timestep 0 and runs 62 steps, as diffusers.
+        let err = cfg
+            .settings(SchedulerClass::Ddim)
+            .unwrap()
+            .plan(61, None)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("62 timesteps, the last -1"), "{err}");
+        let euler = cfg
+            .settings(SchedulerClass::Euler)
+            .unwrap()
+            .plan(61, None)
+            .unwrap();
+        assert_eq!(euler.timesteps.len(), 62);
+        assert_eq!(euler.timesteps[61], -1.0);
         let err = SchedulerConfig::from_json(
             r#"{"_class_name": "DDIMScheduler", "timestep_spacing": "sideways"}"#,
         )

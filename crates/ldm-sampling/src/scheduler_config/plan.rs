@@ -106,6 +106,17 @@ impl Settings {
     ) -> Result<Parts> {
         let n_train = schedule.len();
         let ts = discrete_timesteps(self.spacing, n_train, steps, self.steps_offset as f64);
+        // At 62 step counts up to 1000 (61, 103, 121, …) numpy's arange gives trailing spacing
+        // one value more, timestep −1, which diffusers' DDPM, DDIM and PNDM use as an index:
+        // ᾱ[−1] is the schedule's other end. (The σ-space classes interpolate, clamping −1 to
+        // timestep 0, and ldm follows them.)
+        if let Some(t) = ts.last().filter(|t| **t < 0.0) {
+            return Err(Error::Config(format!(
+                "{}: trailing spacing at {steps} steps makes {} timesteps, the last {t}, which diffusers reads as the schedule's last ᾱ; use another step count",
+                self.class.name(),
+                ts.len()
+            )));
+        }
         let sigma = |t: f64| sigma_at(schedule, t);
         if self.class == SchedulerClass::Ddpm {
             let mut sigmas: Vec<f64> = ts.iter().map(|&t| sigma(t)).collect();
