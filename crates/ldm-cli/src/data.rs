@@ -3,7 +3,7 @@
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use ldm_train::shapes::{render::render, Scene, SIZES};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 #[derive(Subcommand)]
 pub enum DataCommand {
@@ -110,7 +110,7 @@ pub struct EvalShapes {
     #[arg(long)]
     model: Option<PathBuf>,
     /// A file of Shapes World captions, one a line.
-    #[arg(long, required_unless_present = "images")]
+    #[arg(long, required_unless_present_any = ["images", "autoencoder"])]
     prompts: Option<PathBuf>,
     /// Instead of generating: a folder of images made elsewhere, listed with their captions in
     /// its captions.jsonl (`{"caption": …, "file": …}` a line, as `ldm data shapes` writes).
@@ -135,10 +135,21 @@ pub struct EvalShapes {
     /// Image side in pixels.
     #[arg(long, default_value_t = 64)]
     size: usize,
+    /// Instead of generating: round-trip held-out scenes through an autoencoder (a `vae`
+    /// folder, or a model folder holding one; the embedded model's when no folder is given)
+    /// and read the reconstructions back.
+    #[arg(long, num_args = 0..=1, value_name = "DIR", conflicts_with_all = ["prompts", "images", "model"])]
+    autoencoder: Option<Option<PathBuf>>,
+    /// Held-out scenes for --autoencoder.
+    #[arg(long, default_value_t = 1000)]
+    scenes: usize,
 }
 
 pub fn eval(cmd: EvalCommand) -> Result<()> {
     let EvalCommand::Shapes(a) = cmd;
+    if let Some(dir) = &a.autoencoder {
+        return eval_autoencoder(dir.as_deref(), a.scenes, a.size);
+    }
     if let Some(dir) = &a.images {
         let pb = indicatif::ProgressBar::new(0);
         let report = ldm_train::eval::evaluate_folder(dir, &mut |d, n| {
@@ -219,6 +230,54 @@ fn print_report(report: &ldm_train::eval::EvalReport) -> Result<()> {
     crate::emit(format_args!(
         "{:<14} {:>12} {:>12}",
         "images", report.one.images, report.two.images
+    ));
+    Ok(())
+}
+
+/// `ldm eval shapes --autoencoder [DIR]`.
+fn eval_autoencoder(dir: Option<&Path>, scenes: usize, size: usize) -> Result<()> {
+    if scenes == 0 {
+        bail!("--scenes must be at least 1");
+    }
+    if !SIZES.contains(&size) {
+        bail!("--size must be one of {SIZES:?}");
+    }
+    let dir = match dir {
+        Some(d) if d.join("vae").join("config.json").is_file() => d.join("vae"),
+        Some(d) => d.to_path_buf(),
+        None => crate::embedded::path()?.join("vae"),
+    };
+    let device = candle_core::Device::Cpu;
+    let vae = ldm_train::unet_trainer::load_vae(&dir, &device)
+        .with_context(|| format!("loading the autoencoder in {}", dir.display()))?;
+    let factor = vae.config.downsample_factor();
+    if !size.is_multiple_of(factor) {
+        bail!("--size {size} is not a multiple of the autoencoder's factor {factor}");
+    }
+    let pb = indicatif::ProgressBar::new(scenes as u64);
+    let r = ldm_train::eval::round_trip(&vae, scenes, size, &device, &mut |d, _| {
+        pb.set_position(d as u64)
+    })?;
+    pb.finish_and_clear();
+    crate::emit(format_args!(
+        "autoencoder {}: {scenes} held-out scenes at {size} px",
+        dir.display()
+    ));
+    print_round_trip(&r, scenes)
+}
+
+/// The round-trip table: read back against everything drawn, then against the captions.
+pub fn print_round_trip(r: &ldm_train::eval::RoundTrip, scenes: usize) -> Result<()> {
+    crate::emit(format_args!(
+        "read back as everything drawn (every object's shape, colour, size; the background):"
+    ));
+    print_report(&r.drawn)?;
+    crate::emit(format_args!("read back as the captions state:"));
+    print_report(&r.caption)?;
+    crate::emit(format_args!(
+        "PSNR {:.2} dB over {scenes} scenes; exact (everything drawn, worse of one/two objects) {:.2} %",
+        r.psnr,
+        100.0 * r.worst_exact()
     ));
     Ok(())
 }

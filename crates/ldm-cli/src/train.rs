@@ -70,6 +70,57 @@ pub struct VaeArgs {
     /// normal for ReLU, candle-nn's; the Shapes recipe's autoencoder).
     #[arg(long, default_value = "torch")]
     init: InitScheme,
+    /// Held-out scenes round-tripped and read back at each checkpoint.
+    #[arg(long)]
+    held_out: Option<usize>,
+    /// Parts of each batch computed in parallel, one thread each (default: one per core).
+    #[arg(long)]
+    shards: Option<usize>,
+    #[command(flatten)]
+    arch: VaeArch,
+}
+
+/// The autoencoder's architecture, where it differs from the recipe's.
+#[derive(Args)]
+pub struct VaeArch {
+    /// Widths, one per resolution (comma-separated); the downsampling factor is 2^(levels − 1).
+    #[arg(long, value_delimiter = ',')]
+    vae_channels: Option<Vec<usize>>,
+    /// ResNet blocks per level.
+    #[arg(long)]
+    vae_layers: Option<usize>,
+    /// GroupNorm groups.
+    #[arg(long)]
+    vae_groups: Option<usize>,
+    #[arg(long)]
+    latent_channels: Option<usize>,
+}
+
+impl VaeArch {
+    fn apply(&self, r: &mut Recipe) -> Result<()> {
+        if let Some(c) = &self.vae_channels {
+            r.vae_channels = c.clone();
+        }
+        if let Some(n) = self.vae_layers {
+            r.vae_layers = n;
+        }
+        if let Some(g) = self.vae_groups {
+            r.vae_groups = g;
+        }
+        if let Some(c) = self.latent_channels {
+            r.latent_channels = c;
+        }
+        if r.vae_channels.is_empty() || r.vae_channels.contains(&0) || r.vae_layers == 0 {
+            bail!("--vae-channels and --vae-layers must be positive");
+        }
+        if r.vae_groups == 0 || r.vae_channels.iter().any(|c| !c.is_multiple_of(r.vae_groups)) {
+            bail!("every --vae-channels width must be a multiple of --vae-groups");
+        }
+        if r.latent_channels == 0 || !r.image_size.is_multiple_of(r.downsample_factor()) {
+            bail!("--latent-channels must be positive and the factor must divide the image");
+        }
+        Ok(())
+    }
 }
 
 #[derive(Args)]
@@ -145,6 +196,9 @@ fn report(pb: &ProgressBar) -> impl FnMut(&Progress) + '_ {
         pb.set_length(p.total as u64);
         pb.set_position(p.step as u64);
         pb.set_message(format!("loss {:.4}", p.loss));
+        if let Some(note) = &p.note {
+            pb.println(format!("{} step {}: {note}", p.phase, p.step));
+        }
     }
 }
 
@@ -179,6 +233,8 @@ fn vae_options(a: &VaeArgs) -> VaeOptions {
         lpips: a.lpips.clone(),
         lpips_weight: a.lpips_weight.unwrap_or(d.lpips_weight),
         init: a.init,
+        held_out: a.held_out.unwrap_or(d.held_out),
+        shards: a.shards.unwrap_or(d.shards).max(1),
         ..d
     }
 }
@@ -254,8 +310,8 @@ fn unet_options(a: &UnetArgs) -> Result<UnetOptions> {
 }
 
 fn check_vae(o: &VaeOptions) -> Result<()> {
-    if o.steps == 0 || o.batch == 0 {
-        bail!("steps and batch must be at least 1");
+    if o.steps == 0 || o.batch == 0 || o.held_out == 0 {
+        bail!("steps, batch and held-out must be at least 1");
     }
     if o.crop.is_some_and(|c| c < 8 || c % 8 != 0) {
         bail!("--crop must be a multiple of 8 (at least 8)");
@@ -282,9 +338,9 @@ fn vae(r: &Recipe, o: &VaeOptions, out: &Path, device: &Device) -> Result<()> {
         .unwrap_or_default();
     crate::emit(format_args!(
         "autoencoder: {} steps, loss {:.4}, held-out PSNR {:.2} dB{lpips}, scaling factor {:.5}",
-        v.steps, v.final_loss, v.psnr, v.scaling_factor
+        v.steps, v.final_loss, v.readback.psnr, v.scaling_factor
     ));
-    Ok(())
+    crate::data::print_round_trip(&v.readback, o.held_out)
 }
 
 /// Trains the text encoder and U-Net with a progress bar and prints the report.
@@ -303,7 +359,11 @@ pub fn run(cmd: TrainCommand) -> Result<()> {
     let device = Device::Cpu;
     let started = Instant::now();
     match cmd {
-        TrainCommand::Vae(a) => vae(&recipe(&a.common), &vae_options(&a), &a.common.out, &device)?,
+        TrainCommand::Vae(a) => {
+            let mut r = recipe(&a.common);
+            a.arch.apply(&mut r)?;
+            vae(&r, &vae_options(&a), &a.common.out, &device)?
+        }
         TrainCommand::Unet(a) => unet(
             &recipe(&a.common),
             &unet_options(&a)?,

@@ -109,6 +109,33 @@ fn a_miniature_model_trains_generates_and_evaluates() {
         out.contains("exact match") && out.contains("relation"),
         "{out}"
     );
+    // The autoencoder's round trip, read back (a model folder or its vae folder).
+    for dir in [model.clone(), model.join("vae")] {
+        let (ok, out, err) = ldm(&["eval", "shapes", "--autoencoder", s(&dir), "--scenes", "20"]);
+        assert!(ok, "{err}");
+        assert!(
+            out.contains("read back as everything drawn")
+                && out.contains("read back as the captions state")
+                && out.contains("PSNR"),
+            "{out}"
+        );
+    }
+    let (ok, _, err) = ldm(&[
+        "eval",
+        "shapes",
+        "--autoencoder",
+        s(&dir.path().join("nope")),
+    ]);
+    assert!(!ok && err.contains("nope"), "{err}");
+    let (ok, _, err) = ldm(&[
+        "eval",
+        "shapes",
+        "--autoencoder",
+        s(&model),
+        "--scenes",
+        "0",
+    ]);
+    assert!(!ok && err.contains("--scenes"), "{err}");
     // f16 conversion halves the weights and still loads.
     let half = dir.path().join("half");
     let (ok, _, err) = ldm(&["convert", s(&model), "--dtype", "f16", "--out", s(&half)]);
@@ -141,6 +168,8 @@ fn a_killed_run_resumes_on_the_same_curve() {
             "40",
             "--checkpoint-every",
             "5",
+            "--held-out",
+            "8",
             "--out",
         ]
         .iter()
@@ -178,6 +207,58 @@ fn a_killed_run_resumes_on_the_same_curve() {
     let wa = std::fs::read(whole.join("vae/diffusion_pytorch_model.safetensors")).unwrap();
     let wb = std::fs::read(killed.join("vae/diffusion_pytorch_model.safetensors")).unwrap();
     assert!(wa == wb, "final weights differ");
+    // The read-back log: a row per checkpoint, the resumed run's the same.
+    let a = std::fs::read_to_string(whole.join("vae-train/readback.csv")).unwrap();
+    let b = std::fs::read_to_string(killed.join("vae-train/readback.csv")).unwrap();
+    assert_eq!(a.lines().count(), 9, "{a}");
+    assert!(a.starts_with("step,psnr,one_exact,two_exact"), "{a}");
+    assert_eq!(a, b);
+}
+
+/// The autoencoder's batch split over threads trains the same model as one thread: the shards'
+/// losses are their parts of the batch means, so the gradient is the whole batch's.
+#[test]
+fn autoencoder_shards_train_the_same_curve() {
+    let dir = tempfile::tempdir().unwrap();
+    let curve = |shards: &str, disc: bool| -> Vec<f64> {
+        let out = dir.path().join(format!("s{shards}-{disc}"));
+        let mut args = vec![
+            "train",
+            "vae",
+            "--miniature",
+            "--steps",
+            "6",
+            "--batch",
+            "5",
+            "--held-out",
+            "4",
+            "--shards",
+            shards,
+            "--out",
+            s(&out),
+        ];
+        if disc {
+            args.extend(["--disc-start", "3"]);
+        }
+        let (ok, _, err) = ldm(&args);
+        assert!(ok, "{err}");
+        std::fs::read_to_string(out.join("vae-train/losses.csv"))
+            .unwrap()
+            .lines()
+            .skip(1)
+            .map(|l| l.split(',').nth(1).unwrap().parse().unwrap())
+            .collect()
+    };
+    for disc in [false, true] {
+        let (one, two) = (curve("1", disc), curve("3", disc));
+        assert_eq!(one.len(), 6);
+        for (a, b) in one.iter().zip(&two) {
+            assert!(
+                (a - b).abs() <= 1e-4 * a.abs(),
+                "disc {disc}: {one:?} vs {two:?}"
+            );
+        }
+    }
 }
 
 #[test]

@@ -173,6 +173,7 @@ pub fn record(
         step: row.step,
         total,
         loss: row.loss,
+        note: None,
     });
 }
 

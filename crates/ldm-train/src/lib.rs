@@ -23,10 +23,12 @@ pub mod vae_trainer;
 pub use error::{Error, Result};
 
 /// One training step's report to a front-end (progress bar, log).
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Progress {
     pub phase: &'static str,
     pub step: usize,
     pub total: usize,
     pub loss: f64,
+    /// A line worth keeping in the log (a checkpoint's measurements), when there is one.
+    pub note: Option<String>,
 }

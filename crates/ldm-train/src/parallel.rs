@@ -2,6 +2,9 @@
 //! ops on one thread): the optimiser's per-parameter updates and the shards of a batch.
 
 use crate::{Error, Result};
+use candle_core::backprop::GradStore;
+use candle_core::{Tensor, Var};
+use std::ops::Range;
 
 /// `f` applied to every job, the jobs grouped by `size` into at most `workers` balanced groups
 /// (largest first, each to the least loaded group) and each group run on its own thread. The
@@ -95,14 +98,130 @@ pub fn on_own_pools<T: Send>(n: usize, f: impl Fn(usize) -> Result<T> + Sync) ->
     })
 }
 
+/// A batch of `b` cut into at most `shards` contiguous, non-empty parts of near-equal size.
+pub fn shard_ranges(b: usize, shards: usize) -> Vec<Range<usize>> {
+    let shards = shards.clamp(1, b.max(1));
+    (0..shards)
+        .map(|i| (i * b / shards)..((i + 1) * b / shards))
+        .filter(|r| !r.is_empty())
+        .collect()
+}
+
+/// `f` on every shard of a batch, results in order: one shard runs on this thread, its kernels
+/// spread over the global pool; several run one thread each ([`on_own_pools`]).
+pub fn on_shards<T: Send>(
+    ranges: &[Range<usize>],
+    f: impl Fn(Range<usize>) -> Result<T> + Sync,
+) -> Result<Vec<T>> {
+    match ranges {
+        [one] => Ok(vec![f(one.clone())?]),
+        _ => on_own_pools(ranges.len(), |i| f(ranges[i].clone())),
+    }
+}
+
+/// Adds `extra`'s gradients for `params` into `grads` (a parameter missing from one side
+/// takes the other's).
+pub fn add_grads(grads: &mut GradStore, extra: &GradStore, params: &[(String, Var)]) -> Result<()> {
+    for (_, p) in params {
+        if let Some(e) = extra.get(p.as_tensor()) {
+            let sum = match grads.remove(p.as_tensor()) {
+                Some(mine) => (mine + e)?,
+                None => e.clone(),
+            };
+            grads.insert(p.as_tensor(), sum);
+        }
+    }
+    Ok(())
+}
+
+/// The loss over a batch of `b` and its gradients for `params`, computed in `shards` contiguous
+/// parts on as many threads: `shard_loss(range)` returns that part's contribution to the loss
+/// (the losses add up to the whole). The summed gradients equal one pass over the batch.
+pub fn sharded_loss_and_grads(
+    shards: usize,
+    b: usize,
+    params: &[(String, Var)],
+    shard_loss: impl Fn(Range<usize>) -> Result<Tensor> + Sync,
+) -> Result<(Tensor, GradStore)> {
+    let mut results = on_shards(&shard_ranges(b, shards), |r| {
+        let loss = shard_loss(r)?;
+        let grads = loss.backward()?;
+        Ok((loss.detach(), grads))
+    })?;
+    let (mut loss, mut grads) = results.remove(0);
+    for (l, g) in results {
+        loss = (loss + l)?;
+        add_grads(&mut grads, &g, params)?;
+    }
+    Ok((loss, grads))
+}
+
 #[cfg(test)]
 mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn shard_ranges_cover_the_batch() {
+        assert_eq!(shard_ranges(5, 2), vec![0..2, 2..5]);
+        assert_eq!(shard_ranges(2, 8), vec![0..1, 1..2]);
+        assert_eq!(shard_ranges(4, 0), vec![0..4]);
+    }
+
+    /// Any number of shards gives the whole batch's loss and gradient.
+    #[test]
+    fn shards_sum_to_the_whole_batch() -> Result<()> {
+        let dev = Device::Cpu;
+        let w = Var::from_tensor(&Tensor::new(
+            &[[0.5f32, -1.0, 2.0], [1.5, 0.25, -0.75]],
+            &dev,
+        )?)?;
+        let unused = Var::from_tensor(&Tensor::new(&[1f32], &dev)?)?;
+        let params = vec![("w".to_string(), w.clone()), ("unused".to_string(), unused)];
+        let x = Tensor::new(
+            &[
+                [1f32, 2.0],
+                [-1.0, 0.5],
+                [3.0, -2.0],
+                [0.25, 4.0],
+                [2.0, 2.0],
+            ],
+            &dev,
+        )?;
+        let b = 5;
+        let shard_loss = |r: std::ops::Range<usize>| -> Result<Tensor> {
+            let y = x.narrow(0, r.start, r.len())?.matmul(w.as_tensor())?;
+            Ok((y.tanh()?.sqr()?.sum_all()? / b as f64)?)
+        };
+        let (l1, g1) = sharded_loss_and_grads(1, b, &params, shard_loss)?;
+        let g1 = g1
+            .get(w.as_tensor())
+            .unwrap()
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        for shards in [2, 3, 5] {
+            let (l, g) = sharded_loss_and_grads(shards, b, &params, shard_loss)?;
+            let l_diff = (l.to_scalar::<f32>()? - l1.to_scalar::<f32>()?).abs();
+            assert!(l_diff < 1e-6, "{shards} shards: loss off by {l_diff}");
+            let g = g
+                .get(w.as_tensor())
+                .unwrap()
+                .flatten_all()?
+                .to_vec1::<f32>()?;
+            for (a, e) in g.iter().zip(&g1) {
+                assert!((a - e).abs() < 1e-6, "{shards} shards: {a} vs {e}");
+            }
+            assert!(g1.iter().any(|v| v.abs() > 1e-3));
+        }
+        Ok(())
+    }
+
     #[test]
     fn own_pools_return_results_in_order() {
-        let out = super::on_own_pools(3, |i| Ok(i * 10)).unwrap();
+        let out = on_own_pools(3, |i| Ok(i * 10)).unwrap();
         assert_eq!(out, vec![0, 10, 20]);
-        assert!(super::on_own_pools(0, Ok).unwrap().is_empty());
-        let err = super::on_own_pools(2, |i| {
+        assert!(on_own_pools(0, Ok).unwrap().is_empty());
+        let err = on_own_pools(2, |i| {
             if i == 1 {
                 Err(crate::Error::Msg("shard 1 failed".into()))
             } else {

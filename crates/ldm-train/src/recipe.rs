@@ -15,6 +15,9 @@ pub struct Recipe {
     /// (0.17–0.19 s a step, 10 000 steps) read back far worse (one object exact 1.0 %, colour
     /// 13.7 %).
     pub vae_channels: Vec<usize>,
+    /// ResNet blocks per autoencoder level (diffusers' `layers_per_block`; the decoder has one
+    /// more).
+    pub vae_layers: usize,
     pub vae_groups: usize,
     pub latent_channels: usize,
     /// U-Net widths, one per resolution; the last level has no attention.
@@ -40,6 +43,7 @@ impl Default for Recipe {
         Self {
             image_size: 64,
             vae_channels: vec![16, 32, 64],
+            vae_layers: 1,
             vae_groups: 8,
             latent_channels: 4,
             unet_channels: vec![64, 128, 128],
@@ -59,6 +63,7 @@ impl Recipe {
         Self {
             image_size: 64,
             vae_channels: vec![8, 16, 16],
+            vae_layers: 1,
             vae_groups: 4,
             latent_channels: 4,
             unet_channels: vec![16, 32],
@@ -94,7 +99,7 @@ impl Recipe {
             "in_channels": 3,
             "out_channels": 3,
             "latent_channels": self.latent_channels,
-            "layers_per_block": 1,
+            "layers_per_block": self.vae_layers,
             "norm_num_groups": self.vae_groups,
             "sample_size": self.image_size,
             "scaling_factor": scaling_factor,

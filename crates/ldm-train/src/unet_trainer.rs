@@ -10,7 +10,7 @@ use crate::component::{check_all_used, named_vars, strip, write_component, Seede
 use crate::data::batch;
 use crate::noise::TrainRng;
 use crate::optim::{clip_grad_norm, warmup_cosine, AdamW, AdamWConfig, Ema};
-use crate::parallel::on_own_pools;
+use crate::parallel::sharded_loss_and_grads;
 use crate::recipe::Recipe;
 use crate::tokenizer::{shapes_words, write_tokenizer};
 use crate::{Error, Progress, Result};
@@ -153,47 +153,6 @@ fn loss_weight(opts: &UnetOptions, a: f32) -> f64 {
         Some(floor) => floor,
         None => w,
     }
-}
-
-/// The loss over a batch of `b` and its gradients for `params`, computed in `shards` contiguous
-/// parts on as many threads: `shard_loss(range)` returns that part's contribution to the loss
-/// (the losses add up to the whole). The summed gradients equal one pass over the batch.
-fn sharded_loss_and_grads(
-    shards: usize,
-    b: usize,
-    params: &[(String, candle_core::Var)],
-    shard_loss: impl Fn(std::ops::Range<usize>) -> Result<Tensor> + Sync,
-) -> Result<(Tensor, candle_core::backprop::GradStore)> {
-    let ranges: Vec<std::ops::Range<usize>> = (0..shards)
-        .map(|i| (i * b / shards)..((i + 1) * b / shards))
-        .filter(|r| !r.is_empty())
-        .collect();
-    let run = |r: std::ops::Range<usize>| -> Result<(Tensor, candle_core::backprop::GradStore)> {
-        let loss = shard_loss(r)?;
-        let grads = loss.backward()?;
-        Ok((loss.detach(), grads))
-    };
-    // One shard runs on this thread, its kernels spread over the global pool; several run one
-    // thread each, each with its own one-thread rayon pool. Each returns its loss and gradients.
-    let mut results = if ranges.len() == 1 {
-        vec![run(ranges[0].clone())?]
-    } else {
-        on_own_pools(ranges.len(), |i| run(ranges[i].clone()))?
-    };
-    let (mut loss, mut grads) = results.remove(0);
-    for (l, g) in results {
-        loss = (loss + l)?;
-        for (_, p) in params {
-            if let Some(extra) = g.get(p.as_tensor()) {
-                let sum = match grads.remove(p.as_tensor()) {
-                    Some(mine) => (mine + extra)?,
-                    None => extra.clone(),
-                };
-                grads.insert(p.as_tensor(), sum);
-            }
-        }
-    }
-    Ok((loss, grads))
 }
 
 /// Loads a trained autoencoder component folder (`config.json` + weights), strictly.
@@ -419,55 +378,6 @@ pub fn train_unet(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::Var;
-
-    /// Any number of shards gives the whole batch's loss and gradient.
-    #[test]
-    fn shards_sum_to_the_whole_batch() -> Result<()> {
-        let dev = Device::Cpu;
-        let w = Var::from_tensor(&Tensor::new(
-            &[[0.5f32, -1.0, 2.0], [1.5, 0.25, -0.75]],
-            &dev,
-        )?)?;
-        let unused = Var::from_tensor(&Tensor::new(&[1f32], &dev)?)?;
-        let params = vec![("w".to_string(), w.clone()), ("unused".to_string(), unused)];
-        let x = Tensor::new(
-            &[
-                [1f32, 2.0],
-                [-1.0, 0.5],
-                [3.0, -2.0],
-                [0.25, 4.0],
-                [2.0, 2.0],
-            ],
-            &dev,
-        )?;
-        let b = 5;
-        let shard_loss = |r: std::ops::Range<usize>| -> Result<Tensor> {
-            let y = x.narrow(0, r.start, r.len())?.matmul(w.as_tensor())?;
-            Ok((y.tanh()?.sqr()?.sum_all()? / b as f64)?)
-        };
-        let (l1, g1) = sharded_loss_and_grads(1, b, &params, shard_loss)?;
-        let g1 = g1
-            .get(w.as_tensor())
-            .unwrap()
-            .flatten_all()?
-            .to_vec1::<f32>()?;
-        for shards in [2, 3, 5] {
-            let (l, g) = sharded_loss_and_grads(shards, b, &params, shard_loss)?;
-            let l_diff = (l.to_scalar::<f32>()? - l1.to_scalar::<f32>()?).abs();
-            assert!(l_diff < 1e-6, "{shards} shards: loss off by {l_diff}");
-            let g = g
-                .get(w.as_tensor())
-                .unwrap()
-                .flatten_all()?
-                .to_vec1::<f32>()?;
-            for (a, e) in g.iter().zip(&g1) {
-                assert!((a - e).abs() < 1e-6, "{shards} shards: {a} vs {e}");
-            }
-            assert!(g1.iter().any(|v| v.abs() > 1e-3));
-        }
-        Ok(())
-    }
 
     /// `zero_init` zeroes every resnet's conv2, every transformer's proj_out and conv_out of
     /// the recipe's U-Net, nothing else, and the fresh model then predicts exactly zero.

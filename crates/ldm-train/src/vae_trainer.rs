@@ -9,13 +9,17 @@
 
 use crate::checkpoint::{self, LogRow};
 use crate::component::{named_vars, strip, write_component, InitScheme, SeededInit};
-use crate::data::{batch, psnr, to_bytes};
+use crate::data::batch;
 use crate::discriminator::{generator_loss, hinge_d_loss, PatchDiscriminator};
+use crate::eval::{round_trip, RoundTrip, HELD_OUT_SEED};
+use crate::io::write_atomic;
 use crate::lpips::Lpips;
 use crate::noise::TrainRng;
 use crate::optim::{clip_grad_norm, warmup_cosine, AdamW, AdamWConfig};
+use crate::parallel::{add_grads, on_shards, shard_ranges, sharded_loss_and_grads};
 use crate::recipe::Recipe;
 use crate::{Error, Progress, Result};
+use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarMap;
 use ldm_models::vae::{AutoencoderKL, VaeConfig};
@@ -30,7 +34,8 @@ pub struct VaeOptions {
     pub warmup: usize,
     pub kl_weight: f64,
     pub seed: u64,
-    /// Held-out scenes (drawn with `seed + 1`) for PSNR.
+    /// Held-out scenes ([`crate::eval::HELD_OUT_SEED`]) round-tripped and read back at each
+    /// checkpoint (logged in `vae-train/readback.csv`), and for the latents' spread.
     pub held_out: usize,
     pub checkpoint_every: usize,
     pub grad_clip: f64,
@@ -52,6 +57,9 @@ pub struct VaeOptions {
     pub lpips_weight: f64,
     /// How fresh weights are drawn (the autoencoder's and the discriminator's).
     pub init: InitScheme,
+    /// Parts of each batch computed in parallel, one thread each (the gradient is the same for
+    /// any number); one per core by default.
+    pub shards: usize,
 }
 
 impl Default for VaeOptions {
@@ -73,6 +81,7 @@ impl Default for VaeOptions {
             lpips: None,
             lpips_weight: 1.0,
             init: InitScheme::Torch,
+            shards: crate::parallel::cores(),
         }
     }
 }
@@ -80,7 +89,8 @@ impl Default for VaeOptions {
 /// What a finished autoencoder run measured.
 #[derive(Debug, Clone, PartialEq)]
 pub struct VaeReport {
-    pub psnr: f64,
+    /// The held-out round trip read back (with its PSNR).
+    pub readback: RoundTrip,
     /// Mean held-out LPIPS, when LPIPS weights were given.
     pub lpips: Option<f64>,
     pub scaling_factor: f64,
@@ -148,6 +158,7 @@ pub fn train_vae(
         Some(r) => (r.step, r.rng, r.history),
         None => (0, TrainRng::new(opts.seed), Vec::new()),
     };
+    let mut readbacks = ReadbackLog::resume(&state_dir.join("readback.csv"), step)?;
     let s = recipe.image_size;
     let side = opts.crop.map_or(s, |c| c.min(s));
     let pixels = (3 * side * side) as f64;
@@ -163,24 +174,64 @@ pub fn train_vae(
             }
             _ => x,
         };
-        let posterior = vae.encode(&x)?;
-        let eps = rng.randn(posterior.mean.dims(), device)?;
-        let recon = vae.decode(&posterior.sample(&eps)?)?;
-        let mut rec = (&recon - &x)?.abs()?.mean_all()?;
-        if let Some(net) = &lpips {
-            rec = (rec + (net.forward(&x, &recon)?.mean_all()? * opts.lpips_weight)?)?;
-        }
-        let kl = (posterior.kl()?.mean_all()? * (opts.kl_weight / pixels))?;
-        let nll = (&rec + kl)?;
-        let mut grads = nll.backward()?;
-        let mut loss = nll.to_scalar::<f32>()? as f64;
+        let b = opts.batch;
+        let latent_side = side / recipe.downsample_factor();
+        let eps = rng.randn(
+            &[b, recipe.latent_channels, latent_side, latent_side],
+            device,
+        )?;
         let lr = warmup_cosine(step, opts.lr, opts.warmup, opts.steps, 0.1);
-        let adversarial = opts.disc_start.is_some_and(|start| step >= start);
-        if let (Some(d), true) = (&disc, adversarial) {
+        let adversarial = disc
+            .as_ref()
+            .filter(|_| opts.disc_start.is_some_and(|at| step >= at));
+        // Each shard of the batch forward and backward on its own thread; its losses are its
+        // part of the batch means, so the summed gradients are the whole batch's.
+        let shards = on_shards(&shard_ranges(b, opts.shards), |r| {
+            let n = r.len();
+            let x = x.narrow(0, r.start, n)?;
+            let posterior = vae.encode(&x)?;
+            let recon = vae.decode(&posterior.sample(&eps.narrow(0, r.start, n)?)?)?;
+            let part = n as f64 / b as f64;
+            let mut nll = ((&recon - &x)?.abs()?.mean_all()? * part)?;
+            if let Some(net) = &lpips {
+                let d = net.forward(&x, &recon)?.sum_all()?;
+                nll = (nll + (d * (opts.lpips_weight / b as f64))?)?;
+            }
+            let kl = posterior.kl()?.sum_all()?;
+            nll = (nll + (kl * (opts.kl_weight / pixels / b as f64))?)?;
+            let grads = nll.backward()?;
+            let adv = match adversarial {
+                Some(d) => {
+                    let g = (generator_loss(&d.forward(&recon)?)? * part)?;
+                    Some((g.to_scalar::<f32>()? as f64, g.backward()?))
+                }
+                None => None,
+            };
+            Ok(Shard {
+                nll: nll.to_scalar::<f32>()? as f64,
+                grads,
+                adv,
+                recon: recon.detach(),
+            })
+        })?;
+        let mut shards = shards.into_iter();
+        let first = shards
+            .next()
+            .ok_or_else(|| Error::Msg("an empty batch".into()))?;
+        let (mut loss, mut grads, mut adv) = (first.nll, first.grads, first.adv);
+        let mut recons = vec![first.recon];
+        for sh in shards {
+            loss += sh.nll;
+            add_grads(&mut grads, &sh.grads, &params)?;
+            if let (Some(acc), Some((g, g_grads))) = (adv.as_mut(), sh.adv) {
+                acc.0 += g;
+                add_grads(&mut acc.1, &g_grads, &params)?;
+            }
+            recons.push(sh.recon);
+        }
+        if let (Some(d), Some((g_loss, g_grads))) = (adversarial, adv) {
             // The autoencoder's adversarial term, weighted adaptively (Esser et al. 2021,
             // eq. 7): ‖∇_L nll‖ / ‖∇_L g‖ at the decoder's last layer L.
-            let g_loss = generator_loss(&d.forward(&recon)?)?;
-            let g_grads = g_loss.backward()?;
             let norm_of = |g: Option<&Tensor>| -> Result<f64> {
                 Ok(match g {
                     Some(g) => g.sqr()?.sum_all()?.to_scalar::<f32>()?.sqrt() as f64,
@@ -199,11 +250,15 @@ pub fn train_vae(
                     grads.insert(p.as_tensor(), total);
                 }
             }
-            loss += weight * g_loss.to_scalar::<f32>()? as f64;
+            loss += weight * g_loss;
             // The discriminator's step on real images and the detached reconstructions.
-            let real = d.forward(&x)?;
-            let fake = d.forward(&recon.detach())?;
-            let mut d_grads = hinge_d_loss(&real, &fake)?.backward()?;
+            let recon = Tensor::cat(&recons, 0)?;
+            let (_, mut d_grads) = sharded_loss_and_grads(opts.shards, b, &disc_params, |r| {
+                let n = r.len();
+                let real = d.forward(&x.narrow(0, r.start, n)?)?;
+                let fake = d.forward(&recon.narrow(0, r.start, n)?)?;
+                Ok((hinge_d_loss(&real, &fake)? * (n as f64 / b as f64))?)
+            })?;
             clip_grad_norm(&mut d_grads, &disc_params, opts.grad_clip)?;
             disc_opt.step(&d_grads, lr)?;
         }
@@ -228,23 +283,34 @@ pub fn train_vae(
             } else {
                 vec![&opt]
             };
+            // The read-back row first: the checkpoint is the commit point, and a resumed run
+            // keeps the rows up to its step.
+            let r = round_trip(&vae, opts.held_out, s, device, &mut |_, _| {})?;
+            let note = readbacks.push(step, &r)?;
             checkpoint::save(&state_dir, step, &opts_saved, None, &rng, &history)?;
+            progress(&Progress {
+                phase: "vae",
+                step,
+                total: opts.steps,
+                loss,
+                note: Some(note),
+            });
         }
     }
-    // Held-out PSNR of the posterior mean's reconstruction, and the latents' spread.
-    let mut psnrs = Vec::new();
+    let readback = match readbacks.last {
+        Some((at, r)) if at == step => r,
+        _ => round_trip(&vae, opts.held_out, s, device, &mut |_, _| {})?,
+    };
+    // The latents' spread (for the scaling factor) and LPIPS, on the held-out scenes.
     let mut distances = Vec::new();
     let mut latents = Vec::new();
     let chunk = 16;
     for first in (0..opts.held_out).step_by(chunk) {
         let n = chunk.min(opts.held_out - first) as u64;
-        let (x, _) = batch(opts.seed + 1, first as u64..first as u64 + n, s, device)?;
+        let (x, _) = batch(HELD_OUT_SEED, first as u64..first as u64 + n, s, device)?;
         let posterior = vae.encode(&x)?;
-        let recon = vae.decode(&posterior.mean)?;
-        for (a, b) in to_bytes(&x)?.iter().zip(to_bytes(&recon)?) {
-            psnrs.push(psnr(a, &b));
-        }
         if let Some(net) = &lpips {
+            let recon = vae.decode(&posterior.mean)?;
             distances.extend(net.forward(&x, &recon)?.to_vec1::<f32>()?);
         }
         let eps = rng.randn(posterior.mean.dims(), device)?;
@@ -262,14 +328,95 @@ pub fn train_vae(
         &strip(&params, &values, ""),
         DType::F32,
     )?;
-    let psnr = psnrs.iter().sum::<f64>() / psnrs.len().max(1) as f64;
     let lpips = (!distances.is_empty())
         .then(|| distances.iter().map(|&d| d as f64).sum::<f64>() / distances.len() as f64);
     Ok(VaeReport {
-        psnr,
+        readback,
         lpips,
         scaling_factor,
         final_loss: history.last().map_or(f64::NAN, |r| r.loss),
         steps: step,
     })
+}
+
+/// One shard's part of an autoencoder step.
+struct Shard {
+    nll: f64,
+    grads: GradStore,
+    /// The adversarial term and its gradients, once the discriminator is on.
+    adv: Option<(f64, GradStore)>,
+    recon: Tensor,
+}
+
+/// The held-out read-back at each checkpoint: `vae-train/readback.csv`, rewritten whole
+/// (atomically) at each checkpoint; a resumed run keeps the rows up to its step.
+struct ReadbackLog {
+    path: PathBuf,
+    rows: Vec<String>,
+    last: Option<(usize, RoundTrip)>,
+}
+
+const READBACK_HEADER: &str = "step,psnr,one_exact,two_exact,one_shape,two_shape,\
+one_exact_caption,two_exact_caption";
+
+impl ReadbackLog {
+    fn resume(path: &Path, step: usize) -> Result<Self> {
+        let rows = match std::fs::read_to_string(path) {
+            Ok(text) => text
+                .lines()
+                .skip(1)
+                .filter(|l| {
+                    l.split(',')
+                        .next()
+                        .and_then(|v| v.parse::<usize>().ok())
+                        .is_some_and(|at| at <= step)
+                })
+                .map(String::from)
+                .collect(),
+            Err(_) => Vec::new(),
+        };
+        Ok(Self {
+            path: path.to_path_buf(),
+            rows,
+            last: None,
+        })
+    }
+
+    /// Logs `r` at `step`; returns the line for the progress log.
+    fn push(&mut self, step: usize, r: &RoundTrip) -> Result<String> {
+        let rate = |(m, n): (usize, usize)| m as f64 / n.max(1) as f64;
+        let (one, two) = (&r.drawn.one, &r.drawn.two);
+        let values = [
+            rate((one.exact, one.images)),
+            rate((two.exact, two.images)),
+            rate(one.attributes[0]),
+            rate(two.attributes[0]),
+            rate((r.caption.one.exact, r.caption.one.images)),
+            rate((r.caption.two.exact, r.caption.two.images)),
+        ];
+        let mut row = format!("{step},{:.3}", r.psnr);
+        for v in values {
+            row += &format!(",{v:.4}");
+        }
+        self.rows.push(row);
+        let text = std::iter::once(READBACK_HEADER.to_string())
+            .chain(self.rows.iter().cloned())
+            .collect::<Vec<_>>()
+            .join("\n")
+            + "\n";
+        if let Some(dir) = self.path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        write_atomic(&self.path, text.as_bytes())?;
+        self.last = Some((step, r.clone()));
+        Ok(format!(
+            "held-out read-back (everything drawn): exact {:.1} % one object, {:.1} % two; \
+             shape {:.1} / {:.1} %; PSNR {:.2} dB",
+            100.0 * values[0],
+            100.0 * values[1],
+            100.0 * values[2],
+            100.0 * values[3],
+            r.psnr
+        ))
+    }
 }

@@ -320,6 +320,26 @@ impl Scene {
     pub fn caption(&self) -> String {
         caption(&self.stated)
     }
+
+    /// Everything drawn, stated: every object's shape, colour and size and the background,
+    /// with the caption's position or relation (an unstated position may sit on a border
+    /// between thirds, so it is not a fact of the picture). What a faithful copy of the
+    /// picture — an autoencoder's reconstruction — must read back as.
+    pub fn full_statement(&self) -> Statement {
+        Statement {
+            objects: self
+                .objects
+                .iter()
+                .map(|o| ObjectStatement {
+                    shape: o.shape,
+                    colour: Some(o.colour),
+                    size: Some(o.size),
+                })
+                .collect(),
+            background: Some(self.background),
+            ..self.stated.clone()
+        }
+    }
 }
 
 /// Draws a centre in `[lo, hi]` clipped to keep a box of side `b` inside `[0, s]`.
