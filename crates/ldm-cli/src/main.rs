@@ -298,10 +298,9 @@ fn fix_thread_count() {
 /// Has candle run its element-wise ops on the calling thread (`CANDLE_NUM_THREADS=1`) unless the
 /// user chose otherwise. Training runs the shards of a batch on threads of their own, and
 /// candle's barrier pool serialises concurrent callers behind one lock and spins its workers
-/// between ops: on our 2-core machine the U-Net step (batch 16, two shards) takes 0.50 s
-/// with it off against 1.03 s with it on (0.74 s for one shard), and even the unsharded
-/// autoencoder step is faster without it (0.31 s against 0.37 s). Must run before any thread
-/// starts: candle reads the variable once, when its pool is first used.
+/// between ops, which made a sharded U-Net step about twice as slow when it was measured
+/// (`tools/bench/train_step.py` times the step). Must run before any thread starts: candle
+/// reads the variable once, when its pool is first used.
 fn one_thread_element_wise_ops() {
     if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
         std::env::set_var("CANDLE_NUM_THREADS", "1");

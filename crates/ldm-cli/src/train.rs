@@ -113,7 +113,11 @@ impl VaeArch {
         if r.vae_channels.is_empty() || r.vae_channels.contains(&0) || r.vae_layers == 0 {
             bail!("--vae-channels and --vae-layers must be positive");
         }
-        if r.vae_groups == 0 || r.vae_channels.iter().any(|c| !c.is_multiple_of(r.vae_groups)) {
+        if r.vae_groups == 0
+            || r.vae_channels
+                .iter()
+                .any(|c| !c.is_multiple_of(r.vae_groups))
+        {
             bail!("every --vae-channels width must be a multiple of --vae-groups");
         }
         if r.latent_channels == 0 || !r.image_size.is_multiple_of(r.downsample_factor()) {
@@ -190,15 +194,59 @@ fn bar(total: usize) -> ProgressBar {
     pb
 }
 
-fn report(pb: &ProgressBar) -> impl FnMut(&Progress) + '_ {
-    move |p: &Progress| {
-        pb.set_prefix(p.phase);
-        pb.set_length(p.total as u64);
-        pb.set_position(p.step as u64);
-        pb.set_message(format!("loss {:.4}", p.loss));
-        if let Some(note) = &p.note {
-            pb.println(format!("{} step {}: {note}", p.phase, p.step));
+/// A training phase's front-end: the progress bar, the checkpoints' notes above it, and the
+/// wall time between consecutive steps (for the median step time printed at the end).
+struct Reporter {
+    pb: ProgressBar,
+    last: Option<Instant>,
+    step_seconds: Vec<f64>,
+}
+
+impl Reporter {
+    fn new(total: usize) -> Self {
+        Self {
+            pb: bar(total),
+            last: None,
+            step_seconds: Vec::new(),
         }
+    }
+
+    fn progress(&mut self) -> impl FnMut(&Progress) + '_ {
+        move |p: &Progress| {
+            let pb = &self.pb;
+            pb.set_prefix(p.phase);
+            pb.set_length(p.total as u64);
+            pb.set_position(p.step as u64);
+            pb.set_message(format!("loss {:.4}", p.loss));
+            match &p.note {
+                Some(note) => pb.println(format!("{} step {}: {note}", p.phase, p.step)),
+                None => {
+                    let now = Instant::now();
+                    if let Some(last) = self.last.replace(now) {
+                        self.step_seconds.push((now - last).as_secs_f64());
+                    }
+                }
+            }
+        }
+    }
+
+    /// Finishes the bar; the median wall time of a step (checkpoints included), if any was
+    /// timed.
+    fn finish(mut self) -> Option<f64> {
+        self.pb.finish();
+        let v = &mut self.step_seconds;
+        v.sort_by(f64::total_cmp);
+        (!v.is_empty()).then(|| v[v.len() / 2])
+    }
+}
+
+fn median_line(phase: &str, seconds: Option<f64>, batch: usize) -> String {
+    match seconds {
+        Some(s) => format!(
+            "{phase}: median step {s:.4} s, {:.1} samples/s",
+            batch as f64 / s
+        ),
+        None => format!("{phase}: no step timed"),
     }
 }
 
@@ -329,9 +377,9 @@ fn check_vae(o: &VaeOptions) -> Result<()> {
 fn vae(r: &Recipe, o: &VaeOptions, out: &Path, device: &Device) -> Result<()> {
     check_vae(o)?;
     std::fs::create_dir_all(out)?;
-    let pb = bar(o.steps);
-    let v = train_vae(r, o, out, device, &mut report(&pb))?;
-    pb.finish();
+    let mut rep = Reporter::new(o.steps);
+    let v = train_vae(r, o, out, device, &mut rep.progress())?;
+    let median = rep.finish();
     let lpips = v
         .lpips
         .map(|d| format!(", LPIPS {d:.4}"))
@@ -340,17 +388,25 @@ fn vae(r: &Recipe, o: &VaeOptions, out: &Path, device: &Device) -> Result<()> {
         "autoencoder: {} steps, loss {:.4}, held-out PSNR {:.2} dB{lpips}, scaling factor {:.5}",
         v.steps, v.final_loss, v.readback.psnr, v.scaling_factor
     ));
+    crate::emit(format_args!(
+        "{}",
+        median_line("autoencoder", median, o.batch)
+    ));
     crate::data::print_round_trip(&v.readback, o.held_out)
 }
 
 /// Trains the text encoder and U-Net with a progress bar and prints the report.
 fn unet(r: &Recipe, o: &UnetOptions, out: &Path, device: &Device) -> Result<()> {
-    let pb = bar(o.steps);
-    let u = train_unet(r, o, out, device, &mut report(&pb))?;
-    pb.finish();
+    let mut rep = Reporter::new(o.steps);
+    let u = train_unet(r, o, out, device, &mut rep.progress())?;
+    let median = rep.finish();
     crate::emit(format_args!(
         "text encoder + U-Net: {} steps, loss {:.4}",
         u.steps, u.final_loss
+    ));
+    crate::emit(format_args!(
+        "{}",
+        median_line("text encoder + U-Net", median, o.batch)
     ));
     Ok(())
 }

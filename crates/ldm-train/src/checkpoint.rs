@@ -2,23 +2,15 @@
 //! step, the EMA, the random stream's position and the loss history. `state.json` is the commit
 //! point: it names the tensor file it belongs to, and is replaced only after that file is whole.
 
-use crate::io::{write_atomic, write_json, write_safetensors};
+use crate::io::{write_json, write_safetensors};
+use crate::log::{LogRow, TrainingLog};
 use crate::noise::TrainRng;
 use crate::optim::{AdamW, Ema};
 use crate::{Error, Result};
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
-use std::path::Path;
-
-/// One logged step.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-pub struct LogRow {
-    pub step: usize,
-    pub loss: f64,
-    pub lr: f64,
-    pub grad_norm: f64,
-}
+use std::path::{Path, PathBuf};
 
 #[derive(Serialize, Deserialize)]
 struct StateJson {
@@ -47,7 +39,7 @@ pub fn save(
     opts: &[&AdamW],
     ema: Option<&Ema>,
     rng: &TrainRng,
-    history: &[LogRow],
+    log: &TrainingLog,
 ) -> Result<()> {
     std::fs::create_dir_all(dir)?;
     let mut tensors: Vec<(String, Tensor)> = Vec::new();
@@ -71,11 +63,10 @@ pub fn save(
         ema_updates: ema.map_or(0, |e| e.updates),
         rng_seed: seed.to_vec(),
         rng_word_pos: pos.to_string(),
-        history: history.to_vec(),
+        history: log.rows.clone(),
     };
     write_json(&dir.join("state.json"), &serde_json::to_value(&state)?)?;
-    write_csv(&dir.join("losses.csv"), history)?;
-    crate::plot::plot_losses(history, &dir.join("losses.png"))?;
+    log.write(dir)?;
     // Older tensor files are garbage once state.json names the new one.
     for entry in std::fs::read_dir(dir)?.flatten() {
         let name = entry.file_name().to_string_lossy().to_string();
@@ -159,31 +150,79 @@ pub fn resume(
     }))
 }
 
-/// Records a finished step: appends it to the history and reports it to the front-end.
-pub fn record(
-    history: &mut Vec<LogRow>,
-    progress: &mut dyn FnMut(&crate::Progress),
-    phase: &'static str,
-    total: usize,
-    row: LogRow,
-) {
-    history.push(row);
-    progress(&crate::Progress {
-        phase,
-        step: row.step,
-        total,
-        loss: row.loss,
-        note: None,
-    });
+/// Where a training phase stands — completed steps, the random stream, the loss log — and where
+/// and how often it is checkpointed: the scaffolding every trainer shares. A trainer restores
+/// its optimisers (and EMA) through [`TrainingState::resume_or_start`], records each step, and
+/// saves when [`TrainingState::checkpoint_due`] says so.
+pub struct TrainingState {
+    /// Steps completed.
+    pub step: usize,
+    pub rng: TrainRng,
+    pub log: TrainingLog,
+    dir: PathBuf,
+    every: usize,
 }
 
-/// `step,loss,lr,grad_norm` rows.
-pub fn write_csv(path: &Path, rows: &[LogRow]) -> Result<()> {
-    let mut text = String::from("step,loss,lr,grad_norm\n");
-    for r in rows {
-        text += &format!("{},{},{},{}\n", r.step, r.loss, r.lr, r.grad_norm);
+impl TrainingState {
+    /// Continues from the checkpoint in `dir` (restoring `opts` and `ema`), or starts afresh
+    /// with the random stream of `seed`. `phase` names the log; the phase runs `total` steps
+    /// with a checkpoint every `every`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn resume_or_start(
+        dir: &Path,
+        every: usize,
+        phase: &'static str,
+        total: usize,
+        seed: u64,
+        opts: &mut [&mut AdamW],
+        ema: Option<&mut Ema>,
+        device: &Device,
+    ) -> Result<Self> {
+        let (step, rng, rows) = match resume(dir, opts, ema, device)? {
+            Some(r) => (r.step, r.rng, r.history),
+            None => (0, TrainRng::new(seed), Vec::new()),
+        };
+        Ok(Self {
+            step,
+            rng,
+            log: TrainingLog::new(phase, total, rows),
+            dir: dir.to_path_buf(),
+            every: every.max(1),
+        })
     }
-    write_atomic(path, text.as_bytes())
+
+    /// Counts a finished step and logs it.
+    pub fn record(
+        &mut self,
+        loss: f64,
+        lr: f64,
+        grad_norm: f64,
+        progress: &mut dyn FnMut(&crate::Progress),
+    ) {
+        self.step += 1;
+        let row = LogRow {
+            step: self.step,
+            loss,
+            lr,
+            grad_norm,
+        };
+        self.log.record(row, progress);
+    }
+
+    /// Whether the step just recorded is a checkpoint's: every `every` steps, and the last.
+    pub fn checkpoint_due(&self) -> bool {
+        self.step.is_multiple_of(self.every) || self.step == self.log.total
+    }
+
+    /// Saves the state with the optimisers' (the first one's shadowed by `ema`).
+    pub fn save(&self, opts: &[&AdamW], ema: Option<&Ema>) -> Result<()> {
+        save(&self.dir, self.step, opts, ema, &self.rng, &self.log)
+    }
+
+    /// The checkpoint folder.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
 }
 
 #[cfg(test)]
@@ -213,7 +252,8 @@ mod tests {
             lr: 0.00014000000000000001,
             grad_norm: 1.1650901303128383,
         }];
-        save(dir.path(), 1, &[&opt], Some(&ema), &rng, &history)?;
+        let log = TrainingLog::new("test", 1, history.clone());
+        save(dir.path(), 1, &[&opt], Some(&ema), &rng, &log)?;
         let mut fresh = make()?;
         let mut fresh_ema = Ema::new(&fresh.params, 0.9)?;
         let r = resume(dir.path(), &mut [&mut fresh], Some(&mut fresh_ema), &dev)?

@@ -9,6 +9,7 @@ pub mod discriminator;
 pub mod error;
 pub mod eval;
 pub mod io;
+pub mod log;
 pub mod lpips;
 pub mod noise;
 pub mod optim;

@@ -1,7 +1,6 @@
 //! The loss curve as a PNG beside `losses.csv`: raw losses as grey dots, an exponential moving
 //! average as a blue line, log-scaled loss axis with a faint line at every power of ten.
 
-use crate::checkpoint::LogRow;
 use crate::Result;
 use std::path::Path;
 
@@ -41,12 +40,12 @@ impl Canvas {
     }
 }
 
-/// Writes the plot of `rows` to `path` (nothing to draw: nothing written).
-pub fn plot_losses(rows: &[LogRow], path: &Path) -> Result<()> {
-    let pts: Vec<(f64, f64)> = rows
+/// Writes the plot of `(step, loss)` points to `path` (nothing to draw: nothing written).
+pub fn plot_losses(points: &[(usize, f64)], path: &Path) -> Result<()> {
+    let pts: Vec<(f64, f64)> = points
         .iter()
-        .filter(|r| r.loss.is_finite() && r.loss > 0.0)
-        .map(|r| (r.step as f64, r.loss.log10()))
+        .filter(|(_, loss)| loss.is_finite() && *loss > 0.0)
+        .map(|&(step, loss)| (step as f64, loss.log10()))
         .collect();
     if pts.len() < 2 {
         return Ok(());

@@ -5,10 +5,9 @@
 //! al. 2022) timesteps; caption dropout for classifier-free guidance (Ho & Salimans 2022);
 //! min-SNR-γ weighting (Hang et al. 2023) as an option; AdamW, warm-up + cosine, clipping, EMA.
 
-use crate::checkpoint::{self, LogRow};
+use crate::checkpoint::TrainingState;
 use crate::component::{check_all_used, named_vars, strip, write_component, SeededInit};
 use crate::data::batch;
-use crate::noise::TrainRng;
 use crate::optim::{clip_grad_norm, warmup_cosine, AdamW, AdamWConfig, Ema};
 use crate::parallel::sharded_loss_and_grads;
 use crate::recipe::Recipe;
@@ -71,10 +70,9 @@ pub struct UnetOptions {
     pub seed: u64,
     /// Parts of each batch computed in parallel, one thread each with its own one-thread rayon
     /// pool (data parallelism over the CPU's cores; the gradient is the same for any number).
-    /// One per core by default. On our 2-core machine, batch 16: one shard 0.74 s a step, two
-    /// shards 0.50 s when candle's element-wise ops run on the calling thread
-    /// (`CANDLE_NUM_THREADS=1`, which `ldm train` sets; with candle's spinning barrier pool the
-    /// shards queue for it in turn: 1.03 s).
+    /// One per core by default. Fastest when candle's element-wise ops run on the calling
+    /// thread (`CANDLE_NUM_THREADS=1`, which `ldm train` sets): with candle's spinning barrier
+    /// pool the shards queue for it in turn (`tools/bench/train_step.py` measures the step).
     pub shards: usize,
     /// Scenes rendered and encoded once, then sampled from.
     pub pool: usize,
@@ -231,12 +229,16 @@ pub fn train_unet(
     params.extend(named_vars(&unet_map, "unet."));
     let mut opt = AdamW::new(params.clone(), AdamWConfig::default())?;
     let mut ema = Ema::new(&params, opts.ema_decay)?;
-    let state_dir = out.join("unet-train");
-    let (mut step, mut rng, mut history) =
-        match checkpoint::resume(&state_dir, &mut [&mut opt], Some(&mut ema), device)? {
-            Some(r) => (r.step, r.rng, r.history),
-            None => (0, TrainRng::new(opts.seed), Vec::new()),
-        };
+    let mut state = TrainingState::resume_or_start(
+        &out.join("unet-train"),
+        opts.checkpoint_every,
+        "unet",
+        opts.steps,
+        opts.seed,
+        &mut [&mut opt],
+        Some(&mut ema),
+        device,
+    )?;
 
     // The pool: posterior means and standard deviations of `pool` scenes, and their captions.
     let s = recipe.image_size;
@@ -258,7 +260,8 @@ pub fn train_unet(
     let empty = tokenizer.encode("")?;
 
     let sched = schedule(opts.zero_terminal_snr)?;
-    while step < opts.steps {
+    while state.step < opts.steps {
+        let (step, rng) = (state.step, &mut state.rng);
         let b = opts.batch;
         let picks: Vec<u32> = (0..b).map(|_| rng.below(opts.pool) as u32).collect();
         let picks_t = Tensor::new(picks.as_slice(), device)?;
@@ -326,25 +329,16 @@ pub fn train_unet(
         let lr = warmup_cosine(step, opts.lr, opts.warmup, opts.steps, 0.1);
         opt.step(&grads, lr)?;
         ema.update(&params)?;
-        step += 1;
         let loss = loss.to_scalar::<f32>()? as f64;
         if !loss.is_finite() {
-            return Err(Error::Msg(format!("loss became {loss} at step {step}")));
+            return Err(Error::Msg(format!(
+                "loss became {loss} at step {}",
+                step + 1
+            )));
         }
-        checkpoint::record(
-            &mut history,
-            progress,
-            "unet",
-            opts.steps,
-            LogRow {
-                step,
-                loss,
-                lr,
-                grad_norm,
-            },
-        );
-        if step % opts.checkpoint_every == 0 || step == opts.steps {
-            checkpoint::save(&state_dir, step, &[&opt], Some(&ema), &rng, &history)?;
+        state.record(loss, lr, grad_norm, progress);
+        if state.checkpoint_due() {
+            state.save(&[&opt], Some(&ema))?;
         }
     }
 
@@ -370,8 +364,8 @@ pub fn train_unet(
     )?;
     crate::io::write_json(&out.join("model_index.json"), &Recipe::model_index())?;
     Ok(UnetReport {
-        final_loss: history.last().map_or(f64::NAN, |r| r.loss),
-        steps: step,
+        final_loss: state.log.final_loss(),
+        steps: state.step,
     })
 }
 

@@ -7,14 +7,13 @@
 //! ([`crate::discriminator`]), and the LPIPS perceptual term ([`crate::lpips`]) when its
 //! weights are supplied.
 
-use crate::checkpoint::{self, LogRow};
+use crate::checkpoint::TrainingState;
 use crate::component::{named_vars, strip, write_component, InitScheme, SeededInit};
 use crate::data::batch;
 use crate::discriminator::{generator_loss, hinge_d_loss, PatchDiscriminator};
 use crate::eval::{round_trip, RoundTrip, HELD_OUT_SEED};
 use crate::io::write_atomic;
 use crate::lpips::Lpips;
-use crate::noise::TrainRng;
 use crate::optim::{clip_grad_norm, warmup_cosine, AdamW, AdamWConfig};
 use crate::parallel::{add_grads, on_shards, shard_ranges, sharded_loss_and_grads};
 use crate::recipe::Recipe;
@@ -148,21 +147,28 @@ pub fn train_vae(
         .find(|(n, _)| n == "decoder.conv_out.weight")
         .map(|(_, v)| v.clone())
         .ok_or_else(|| Error::Msg("the decoder has no conv_out".into()))?;
-    let state_dir = out.join("vae-train");
-    let resumed = if disc.is_some() {
-        checkpoint::resume(&state_dir, &mut [&mut opt, &mut disc_opt], None, device)?
-    } else {
-        checkpoint::resume(&state_dir, &mut [&mut opt], None, device)?
+    let mut state = {
+        let mut restored: Vec<&mut AdamW> = vec![&mut opt];
+        if disc.is_some() {
+            restored.push(&mut disc_opt);
+        }
+        TrainingState::resume_or_start(
+            &out.join("vae-train"),
+            opts.checkpoint_every,
+            "vae",
+            opts.steps,
+            opts.seed,
+            &mut restored,
+            None,
+            device,
+        )?
     };
-    let (mut step, mut rng, mut history) = match resumed {
-        Some(r) => (r.step, r.rng, r.history),
-        None => (0, TrainRng::new(opts.seed), Vec::new()),
-    };
-    let mut readbacks = ReadbackLog::resume(&state_dir.join("readback.csv"), step)?;
+    let mut readbacks = ReadbackLog::resume(&state.dir().join("readback.csv"), state.step)?;
     let s = recipe.image_size;
     let side = opts.crop.map_or(s, |c| c.min(s));
     let pixels = (3 * side * side) as f64;
-    while step < opts.steps {
+    while state.step < opts.steps {
+        let (step, rng) = (state.step, &mut state.rng);
         let start = (step * opts.batch) as u64;
         let (x, _) = batch(opts.seed, start..start + opts.batch as u64, s, device)?;
         let x = match opts.crop {
@@ -264,41 +270,22 @@ pub fn train_vae(
         }
         let grad_norm = clip_grad_norm(&mut grads, &params, opts.grad_clip)?;
         opt.step(&grads, lr)?;
-        step += 1;
-        checkpoint::record(
-            &mut history,
-            progress,
-            "vae",
-            opts.steps,
-            LogRow {
-                step,
-                loss,
-                lr,
-                grad_norm,
-            },
-        );
-        if step % opts.checkpoint_every == 0 || step == opts.steps {
-            let opts_saved: Vec<&AdamW> = if disc.is_some() {
-                vec![&opt, &disc_opt]
-            } else {
-                vec![&opt]
-            };
+        state.record(loss, lr, grad_norm, progress);
+        if state.checkpoint_due() {
+            let mut saved = vec![&opt];
+            if disc.is_some() {
+                saved.push(&disc_opt);
+            }
             // The read-back row first: the checkpoint is the commit point, and a resumed run
             // keeps the rows up to its step.
             let r = round_trip(&vae, opts.held_out, s, device, &mut |_, _| {})?;
-            let note = readbacks.push(step, &r)?;
-            checkpoint::save(&state_dir, step, &opts_saved, None, &rng, &history)?;
-            progress(&Progress {
-                phase: "vae",
-                step,
-                total: opts.steps,
-                loss,
-                note: Some(note),
-            });
+            let note = readbacks.push(state.step, &r)?;
+            state.save(&saved, None)?;
+            state.log.note(note, progress);
         }
     }
     let readback = match readbacks.last {
-        Some((at, r)) if at == step => r,
+        Some((at, r)) if at == state.step => r,
         _ => round_trip(&vae, opts.held_out, s, device, &mut |_, _| {})?,
     };
     // The latents' spread (for the scaling factor) and LPIPS, on the held-out scenes.
@@ -313,7 +300,7 @@ pub fn train_vae(
             let recon = vae.decode(&posterior.mean)?;
             distances.extend(net.forward(&x, &recon)?.to_vec1::<f32>()?);
         }
-        let eps = rng.randn(posterior.mean.dims(), device)?;
+        let eps = state.rng.randn(posterior.mean.dims(), device)?;
         latents.push(posterior.sample(&eps)?.flatten_all()?);
     }
     let all = Tensor::cat(&latents, 0)?;
@@ -334,8 +321,8 @@ pub fn train_vae(
         readback,
         lpips,
         scaling_factor,
-        final_loss: history.last().map_or(f64::NAN, |r| r.loss),
-        steps: step,
+        final_loss: state.log.final_loss(),
+        steps: state.step,
     })
 }
 
