@@ -196,6 +196,9 @@ fn info(path: &Path, check: bool) -> Result<()> {
         out!("latent shift:     {}", folder.vae.shift_factor);
     }
     out!("latent channels:  {}", folder.vae.latent_channels);
+    if let Some(dim) = folder.unet.time_cond_proj_dim {
+        out!("guidance:         embedded ({dim}-wide w embedding): one U-Net pass a step");
+    }
     let mut total = 0;
     for component in folder.components() {
         let s = folder

@@ -3,8 +3,9 @@
 //! config that defines the training noise schedule.
 
 use crate::{Error, Result};
-use candle_core::{DType, Device};
+use candle_core::{DType, Device, Tensor};
 use ldm_models::clip::{ClipTextModel, ClipTokenizer};
+use ldm_models::layers::timestep::guidance_scale_embedding;
 use ldm_models::model::{Family, ModelFolder, TextEncoderSlot};
 use ldm_models::unet::UNet2DConditionModel;
 use ldm_models::vae::AutoencoderKL;
@@ -169,6 +170,26 @@ impl Components {
             0.7
         } else {
             0.0
+        }
+    }
+
+    /// Whether `guidance_scale` is applied by classifier-free guidance — an unconditional and
+    /// a conditional pass a step — as diffusers does above 1. A U-Net with a guidance
+    /// embedding (`time_cond_proj_dim`: guidance-distilled and latent-consistency models) takes
+    /// the scale as an input instead and makes one pass.
+    pub fn classifier_free(&self, guidance_scale: f64) -> bool {
+        guidance_scale > 1.0 && self.unet.config.time_cond_proj_dim.is_none()
+    }
+
+    /// The guidance embedding a U-Net with `time_cond_proj_dim` is given for `guidance_scale`
+    /// (`w = guidance_scale − 1`, as diffusers' pipelines pass it), one row per batch item.
+    pub fn guidance_embedding(&self, guidance_scale: f64, batch: usize) -> Result<Option<Tensor>> {
+        match self.unet.config.time_cond_proj_dim {
+            Some(dim) => Ok(Some(
+                guidance_scale_embedding(&vec![guidance_scale - 1.0; batch], dim, &self.device)?
+                    .to_dtype(self.compute_dtype())?,
+            )),
+            None => Ok(None),
         }
     }
 }

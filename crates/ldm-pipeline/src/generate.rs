@@ -118,7 +118,12 @@ pub fn estimate_working_bytes(c: &Components, req: &Request) -> u64 {
     let f = c.vae_scale_factor() as u64;
     let (h, w) = (req.height as u64, req.width as u64);
     let tokens = (h / f) * (w / f);
-    let batch = req.batch_size as u64 * if req.guidance_scale > 1.0 { 2 } else { 1 };
+    let batch = req.batch_size as u64
+        * if c.classifier_free(req.guidance_scale) {
+            2
+        } else {
+            1
+        };
     let width = c
         .unet
         .config
@@ -227,11 +232,12 @@ fn repeat_rows(t: &Tensor, n: usize) -> Result<Tensor> {
     Ok(Tensor::cat(&vec![t; n], 0)?)
 }
 
-/// Builds the (guided) conditioning batch: unconditional rows first.
+/// Builds the (guided) conditioning batch: unconditional rows first. A U-Net with a guidance
+/// embedding gets the conditional rows only, and the embedding.
 fn conditioning(c: &Components, req: &Request) -> Result<Conditioning> {
     let b = req.batch_size;
     let mut positive = encode(c, &req.prompt, req.clip_skip)?;
-    let guided = req.guidance_scale > 1.0;
+    let guided = c.classifier_free(req.guidance_scale);
     let sdxl = c.unet.config.text_time.is_some();
     let mut negative: Option<PromptEmbeds> = if !guided {
         None
@@ -301,7 +307,11 @@ fn conditioning(c: &Components, req: &Request) -> Result<Conditioning> {
     } else {
         None
     };
-    Ok(Conditioning { context, added })
+    Ok(Conditioning {
+        context,
+        added,
+        timestep_cond: c.guidance_embedding(req.guidance_scale, b)?,
+    })
 }
 
 /// `requires_aesthetics_score` from `model_index.json` (the SDXL refiner's is true).
@@ -563,7 +573,13 @@ pub fn generate_with(
         unet: &c.unet,
         plan: &plan,
         cond,
-        guidance_scale: req.guidance_scale,
+        // The scale classifier-free guidance applies (none for a guidance-embedding U-Net,
+        // which took it in `cond`).
+        guidance_scale: if c.classifier_free(req.guidance_scale) {
+            req.guidance_scale
+        } else {
+            1.0
+        },
         guidance_rescale: req.guidance_rescale,
         dtype: c.compute_dtype(),
         extra_channels,

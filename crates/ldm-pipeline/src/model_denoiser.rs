@@ -15,6 +15,8 @@ pub struct Conditioning {
     pub context: Tensor,
     /// SDXL's pooled embedding and time ids, batched like `context`.
     pub added: Option<AddedCond>,
+    /// The guidance embedding of a U-Net with `time_cond_proj_dim` (conditional rows only).
+    pub timestep_cond: Option<Tensor>,
 }
 
 /// A U-Net with its conditioning and guidance, seen as a denoiser.
@@ -52,11 +54,12 @@ impl Denoiser for UNetDenoiser<'_> {
         let timesteps = Tensor::full(t as f32, batch, input.device())?;
         let out = self
             .unet
-            .forward(
+            .forward_with(
                 &input.to_dtype(self.dtype)?,
                 &timesteps,
                 &self.cond.context,
                 self.cond.added.as_ref(),
+                self.cond.timestep_cond.as_ref(),
             )?
             .to_dtype(DType::F32)?;
         let out = if self.guided() {

@@ -197,9 +197,13 @@ pub fn train_unet(
                 .into(),
         ));
     }
-    // The frozen autoencoder.
+    // The frozen autoencoder; the U-Net takes its latent channels.
     let vae_dir = out.join("vae");
     let vae = load_vae(&vae_dir, device)?;
+    let recipe = &Recipe {
+        latent_channels: vae.config.latent_channels,
+        ..recipe.clone()
+    };
     let tokenizer = write_tokenizer(&out.join("tokenizer"), &shapes_words(), recipe.text_context)?;
     let (bos, eos) = (tokenizer.bos_id, tokenizer.eos_id);
     let text_json = recipe.text_config(tokenizer.vocab_size(), bos, eos);

@@ -3,9 +3,9 @@
 //! to it.
 
 use crate::layers::attention::{merge_heads, scaled_dot_product, split_heads};
-use crate::layers::linear::{linear, Linear};
+use crate::layers::linear::{linear, linear_no_bias, Linear};
 use crate::layers::ops::{layer_norm, LayerNorm};
-use candle_core::{DType, Result, Tensor};
+use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::{Module, VarBuilder};
 
 /// diffusers' `get_timestep_embedding`: `timesteps` `[N]` → `[N, dim]`, computed in f32 the way
@@ -41,21 +41,70 @@ pub fn sinusoidal_embedding(
 /// `linear_1 → SiLU → linear_2`, projecting a sinusoidal embedding to the time-embedding width.
 #[derive(Debug, Clone)]
 pub struct TimestepEmbedding {
+    /// A condition's projection added to the input (`cond_proj`, no bias): the guidance
+    /// embedding of guidance-distilled and latent-consistency U-Nets.
+    cond_proj: Option<Linear>,
     linear_1: Linear,
     linear_2: Linear,
 }
 
 impl TimestepEmbedding {
     pub fn new(vb: VarBuilder, in_dim: usize, time_embed_dim: usize) -> Result<Self> {
+        Self::with_condition(vb, in_dim, time_embed_dim, None)
+    }
+
+    /// With a `cond_dim`-wide condition projected onto the input, as diffusers'
+    /// `TimestepEmbedding(cond_proj_dim=…)`.
+    pub fn with_condition(
+        vb: VarBuilder,
+        in_dim: usize,
+        time_embed_dim: usize,
+        cond_dim: Option<usize>,
+    ) -> Result<Self> {
         Ok(Self {
+            cond_proj: match cond_dim {
+                Some(d) => Some(linear_no_bias(d, in_dim, vb.pp("cond_proj"))?),
+                None => None,
+            },
             linear_1: linear(in_dim, time_embed_dim, vb.pp("linear_1"))?,
             linear_2: linear(time_embed_dim, time_embed_dim, vb.pp("linear_2"))?,
         })
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.linear_2.forward(&self.linear_1.forward(x)?.silu()?)
+        self.forward_with(x, None)
     }
+
+    /// `condition` `[B, cond_dim]` is added through `cond_proj` when both exist (diffusers
+    /// ignores a condition the layer has no projection for, and runs without one).
+    pub fn forward_with(&self, x: &Tensor, condition: Option<&Tensor>) -> Result<Tensor> {
+        let x = match (&self.cond_proj, condition) {
+            (Some(proj), Some(c)) => (x + proj.forward(&c.to_dtype(x.dtype())?)?)?,
+            _ => x.clone(),
+        };
+        self.linear_2.forward(&self.linear_1.forward(&x)?.silu()?)
+    }
+}
+
+/// diffusers' `get_guidance_scale_embedding` (Meng et al. 2023, the guidance-distillation
+/// conditioning): each scale `w` → `[sin(1000 w·f_i), cos(1000 w·f_i)]` with
+/// `f_i = exp(−i · ln 10000 / (half − 1))`, `[N]` → `[N, dim]`, in f32 with torch's order of
+/// rounding. Pipelines pass `w = guidance_scale − 1`.
+pub fn guidance_scale_embedding(w: &[f64], dim: usize, device: &Device) -> Result<Tensor> {
+    let half = dim / 2;
+    let step = 10000f32.ln() / (half as f32 - 1.0);
+    let freqs: Vec<f32> = (0..half).map(|i| (i as f32 * -step).exp()).collect();
+    let mut rows = Vec::with_capacity(w.len() * dim);
+    for &w in w {
+        let w = w as f32 * 1000.0;
+        let args: Vec<f32> = freqs.iter().map(|f| w * f).collect();
+        rows.extend(args.iter().map(|a| a.sin()));
+        rows.extend(args.iter().map(|a| a.cos()));
+        if dim % 2 == 1 {
+            rows.push(0.0);
+        }
+    }
+    Tensor::from_vec(rows, (w.len(), dim), device)
 }
 
 /// diffusers' `AttentionPooling` (from DeepFloyd IF): one query — the mean of the sequence plus

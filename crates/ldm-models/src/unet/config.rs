@@ -154,6 +154,9 @@ pub struct UNetConfig {
     /// the attention pooling over the text encoder's hidden states, whose projection is added
     /// to the timestep embedding.
     pub text_pool_heads: Option<usize>,
+    /// Width of a guidance embedding added to the timestep embedding through `cond_proj`
+    /// (guidance-distilled and latent-consistency models: one pass at a guidance scale w).
+    pub time_cond_proj_dim: Option<usize>,
     pub time_embed_dim: usize,
     pub conv_in_kernel: usize,
     pub conv_out_kernel: usize,
@@ -208,13 +211,12 @@ impl UNetConfig {
             Some("UNetMidBlock2DCrossAttn") => {}
             other => return Err(unsupported(path, format!("mid_block_type {other:?}"))),
         }
-        let checks: [(bool, &str); 10] = [
+        let checks: [(bool, &str); 9] = [
             (j.center_input_sample, "center_input_sample"),
             (j.dual_cross_attention, "dual_cross_attention"),
             (j.class_embed_type.is_some(), "class_embed_type"),
             (j.num_class_embeds.is_some(), "num_class_embeds"),
             (j.encoder_hid_dim.is_some(), "encoder_hid_dim"),
-            (j.time_cond_proj_dim.is_some(), "time_cond_proj_dim"),
             (
                 j.resnet_time_scale_shift != "default",
                 "resnet_time_scale_shift",
@@ -232,6 +234,9 @@ impl UNetConfig {
             }
         }
         let per_block = |e: String| Error::config(path, e);
+        if j.time_cond_proj_dim == Some(0) {
+            return Err(per_block("time_cond_proj_dim must be at least 1".into()));
+        }
         if j.only_cross_attention
             .per_block(n, "only_cross_attention")
             .map_err(per_block)?
@@ -422,6 +427,7 @@ impl UNetConfig {
             upcast_attention: j.upcast_attention,
             text_time,
             text_pool_heads,
+            time_cond_proj_dim: j.time_cond_proj_dim,
             time_embed_dim,
             conv_in_kernel: j.conv_in_kernel,
             conv_out_kernel: j.conv_out_kernel,

@@ -95,7 +95,12 @@ impl UNet2DConditionModel {
             use_linear_projection: cfg.use_linear_projection,
         };
 
-        let time_embedding = TimestepEmbedding::new(vb.pp("time_embedding"), ch[0], temb)?;
+        let time_embedding = TimestepEmbedding::with_condition(
+            vb.pp("time_embedding"),
+            ch[0],
+            temb,
+            cfg.time_cond_proj_dim,
+        )?;
         let add_embedding = match cfg.text_time {
             Some(tt) => Some(TimestepEmbedding::new(
                 vb.pp("add_embedding"),
@@ -265,6 +270,21 @@ impl UNet2DConditionModel {
         context: &Tensor,
         added: Option<&AddedCond>,
     ) -> Result<Tensor> {
+        self.forward_with(sample, timesteps, context, added, None)
+    }
+
+    /// [`Self::forward`] with diffusers' `timestep_cond` `[B, time_cond_proj_dim]`: the
+    /// guidance embedding ([`crate::layers::timestep::guidance_scale_embedding`]) of a U-Net
+    /// with `time_cond_proj_dim`, added to the timestep embedding's input. Optional, as in
+    /// diffusers (the model then runs as if w contributed nothing).
+    pub fn forward_with(
+        &self,
+        sample: &Tensor,
+        timesteps: &Tensor,
+        context: &Tensor,
+        added: Option<&AddedCond>,
+        timestep_cond: Option<&Tensor>,
+    ) -> Result<Tensor> {
         let cfg = &self.config;
         let dtype = sample.dtype();
         let t_emb = sinusoidal_embedding(
@@ -273,7 +293,9 @@ impl UNet2DConditionModel {
             cfg.flip_sin_to_cos,
             cfg.freq_shift,
         )?;
-        let mut emb = self.time_embedding.forward(&t_emb.to_dtype(dtype)?)?; // [B, T]
+        let mut emb = self
+            .time_embedding
+            .forward_with(&t_emb.to_dtype(dtype)?, timestep_cond)?; // [B, T]
         match (&self.add_embedding, cfg.text_time, added) {
             (Some(add_embedding), Some(tt), Some(added)) => {
                 let b = added.text_embeds.dim(0)?;
