@@ -24,6 +24,7 @@ pub(crate) fn emit(args: std::fmt::Arguments) {
 
 mod bench;
 mod data;
+mod distill;
 mod embedded;
 mod generate;
 mod train;
@@ -47,6 +48,9 @@ enum Command {
     /// Train models in Rust (the autoencoder, the text encoder and the U-Net).
     #[command(subcommand)]
     Train(train::TrainCommand),
+    /// Distil a model into a faster student (guidance distillation: one U-Net pass a step).
+    #[command(subcommand)]
+    Distill(distill::DistillCommand),
     /// Copy a diffusers folder with its weights cast to another dtype (e.g. f16 to halve it).
     Convert {
         /// The diffusers folder to read.
@@ -263,6 +267,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Generate(args) => generate::run(*args),
         Command::Train(cmd) => train::run(cmd),
+        Command::Distill(cmd) => distill::run(cmd),
         Command::Bench(args) => bench::run(args),
         Command::Data(cmd) => data::run(cmd),
         Command::Convert { model, dtype, out } => {
@@ -314,7 +319,7 @@ fn main() -> ExitCode {
     ldm_models::weights::keep_freed_memory();
     let cli = Cli::parse();
     fix_thread_count();
-    if matches!(cli.command, Command::Train(_)) {
+    if matches!(cli.command, Command::Train(_) | Command::Distill(_)) {
         one_thread_element_wise_ops();
     }
     match run(cli) {

@@ -196,14 +196,14 @@ fn bar(total: usize) -> ProgressBar {
 
 /// A training phase's front-end: the progress bar, the checkpoints' notes above it, and the
 /// wall time between consecutive steps (for the median step time printed at the end).
-struct Reporter {
+pub struct Reporter {
     pb: ProgressBar,
     last: Option<Instant>,
     step_seconds: Vec<f64>,
 }
 
 impl Reporter {
-    fn new(total: usize) -> Self {
+    pub fn new(total: usize) -> Self {
         Self {
             pb: bar(total),
             last: None,
@@ -211,7 +211,7 @@ impl Reporter {
         }
     }
 
-    fn progress(&mut self) -> impl FnMut(&Progress) + '_ {
+    pub fn progress(&mut self) -> impl FnMut(&Progress) + '_ {
         move |p: &Progress| {
             let pb = &self.pb;
             pb.set_prefix(p.phase);
@@ -232,7 +232,7 @@ impl Reporter {
 
     /// Finishes the bar; the median wall time of a step (checkpoints included), if any was
     /// timed.
-    fn finish(mut self) -> Option<f64> {
+    pub fn finish(mut self) -> Option<f64> {
         self.pb.finish();
         let v = &mut self.step_seconds;
         v.sort_by(f64::total_cmp);
@@ -240,7 +240,7 @@ impl Reporter {
     }
 }
 
-fn median_line(phase: &str, seconds: Option<f64>, batch: usize) -> String {
+pub fn median_line(phase: &str, seconds: Option<f64>, batch: usize) -> String {
     match seconds {
         Some(s) => format!(
             "{phase}: median step {s:.4} s, {:.1} samples/s",

@@ -494,3 +494,128 @@ fn bad_training_input_is_refused_clearly() {
     ]);
     assert!(!ok && err.contains("not a Shapes World caption"), "{err}");
 }
+
+/// Guidance distillation end to end on a miniature teacher: the student is a diffusers folder
+/// whose U-Net has the guidance embedding, it generates with one pass a step, a second run
+/// resumes its finished checkpoint, and bad input is refused before anything is written.
+#[test]
+fn guidance_distillation_makes_a_one_pass_student() {
+    let dir = tempfile::tempdir().unwrap();
+    let teacher = dir.path().join("teacher");
+    let (ok, _, err) = ldm(&[
+        "train",
+        "shapes",
+        "--miniature",
+        "--vae-steps",
+        "2",
+        "--unet-steps",
+        "2",
+        "--out",
+        s(&teacher),
+    ]);
+    assert!(ok, "{err}");
+    let student = dir.path().join("student");
+    let distil = |extra: &[&str]| {
+        let mut args = vec![
+            "distill",
+            "guidance",
+            "--teacher",
+            s(&teacher),
+            "--out",
+            s(&student),
+            "--steps",
+            "3",
+            "--batch",
+            "3",
+            "--pool",
+            "8",
+            "--embedding-dim",
+            "16",
+        ];
+        args.extend(extra);
+        ldm(&args)
+    };
+    let (ok, out, err) = distil(&[]);
+    assert!(ok, "{err}");
+    assert!(out.contains("guidance-distilled student: 3 steps"), "{out}");
+    let (ok, out, err) = ldm(&["info", s(&student), "--check"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("guidance:         embedded (16-wide"), "{out}");
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(student.join("unet/config.json")).unwrap()).unwrap();
+    assert_eq!(config["time_cond_proj_dim"], 16);
+    let png = dir.path().join("student.png");
+    let (ok, _, err) = ldm(&[
+        "generate",
+        "a red circle",
+        "--model",
+        s(&student),
+        "--steps",
+        "2",
+        "--guidance",
+        "5",
+        "--out",
+        s(&png),
+    ]);
+    assert!(ok, "{err}");
+    assert_eq!(png_size(&png), (64, 64));
+    // Finished: the same command again resumes at step 3 and writes the same student.
+    let before = std::fs::read(student.join("unet/diffusion_pytorch_model.safetensors")).unwrap();
+    let (ok, _, err) = distil(&[]);
+    assert!(ok, "{err}");
+    let after = std::fs::read(student.join("unet/diffusion_pytorch_model.safetensors")).unwrap();
+    assert!(
+        before == after,
+        "a resumed finished run changed the student"
+    );
+
+    // Bad input: a clear error, nothing written.
+    let fresh = dir.path().join("fresh");
+    let refuse = |args: &[&str], says: &str| {
+        let (ok, _, err) = ldm(args);
+        assert!(!ok && err.contains(says), "{args:?}: {err}");
+        assert!(!fresh.exists(), "{args:?} wrote {}", fresh.display());
+    };
+    let distil_to_fresh = |teacher: &Path, extra: &[&str]| -> Vec<String> {
+        let mut v: Vec<String> = [
+            "distill",
+            "guidance",
+            "--teacher",
+            s(teacher),
+            "--out",
+            s(&fresh),
+        ]
+        .iter()
+        .map(|a| a.to_string())
+        .collect();
+        v.extend(extra.iter().map(|a| a.to_string()));
+        v
+    };
+    fn as_strs(v: &[String]) -> Vec<&str> {
+        v.iter().map(String::as_str).collect()
+    }
+    refuse(
+        &as_strs(&distil_to_fresh(&dir.path().join("nope"), &[])),
+        "not a diffusion model folder",
+    );
+    refuse(
+        &as_strs(&distil_to_fresh(&student, &[])),
+        "already has a guidance embedding",
+    );
+    refuse(
+        &as_strs(&distil_to_fresh(&teacher, &["--scales", "5,2"])),
+        "guidance scales",
+    );
+    // Into a folder that holds another model: refused, the folder untouched.
+    let (ok, _, err) = ldm(&[
+        "distill",
+        "guidance",
+        "--teacher",
+        s(&teacher),
+        "--out",
+        s(&teacher),
+        "--steps",
+        "1",
+    ]);
+    assert!(!ok && err.contains("not empty"), "{err}");
+}

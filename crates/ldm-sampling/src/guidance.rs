@@ -8,6 +8,22 @@ use candle_core::{Result, Tensor, D};
 /// deviation: `φ · cfg·std(c)/std(cfg) + (1 − φ) · cfg` per batch item (unbiased std).
 pub fn guide(uncond: &Tensor, cond: &Tensor, scale: f64, rescale: f64) -> Result<Tensor> {
     let cfg = (uncond + ((cond - uncond)? * scale)?)?;
+    rescale_towards(cfg, cond, rescale)
+}
+
+/// [`guide`] with a scale per batch item (`scales.len()` = the batch): what guidance
+/// distillation's targets are, each example at its own scale.
+pub fn guide_each(uncond: &Tensor, cond: &Tensor, scales: &[f64], rescale: f64) -> Result<Tensor> {
+    let mut shape = vec![1usize; cond.rank()];
+    shape[0] = scales.len();
+    let g: Vec<f32> = scales.iter().map(|&g| g as f32).collect();
+    let g = Tensor::from_vec(g, shape, cond.device())?.to_dtype(cond.dtype())?;
+    let cfg = (uncond + (cond - uncond)?.broadcast_mul(&g)?)?;
+    rescale_towards(cfg, cond, rescale)
+}
+
+/// `φ · cfg·std(c)/std(cfg) + (1 − φ) · cfg` per batch item; `cfg` itself at φ ≤ 0.
+fn rescale_towards(cfg: Tensor, cond: &Tensor, rescale: f64) -> Result<Tensor> {
     if rescale <= 0.0 {
         return Ok(cfg);
     }
@@ -47,6 +63,26 @@ mod tests {
             (v.iter().map(|x| (x - m).powi(2)).sum::<f32>() / 3.0).sqrt()
         };
         assert!((std(&r) - std(&c)).abs() < 1e-5);
+        Ok(())
+    }
+
+    /// A scale per item is the same as guiding each item alone.
+    #[test]
+    fn per_item_scales_guide_each_item_alone() -> Result<()> {
+        let dev = Device::Cpu;
+        let u = Tensor::new(&[[0f32, 1.0, 2.0, 3.0], [1.0, -1.0, 0.5, 2.0]], &dev)?;
+        let c = Tensor::new(&[[1f32, 1.0, 3.0, 5.0], [0.0, 2.0, 1.0, -1.0]], &dev)?;
+        for phi in [0.0, 0.7] {
+            let both = guide_each(&u, &c, &[2.0, 7.5], phi)?;
+            for (i, g) in [2.0, 7.5].into_iter().enumerate() {
+                let alone = guide(&u.narrow(0, i, 1)?, &c.narrow(0, i, 1)?, g, phi)?;
+                let diff = (both.narrow(0, i, 1)? - alone)?
+                    .abs()?
+                    .max_all()?
+                    .to_scalar::<f32>()?;
+                assert!(diff < 1e-6, "item {i}, φ {phi}: {diff}");
+            }
+        }
         Ok(())
     }
 }

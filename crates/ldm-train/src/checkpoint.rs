@@ -5,8 +5,9 @@
 use crate::io::{write_json, write_safetensors};
 use crate::log::{LogRow, TrainingLog};
 use crate::noise::TrainRng;
-use crate::optim::{AdamW, Ema};
+use crate::optim::{clip_grad_norm, AdamW, Ema};
 use crate::{Error, Result};
+use candle_core::backprop::GradStore;
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -207,6 +208,39 @@ impl TrainingState {
             grad_norm,
         };
         self.log.record(row, progress);
+    }
+
+    /// Finishes a step of a single-optimiser trainer: clips `grads` to `grad_clip`, steps
+    /// `opt` at `lr` and the EMA after it, refuses a non-finite loss, records the step and
+    /// checkpoints when one is due.
+    #[allow(clippy::too_many_arguments)]
+    pub fn update(
+        &mut self,
+        loss: &Tensor,
+        mut grads: GradStore,
+        opt: &mut AdamW,
+        mut ema: Option<&mut Ema>,
+        lr: f64,
+        grad_clip: f64,
+        progress: &mut dyn FnMut(&crate::Progress),
+    ) -> Result<()> {
+        let grad_norm = clip_grad_norm(&mut grads, &opt.params, grad_clip)?;
+        opt.step(&grads, lr)?;
+        if let Some(ema) = ema.as_deref_mut() {
+            ema.update(&opt.params)?;
+        }
+        let loss = loss.to_scalar::<f32>()? as f64;
+        if !loss.is_finite() {
+            return Err(Error::Msg(format!(
+                "loss became {loss} at step {}",
+                self.step + 1
+            )));
+        }
+        self.record(loss, lr, grad_norm, progress);
+        if self.checkpoint_due() {
+            self.save(&[opt], ema.as_deref())?;
+        }
+        Ok(())
     }
 
     /// Whether the step just recorded is a checkpoint's: every `every` steps, and the last.

@@ -6,6 +6,7 @@ pub mod checkpoint;
 pub mod component;
 pub mod data;
 pub mod discriminator;
+pub mod distill;
 pub mod error;
 pub mod eval;
 pub mod io;

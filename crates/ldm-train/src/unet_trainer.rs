@@ -8,7 +8,7 @@
 use crate::checkpoint::TrainingState;
 use crate::component::{check_all_used, named_vars, strip, write_component, SeededInit};
 use crate::data::batch;
-use crate::optim::{clip_grad_norm, warmup_cosine, AdamW, AdamWConfig, Ema};
+use crate::optim::{warmup_cosine, AdamW, AdamWConfig, Ema};
 use crate::parallel::sharded_loss_and_grads;
 use crate::recipe::Recipe;
 use crate::tokenizer::{shapes_words, write_tokenizer};
@@ -310,40 +310,34 @@ pub fn train_unet(
         // Data parallelism over the CPU's cores: candle runs most ops on one thread, so each
         // shard of the batch goes forward and backward on its own thread and the gradients are
         // summed — the same gradient as one pass over the whole batch.
-        let (loss, mut grads) =
-            sharded_loss_and_grads(opts.shards.min(b).max(1), b, &params, |r| {
-                let n = r.len();
-                let context = text
-                    .forward(&tokens.narrow(0, r.start, n)?)?
-                    .last_hidden_state;
-                let pred = unet.forward(
-                    &noisy.narrow(0, r.start, n)?,
-                    &t_tensor.narrow(0, r.start, n)?,
-                    &context,
-                    None,
-                )?;
-                let per_sample = (pred - target.narrow(0, r.start, n)?)?
-                    .sqr()?
-                    .flatten_from(1)?
-                    .mean(1)?; // [n]
-                               // This shard's part of the batch mean.
-                Ok(((per_sample * weights.narrow(0, r.start, n)?)?.sum_all()? / b as f64)?)
-            })?;
-        let grad_norm = clip_grad_norm(&mut grads, &params, opts.grad_clip)?;
+        let (loss, grads) = sharded_loss_and_grads(opts.shards.min(b).max(1), b, &params, |r| {
+            let n = r.len();
+            let context = text
+                .forward(&tokens.narrow(0, r.start, n)?)?
+                .last_hidden_state;
+            let pred = unet.forward(
+                &noisy.narrow(0, r.start, n)?,
+                &t_tensor.narrow(0, r.start, n)?,
+                &context,
+                None,
+            )?;
+            let per_sample = (pred - target.narrow(0, r.start, n)?)?
+                .sqr()?
+                .flatten_from(1)?
+                .mean(1)?; // [n]
+                           // This shard's part of the batch mean.
+            Ok(((per_sample * weights.narrow(0, r.start, n)?)?.sum_all()? / b as f64)?)
+        })?;
         let lr = warmup_cosine(step, opts.lr, opts.warmup, opts.steps, 0.1);
-        opt.step(&grads, lr)?;
-        ema.update(&params)?;
-        let loss = loss.to_scalar::<f32>()? as f64;
-        if !loss.is_finite() {
-            return Err(Error::Msg(format!(
-                "loss became {loss} at step {}",
-                step + 1
-            )));
-        }
-        state.record(loss, lr, grad_norm, progress);
-        if state.checkpoint_due() {
-            state.save(&[&opt], Some(&ema))?;
-        }
+        state.update(
+            &loss,
+            grads,
+            &mut opt,
+            Some(&mut ema),
+            lr,
+            opts.grad_clip,
+            progress,
+        )?;
     }
 
     // The model: EMA weights in a diffusers folder.

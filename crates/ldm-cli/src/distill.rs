@@ -1,0 +1,120 @@
+//! `ldm distill`: students trained from a teacher model folder.
+
+use crate::train::{median_line, Reporter};
+use anyhow::{bail, Context, Result};
+use candle_core::Device;
+use clap::{Args, Subcommand};
+use ldm_train::distill::guidance::{distill_guidance, GuidanceOptions};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+#[derive(Subcommand)]
+pub enum DistillCommand {
+    /// Guidance distillation (Meng et al. 2023): a student with a guidance embedding that
+    /// matches the teacher's classifier-free-guided prediction in one U-Net pass a step.
+    Guidance(GuidanceArgs),
+}
+
+#[derive(Args)]
+pub struct GuidanceArgs {
+    /// The teacher: a diffusers model folder; the embedded model when omitted.
+    #[arg(long)]
+    teacher: Option<PathBuf>,
+    /// Output folder: the student (a diffusers folder) and `distill-train/` with checkpoints.
+    #[arg(long)]
+    out: PathBuf,
+    #[arg(long)]
+    steps: Option<usize>,
+    #[arg(long)]
+    batch: Option<usize>,
+    #[arg(long)]
+    lr: Option<f64>,
+    /// Guidance scales drawn per example, LOW,HIGH (diffusers' guidance_scale).
+    #[arg(long, value_delimiter = ',')]
+    scales: Option<Vec<f64>>,
+    /// Width of the guidance embedding (time_cond_proj_dim).
+    #[arg(long)]
+    embedding_dim: Option<usize>,
+    /// Scenes encoded by the teacher once, then sampled from.
+    #[arg(long)]
+    pool: Option<usize>,
+    #[arg(long)]
+    ema_decay: Option<f64>,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Steps between checkpoints (a killed run resumes from the last one).
+    #[arg(long)]
+    checkpoint_every: Option<usize>,
+    /// Parts of each batch computed in parallel, one thread each (default: one per core).
+    #[arg(long)]
+    shards: Option<usize>,
+}
+
+fn guidance_options(a: &GuidanceArgs) -> Result<GuidanceOptions> {
+    let d = GuidanceOptions::default();
+    let scales = match a.scales.as_deref() {
+        None => d.scales,
+        Some(&[lo, hi]) => (lo, hi),
+        Some(other) => bail!("--scales takes LOW,HIGH, not {other:?}"),
+    };
+    Ok(GuidanceOptions {
+        steps: a.steps.unwrap_or(d.steps),
+        batch: a.batch.unwrap_or(d.batch),
+        lr: a.lr.unwrap_or(d.lr),
+        scales,
+        embedding_dim: a.embedding_dim.unwrap_or(d.embedding_dim),
+        pool: a.pool.unwrap_or(d.pool),
+        ema_decay: a.ema_decay.unwrap_or(d.ema_decay),
+        seed: a.seed,
+        checkpoint_every: a.checkpoint_every.unwrap_or(d.checkpoint_every).max(1),
+        shards: a.shards.unwrap_or(d.shards).max(1),
+        ..d
+    })
+}
+
+/// Refuses an output folder that holds something other than this command's own run (a
+/// resume): distilling into another model's folder would overwrite it.
+fn check_out(out: &Path, state: &str) -> Result<()> {
+    let foreign = out.is_dir()
+        && std::fs::read_dir(out)?.next().is_some()
+        && !out.join(state).join("state.json").is_file();
+    if foreign {
+        bail!(
+            "{} is not empty and holds no {state}/ checkpoint of this command: give a new folder",
+            out.display()
+        );
+    }
+    Ok(())
+}
+
+pub fn run(cmd: DistillCommand) -> Result<()> {
+    let started = Instant::now();
+    let device = Device::Cpu;
+    match cmd {
+        DistillCommand::Guidance(a) => {
+            let opts = guidance_options(&a)?;
+            opts.check()?;
+            let teacher = crate::generate::model_path(a.teacher.as_deref())?;
+            check_out(&a.out, "distill-train")?;
+            let mut rep = Reporter::new(opts.steps);
+            let r = distill_guidance(&teacher, &a.out, &opts, &device, &mut rep.progress())
+                .with_context(|| format!("distilling {}", teacher.display()))?;
+            let median = rep.finish();
+            crate::emit(format_args!(
+                "guidance-distilled student: {} steps, loss {:.5}, in {}",
+                r.steps,
+                r.final_loss,
+                a.out.display()
+            ));
+            crate::emit(format_args!(
+                "{}",
+                median_line("distill", median, opts.batch)
+            ));
+        }
+    }
+    crate::emit(format_args!(
+        "distilled in {:.1} min",
+        started.elapsed().as_secs_f64() / 60.0
+    ));
+    Ok(())
+}

@@ -1,0 +1,192 @@
+//! Guidance distillation (Meng et al. 2023, "On Distillation of Guided Diffusion Models",
+//! stage one). The student is the teacher's U-Net with a guidance embedding added
+//! (diffusers' `time_cond_proj_dim`: `cond_proj` inside the timestep embedding, fed
+//! [`guidance_scale_embedding`] of w = s − 1), starting at zero so that it begins as the
+//! teacher's conditional prediction. Each example draws a guidance scale s from a range, and
+//! the student's one pass at s is trained to match the teacher's guided prediction
+//! `x̂_u + s·(x̂_c − x̂_u)` — with the teacher's guidance rescale φ, as `ldm generate` would
+//! guide it — in the teacher's own parametrisation (ε, v or x₀; its squared error is the
+//! x-space error times a per-timestep weight). On the student `ldm generate --guidance s`
+//! makes one U-Net pass a step.
+
+use super::{write_student, LatentPool, Student, Teacher};
+use crate::checkpoint::TrainingState;
+use crate::optim::{warmup_cosine, AdamW, AdamWConfig, Ema};
+use crate::parallel::sharded_loss_and_grads;
+use crate::{Error, Progress, Result};
+use candle_core::{Device, Tensor};
+use ldm_models::layers::timestep::guidance_scale_embedding;
+use ldm_sampling::guidance::guide_each;
+use serde_json::json;
+use std::path::Path;
+
+/// Options of `ldm distill guidance`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GuidanceOptions {
+    pub steps: usize,
+    pub batch: usize,
+    pub lr: f64,
+    pub warmup: usize,
+    /// The guidance scales s drawn uniformly per example (diffusers' `guidance_scale`).
+    pub scales: (f64, f64),
+    /// Width of the guidance embedding (diffusers' `time_cond_proj_dim`; LCM uses 256).
+    pub embedding_dim: usize,
+    pub ema_decay: f64,
+    pub grad_clip: f64,
+    pub seed: u64,
+    /// Shapes World scenes encoded once by the teacher, then sampled from.
+    pub pool: usize,
+    pub checkpoint_every: usize,
+    /// Parts of each batch computed in parallel, one thread each.
+    pub shards: usize,
+}
+
+impl Default for GuidanceOptions {
+    fn default() -> Self {
+        Self {
+            steps: 2000,
+            batch: 16,
+            lr: 1e-4,
+            warmup: 50,
+            scales: (1.0, 10.0),
+            embedding_dim: 256,
+            ema_decay: 0.995,
+            grad_clip: 1.0,
+            seed: 0,
+            pool: 4096,
+            checkpoint_every: 200,
+            shards: crate::parallel::cores(),
+        }
+    }
+}
+
+impl GuidanceOptions {
+    pub fn check(&self) -> Result<()> {
+        let (lo, hi) = self.scales;
+        if self.steps == 0 || self.batch == 0 || self.pool == 0 {
+            return Err(Error::Msg(
+                "steps, batch and pool must be at least 1".into(),
+            ));
+        }
+        if !(lo.is_finite() && hi.is_finite() && 1.0 <= lo && lo <= hi && hi <= 100.0) {
+            return Err(Error::Msg(format!(
+                "guidance scales {lo}..{hi}: need 1 ≤ low ≤ high ≤ 100"
+            )));
+        }
+        if self.embedding_dim < 4 || self.embedding_dim > 4096 {
+            return Err(Error::Msg(format!(
+                "embedding width {}: need 4 to 4096",
+                self.embedding_dim
+            )));
+        }
+        if !(self.lr.is_finite() && self.lr > 0.0) {
+            return Err(Error::Msg(format!("learning rate {}", self.lr)));
+        }
+        Ok(())
+    }
+}
+
+/// What a finished run measured.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DistillReport {
+    pub steps: usize,
+    pub final_loss: f64,
+}
+
+/// Distils the model folder `teacher` into `out` (a diffusers folder whose U-Net has a guidance
+/// embedding); checkpoints in `out/distill-train`, resumed when present.
+pub fn distill_guidance(
+    teacher_dir: &Path,
+    out: &Path,
+    opts: &GuidanceOptions,
+    device: &Device,
+    progress: &mut dyn FnMut(&Progress),
+) -> Result<DistillReport> {
+    opts.check()?;
+    let teacher = Teacher::load(teacher_dir, device)?;
+    let phi = teacher.components.default_guidance_rescale();
+    let scaling = teacher.components.vae.config.scaling_factor;
+    let student = Student::from_teacher(
+        teacher_dir,
+        &json!({ "time_cond_proj_dim": opts.embedding_dim }),
+        device,
+    )?;
+    let params = student.params.clone();
+    let mut opt = AdamW::new(params.clone(), AdamWConfig::default())?;
+    let mut ema = Ema::new(&params, opts.ema_decay)?;
+    std::fs::create_dir_all(out)?;
+    let mut state = TrainingState::resume_or_start(
+        &out.join("distill-train"),
+        opts.checkpoint_every,
+        "distill",
+        opts.steps,
+        opts.seed,
+        &mut [&mut opt],
+        Some(&mut ema),
+        device,
+    )?;
+    let data = LatentPool::encode(&teacher, opts.pool, opts.seed, device)?;
+    let abar = &teacher.alphas_cumprod;
+    let train_steps = abar.len();
+    while state.step < opts.steps {
+        let (step, rng) = (state.step, &mut state.rng);
+        let b = opts.batch;
+        let picks: Vec<u32> = (0..b).map(|_| rng.below(data.len()) as u32).collect();
+        let picks_t = Tensor::new(picks.as_slice(), device)?;
+        let mean = data.means.index_select(&picks_t, 0)?;
+        let std = data.stds.index_select(&picks_t, 0)?;
+        let dims = mean.dims().to_vec();
+        let x0 = ((mean + (std * rng.randn(&dims, device)?)?)? * scaling)?;
+        let context = data.contexts.index_select(&picks_t, 0)?;
+        let ts: Vec<usize> = (0..b).map(|_| rng.below(train_steps)).collect();
+        let scales: Vec<f64> = (0..b)
+            .map(|_| opts.scales.0 + (opts.scales.1 - opts.scales.0) * rng.uniform())
+            .collect();
+        let noise = rng.randn(&dims, device)?;
+        let col = |v: Vec<f32>| Tensor::from_vec(v, (b, 1, 1, 1), device);
+        let a = col(ts.iter().map(|&t| abar[t].sqrt()).collect())?;
+        let s = col(ts.iter().map(|&t| (1.0 - abar[t]).sqrt()).collect())?;
+        let noisy = (x0.broadcast_mul(&a)? + noise.broadcast_mul(&s)?)?;
+        let t_tensor =
+            Tensor::from_vec(ts.iter().map(|&t| t as f32).collect::<Vec<_>>(), b, device)?;
+        let w: Vec<f64> = scales.iter().map(|s| s - 1.0).collect();
+        let w_emb = guidance_scale_embedding(&w, opts.embedding_dim, device)?;
+        let (loss, grads) = sharded_loss_and_grads(opts.shards, b, &params, |r| {
+            let n = r.len();
+            let (x, t) = (
+                noisy.narrow(0, r.start, n)?,
+                t_tensor.narrow(0, r.start, n)?,
+            );
+            let ctx = context.narrow(0, r.start, n)?;
+            let empty = data.empty.repeat((n, 1, 1))?;
+            // The teacher's guided prediction at each example's scale: the target.
+            let uncond = teacher.predict(&x, &t, &empty)?;
+            let cond = teacher.predict(&x, &t, &ctx)?;
+            let target = guide_each(&uncond, &cond, &scales[r.clone()], phi)?;
+            let pred = student.unet.forward_with(
+                &x,
+                &t,
+                &ctx,
+                None,
+                Some(&w_emb.narrow(0, r.start, n)?),
+            )?;
+            let mse = (pred - target)?.sqr()?.mean_all()?;
+            Ok((mse * (n as f64 / b as f64))?)
+        })?;
+        let lr = warmup_cosine(step, opts.lr, opts.warmup, opts.steps, 0.1);
+        state.update(
+            &loss,
+            grads,
+            &mut opt,
+            Some(&mut ema),
+            lr,
+            opts.grad_clip,
+            progress,
+        )?;
+    }
+    write_student(teacher_dir, out, &student, &ema.shadow)?;
+    Ok(DistillReport {
+        steps: state.step,
+        final_loss: state.log.final_loss(),
+    })
+}
