@@ -5,6 +5,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use clap::{Args, Subcommand};
 use ldm_train::distill::guidance::{distill_guidance, GuidanceOptions};
+use ldm_train::distill::progressive::ProgressiveOptions;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -13,6 +14,73 @@ pub enum DistillCommand {
     /// Guidance distillation (Meng et al. 2023): a student with a guidance embedding that
     /// matches the teacher's classifier-free-guided prediction in one U-Net pass a step.
     Guidance(GuidanceArgs),
+    /// Progressive distillation (Salimans & Ho 2022): students of half their teacher's
+    /// sampling steps, halving down to --steps (OUT/steps-<n> each).
+    Progressive(ProgressiveArgs),
+}
+
+#[derive(Args)]
+pub struct ProgressiveArgs {
+    /// The teacher: a diffusers model folder (a guidance-distilled one too); the embedded model
+    /// when omitted.
+    #[arg(long)]
+    teacher: Option<PathBuf>,
+    /// Output folder: one student folder per halving, `steps-<n>`.
+    #[arg(long)]
+    out: PathBuf,
+    /// The final student's sampling steps.
+    #[arg(long)]
+    steps: usize,
+    /// The teacher's sampling steps: the student's times a power of two.
+    #[arg(long)]
+    teacher_steps: Option<usize>,
+    /// Training steps of each halving.
+    #[arg(long)]
+    train_steps: Option<usize>,
+    #[arg(long)]
+    batch: Option<usize>,
+    #[arg(long)]
+    lr: Option<f64>,
+    /// Classifier-free guidance of a teacher without a guidance embedding.
+    #[arg(long)]
+    guidance: Option<f64>,
+    /// Scales drawn per example for a teacher with a guidance embedding, LOW,HIGH.
+    #[arg(long, value_delimiter = ',')]
+    scales: Option<Vec<f64>>,
+    #[arg(long)]
+    pool: Option<usize>,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[arg(long)]
+    checkpoint_every: Option<usize>,
+    #[arg(long)]
+    shards: Option<usize>,
+}
+
+fn scale_range(given: Option<&[f64]>, default: (f64, f64)) -> Result<(f64, f64)> {
+    Ok(match given {
+        None => default,
+        Some(&[lo, hi]) => (lo, hi),
+        Some(other) => bail!("--scales takes LOW,HIGH, not {other:?}"),
+    })
+}
+
+fn progressive_options(a: &ProgressiveArgs) -> Result<ProgressiveOptions> {
+    let d = ProgressiveOptions::default();
+    Ok(ProgressiveOptions {
+        steps: a.steps,
+        teacher_steps: a.teacher_steps.unwrap_or(4 * a.steps),
+        train_steps: a.train_steps.unwrap_or(d.train_steps),
+        batch: a.batch.unwrap_or(d.batch),
+        lr: a.lr.unwrap_or(d.lr),
+        guidance: a.guidance.unwrap_or(d.guidance),
+        scales: scale_range(a.scales.as_deref(), d.scales)?,
+        pool: a.pool.unwrap_or(d.pool),
+        seed: a.seed,
+        checkpoint_every: a.checkpoint_every.unwrap_or(d.checkpoint_every).max(1),
+        shards: a.shards.unwrap_or(d.shards).max(1),
+        ..d
+    })
 }
 
 #[derive(Args)]
@@ -52,11 +120,7 @@ pub struct GuidanceArgs {
 
 fn guidance_options(a: &GuidanceArgs) -> Result<GuidanceOptions> {
     let d = GuidanceOptions::default();
-    let scales = match a.scales.as_deref() {
-        None => d.scales,
-        Some(&[lo, hi]) => (lo, hi),
-        Some(other) => bail!("--scales takes LOW,HIGH, not {other:?}"),
-    };
+    let scales = scale_range(a.scales.as_deref(), d.scales)?;
     Ok(GuidanceOptions {
         steps: a.steps.unwrap_or(d.steps),
         batch: a.batch.unwrap_or(d.batch),
@@ -109,6 +173,46 @@ pub fn run(cmd: DistillCommand) -> Result<()> {
             crate::emit(format_args!(
                 "{}",
                 median_line("distill", median, opts.batch)
+            ));
+        }
+        DistillCommand::Progressive(a) => {
+            let opts = progressive_options(&a)?;
+            opts.check()?;
+            let teacher = crate::generate::model_path(a.teacher.as_deref())?;
+            let foreign = a.out.is_dir()
+                && std::fs::read_dir(&a.out)?.any(|e| {
+                    e.map(|e| !e.file_name().to_string_lossy().starts_with("steps-"))
+                        .unwrap_or(true)
+                });
+            if foreign {
+                bail!(
+                    "{} holds something other than this command's steps-<n> folders: give a new folder",
+                    a.out.display()
+                );
+            }
+            let mut rep = Reporter::new(opts.train_steps);
+            let r = ldm_train::distill::progressive::distill_progressive(
+                &teacher,
+                &a.out,
+                &opts,
+                &device,
+                &mut rep.progress(),
+            )
+            .with_context(|| format!("distilling {}", teacher.display()))?;
+            let median = rep.finish();
+            for (steps, loss) in &r.halvings {
+                crate::emit(format_args!("{steps}-step student: final loss {loss:.5}"));
+            }
+            crate::emit(format_args!(
+                "the {}-step student: {} (ldm generate --model {} --steps {})",
+                opts.steps,
+                r.folder.display(),
+                r.folder.display(),
+                opts.steps
+            ));
+            crate::emit(format_args!(
+                "{}",
+                median_line("halving", median, opts.batch)
             ));
         }
     }

@@ -618,4 +618,62 @@ fn guidance_distillation_makes_a_one_pass_student() {
         "1",
     ]);
     assert!(!ok && err.contains("not empty"), "{err}");
+
+    // Progressive distillation of the guided student (its scale drawn per example): 4 → 2 → 1
+    // steps, each student a folder sampled on the trailing grid.
+    let halved = dir.path().join("halved");
+    let (ok, out, err) = ldm(&[
+        "distill",
+        "progressive",
+        "--teacher",
+        s(&student),
+        "--out",
+        s(&halved),
+        "--steps",
+        "1",
+        "--teacher-steps",
+        "4",
+        "--train-steps",
+        "2",
+        "--batch",
+        "2",
+        "--pool",
+        "4",
+    ]);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("2-step student") && out.contains("1-step student"),
+        "{out}"
+    );
+    let sched =
+        std::fs::read_to_string(halved.join("steps-1/scheduler/scheduler_config.json")).unwrap();
+    assert!(sched.contains("\"trailing\""), "{sched}");
+    let png = dir.path().join("one-step.png");
+    let (ok, _, err) = ldm(&[
+        "generate",
+        "a red circle",
+        "--model",
+        s(&halved.join("steps-1")),
+        "--steps",
+        "1",
+        "--out",
+        s(&png),
+    ]);
+    assert!(ok, "{err}");
+    let bad: Vec<String> = [
+        "distill",
+        "progressive",
+        "--teacher",
+        s(&teacher),
+        "--out",
+        s(&fresh),
+        "--steps",
+        "3",
+        "--teacher-steps",
+        "8",
+    ]
+    .iter()
+    .map(|a| a.to_string())
+    .collect();
+    refuse(&as_strs(&bad), "power of two");
 }

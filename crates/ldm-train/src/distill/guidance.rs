@@ -9,9 +9,8 @@
 //! x-space error times a per-timestep weight). On the student `ldm generate --guidance s`
 //! makes one U-Net pass a step.
 
-use super::{write_student, LatentPool, Student, Teacher};
-use crate::checkpoint::TrainingState;
-use crate::optim::{warmup_cosine, AdamW, AdamWConfig, Ema};
+use super::{write_student, LatentPool, Student, StudentRun, Teacher};
+use crate::optim::warmup_cosine;
 use crate::parallel::sharded_loss_and_grads;
 use crate::{Error, Progress, Result};
 use candle_core::{Device, Tensor};
@@ -112,17 +111,18 @@ pub fn distill_guidance(
         device,
     )?;
     let params = student.params.clone();
-    let mut opt = AdamW::new(params.clone(), AdamWConfig::default())?;
-    let mut ema = Ema::new(&params, opts.ema_decay)?;
-    std::fs::create_dir_all(out)?;
-    let mut state = TrainingState::resume_or_start(
-        &out.join("distill-train"),
-        opts.checkpoint_every,
+    let StudentRun {
+        mut opt,
+        mut ema,
+        mut state,
+    } = StudentRun::start(
+        &student,
+        out,
         "distill",
         opts.steps,
+        opts.checkpoint_every,
         opts.seed,
-        &mut [&mut opt],
-        Some(&mut ema),
+        opts.ema_decay,
         device,
     )?;
     let data = LatentPool::encode(&teacher, opts.pool, opts.seed, device)?;
@@ -131,13 +131,8 @@ pub fn distill_guidance(
     while state.step < opts.steps {
         let (step, rng) = (state.step, &mut state.rng);
         let b = opts.batch;
-        let picks: Vec<u32> = (0..b).map(|_| rng.below(data.len()) as u32).collect();
-        let picks_t = Tensor::new(picks.as_slice(), device)?;
-        let mean = data.means.index_select(&picks_t, 0)?;
-        let std = data.stds.index_select(&picks_t, 0)?;
-        let dims = mean.dims().to_vec();
-        let x0 = ((mean + (std * rng.randn(&dims, device)?)?)? * scaling)?;
-        let context = data.contexts.index_select(&picks_t, 0)?;
+        let (x0, context) = data.draw(rng, b, scaling, device)?;
+        let dims = x0.dims().to_vec();
         let ts: Vec<usize> = (0..b).map(|_| rng.below(train_steps)).collect();
         let scales: Vec<f64> = (0..b)
             .map(|_| opts.scales.0 + (opts.scales.1 - opts.scales.0) * rng.uniform())

@@ -9,9 +9,13 @@
 //! writing the student out as a diffusers folder beside copies of the teacher's other parts.
 
 pub mod guidance;
+pub mod progressive;
 
+use crate::checkpoint::TrainingState;
 use crate::component::{named_vars, SeededInit};
 use crate::data::batch;
+use crate::noise::TrainRng;
+use crate::optim::{AdamW, AdamWConfig, Ema};
 use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::VarMap;
@@ -30,7 +34,22 @@ pub struct Teacher {
 }
 
 impl Teacher {
+    /// A teacher without a guidance embedding (guidance and consistency distillation add
+    /// one; a model that has one is already distilled).
     pub fn load(dir: &Path, device: &Device) -> Result<Self> {
+        let teacher = Self::load_any(dir, device)?;
+        if teacher.components.unet.config.time_cond_proj_dim.is_some() {
+            return Err(Error::Msg(format!(
+                "{}: the teacher already has a guidance embedding (time_cond_proj_dim): it is a \
+                 distilled model",
+                dir.display()
+            )));
+        }
+        Ok(teacher)
+    }
+
+    /// Any SD1/SD2-style model folder, distilled or not.
+    pub fn load_any(dir: &Path, device: &Device) -> Result<Self> {
         if !dir.join("model_index.json").is_file() {
             return Err(Error::Msg(format!(
                 "{}: not a diffusion model folder (no model_index.json)",
@@ -45,13 +64,6 @@ impl Teacher {
                 "distillation takes SD1/SD2-style teachers (one text encoder, no added conditioning)"
                     .into(),
             ));
-        }
-        if unet.time_cond_proj_dim.is_some() {
-            return Err(Error::Msg(format!(
-                "{}: the teacher already has a guidance embedding (time_cond_proj_dim): it is a \
-                 distilled model",
-                dir.display()
-            )));
         }
         let prediction = match components.scheduler.prediction_type.as_deref() {
             None | Some("epsilon") => Prediction::Epsilon,
@@ -128,6 +140,23 @@ impl LatentPool {
         })
     }
 
+    /// `b` examples drawn with replacement: latents sampled from their posteriors (scaled by
+    /// `scaling`) and their captions' encodings.
+    pub fn draw(
+        &self,
+        rng: &mut TrainRng,
+        b: usize,
+        scaling: f64,
+        device: &Device,
+    ) -> Result<(Tensor, Tensor)> {
+        let picks: Vec<u32> = (0..b).map(|_| rng.below(self.len()) as u32).collect();
+        let picks = Tensor::new(picks.as_slice(), device)?;
+        let mean = self.means.index_select(&picks, 0)?;
+        let std = self.stds.index_select(&picks, 0)?;
+        let x0 = ((&mean + (std * rng.randn(mean.dims(), device)?)?)? * scaling)?;
+        Ok((x0, self.contexts.index_select(&picks, 0)?))
+    }
+
     pub fn len(&self) -> usize {
         self.means.dim(0).unwrap_or(0)
     }
@@ -199,6 +228,43 @@ impl Student {
     }
 }
 
+/// A student's optimiser, its EMA (what is written out) and the training state, resumed from
+/// `out/distill-train` when it holds a checkpoint.
+pub struct StudentRun {
+    pub opt: AdamW,
+    pub ema: Ema,
+    pub state: TrainingState,
+}
+
+impl StudentRun {
+    #[allow(clippy::too_many_arguments)]
+    pub fn start(
+        student: &Student,
+        out: &Path,
+        phase: &'static str,
+        total: usize,
+        checkpoint_every: usize,
+        seed: u64,
+        ema_decay: f64,
+        device: &Device,
+    ) -> Result<Self> {
+        let mut opt = AdamW::new(student.params.clone(), AdamWConfig::default())?;
+        let mut ema = Ema::new(&student.params, ema_decay)?;
+        std::fs::create_dir_all(out)?;
+        let state = TrainingState::resume_or_start(
+            &out.join("distill-train"),
+            checkpoint_every,
+            phase,
+            total,
+            seed,
+            &mut [&mut opt],
+            Some(&mut ema),
+            device,
+        )?;
+        Ok(Self { opt, ema, state })
+    }
+}
+
 /// Writes the distilled folder: the student's U-Net (`values`, the EMA) in f32 and copies of
 /// the teacher's other parts (text encoder, tokenizer, autoencoder, scheduler, model index).
 pub fn write_student(
@@ -223,6 +289,16 @@ pub fn write_student(
         &crate::component::strip(&student.params, values, ""),
         DType::F32,
     )
+}
+
+/// Edits the written student's `scheduler/scheduler_config.json` with `changes`.
+pub fn edit_scheduler(out: &Path, changes: &serde_json::Value) -> Result<()> {
+    let path = out.join("scheduler").join("scheduler_config.json");
+    let mut config: serde_json::Value = serde_json::from_slice(&std::fs::read(&path)?)?;
+    for (k, v) in changes.as_object().into_iter().flatten() {
+        config[k] = v.clone();
+    }
+    crate::io::write_json(&path, &config)
 }
 
 fn copy_tree(from: &Path, to: &Path) -> Result<()> {
