@@ -87,7 +87,40 @@ pub struct ModelIndex {
     pub components: std::collections::BTreeMap<String, serde_json::Value>,
 }
 
+/// What a model folder says its images want when the user gives nothing: `_ldm_defaults` in
+/// `model_index.json` (diffusers ignores keys that start with `_`), written by `ldm distill`
+/// for students that sample in few steps or have their guidance built in. The names are
+/// diffusers' `__call__` arguments.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+pub struct PipelineDefaults {
+    #[serde(default)]
+    pub num_inference_steps: Option<usize>,
+    #[serde(default)]
+    pub guidance_scale: Option<f64>,
+}
+
 impl ModelIndex {
+    /// The folder's `_ldm_defaults` (none when absent; an error naming `path`, the index
+    /// file, when malformed).
+    pub fn defaults(&self, path: &Path) -> Result<PipelineDefaults> {
+        let Some(v) = self.components.get("_ldm_defaults") else {
+            return Ok(PipelineDefaults::default());
+        };
+        let d: PipelineDefaults = serde_json::from_value(v.clone())
+            .map_err(|e| Error::config(path, format!("`_ldm_defaults`: {e}")))?;
+        let steps_ok = d
+            .num_inference_steps
+            .is_none_or(|n| (1..=1000).contains(&n));
+        let scale_ok = d.guidance_scale.is_none_or(|g| g.is_finite() && g >= 0.0);
+        if !(steps_ok && scale_ok) {
+            return Err(Error::config(
+                path,
+                format!("`_ldm_defaults`: {d:?} (steps 1–1000, a finite guidance ≥ 0)"),
+            ));
+        }
+        Ok(d)
+    }
+
     /// A boolean pipeline setting (`force_zeros_for_empty_prompt`, …), if present.
     pub fn flag(&self, name: &str) -> Option<bool> {
         self.components.get(name).and_then(|v| v.as_bool())

@@ -8,6 +8,7 @@ pub mod config;
 pub mod error;
 pub mod flops;
 pub mod layers;
+pub mod lora;
 pub mod model;
 pub mod unet;
 pub mod vae;

@@ -3,7 +3,7 @@
 //! model family they describe, header-only summaries, and strict loading of each network.
 
 use crate::clip::{ClipTextConfig, ClipTextModel, ClipTokenizer};
-use crate::config::{read_json, ModelIndex, SchedulerConfigHead};
+use crate::config::{read_json, ModelIndex, PipelineDefaults, SchedulerConfigHead};
 use crate::error::{Error, Result};
 use crate::unet::{UNet2DConditionModel, UNetConfig};
 use crate::vae::{AutoencoderKL, VaeConfig};
@@ -82,6 +82,8 @@ pub struct ModelFolder {
     pub text_encoder: Option<ClipTextConfig>,
     pub text_encoder_2: Option<ClipTextConfig>,
     pub scheduler: SchedulerConfigHead,
+    /// Steps and guidance the folder asks for when the user gives none (`_ldm_defaults`).
+    pub defaults: PipelineDefaults,
     /// For a single-file checkpoint: its tensors (configs, tokenizers and the scheduler come
     /// from `root`, a diffusers folder of the same family).
     pub single_file: Option<Arc<Checkpoint>>,
@@ -111,6 +113,7 @@ impl ModelFolder {
             });
         }
         let index: ModelIndex = read_json(&index_path)?;
+        let defaults = index.defaults(&index_path)?;
         let require = |name: &str| -> Result<PathBuf> {
             let dir = root.join(name);
             if !index.has(name) {
@@ -153,6 +156,7 @@ impl ModelFolder {
             text_encoder,
             text_encoder_2,
             scheduler,
+            defaults,
             single_file: None,
         })
     }
@@ -271,6 +275,35 @@ impl ModelFolder {
         self.build("unet", dtype, device, |vb| {
             UNet2DConditionModel::new(vb, &self.unet)
         })
+    }
+
+    /// Loads the U-Net with LoRA files merged into its weights, each at its multiplier (files
+    /// in the order given; their updates add). Returns the U-Net and, per file, the tensors
+    /// for other networks that were not applied.
+    pub fn load_unet_with_loras(
+        &self,
+        dtype: DType,
+        device: &Device,
+        loras: &[(PathBuf, f64)],
+    ) -> Result<(Loaded<UNet2DConditionModel>, Vec<usize>)> {
+        let ckpt = self.component_checkpoint("unet")?;
+        let mut patches = BTreeMap::new();
+        let mut skipped = Vec::new();
+        for (file, multiplier) in loras {
+            let lora = crate::lora::UnetLora::open(file, &ckpt, device)?;
+            lora.add_to(&mut patches, *multiplier, &ckpt)?;
+            skipped.push(lora.skipped);
+        }
+        let weights = Weights::with_patches(ckpt, patches);
+        let model = UNet2DConditionModel::new(weights.var_builder(dtype, device), &self.unet)
+            .map_err(|e| Error::Msg(format!("loading unet: {e}")))?;
+        Ok((
+            Loaded {
+                model,
+                unused: weights.unused(),
+            },
+            skipped,
+        ))
     }
 
     /// Loads the autoencoder, computing in `dtype`.

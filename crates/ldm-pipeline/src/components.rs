@@ -160,6 +160,31 @@ impl Components {
             .map_or(512, |s| s * self.vae_scale_factor())
     }
 
+    /// Reloads the U-Net with LoRA files merged into it (`(file, multiplier)`, updates
+    /// added in order). Returns, per file, the tensors for other networks left unapplied.
+    pub fn apply_loras(&mut self, loras: &[(std::path::PathBuf, f64)]) -> Result<Vec<usize>> {
+        if loras.is_empty() {
+            return Ok(Vec::new());
+        }
+        let (unet, skipped) = self
+            .folder
+            .load_unet_with_loras(self.dtype, &self.device, loras)?;
+        self.unet = unet.model;
+        Ok(skipped)
+    }
+
+    /// Sampling steps when the user gives none: the folder's own (`_ldm_defaults`, written for
+    /// distilled students), else 20.
+    pub fn default_steps(&self) -> usize {
+        self.folder.defaults.num_inference_steps.unwrap_or(20)
+    }
+
+    /// The guidance scale when the user gives none: the folder's own (1 for a student whose
+    /// guidance is built in), else 7.5, as diffusers' pipelines default it.
+    pub fn default_guidance(&self) -> f64 {
+        self.folder.defaults.guidance_scale.unwrap_or(7.5)
+    }
+
     /// The guidance rescale φ when the user gives none: 0.7 for a model trained on a
     /// zero-terminal-SNR schedule (its scheduler says `rescale_betas_zero_snr`), the value Lin et
     /// al. (2024) pair with such models, since plain guidance over-exposes them; 0 otherwise, as

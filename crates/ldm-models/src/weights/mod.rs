@@ -271,15 +271,33 @@ fn describe_safetensors_error(e: &safetensors::SafeTensorError, file_len: usize)
 pub struct Weights {
     checkpoint: Checkpoint,
     used: Mutex<BTreeSet<String>>,
+    /// Updates added to tensors as they load (merged LoRA layers), by key, in f32.
+    patches: BTreeMap<String, Tensor>,
 }
 
 impl Weights {
     /// Wraps an opened checkpoint.
     pub fn new(checkpoint: Checkpoint) -> Arc<Self> {
+        Self::with_patches(checkpoint, BTreeMap::new())
+    }
+
+    /// Wraps an opened checkpoint whose tensors named in `patches` load with the update added.
+    pub fn with_patches(checkpoint: Checkpoint, patches: BTreeMap<String, Tensor>) -> Arc<Self> {
         Arc::new(Self {
             checkpoint,
             used: Mutex::new(BTreeSet::new()),
+            patches,
         })
+    }
+
+    /// Loads `name`, with its patch added.
+    fn load(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        match self.patches.get(name) {
+            None => self.checkpoint.load(name, dtype, dev),
+            Some(p) => {
+                (self.checkpoint.load(name, DType::F32, dev)? + p.to_device(dev)?)?.to_dtype(dtype)
+            }
+        }
     }
 
     /// The checkpoint behind this backend.
@@ -339,12 +357,12 @@ impl SimpleBackend for StrictBackend {
             )));
         }
         self.0.mark_used(name);
-        ckpt.load(name, dtype, dev)
+        self.0.load(name, dtype, dev)
     }
 
     fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
         self.0.mark_used(name);
-        self.0.checkpoint.load(name, dtype, dev)
+        self.0.load(name, dtype, dev)
     }
 
     fn contains_tensor(&self, name: &str) -> bool {

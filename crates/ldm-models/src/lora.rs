@@ -1,0 +1,339 @@
+//! LoRA (Hu et al. 2021) on the U-Net: a layer's weight W becomes `W + m·(α/r)·B·A`, with A
+//! (`lora_A`, kohya's `lora_down`) of shape `[r, in]` — `[r, in, kh, kw]` for a convolution,
+//! whose low-rank form is a k×k convolution to r channels followed by a 1×1 one — and B
+//! (`lora_B`, `lora_up`) of shape `[out, r]` (`[out, r, 1, 1]`), α/r the file's scale (1 when
+//! it stores no alpha, as diffusers/PEFT files) and m the user's multiplier.
+//!
+//! Files in diffusers/PEFT naming (`unet.<module>.lora_A.weight`, as diffusers'
+//! `save_lora_weights` writes and `ldm distill lcm --lora` writes) and in kohya/A1111 naming for
+//! diffusers-layout modules (`lora_unet_<module with _>.lora_down.weight`, `.alpha`) are read;
+//! text-encoder tensors are counted and reported, not applied.
+
+use crate::error::{Error, Result};
+use crate::weights::Checkpoint;
+use candle_core::{DType, Device, Tensor};
+use std::collections::BTreeMap;
+use std::path::Path;
+
+/// The U-Net layers LCM-LoRA (and most SD LoRA trainers) adapt, as module-path endings.
+pub const UNET_TARGETS: &[&str] = &[
+    "to_q",
+    "to_k",
+    "to_v",
+    "to_out.0",
+    "proj_in",
+    "proj_out",
+    "ff.net.0.proj",
+    "ff.net.2",
+    "conv1",
+    "conv2",
+    "conv_shortcut",
+    "downsamplers.0.conv",
+    "upsamplers.0.conv",
+    "time_emb_proj",
+];
+
+/// Whether the U-Net module `module` (a path such as `down_blocks.0.resnets.1.conv1`) is one
+/// of [`UNET_TARGETS`].
+pub fn is_unet_target(module: &str) -> bool {
+    UNET_TARGETS
+        .iter()
+        .any(|t| module == *t || module.ends_with(&format!(".{t}")))
+}
+
+/// The weight update `scale·B·A` of one layer, shaped as its weight (`[out, in]` or
+/// `[out, in, kh, kw]`).
+pub fn lora_delta(down: &Tensor, up: &Tensor, scale: f64, weight: &[usize]) -> Result<Tensor> {
+    let r = down.dim(0)?;
+    let a = down.flatten_from(1)?;
+    let b = up.flatten_from(1)?;
+    let elements: usize = weight.iter().product();
+    if weight.is_empty()
+        || b.dim(1)? != r
+        || b.dim(0)? != weight[0]
+        || a.dim(1)? * weight[0] != elements
+    {
+        return Err(Error::Msg(format!(
+            "LoRA factors {:?} × {:?} do not make a weight of shape {weight:?}",
+            up.dims(),
+            down.dims()
+        )));
+    }
+    Ok((b.matmul(&a)? * scale)?.reshape(weight)?)
+}
+
+/// One adapted layer: its factors and the file's α (none: α = r).
+#[derive(Debug, Clone)]
+pub struct LoraLayer {
+    pub down: Tensor,
+    pub up: Tensor,
+    pub alpha: Option<f64>,
+}
+
+impl LoraLayer {
+    pub fn rank(&self) -> usize {
+        self.down.dims()[0]
+    }
+
+    /// α/r.
+    pub fn scale(&self) -> f64 {
+        self.alpha.map_or(1.0, |a| a / self.rank() as f64)
+    }
+}
+
+/// A LoRA file's U-Net layers, by module path, resolved against a U-Net checkpoint.
+#[derive(Debug)]
+pub struct UnetLora {
+    pub layers: BTreeMap<String, LoraLayer>,
+    /// Tensors for other networks (text encoders), not applied.
+    pub skipped: usize,
+}
+
+/// A layer's factors as they are read: down, up, alpha.
+type Factors = (Option<Tensor>, Option<Tensor>, Option<f64>);
+
+/// What a key names: the module, and which part.
+enum Part {
+    Down,
+    Up,
+    Alpha,
+}
+
+fn split_key(key: &str) -> Option<(&str, Part, bool)> {
+    // (module as written, part, kohya naming)
+    for (suffix, part) in [
+        (".lora_A.weight", Part::Down),
+        (".lora_B.weight", Part::Up),
+        (".lora.down.weight", Part::Down),
+        (".lora.up.weight", Part::Up),
+    ] {
+        if let Some(m) = key
+            .strip_prefix("unet.")
+            .and_then(|k| k.strip_suffix(suffix))
+        {
+            return Some((m, part, false));
+        }
+    }
+    for (suffix, part) in [
+        (".lora_down.weight", Part::Down),
+        (".lora_up.weight", Part::Up),
+        (".alpha", Part::Alpha),
+    ] {
+        if let Some(m) = key
+            .strip_prefix("lora_unet_")
+            .and_then(|k| k.strip_suffix(suffix))
+        {
+            return Some((m, part, true));
+        }
+    }
+    None
+}
+
+fn is_text_encoder_key(key: &str) -> bool {
+    key.starts_with("text_encoder") || key.starts_with("lora_te")
+}
+
+impl UnetLora {
+    /// Reads `file` and resolves its layers against the U-Net weights `unet` (diffusers keys).
+    pub fn open(file: &Path, unet: &Checkpoint, device: &Device) -> Result<Self> {
+        let ckpt = Checkpoint::open_file(file)?;
+        // kohya names flatten the module path's dots to underscores.
+        let mut flat: BTreeMap<String, String> = BTreeMap::new();
+        for key in unet.tensors().keys() {
+            if let Some(m) = key.strip_suffix(".weight") {
+                flat.insert(m.replace('.', "_"), m.to_string());
+            }
+        }
+        let bad = |msg: String| Error::Checkpoint {
+            path: file.to_path_buf(),
+            msg,
+        };
+        let mut parts: BTreeMap<String, Factors> = BTreeMap::new();
+        let mut skipped = 0;
+        for key in ckpt.tensors().keys() {
+            if is_text_encoder_key(key) {
+                skipped += 1;
+                continue;
+            }
+            let Some((written, part, kohya)) = split_key(key) else {
+                return Err(bad(format!(
+                    "`{key}` is not a U-Net LoRA tensor (unet.<module>.lora_A/lora_B.weight or \
+                     lora_unet_<module>.lora_down/lora_up.weight)"
+                )));
+            };
+            let module = if kohya {
+                flat.get(written).cloned()
+            } else {
+                Some(written.to_string())
+            };
+            let Some(module) =
+                module.filter(|m| unet.tensors().contains_key(&format!("{m}.weight")))
+            else {
+                return Err(bad(format!("`{key}`: the U-Net has no layer `{written}`")));
+            };
+            let entry = parts.entry(module).or_default();
+            let t = ckpt.load(key, DType::F32, device)?;
+            match part {
+                Part::Down => entry.0 = Some(t),
+                Part::Up => entry.1 = Some(t),
+                Part::Alpha => entry.2 = Some(t.flatten_all()?.to_vec1::<f32>()?[0] as f64),
+            }
+        }
+        let mut layers = BTreeMap::new();
+        for (module, (down, up, alpha)) in parts {
+            let (Some(down), Some(up)) = (down, up) else {
+                return Err(bad(format!("layer `{module}` lacks its down or up factor")));
+            };
+            let weight = &unet.tensors()[&format!("{module}.weight")].shape;
+            let layer = LoraLayer { down, up, alpha };
+            lora_delta(&layer.down, &layer.up, 1.0, weight)
+                .map_err(|e| bad(format!("layer `{module}`: {e}")))?;
+            layers.insert(module, layer);
+        }
+        if layers.is_empty() {
+            return Err(bad("no U-Net LoRA layers".into()));
+        }
+        Ok(Self { layers, skipped })
+    }
+
+    /// Adds `multiplier ×` this LoRA's updates to `patches` (weight key → f32 update).
+    pub fn add_to(
+        &self,
+        patches: &mut BTreeMap<String, Tensor>,
+        multiplier: f64,
+        unet: &Checkpoint,
+    ) -> Result<()> {
+        for (module, layer) in &self.layers {
+            let key = format!("{module}.weight");
+            let shape = &unet.tensors()[&key].shape;
+            let d = lora_delta(&layer.down, &layer.up, multiplier * layer.scale(), shape)?;
+            let sum = match patches.remove(&key) {
+                Some(p) => (p + d)?,
+                None => d,
+            };
+            patches.insert(key, sum);
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// For a convolution, the merged update equals a k×k convolution to r channels followed by
+    /// a 1×1 one (LoCon's low-rank form).
+    #[test]
+    fn a_conv_update_is_two_convolutions() -> Result<()> {
+        let dev = Device::Cpu;
+        let (r, cin, cout) = (2, 3, 4);
+        let down = Tensor::randn(0f32, 1.0, (r, cin, 3, 3), &dev)?;
+        let up = Tensor::randn(0f32, 1.0, (cout, r, 1, 1), &dev)?;
+        let x = Tensor::randn(0f32, 1.0, (1, cin, 5, 5), &dev)?;
+        let merged = lora_delta(&down, &up, 0.5, &[cout, cin, 3, 3])?;
+        let a = x.conv2d(&merged, 1, 1, 1, 1)?;
+        let b = (x.conv2d(&down, 1, 1, 1, 1)?.conv2d(&up, 0, 1, 1, 1)? * 0.5)?;
+        let err = (a - b)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(err < 1e-4, "{err}");
+        Ok(())
+    }
+
+    /// The same layer named the diffusers/PEFT way and the kohya way (with its alpha) resolves
+    /// to the same module and update.
+    #[test]
+    fn peft_and_kohya_names_resolve_alike() -> Result<()> {
+        let dev = Device::Cpu;
+        let dir = tempfile::tempdir().map_err(|e| Error::Msg(e.to_string()))?;
+        let save = |name: &str, tensors: Vec<(&str, Tensor)>| -> Result<std::path::PathBuf> {
+            let path = dir.path().join(name);
+            let map: std::collections::HashMap<String, Tensor> = tensors
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v))
+                .collect();
+            candle_core::safetensors::save(&map, &path)?;
+            Ok(path)
+        };
+        let w = Tensor::zeros((4, 3), DType::F32, &dev)?;
+        let unet = Checkpoint::open_file(&save(
+            "unet.safetensors",
+            vec![("mid_block.attentions.0.proj_in.weight", w)],
+        )?)?;
+        let down = Tensor::randn(0f32, 1.0, (2, 3), &dev)?;
+        let up = Tensor::randn(0f32, 1.0, (4, 2), &dev)?;
+        let peft = save(
+            "peft.safetensors",
+            vec![
+                (
+                    "unet.mid_block.attentions.0.proj_in.lora_A.weight",
+                    down.clone(),
+                ),
+                (
+                    "unet.mid_block.attentions.0.proj_in.lora_B.weight",
+                    up.clone(),
+                ),
+                ("text_encoder.x.lora_A.weight", down.clone()),
+            ],
+        )?;
+        let kohya = save(
+            "kohya.safetensors",
+            vec![
+                (
+                    "lora_unet_mid_block_attentions_0_proj_in.lora_down.weight",
+                    down.clone(),
+                ),
+                (
+                    "lora_unet_mid_block_attentions_0_proj_in.lora_up.weight",
+                    up.clone(),
+                ),
+                (
+                    "lora_unet_mid_block_attentions_0_proj_in.alpha",
+                    Tensor::new(1f32, &dev)?,
+                ),
+            ],
+        )?;
+        let expected = up.matmul(&down)?;
+        let key = "mid_block.attentions.0.proj_in.weight";
+        for (file, scale, skipped) in [(peft, 1.0, 1), (kohya, 0.5, 0)] {
+            let lora = UnetLora::open(&file, &unet, &dev)?;
+            assert_eq!(lora.skipped, skipped);
+            let mut patches = BTreeMap::new();
+            lora.add_to(&mut patches, 2.0, &unet)?;
+            let err = (&patches[key] - (&expected * (2.0 * scale))?)?
+                .abs()?
+                .max_all()?
+                .to_scalar::<f32>()?;
+            assert!(err < 1e-5, "{}: {err}", file.display());
+        }
+        let stray = save("stray.safetensors", vec![("unet.nope.lora_A.weight", down)])?;
+        assert!(UnetLora::open(&stray, &unet, &dev)
+            .unwrap_err()
+            .to_string()
+            .contains("no layer `nope`"));
+        Ok(())
+    }
+
+    #[test]
+    fn targets_are_module_endings() {
+        assert!(is_unet_target(
+            "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+        ));
+        assert!(is_unet_target("down_blocks.0.resnets.0.conv1"));
+        assert!(is_unet_target(
+            "mid_block.attentions.0.transformer_blocks.0.ff.net.2"
+        ));
+        assert!(!is_unet_target("conv_in"));
+        assert!(!is_unet_target("time_embedding.linear_1"));
+        assert!(!is_unet_target("down_blocks.0.attentions.0.norm"));
+    }
+
+    #[test]
+    fn factors_that_do_not_fit_are_refused() -> Result<()> {
+        let dev = Device::Cpu;
+        let down = Tensor::zeros((2, 3), DType::F32, &dev)?;
+        let up = Tensor::zeros((4, 2), DType::F32, &dev)?;
+        assert!(lora_delta(&down, &up, 1.0, &[4, 3]).is_ok());
+        assert!(lora_delta(&down, &up, 1.0, &[4, 5]).is_err());
+        assert!(lora_delta(&down, &up, 1.0, &[5, 3]).is_err());
+        Ok(())
+    }
+}
