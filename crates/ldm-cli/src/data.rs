@@ -121,11 +121,12 @@ pub struct EvalShapes {
     seeds: usize,
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    #[arg(long, default_value_t = 20)]
-    steps: usize,
-    /// Guidance scale (`ldm generate`'s default).
-    #[arg(long, default_value_t = 7.5)]
-    guidance: f64,
+    /// Sampling steps (`ldm generate`'s default: the model's own).
+    #[arg(long)]
+    steps: Option<usize>,
+    /// Guidance scale (`ldm generate`'s default: the model's own).
+    #[arg(long)]
+    guidance: Option<f64>,
     /// Guidance rescale φ (Lin et al. 2024); `ldm generate`'s default: 0.7 for
     /// zero-terminal-SNR models (the embedded one), else 0.
     #[arg(long)]
@@ -143,6 +144,16 @@ pub struct EvalShapes {
     /// Held-out scenes for --autoencoder.
     #[arg(long, default_value_t = 1000)]
     scenes: usize,
+    /// Also generate each prompt and seed with this teacher (its own sampler, at
+    /// --teacher-steps and the same guidance) and report the mean latent PSNR of the model's
+    /// results against the teacher's: how closely a distilled student follows its teacher.
+    #[arg(long)]
+    teacher: Option<PathBuf>,
+    #[arg(long, default_value_t = 50)]
+    teacher_steps: usize,
+    /// A U-Net LoRA file merged into the model, FILE or FILE:MULTIPLIER (as `ldm generate`).
+    #[arg(long)]
+    lora: Vec<String>,
 }
 
 pub fn eval(cmd: EvalCommand) -> Result<()> {
@@ -174,17 +185,20 @@ pub fn eval(cmd: EvalCommand) -> Result<()> {
     if prompts.is_empty() {
         bail!("{} holds no prompts", prompts_file.display());
     }
-    if a.seeds == 0 || a.steps == 0 {
+    if a.seeds == 0 || a.steps == Some(0) {
         bail!("--seeds and --steps must be at least 1");
     }
     let model = crate::generate::model_path(a.model.as_deref())?;
     let device = candle_core::Device::Cpu;
-    let components = ldm_pipeline::Components::load(&model, candle_core::DType::F32, &device)
+    let mut components = ldm_pipeline::Components::load(&model, candle_core::DType::F32, &device)
         .with_context(|| format!("loading {}", model.display()))?;
+    crate::generate::apply_loras(&mut components, &a.lora)?;
     let sampler = match &a.sampler {
         Some(name) => Some(ldm_sampling::names::SamplerName::parse(name)?.0),
         None => None,
     };
+    let steps = a.steps.unwrap_or_else(|| components.default_steps());
+    let guidance = a.guidance.unwrap_or_else(|| components.default_guidance());
     let guidance_rescale = a
         .guidance_rescale
         .unwrap_or_else(|| components.default_guidance_rescale());
@@ -193,24 +207,59 @@ pub fn eval(cmd: EvalCommand) -> Result<()> {
         seed: a.seed,
         size: a.size,
         request: ldm_pipeline::Request {
-            steps: a.steps,
-            guidance_scale: a.guidance,
+            steps,
+            guidance_scale: guidance,
             guidance_rescale,
             sampler,
             ..Default::default()
         },
     };
+    let teacher = match &a.teacher {
+        Some(dir) => {
+            let dir = crate::generate::model_path(Some(dir))?;
+            let c = ldm_pipeline::Components::load(&dir, candle_core::DType::F32, &device)
+                .with_context(|| format!("loading {}", dir.display()))?;
+            let request = ldm_pipeline::Request {
+                steps: a.teacher_steps,
+                guidance_scale: guidance,
+                guidance_rescale: a
+                    .guidance_rescale
+                    .unwrap_or_else(|| c.default_guidance_rescale()),
+                ..Default::default()
+            };
+            Some((c, request))
+        }
+        None => None,
+    };
     let pb = indicatif::ProgressBar::new(prompts.len() as u64);
-    let report = ldm_train::eval::evaluate(&components, &prompts, &opts, &mut |d, _| {
-        pb.set_position(d as u64)
-    })?;
+    let started = std::time::Instant::now();
+    let (report, psnr) = ldm_train::eval::evaluate_against(
+        &components,
+        &prompts,
+        &opts,
+        teacher.as_ref().map(|(c, r)| (c, r)),
+        &mut |d, _| pb.set_position(d as u64),
+    )?;
+    let seconds = started.elapsed().as_secs_f64();
     pb.finish_and_clear();
+    if let Some(psnr) = psnr {
+        crate::emit(format_args!(
+            "latent PSNR against the teacher ({} steps): {psnr:.2} dB",
+            a.teacher_steps
+        ));
+    } else {
+        crate::emit(format_args!(
+            "{} images in {seconds:.1} s ({:.3} s an image)",
+            prompts.len() * a.seeds,
+            seconds / (prompts.len() * a.seeds) as f64
+        ));
+    }
     crate::emit(format_args!(
         "{} prompts × {} seeds, {} steps, guidance {} (rescale {})",
         prompts.len(),
         a.seeds,
-        a.steps,
-        a.guidance,
+        steps,
+        guidance,
         guidance_rescale
     ));
     print_report(&report)

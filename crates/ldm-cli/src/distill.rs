@@ -5,6 +5,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use clap::{Args, Subcommand};
 use ldm_train::distill::guidance::{distill_guidance, GuidanceOptions};
+use ldm_train::distill::lcm::{distill_lcm, LcmOptions};
 use ldm_train::distill::progressive::ProgressiveOptions;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -17,17 +18,91 @@ pub enum DistillCommand {
     /// Progressive distillation (Salimans & Ho 2022): students of half their teacher's
     /// sampling steps, halving down to --steps (OUT/steps-<n> each).
     Progressive(ProgressiveArgs),
+    /// Latent consistency distillation (Luo et al. 2023): a student that samples in 1–4
+    /// steps, one U-Net pass each, with the guidance scale as an input.
+    Lcm(LcmArgs),
+}
+
+/// What every distiller takes: the teacher, the output and how the student trains.
+#[derive(Args)]
+pub struct StudentArgs {
+    /// The teacher: a diffusers model folder (not itself distilled, except for
+    /// `progressive`); the embedded model when omitted.
+    #[arg(long)]
+    teacher: Option<PathBuf>,
+    /// Output folder: the student and `distill-train/` with checkpoints (a second run
+    /// resumes them).
+    #[arg(long)]
+    out: PathBuf,
+    #[arg(long)]
+    batch: Option<usize>,
+    #[arg(long)]
+    lr: Option<f64>,
+    /// Guidance scales drawn per example, LOW,HIGH (diffusers' guidance_scale).
+    #[arg(long, value_delimiter = ',')]
+    scales: Option<Vec<f64>>,
+    /// Shapes World scenes encoded by the teacher once, then sampled from.
+    #[arg(long)]
+    pool: Option<usize>,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Steps between checkpoints (a killed run resumes from the last one).
+    #[arg(long)]
+    checkpoint_every: Option<usize>,
+    /// Parts of each batch computed in parallel, one thread each (default: one per core).
+    #[arg(long)]
+    shards: Option<usize>,
+}
+
+#[derive(Args)]
+pub struct LcmArgs {
+    #[command(flatten)]
+    common: StudentArgs,
+    /// Training steps.
+    #[arg(long)]
+    steps: Option<usize>,
+    /// Width of the guidance embedding (time_cond_proj_dim).
+    #[arg(long)]
+    embedding_dim: Option<usize>,
+    /// Points of the DDIM skeleton (original_inference_steps).
+    #[arg(long)]
+    skeleton: Option<usize>,
+    /// Decay of the target network (an EMA of the student; what is written out).
+    #[arg(long)]
+    target_decay: Option<f64>,
+    /// Sampling steps the student's folder defaults to.
+    #[arg(long)]
+    default_steps: Option<usize>,
+    /// LCM-LoRA: train rank-RANK LoRA factors on the teacher (no guidance embedding) and
+    /// write OUT/pytorch_lora_weights.safetensors instead of a model folder.
+    #[arg(long, value_name = "RANK")]
+    lora: Option<usize>,
+}
+
+fn lcm_options(a: &LcmArgs) -> Result<LcmOptions> {
+    let (d, c) = (LcmOptions::default(), &a.common);
+    Ok(LcmOptions {
+        steps: a.steps.unwrap_or(d.steps),
+        batch: c.batch.unwrap_or(d.batch),
+        lr: c.lr.unwrap_or(d.lr),
+        scales: scale_range(c.scales.as_deref(), d.scales)?,
+        embedding_dim: a.embedding_dim.unwrap_or(d.embedding_dim),
+        skeleton: a.skeleton.unwrap_or(d.skeleton),
+        target_decay: a.target_decay.unwrap_or(d.target_decay),
+        default_steps: a.default_steps.unwrap_or(d.default_steps),
+        lora: a.lora,
+        pool: c.pool.unwrap_or(d.pool),
+        seed: c.seed,
+        checkpoint_every: c.checkpoint_every.unwrap_or(d.checkpoint_every).max(1),
+        shards: c.shards.unwrap_or(d.shards).max(1),
+        ..d
+    })
 }
 
 #[derive(Args)]
 pub struct ProgressiveArgs {
-    /// The teacher: a diffusers model folder (a guidance-distilled one too); the embedded model
-    /// when omitted.
-    #[arg(long)]
-    teacher: Option<PathBuf>,
-    /// Output folder: one student folder per halving, `steps-<n>`.
-    #[arg(long)]
-    out: PathBuf,
+    #[command(flatten)]
+    common: StudentArgs,
     /// The final student's sampling steps.
     #[arg(long)]
     steps: usize,
@@ -37,24 +112,9 @@ pub struct ProgressiveArgs {
     /// Training steps of each halving.
     #[arg(long)]
     train_steps: Option<usize>,
-    #[arg(long)]
-    batch: Option<usize>,
-    #[arg(long)]
-    lr: Option<f64>,
     /// Classifier-free guidance of a teacher without a guidance embedding.
     #[arg(long)]
     guidance: Option<f64>,
-    /// Scales drawn per example for a teacher with a guidance embedding, LOW,HIGH.
-    #[arg(long, value_delimiter = ',')]
-    scales: Option<Vec<f64>>,
-    #[arg(long)]
-    pool: Option<usize>,
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
-    #[arg(long)]
-    checkpoint_every: Option<usize>,
-    #[arg(long)]
-    shards: Option<usize>,
 }
 
 fn scale_range(given: Option<&[f64]>, default: (f64, f64)) -> Result<(f64, f64)> {
@@ -66,72 +126,50 @@ fn scale_range(given: Option<&[f64]>, default: (f64, f64)) -> Result<(f64, f64)>
 }
 
 fn progressive_options(a: &ProgressiveArgs) -> Result<ProgressiveOptions> {
-    let d = ProgressiveOptions::default();
+    let (d, c) = (ProgressiveOptions::default(), &a.common);
     Ok(ProgressiveOptions {
         steps: a.steps,
         teacher_steps: a.teacher_steps.unwrap_or(4 * a.steps),
         train_steps: a.train_steps.unwrap_or(d.train_steps),
-        batch: a.batch.unwrap_or(d.batch),
-        lr: a.lr.unwrap_or(d.lr),
+        batch: c.batch.unwrap_or(d.batch),
+        lr: c.lr.unwrap_or(d.lr),
         guidance: a.guidance.unwrap_or(d.guidance),
-        scales: scale_range(a.scales.as_deref(), d.scales)?,
-        pool: a.pool.unwrap_or(d.pool),
-        seed: a.seed,
-        checkpoint_every: a.checkpoint_every.unwrap_or(d.checkpoint_every).max(1),
-        shards: a.shards.unwrap_or(d.shards).max(1),
+        scales: scale_range(c.scales.as_deref(), d.scales)?,
+        pool: c.pool.unwrap_or(d.pool),
+        seed: c.seed,
+        checkpoint_every: c.checkpoint_every.unwrap_or(d.checkpoint_every).max(1),
+        shards: c.shards.unwrap_or(d.shards).max(1),
         ..d
     })
 }
 
 #[derive(Args)]
 pub struct GuidanceArgs {
-    /// The teacher: a diffusers model folder; the embedded model when omitted.
-    #[arg(long)]
-    teacher: Option<PathBuf>,
-    /// Output folder: the student (a diffusers folder) and `distill-train/` with checkpoints.
-    #[arg(long)]
-    out: PathBuf,
+    #[command(flatten)]
+    common: StudentArgs,
+    /// Training steps.
     #[arg(long)]
     steps: Option<usize>,
-    #[arg(long)]
-    batch: Option<usize>,
-    #[arg(long)]
-    lr: Option<f64>,
-    /// Guidance scales drawn per example, LOW,HIGH (diffusers' guidance_scale).
-    #[arg(long, value_delimiter = ',')]
-    scales: Option<Vec<f64>>,
     /// Width of the guidance embedding (time_cond_proj_dim).
     #[arg(long)]
     embedding_dim: Option<usize>,
-    /// Scenes encoded by the teacher once, then sampled from.
-    #[arg(long)]
-    pool: Option<usize>,
     #[arg(long)]
     ema_decay: Option<f64>,
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
-    /// Steps between checkpoints (a killed run resumes from the last one).
-    #[arg(long)]
-    checkpoint_every: Option<usize>,
-    /// Parts of each batch computed in parallel, one thread each (default: one per core).
-    #[arg(long)]
-    shards: Option<usize>,
 }
 
 fn guidance_options(a: &GuidanceArgs) -> Result<GuidanceOptions> {
-    let d = GuidanceOptions::default();
-    let scales = scale_range(a.scales.as_deref(), d.scales)?;
+    let (d, c) = (GuidanceOptions::default(), &a.common);
     Ok(GuidanceOptions {
         steps: a.steps.unwrap_or(d.steps),
-        batch: a.batch.unwrap_or(d.batch),
-        lr: a.lr.unwrap_or(d.lr),
-        scales,
+        batch: c.batch.unwrap_or(d.batch),
+        lr: c.lr.unwrap_or(d.lr),
+        scales: scale_range(c.scales.as_deref(), d.scales)?,
         embedding_dim: a.embedding_dim.unwrap_or(d.embedding_dim),
-        pool: a.pool.unwrap_or(d.pool),
+        pool: c.pool.unwrap_or(d.pool),
         ema_decay: a.ema_decay.unwrap_or(d.ema_decay),
-        seed: a.seed,
-        checkpoint_every: a.checkpoint_every.unwrap_or(d.checkpoint_every).max(1),
-        shards: a.shards.unwrap_or(d.shards).max(1),
+        seed: c.seed,
+        checkpoint_every: c.checkpoint_every.unwrap_or(d.checkpoint_every).max(1),
+        shards: c.shards.unwrap_or(d.shards).max(1),
         ..d
     })
 }
@@ -158,42 +196,74 @@ pub fn run(cmd: DistillCommand) -> Result<()> {
         DistillCommand::Guidance(a) => {
             let opts = guidance_options(&a)?;
             opts.check()?;
-            let teacher = crate::generate::model_path(a.teacher.as_deref())?;
-            check_out(&a.out, "distill-train")?;
+            let teacher = crate::generate::model_path(a.common.teacher.as_deref())?;
+            check_out(&a.common.out, "distill-train")?;
             let mut rep = Reporter::new(opts.steps);
-            let r = distill_guidance(&teacher, &a.out, &opts, &device, &mut rep.progress())
+            let r = distill_guidance(&teacher, &a.common.out, &opts, &device, &mut rep.progress())
                 .with_context(|| format!("distilling {}", teacher.display()))?;
             let median = rep.finish();
             crate::emit(format_args!(
                 "guidance-distilled student: {} steps, loss {:.5}, in {}",
                 r.steps,
                 r.final_loss,
-                a.out.display()
+                a.common.out.display()
             ));
             crate::emit(format_args!(
                 "{}",
                 median_line("distill", median, opts.batch)
             ));
         }
+        DistillCommand::Lcm(a) => {
+            let opts = lcm_options(&a)?;
+            let teacher = crate::generate::model_path(a.common.teacher.as_deref())?;
+            check_out(&a.common.out, "distill-train")?;
+            let mut rep = Reporter::new(opts.steps);
+            let r = distill_lcm(&teacher, &a.common.out, &opts, &device, &mut rep.progress())
+                .with_context(|| format!("distilling {}", teacher.display()))?;
+            let median = rep.finish();
+            if opts.lora.is_some() {
+                let file = a.common.out.join(ldm_train::distill::lcm::LORA_FILE);
+                crate::emit(format_args!(
+                    "LCM-LoRA: {} steps, loss {:.5}, in {} (ldm generate --model {} --lora {} \
+                     --sampler lcm --steps 4 --guidance 1)",
+                    r.steps,
+                    r.final_loss,
+                    file.display(),
+                    teacher.display(),
+                    file.display()
+                ));
+            } else {
+                crate::emit(format_args!(
+                    "latent consistency student: {} steps, loss {:.5}, in {} (ldm generate \
+                     --model {} samples in {} steps)",
+                    r.steps,
+                    r.final_loss,
+                    a.common.out.display(),
+                    a.common.out.display(),
+                    opts.default_steps
+                ));
+            }
+            crate::emit(format_args!("{}", median_line("lcm", median, opts.batch)));
+        }
         DistillCommand::Progressive(a) => {
             let opts = progressive_options(&a)?;
             opts.check()?;
-            let teacher = crate::generate::model_path(a.teacher.as_deref())?;
-            let foreign = a.out.is_dir()
-                && std::fs::read_dir(&a.out)?.any(|e| {
+            let teacher = crate::generate::model_path(a.common.teacher.as_deref())?;
+            let foreign = a.common.out.is_dir()
+                && std::fs::read_dir(&a.common.out)?.any(|e| {
                     e.map(|e| !e.file_name().to_string_lossy().starts_with("steps-"))
                         .unwrap_or(true)
                 });
             if foreign {
                 bail!(
                     "{} holds something other than this command's steps-<n> folders: give a new folder",
-                    a.out.display()
+                    a.common.out.display()
                 );
             }
             let mut rep = Reporter::new(opts.train_steps);
             let r = ldm_train::distill::progressive::distill_progressive(
                 &teacher,
-                &a.out,
+                &a.common.out,
                 &opts,
                 &device,
                 &mut rep.progress(),

@@ -6,6 +6,19 @@ use anyhow::{Context, Result};
 use sha2::{Digest, Sha256};
 use std::path::PathBuf;
 
+macro_rules! fast_file {
+    ($path:literal) => {
+        (
+            $path,
+            include_bytes!(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/../../models/shapes-fast/",
+                $path
+            )) as &[u8],
+        )
+    };
+}
+
 macro_rules! model_file {
     ($path:literal) => {
         (
@@ -19,20 +32,32 @@ macro_rules! model_file {
     };
 }
 
-/// The model folder's files, relative to its root.
-const FILES: &[(&str, &[u8])] = &[
-    model_file!("model_index.json"),
-    model_file!("scheduler/scheduler_config.json"),
+/// The teacher's files shared by every embedded model (text encoder, tokenizer, autoencoder).
+const SHARED: &[(&str, &[u8])] = &[
     model_file!("tokenizer/vocab.json"),
     model_file!("tokenizer/merges.txt"),
     model_file!("tokenizer/tokenizer_config.json"),
     model_file!("tokenizer/special_tokens_map.json"),
     model_file!("text_encoder/config.json"),
     model_file!("text_encoder/model.safetensors"),
-    model_file!("unet/config.json"),
-    model_file!("unet/diffusion_pytorch_model.safetensors"),
     model_file!("vae/config.json"),
     model_file!("vae/diffusion_pytorch_model.safetensors"),
+];
+
+/// The teacher's own files.
+const SHAPES: &[(&str, &[u8])] = &[
+    model_file!("model_index.json"),
+    model_file!("scheduler/scheduler_config.json"),
+    model_file!("unet/config.json"),
+    model_file!("unet/diffusion_pytorch_model.safetensors"),
+];
+
+/// The distilled student's own files (`models/shapes-fast`): its U-Net, scheduler and index.
+const SHAPES_FAST: &[(&str, &[u8])] = &[
+    fast_file!("model_index.json"),
+    fast_file!("scheduler/scheduler_config.json"),
+    fast_file!("unet/config.json"),
+    fast_file!("unet/diffusion_pytorch_model.safetensors"),
 ];
 
 fn cache_root() -> PathBuf {
@@ -48,26 +73,42 @@ fn cache_root() -> PathBuf {
     }
 }
 
-/// The embedded model as a diffusers folder, unpacked on first use. The folder is named by
-/// the contents' hash and appears whole or not at all (written beside, then renamed).
+/// The embedded teacher as a diffusers folder (see [`named`]).
 pub fn path() -> Result<PathBuf> {
+    unpack("shapes", SHAPES)
+}
+
+/// The embedded model called `name` (one of [`NAMES`]), if it is one.
+pub fn named(name: &str) -> Option<Result<PathBuf>> {
+    match name {
+        "shapes" => Some(unpack("shapes", SHAPES)),
+        "shapes-fast" => Some(unpack("shapes-fast", SHAPES_FAST)),
+        _ => None,
+    }
+}
+
+/// An embedded model as a diffusers folder, unpacked on first use: `own` beside the shared
+/// files. The folder is named by the contents' hash and appears whole or not at all (written
+/// beside, then renamed).
+fn unpack(name: &str, own: &[(&'static str, &'static [u8])]) -> Result<PathBuf> {
+    let files: Vec<&(&str, &[u8])> = own.iter().chain(SHARED).collect();
     let mut hasher = Sha256::new();
-    for (name, bytes) in FILES {
-        hasher.update(name.as_bytes());
+    for (file, bytes) in &files {
+        hasher.update(file.as_bytes());
         hasher.update((bytes.len() as u64).to_le_bytes());
         hasher.update(bytes);
     }
     let digest = hasher.finalize();
     let hex: String = digest[..6].iter().map(|b| format!("{b:02x}")).collect();
     let root = cache_root();
-    let dir = root.join(format!("shapes-{hex}"));
+    let dir = root.join(format!("{name}-{hex}"));
     if dir.join("model_index.json").is_file() {
         return Ok(dir);
     }
-    let tmp = root.join(format!(".shapes-{hex}.tmp-{}", std::process::id()));
+    let tmp = root.join(format!(".{name}-{hex}.tmp-{}", std::process::id()));
     let unpack = || -> Result<()> {
-        for (name, bytes) in FILES {
-            let path = tmp.join(name);
+        for (file, bytes) in &files {
+            let path = tmp.join(file);
             if let Some(parent) = path.parent() {
                 std::fs::create_dir_all(parent)?;
             }

@@ -56,10 +56,54 @@ fn parameters(
     text
 }
 
-/// The model to use: the one given, or the embedded default.
+/// Merges the `--lora` files (`FILE[:MULTIPLIER]`) into the U-Net, warning of text-encoder
+/// tensors left unapplied.
+pub fn apply_loras(components: &mut Components, specs: &[String]) -> Result<()> {
+    let loras = specs
+        .iter()
+        .map(|spec| parse_lora(spec))
+        .collect::<Result<Vec<_>>>()?;
+    let skipped = components
+        .apply_loras(&loras)
+        .context("applying the LoRA files")?;
+    for ((file, _), n) in loras.iter().zip(skipped) {
+        if n > 0 {
+            eprintln!(
+                "warning: {}: {n} text-encoder tensors not applied (U-Net LoRA only)",
+                file.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// `FILE` or `FILE:MULTIPLIER` (a path that exists as given wins over a split at its last `:`).
+fn parse_lora(spec: &str) -> Result<(PathBuf, f64)> {
+    if Path::new(spec).is_file() {
+        return Ok((PathBuf::from(spec), 1.0));
+    }
+    let (file, mult) = match spec.rsplit_once(':') {
+        Some((f, m)) => match m.parse::<f64>() {
+            Ok(m) if m.is_finite() => (f, m),
+            _ => bail!("--lora {spec}: the multiplier after `:` must be a number"),
+        },
+        None => (spec, 1.0),
+    };
+    if !Path::new(file).is_file() {
+        bail!("--lora {file}: no such file");
+    }
+    Ok((PathBuf::from(file), mult))
+}
+
+/// The model to use: the one given, or the embedded default. An embedded model's name (`shapes`, `shapes-fast`) names it unless a file or folder of
+/// that name exists.
 pub fn model_path(given: Option<&Path>) -> Result<PathBuf> {
     match given {
-        Some(m) => Ok(m.to_path_buf()),
+        Some(m) if m.exists() => Ok(m.to_path_buf()),
+        Some(m) => match m.to_str().and_then(crate::embedded::named) {
+            Some(embedded) => embedded,
+            None => Ok(m.to_path_buf()),
+        },
         None => crate::embedded::path(),
     }
 }
@@ -116,6 +160,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
             .replace_vae(vae)
             .with_context(|| format!("loading {}", vae.display()))?;
     }
+    apply_loras(&mut components, &a.lora)?;
     for (component, unused) in &components.unused {
         eprintln!(
             "warning: {component}: {} unused tensors ({} …)",
@@ -175,8 +220,8 @@ pub fn run(a: GenerateArgs) -> Result<()> {
             negative_prompt: a.negative.clone(),
             width,
             height,
-            steps: a.steps,
-            guidance_scale: a.guidance,
+            steps: a.steps.unwrap_or_else(|| components.default_steps()),
+            guidance_scale: a.guidance.unwrap_or_else(|| components.default_guidance()),
             guidance_rescale: a
                 .guidance_rescale
                 .unwrap_or_else(|| components.default_guidance_rescale()),

@@ -85,8 +85,9 @@ enum Command {
 struct GenerateArgs {
     /// The prompt.
     prompt: String,
-    /// A diffusers model folder or an original-layout single-file .safetensors checkpoint;
-    /// the embedded model when omitted.
+    /// A diffusers model folder or an original-layout single-file .safetensors checkpoint, or
+    /// an embedded model's name: `shapes` (the default) or `shapes-fast` (its 4-step student;
+    /// a path that exists wins).
     #[arg(long)]
     model: Option<PathBuf>,
     /// For a single-file --model: a diffusers folder of the same family whose configs,
@@ -96,14 +97,20 @@ struct GenerateArgs {
     /// A separate VAE file (.safetensors or .ckpt; diffusers or original keys).
     #[arg(long)]
     vae: Option<PathBuf>,
+    /// A U-Net LoRA file merged into the model, FILE or FILE:MULTIPLIER (default 1); may be
+    /// repeated. diffusers/PEFT (`unet.….lora_A.weight`) and kohya (`lora_unet_…`) names.
+    #[arg(long)]
+    lora: Vec<String>,
     /// Negative prompt.
     #[arg(long)]
     negative: Option<String>,
-    #[arg(long, default_value_t = 20)]
-    steps: usize,
-    /// Classifier-free guidance scale (1 disables the unconditional pass).
-    #[arg(long, default_value_t = 7.5)]
-    guidance: f64,
+    /// Sampling steps; the model's own default (20, or what a distilled folder says).
+    #[arg(long)]
+    steps: Option<usize>,
+    /// Classifier-free guidance scale (1 disables the unconditional pass); the model's own
+    /// default (7.5, or what a distilled folder says).
+    #[arg(long)]
+    guidance: Option<f64>,
     /// Guidance rescale φ (0 = off); by default 0.7 for zero-terminal-SNR models (the embedded
     /// one), 0 for others.
     #[arg(long)]
@@ -263,7 +270,7 @@ fn run(cli: Cli) -> Result<()> {
             {
                 return png_info(&model);
             }
-            info(&model, check)
+            info(&generate::model_path(Some(&model))?, check)
         }
         Command::Generate(args) => generate::run(*args),
         Command::Train(cmd) => train::run(cmd),

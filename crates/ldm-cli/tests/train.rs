@@ -297,6 +297,72 @@ fn the_embedded_model_generates_without_a_model_argument() {
     assert!(ok, "{err}");
 }
 
+/// `--model shapes-fast` is the embedded 4-step student (LCM, one pass a step), unpacked beside
+/// the teacher; `--model shapes` is the teacher; a folder of that name in the working
+/// directory wins over the embedded name.
+#[test]
+fn the_embedded_student_is_addressed_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    let params_of = |model: &str, cwd: &Path| -> String {
+        let png = dir.path().join(format!("{model}.png"));
+        let out = Command::new(env!("CARGO_BIN_EXE_ldm"))
+            .args([
+                "generate",
+                "a red circle",
+                "--model",
+                model,
+                "--out",
+                s(&png),
+            ])
+            .env("LDM_CACHE", &cache)
+            .current_dir(cwd)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        ldm(&["info", s(&png)]).1
+    };
+    let fast = params_of("shapes-fast", dir.path());
+    assert!(fast.contains("Steps: 4, Sampler: lcm"), "{fast}");
+    let teacher = params_of("shapes", dir.path());
+    assert!(teacher.contains("Steps: 20, Sampler: euler"), "{teacher}");
+    let (ok, info, err) = ldm_in(&cache, &["info", "shapes-fast"]);
+    assert!(ok, "{err}");
+    assert!(
+        info.contains("guidance:         embedded (256-wide"),
+        "{info}"
+    );
+    // A folder named shapes-fast here (a copy of the teacher) is what --model means.
+    let here = dir.path().join("here");
+    let teacher_dir = std::fs::read_dir(&cache)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| {
+            let name = p.file_name().unwrap().to_string_lossy().into_owned();
+            name.starts_with("shapes-") && !name.starts_with("shapes-fast-")
+        })
+        .unwrap();
+    copy_dir(&teacher_dir, &here.join("shapes-fast"));
+    let local = params_of("shapes-fast", &here);
+    assert!(local.contains("Steps: 20, Sampler: euler"), "{local}");
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap().flatten() {
+        if e.path().is_dir() {
+            copy_dir(&e.path(), &to.join(e.file_name()));
+        } else {
+            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+        }
+    }
+}
+
 #[test]
 fn data_and_prompt_lists() {
     let dir = tempfile::tempdir().unwrap();
@@ -648,18 +714,19 @@ fn guidance_distillation_makes_a_one_pass_student() {
     let sched =
         std::fs::read_to_string(halved.join("steps-1/scheduler/scheduler_config.json")).unwrap();
     assert!(sched.contains("\"trailing\""), "{sched}");
+    // The student's own step count is its default.
     let png = dir.path().join("one-step.png");
     let (ok, _, err) = ldm(&[
         "generate",
         "a red circle",
         "--model",
         s(&halved.join("steps-1")),
-        "--steps",
-        "1",
         "--out",
         s(&png),
     ]);
     assert!(ok, "{err}");
+    let (_, params, _) = ldm(&["info", s(&png)]);
+    assert!(params.contains("Steps: 1,"), "{params}");
     let bad: Vec<String> = [
         "distill",
         "progressive",
@@ -676,4 +743,162 @@ fn guidance_distillation_makes_a_one_pass_student() {
     .map(|a| a.to_string())
     .collect();
     refuse(&as_strs(&bad), "power of two");
+
+    // Latent consistency distillation: an LCMScheduler folder that samples at its own
+    // default steps with one pass a step.
+    let lcm = dir.path().join("lcm");
+    let lcm_args = |teacher: &Path, out: &Path, extra: &[&str]| -> Vec<String> {
+        let mut v: Vec<String> = [
+            "distill",
+            "lcm",
+            "--teacher",
+            s(teacher),
+            "--out",
+            s(out),
+            "--steps",
+            "3",
+            "--batch",
+            "3",
+            "--pool",
+            "8",
+            "--embedding-dim",
+            "16",
+            "--default-steps",
+            "2",
+        ]
+        .iter()
+        .map(|a| a.to_string())
+        .collect();
+        v.extend(extra.iter().map(|a| a.to_string()));
+        v
+    };
+    let (ok, out, err) = ldm(&as_strs(&lcm_args(&teacher, &lcm, &[])));
+    assert!(ok, "{err}");
+    assert!(out.contains("latent consistency student: 3 steps"), "{out}");
+    let sched: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(lcm.join("scheduler/scheduler_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(sched["_class_name"], "LCMScheduler");
+    assert_eq!(sched["original_inference_steps"], 50);
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(lcm.join("model_index.json")).unwrap()).unwrap();
+    assert_eq!(index["_ldm_defaults"]["num_inference_steps"], 2);
+    let png = dir.path().join("lcm.png");
+    let (ok, _, err) = ldm(&[
+        "generate",
+        "a red circle",
+        "--model",
+        s(&lcm),
+        "--out",
+        s(&png),
+    ]);
+    assert!(ok, "{err}");
+    let (_, params, _) = ldm(&["info", s(&png)]);
+    assert!(params.contains("Steps: 2, Sampler: lcm"), "{params}");
+    // Its trajectory against the teacher's: the latent PSNR is reported beside adherence.
+    let prompts = dir.path().join("prompts.txt");
+    std::fs::write(
+        &prompts,
+        "a red circle on a blue background\na small green square on a black background\n",
+    )
+    .unwrap();
+    let (ok, out, err) = ldm(&[
+        "eval",
+        "shapes",
+        "--model",
+        s(&lcm),
+        "--prompts",
+        s(&prompts),
+        "--seeds",
+        "1",
+        "--teacher",
+        s(&teacher),
+        "--teacher-steps",
+        "3",
+    ]);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("latent PSNR against the teacher (3 steps): "),
+        "{out}"
+    );
+    // A distilled teacher, a checkpoint of another command, bad options: refused.
+    refuse(
+        &as_strs(&lcm_args(&student, &fresh, &[])),
+        "already has a guidance embedding",
+    );
+    refuse(
+        &as_strs(&lcm_args(&teacher, &fresh, &["--skeleton", "7"])),
+        "skeleton",
+    );
+    let (ok, _, err) = ldm(&as_strs(&lcm_args(&teacher, &student, &[])));
+    assert!(!ok && err.contains("a checkpoint of `guidance`"), "{err}");
+
+    // LCM-LoRA: a LoRA file in diffusers' naming that `ldm generate --lora` merges into the
+    // teacher and samples with LCM.
+    let lcm_lora = dir.path().join("lcm-lora");
+    let (ok, out, err) = ldm(&as_strs(&lcm_args(&teacher, &lcm_lora, &["--lora", "2"])));
+    assert!(ok, "{err}");
+    assert!(out.contains("LCM-LoRA: 3 steps"), "{out}");
+    let file = lcm_lora.join("pytorch_lora_weights.safetensors");
+    let names = safetensors_names(&file);
+    assert!(
+        names
+            .iter()
+            .any(|n| n.starts_with("unet.") && n.ends_with("attn1.to_q.lora_A.weight")),
+        "{names:?}"
+    );
+    assert!(
+        names.iter().any(|n| n.ends_with("conv1.lora_B.weight")),
+        "{names:?}"
+    );
+    let png = dir.path().join("lcm-lora.png");
+    let (ok, _, err) = ldm(&[
+        "generate",
+        "a red circle",
+        "--model",
+        s(&teacher),
+        "--lora",
+        &format!("{}:0.8", s(&file)),
+        "--sampler",
+        "lcm",
+        "--steps",
+        "2",
+        "--guidance",
+        "1",
+        "--out",
+        s(&png),
+    ]);
+    assert!(ok, "{err}");
+    refuse(
+        &as_strs(&lcm_args(&teacher, &fresh, &["--lora", "0"])),
+        "rank of 0",
+    );
+    refuse(
+        &as_strs(&lcm_args(&teacher, &fresh, &["--lora", "100000"])),
+        "above the width",
+    );
+    // A LoRA file that is not one, or names layers the model lacks: refused.
+    let (ok, _, err) = ldm(&[
+        "generate",
+        "a red circle",
+        "--model",
+        s(&teacher),
+        "--lora",
+        s(&teacher.join("unet/diffusion_pytorch_model.safetensors")),
+    ]);
+    assert!(!ok && err.contains("not a U-Net LoRA tensor"), "{err}");
+}
+
+fn safetensors_names(path: &Path) -> Vec<String> {
+    let bytes = std::fs::read(path).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    header
+        .as_object()
+        .unwrap()
+        .keys()
+        .filter(|k| *k != "__metadata__")
+        .cloned()
+        .collect()
 }

@@ -15,6 +15,10 @@ use std::path::{Path, PathBuf};
 
 #[derive(Serialize, Deserialize)]
 struct StateJson {
+    /// The phase that wrote it (`"vae"`, `"unet"`, `"guidance"`…); a run of another phase
+    /// refuses it. Checkpoints written before this was recorded have none.
+    #[serde(default)]
+    phase: Option<String>,
     step: usize,
     tensors: String,
     /// Updates taken by each optimiser, in the order they were saved.
@@ -58,6 +62,7 @@ pub fn save(
     write_safetensors(&dir.join(&file), &tensors)?;
     let (seed, pos) = rng.state();
     let state = StateJson {
+        phase: Some(log.phase.to_string()),
         step,
         tensors: file.clone(),
         adam_steps: opts.iter().map(|o| o.step).collect(),
@@ -78,9 +83,10 @@ pub fn save(
     Ok(())
 }
 
-/// Restores a state saved by [`save`] into `opts` (and `ema`), if `dir` holds one.
+/// Restores a state saved by [`save`] by `phase` into `opts` (and `ema`), if `dir` holds one.
 pub fn resume(
     dir: &Path,
+    phase: &str,
     opts: &mut [&mut AdamW],
     mut ema: Option<&mut Ema>,
     device: &Device,
@@ -90,6 +96,13 @@ pub fn resume(
         return Ok(None);
     }
     let state: StateJson = serde_json::from_slice(&std::fs::read(&json)?)?;
+    if let Some(saved) = state.phase.as_deref().filter(|&p| p != phase) {
+        return Err(Error::Msg(format!(
+            "{}: a checkpoint of `{saved}`, not of `{phase}`: resume it with the command that \
+             wrote it, or give a new folder",
+            dir.display()
+        )));
+    }
     let tensors: HashMap<String, Tensor> =
         candle_core::safetensors::load(dir.join(&state.tensors), device)?;
     let get = |key: String| {
@@ -179,7 +192,7 @@ impl TrainingState {
         ema: Option<&mut Ema>,
         device: &Device,
     ) -> Result<Self> {
-        let (step, rng, rows) = match resume(dir, opts, ema, device)? {
+        let (step, rng, rows) = match resume(dir, phase, opts, ema, device)? {
             Some(r) => (r.step, r.rng, r.history),
             None => (0, TrainRng::new(seed), Vec::new()),
         };
@@ -290,8 +303,19 @@ mod tests {
         save(dir.path(), 1, &[&opt], Some(&ema), &rng, &log)?;
         let mut fresh = make()?;
         let mut fresh_ema = Ema::new(&fresh.params, 0.9)?;
-        let r = resume(dir.path(), &mut [&mut fresh], Some(&mut fresh_ema), &dev)?
-            .expect("a checkpoint");
+        let other = resume(dir.path(), "other", &mut [&mut make()?], None, &dev);
+        assert!(
+            other.is_err_and(|e| e.to_string().contains("a checkpoint of `test`")),
+            "another phase's checkpoint is refused"
+        );
+        let r = resume(
+            dir.path(),
+            "test",
+            &mut [&mut fresh],
+            Some(&mut fresh_ema),
+            &dev,
+        )?
+        .expect("a checkpoint");
         assert_eq!(r.step, 1);
         assert_eq!(
             r.history, history,

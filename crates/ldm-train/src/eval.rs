@@ -95,24 +95,50 @@ pub fn evaluate(
     opts: &EvalOptions,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<EvalReport> {
+    Ok(evaluate_against(components, prompts, opts, None, progress)?.0)
+}
+
+/// [`evaluate`], and with a `reference` (a teacher and its request: typically 50 deterministic
+/// steps) the mean latent PSNR of each image against the reference's from the same prompt and
+/// seed: `20·log10(range / rmse)`, range the reference latent's max − min — how closely a
+/// distilled student follows its teacher's trajectory.
+pub fn evaluate_against(
+    components: &Components,
+    prompts: &[String],
+    opts: &EvalOptions,
+    reference: Option<(&Components, &Request)>,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<(EvalReport, Option<f64>)> {
     let mut report = EvalReport::default();
+    let mut psnrs = Vec::new();
     for (i, prompt) in prompts.iter().enumerate() {
         let st = statement(prompt, i + 1)?;
-        let req = Request {
+        let place = |r: &Request| Request {
             prompt: prompt.clone(),
             width: opts.size,
             height: opts.size,
             seed: opts.seed.wrapping_add(i as u64),
             batch_size: opts.seeds,
-            ..opts.request.clone()
+            ..r.clone()
         };
-        let out = generate(components, &req, &mut NoHook)?;
+        let out = generate(components, &place(&opts.request), &mut NoHook)?;
         for img in &out.images {
             report.add(&st, img.as_raw(), opts.size);
         }
+        if let Some((teacher, request)) = reference {
+            let theirs = generate(teacher, &place(request), &mut NoHook)?.latents;
+            for k in 0..opts.seeds {
+                let (a, b) = (out.latents.get(k)?, theirs.get(k)?);
+                let range =
+                    (b.max_all()?.to_scalar::<f32>()? - b.min_all()?.to_scalar::<f32>()?) as f64;
+                let mse = (a - b)?.sqr()?.mean_all()?.to_scalar::<f32>()? as f64;
+                psnrs.push(20.0 * (range / mse.sqrt().max(1e-12)).log10());
+            }
+        }
         progress(i + 1, prompts.len());
     }
-    Ok(report)
+    let psnr = (!psnrs.is_empty()).then(|| psnrs.iter().sum::<f64>() / psnrs.len() as f64);
+    Ok((report, psnr))
 }
 
 /// The scenes an autoencoder is checked on are `(HELD_OUT_SEED, 0..n)`: a stream no trainer

@@ -98,6 +98,19 @@ pub struct Plan {
     pub x0_clip: Option<X0Clip>,
 }
 
+/// The consistency boundary condition's `(c_skip, c_out)` at `timestep` (LCM, after Song et
+/// al. 2023, §3.1): with `τ = timestep · timestep_scaling` and σ_data = 0.5,
+/// `c_skip = σ_d² / (τ² + σ_d²)`, `c_out = τ / √(τ² + σ_d²)`, so the consistency function
+/// `c_skip·x_t + c_out·x̂₀` is the identity at t = 0.
+pub fn consistency_boundary(timestep: f64, timestep_scaling: f64) -> (f64, f64) {
+    const SIGMA_DATA2: f64 = 0.25;
+    let t = timestep * timestep_scaling;
+    (
+        SIGMA_DATA2 / (t * t + SIGMA_DATA2),
+        t / (t * t + SIGMA_DATA2).sqrt(),
+    )
+}
+
 impl Plan {
     /// Factor from unit noise to the VE sample the samplers start from.
     pub fn initial_scale(&self) -> f64 {
@@ -145,10 +158,7 @@ impl Plan {
         let Some(scaling) = self.boundary_timestep_scaling else {
             return Ok(x0);
         };
-        const SIGMA_DATA2: f64 = 0.25; // σ_data = 0.5
-        let t = self.timestep(sigma) * scaling;
-        let c_skip = SIGMA_DATA2 / (t * t + SIGMA_DATA2);
-        let c_out = t / (t * t + SIGMA_DATA2).sqrt();
+        let (c_skip, c_out) = consistency_boundary(self.timestep(sigma), scaling);
         (x0 * c_out)? + (x * (c_skip * crate::denoiser::c_in(sigma)))?
     }
 

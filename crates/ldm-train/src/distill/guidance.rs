@@ -118,7 +118,7 @@ pub fn distill_guidance(
     } = StudentRun::start(
         &student,
         out,
-        "distill",
+        "guidance",
         opts.steps,
         opts.checkpoint_every,
         opts.seed,

@@ -9,6 +9,7 @@
 //! writing the student out as a diffusers folder beside copies of the teacher's other parts.
 
 pub mod guidance;
+pub mod lcm;
 pub mod progressive;
 
 use crate::checkpoint::TrainingState;
@@ -291,14 +292,69 @@ pub fn write_student(
     )
 }
 
-/// Edits the written student's `scheduler/scheduler_config.json` with `changes`.
-pub fn edit_scheduler(out: &Path, changes: &serde_json::Value) -> Result<()> {
+/// `(x̂, ε̂)` from a model output in `prediction`'s parametrisation at `(α, σ)` (columns
+/// `[B,1,1,1]`).
+pub fn x_and_eps(
+    prediction: Prediction,
+    z: &Tensor,
+    out: &Tensor,
+    a: &Tensor,
+    s: &Tensor,
+) -> Result<(Tensor, Tensor)> {
+    Ok(match prediction {
+        Prediction::V => (
+            (z.broadcast_mul(a)? - out.broadcast_mul(s)?)?,
+            (z.broadcast_mul(s)? + out.broadcast_mul(a)?)?,
+        ),
+        Prediction::Sample => {
+            let eps = (z - out.broadcast_mul(a)?)?.broadcast_div(s)?;
+            (out.clone(), eps)
+        }
+        Prediction::Epsilon => {
+            let x = (z - out.broadcast_mul(s)?)?.broadcast_div(a)?;
+            (x, out.clone())
+        }
+    })
+}
+
+/// Records in the written student's `model_index.json` the sampling steps (and, for a student
+/// whose guidance is built in without an embedding, the guidance scale 1) that `ldm generate`
+/// should use when the user gives none (`_ldm_defaults`; diffusers ignores it).
+pub fn write_defaults(out: &Path, steps: usize, guidance: Option<f64>) -> Result<()> {
+    let path = out.join("model_index.json");
+    let mut index: serde_json::Value = serde_json::from_slice(&std::fs::read(&path)?)?;
+    let mut defaults = serde_json::json!({ "num_inference_steps": steps });
+    if let Some(g) = guidance {
+        defaults["guidance_scale"] = serde_json::json!(g);
+    }
+    index["_ldm_defaults"] = defaults;
+    crate::io::write_json(&path, &index)
+}
+
+/// Edits the written student's `scheduler/scheduler_config.json` with `changes`, keeping only
+/// the keys in `keep` when given (plus the changes).
+pub fn edit_scheduler(
+    out: &Path,
+    changes: &serde_json::Value,
+    keep: Option<&[&str]>,
+) -> Result<()> {
     let path = out.join("scheduler").join("scheduler_config.json");
     let mut config: serde_json::Value = serde_json::from_slice(&std::fs::read(&path)?)?;
+    if let (Some(keep), Some(map)) = (keep, config.as_object_mut()) {
+        map.retain(|k, _| keep.contains(&k.as_str()));
+    }
     for (k, v) in changes.as_object().into_iter().flatten() {
         config[k] = v.clone();
     }
-    crate::io::write_json(&path, &config)
+    crate::io::write_json(&path, &config)?;
+    // diffusers builds the scheduler class model_index.json names, whatever the config says.
+    if let Some(class) = config.get("_class_name").and_then(|c| c.as_str()) {
+        let path = out.join("model_index.json");
+        let mut index: serde_json::Value = serde_json::from_slice(&std::fs::read(&path)?)?;
+        index["scheduler"] = serde_json::json!(["diffusers", class]);
+        crate::io::write_json(&path, &index)?;
+    }
+    Ok(())
 }
 
 fn copy_tree(from: &Path, to: &Path) -> Result<()> {

@@ -17,7 +17,7 @@
 //! guidance-distilled student) and its students draw a scale per example, as in Meng et al.'s
 //! stage two.
 
-use super::{edit_scheduler, write_student, LatentPool, Student, StudentRun, Teacher};
+use super::{edit_scheduler, write_student, x_and_eps, LatentPool, Student, StudentRun, Teacher};
 use crate::optim::warmup_cosine;
 use crate::parallel::sharded_loss_and_grads;
 use crate::{Error, Progress, Result};
@@ -139,31 +139,6 @@ fn alpha_sigma(abar: &[f32], t: Option<usize>) -> (f64, f64) {
         }
         None => (1.0, 0.0),
     }
-}
-
-/// `(x̂, ε̂)` from a model output in `prediction`'s parametrisation at `(α, σ)` (columns
-/// `[B,1,1,1]`).
-fn x_and_eps(
-    prediction: Prediction,
-    z: &Tensor,
-    out: &Tensor,
-    a: &Tensor,
-    s: &Tensor,
-) -> Result<(Tensor, Tensor)> {
-    Ok(match prediction {
-        Prediction::V => (
-            (z.broadcast_mul(a)? - out.broadcast_mul(s)?)?,
-            (z.broadcast_mul(s)? + out.broadcast_mul(a)?)?,
-        ),
-        Prediction::Sample => {
-            let eps = (z - out.broadcast_mul(a)?)?.broadcast_div(s)?;
-            (out.clone(), eps)
-        }
-        Prediction::Epsilon => {
-            let x = (z - out.broadcast_mul(s)?)?.broadcast_div(a)?;
-            (x, out.clone())
-        }
-    })
 }
 
 /// The x̃ whose single DDIM step from `z` at `(α, σ)` lands on `z2` at `(α″, σ″)`:
@@ -369,7 +344,11 @@ fn halve(
             "use_karras_sigmas": false,
             "interpolation_type": "linear",
         }),
+        None,
     )?;
+    // A teacher guided by two passes at a fixed scale leaves that guidance in the student.
+    let built_in = (embedding.is_none() && opts.guidance > 1.0).then_some(1.0);
+    super::write_defaults(out, n_student, built_in)?;
     Ok(state.log.final_loss())
 }
 
