@@ -238,6 +238,75 @@ mod tests {
         Ok(())
     }
 
+    /// Factors found beside a layer's weight (`lora_A`/`lora_B` under its path) are applied
+    /// beside it: the same output as the merged weight, and the same gradients for the factors
+    /// as through the merge, for a linear layer and a strided 3×3 convolution.
+    #[test]
+    fn factors_beside_a_layer_act_as_the_merged_weight() -> Result<()> {
+        use crate::layers::{conv2d, linear::linear};
+        use candle_core::{DType, Module, Var};
+        use candle_nn::VarBuilder;
+        let dev = Device::Cpu;
+        let (r, cin, cout) = (2, 3, 4);
+        let cases: [(Vec<usize>, Vec<usize>); 2] = [
+            (vec![cout, cin], vec![2, 5, cin]),
+            (vec![cout, cin, 3, 3], vec![2, cin, 7, 7]),
+        ];
+        for (shape, x_shape) in cases {
+            let conv = shape.len() == 4;
+            let weight = Tensor::randn(0f32, 1.0, shape.as_slice(), &dev)?;
+            let bias = Tensor::randn(0f32, 1.0, cout, &dev)?;
+            let mut down_shape = shape.clone();
+            down_shape[0] = r;
+            let up_shape: Vec<usize> = if conv {
+                vec![cout, r, 1, 1]
+            } else {
+                vec![cout, r]
+            };
+            let down = Var::randn(0f32, 1.0, down_shape.as_slice(), &dev)?;
+            let up = Var::randn(0f32, 1.0, up_shape.as_slice(), &dev)?;
+            let x = Tensor::randn(0f32, 1.0, x_shape.as_slice(), &dev)?;
+            let build = |tensors: Vec<(&str, Tensor)>| -> Result<Box<dyn Module>> {
+                let map = tensors
+                    .into_iter()
+                    .map(|(k, v)| (format!("l.{k}"), v))
+                    .collect();
+                let vb = VarBuilder::from_tensors(map, DType::F32, &dev).pp("l");
+                Ok(if conv {
+                    Box::new(conv2d(vb, cin, cout, 3, 2, 1)?)
+                } else {
+                    Box::new(linear(cin, cout, vb)?)
+                })
+            };
+            let beside = build(vec![
+                ("weight", weight.clone()),
+                ("bias", bias.clone()),
+                ("lora_A.weight", down.as_tensor().clone()),
+                ("lora_B.weight", up.as_tensor().clone()),
+            ])?;
+            let merged_w = (&weight + lora_delta(down.as_tensor(), up.as_tensor(), 1.0, &shape)?)?;
+            let merged = build(vec![("weight", merged_w), ("bias", bias)])?;
+            let (a, b) = (beside.forward(&x)?, merged.forward(&x)?);
+            let err = (&a - &b)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(err < 1e-4, "outputs differ by {err}");
+            let ga = a.sqr()?.sum_all()?.backward()?;
+            let gb = b.sqr()?.sum_all()?.backward()?;
+            for v in [&down, &up] {
+                let (ga, gb) = (
+                    ga.get(v).expect("a gradient"),
+                    gb.get(v).expect("a gradient"),
+                );
+                let scale = gb.abs()?.max_all()?.to_scalar::<f32>()?;
+                let err = (ga - gb)?.abs()?.max_all()?.to_scalar::<f32>()?;
+                assert!(
+                    err <= 1e-4 * scale.max(1.0),
+                    "gradients differ by {err} of {scale}"
+                );
+            }
+        }
+        Ok(())
+    }
+
     /// The same layer named the diffusers/PEFT way and the kohya way (with its alpha) resolves
     /// to the same module and update.
     #[test]

@@ -257,6 +257,9 @@ fn transpose_blocks(src: &[f32], rows: usize, cols: usize) -> Vec<f32> {
 struct ConvTrain {
     stride: usize,
     padding: usize,
+    /// Whether the weight takes a gradient; a frozen one's (a teacher's weights under LoRA
+    /// factors) is neither computed nor kept.
+    weight_grad: bool,
 }
 
 impl ConvTrain {
@@ -322,12 +325,14 @@ impl CustomOp3 for ConvTrain {
         &self,
         x: &Tensor,
         w: &Tensor,
-        _b: &Tensor,
+        b: &Tensor,
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let flat = x.apply_op3_no_bwd(w, &grad.contiguous()?, &ConvTrainBackward(*self))?;
-        super::split_gradients(&flat, x.shape(), w.shape(), w.dim(0)?)
+        let (dx, dw, db) = super::split_gradients(&flat, x.shape(), w.shape(), w.dim(0)?)?;
+        // A frozen weight and bias get no gradient (candle would keep one for each).
+        Ok((dx, dw.filter(|_| w.track_op()), db.filter(|_| b.track_op())))
     }
 }
 
@@ -376,19 +381,23 @@ impl CustomOp3 for ConvTrainBackward {
         );
         let dx = col2im(&dcols, &g);
         drop(dcols);
-        let cols = im2col(x, &g);
-        let mut dwc = vec![0f32; c_out * kkc];
-        gemm(
-            (c_out, kkc, rows),
-            &mut dwc,
-            kkc,
-            false,
-            Operand::rows(&dyt, rows),
-            Operand::rows(&cols, kkc),
-            true,
-        );
         let mut out = dx;
-        out.extend(transpose_blocks(&dwc, g.kernel * g.kernel, g.channels));
+        if self.0.weight_grad {
+            let cols = im2col(x, &g);
+            let mut dwc = vec![0f32; c_out * kkc];
+            gemm(
+                (c_out, kkc, rows),
+                &mut dwc,
+                kkc,
+                false,
+                Operand::rows(&dyt, rows),
+                Operand::rows(&cols, kkc),
+                true,
+            );
+            out.extend(transpose_blocks(&dwc, g.kernel * g.kernel, g.channels));
+        } else {
+            out.resize(out.len() + c_out * kkc, 0.0);
+        }
         out.extend_from_slice(&db);
         let len = out.len();
         Ok((CpuStorage::F32(out), Shape::from(len)))
@@ -410,6 +419,10 @@ pub struct Conv2d {
     bias: Option<Tensor>,
     stride: usize,
     padding: usize,
+    /// A LoRA update kept beside the weight (PEFT's for a convolution): `A`, a convolution
+    /// `[r, C, k, k]` at the layer's stride and padding, then `B`, a 1×1 convolution
+    /// `[C_out, r, 1, 1]`, their output added to the layer's (α/r folded in).
+    lora: Option<Box<(Conv2d, Conv2d)>>,
 }
 
 impl Conv2d {
@@ -442,11 +455,37 @@ impl Conv2d {
         } else {
             Weight::Dense(weight)
         };
-        Ok(Self {
+        let layer = Self {
             weight,
             bias,
             stride,
             padding,
+            lora: None,
+        };
+        if !vb.contains_tensor("lora_A.weight") {
+            return Ok(layer);
+        }
+        let down = vb.get_unchecked("lora_A.weight")?;
+        let up = vb.get_unchecked("lora_B.weight")?;
+        let (rank, c, k, _) = down.dims4()?;
+        if (c, k) != (in_channels, kernel) || up.dims4()? != (out_channels, rank, 1, 1) {
+            candle_core::bail!(
+                "LoRA factors {:?} and {:?} do not fit a {in_channels} → {out_channels} \
+                 convolution of kernel {kernel}",
+                down.dims(),
+                up.dims()
+            )
+        }
+        let bare = |w: Tensor, stride, padding| Conv2d {
+            weight: Weight::Dense(w),
+            bias: None,
+            stride,
+            padding,
+            lora: None,
+        };
+        Ok(Self {
+            lora: Some(Box::new((bare(down, stride, padding), bare(up, 1, 0)))),
+            ..layer
         })
     }
 
@@ -472,6 +511,16 @@ fn count_flops(x: &Tensor, (o, i, k): (usize, usize, usize), stride: usize, padd
 
 impl Module for Conv2d {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = self.forward_weight(x)?;
+        match &self.lora {
+            Some(lora) => y + lora.1.forward(&lora.0.forward(x)?)?,
+            None => Ok(y),
+        }
+    }
+}
+
+impl Conv2d {
+    fn forward_weight(&self, x: &Tensor) -> Result<Tensor> {
         let dims = self.dims()?;
         count_flops(x, dims, self.stride, self.padding);
         let c_out = dims.0;
@@ -503,6 +552,7 @@ impl Module for Conv2d {
             let op = ConvTrain {
                 stride: self.stride,
                 padding: self.padding,
+                weight_grad: weight.track_op(),
             };
             return x.contiguous()?.apply_op3(&weight.contiguous()?, &bias, op);
         }
@@ -533,6 +583,34 @@ mod tests {
         (1, 1, 0, 5, 4),
     ];
 
+    /// A frozen convolution under an input that takes gradients: the input's gradient equals
+    /// the composed (candle-differentiated) convolution's, and the weight keeps none.
+    #[test]
+    fn a_frozen_convolution_passes_gradients_through_and_keeps_none() -> Result<()> {
+        let dev = Device::Cpu;
+        let w = Tensor::randn(0f32, 1.0, (4, 3, 3, 3), &dev)?;
+        let b = Tensor::randn(0f32, 1.0, 4, &dev)?;
+        let map = [("c.weight", &w), ("c.bias", &b)]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.clone()))
+            .collect();
+        let vb = candle_nn::VarBuilder::from_tensors(map, DType::F32, &dev);
+        let layer = Conv2d::new(vb.pp("c"), 3, 4, 3, 2, 1)?;
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, 3, 7, 6), &dev)?)?;
+        let grads = layer.forward(x.as_tensor())?.sqr()?.sum_all()?.backward()?;
+        assert!(grads.get(&w).is_none());
+        let composed =
+            super::super::ops::add_bias(&conv2d_im2col(x.as_tensor(), &w, 2, 1)?, &b, 1)?;
+        let expect = composed.sqr()?.sum_all()?.backward()?;
+        let (a, e) = (
+            grads.get(x.as_tensor()).expect("dx"),
+            expect.get(x.as_tensor()).expect("dx"),
+        );
+        let err = (a - e)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(err < 1e-3, "{err}");
+        Ok(())
+    }
+
     #[test]
     fn fused_training_conv_matches_the_composed_one() -> Result<()> {
         let dev = Device::Cpu;
@@ -546,6 +624,7 @@ mod tests {
                 ConvTrain {
                     stride: s,
                     padding: p,
+                    weight_grad: true,
                 },
             )?;
             let composed = super::super::ops::add_bias(

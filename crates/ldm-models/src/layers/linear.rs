@@ -24,6 +24,9 @@ pub struct Linear {
     bias: Option<Tensor>,
     in_dim: usize,
     out_dim: usize,
+    /// A LoRA update kept beside the weight: `x Aᵀ Bᵀ` added to the output, with `Aᵀ`
+    /// `[in, r]` and `Bᵀ` `[r, out]` (what `ldm distill lcm --lora` trains; α/r folded in).
+    lora: Option<(Tensor, Tensor)>,
 }
 
 impl Linear {
@@ -39,6 +42,7 @@ impl Linear {
                 bias,
                 in_dim,
                 out_dim,
+                lora: None,
             });
         }
         // Without the bf16 kernel, bf16 weights on the CPU compute in f32.
@@ -64,7 +68,31 @@ impl Linear {
             bias,
             in_dim,
             out_dim,
+            lora: None,
         })
+    }
+
+    /// Adds the LoRA factors `lora_A.weight` `[r, in]` and `lora_B.weight` `[out, r]` found
+    /// under `vb` (PEFT's names), applied beside the weight rather than merged into it, so that
+    /// only the factors take gradients. Without them the layer is unchanged.
+    pub fn with_lora(mut self, vb: &VarBuilder) -> Result<Self> {
+        if !vb.contains_tensor("lora_A.weight") {
+            return Ok(self);
+        }
+        let down = vb.get_unchecked("lora_A.weight")?;
+        let up = vb.get_unchecked("lora_B.weight")?;
+        let (rank, in_dim) = down.dims2()?;
+        if in_dim != self.in_dim || up.dims2()? != (self.out_dim, rank) {
+            candle_core::bail!(
+                "LoRA factors {:?} and {:?} do not fit a {} → {} layer",
+                down.dims(),
+                up.dims(),
+                self.in_dim,
+                self.out_dim
+            )
+        }
+        self.lora = Some((down.t()?, up.t()?));
+        Ok(self)
     }
 
     /// Whether the weight is packed for the bf16 kernel (bf16 weights on a CPU that has it).
@@ -93,7 +121,7 @@ pub fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
     let init = torch_default_init(in_dim);
     let weight = vb.get_with_hints((out_dim, in_dim), "weight", init)?;
     let bias = vb.get_with_hints(out_dim, "bias", init)?;
-    Linear::new(weight, Some(bias))
+    Linear::new(weight, Some(bias))?.with_lora(&vb)
 }
 
 /// How PyTorch initialises a fresh `nn.Linear` or `nn.Conv2d`, and so every diffusers and
@@ -121,17 +149,37 @@ pub fn linear_normal(in_dim: usize, out_dim: usize, std: f64, vb: VarBuilder) ->
         },
     )?;
     let bias = vb.get_with_hints(out_dim, "bias", candle_nn::Init::Const(0.0))?;
-    Linear::new(weight, Some(bias))
+    Linear::new(weight, Some(bias))?.with_lora(&vb)
 }
 
 /// `weight` only.
 pub fn linear_no_bias(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
     let weight = vb.get_with_hints((out_dim, in_dim), "weight", torch_default_init(in_dim))?;
-    Linear::new(weight, None)
+    Linear::new(weight, None)?.with_lora(&vb)
 }
 
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = self.forward_weight(x)?;
+        match &self.lora {
+            Some((down_t, up_t)) => {
+                let dims = x.dims();
+                let rows = x.elem_count() / self.in_dim.max(1);
+                let delta = x
+                    .reshape((rows, self.in_dim))?
+                    .matmul(down_t)?
+                    .matmul(up_t)?;
+                let mut out_shape = dims.to_vec();
+                *out_shape.last_mut().expect("rank ≥ 1") = self.out_dim;
+                y + delta.reshape(out_shape)?
+            }
+            None => Ok(y),
+        }
+    }
+}
+
+impl Linear {
+    fn forward_weight(&self, x: &Tensor) -> Result<Tensor> {
         let (in_dim, out_dim) = (self.in_dim, self.out_dim);
         let rows = x.elem_count() / in_dim.max(1);
         crate::flops::add(crate::flops::matmul(rows, in_dim, out_dim));
@@ -145,6 +193,15 @@ impl Module for Linear {
             }
             Weight::Dense { weight_t, .. } => weight_t,
         };
+        if x.track_op() && !weight_t.track_op() && x.device().is_cpu() && x.dtype() == DType::F32 {
+            let y = x.contiguous()?.apply_op1(FrozenProduct {
+                weight_t: weight_t.clone(),
+            })?;
+            return match &self.bias {
+                Some(b) => super::ops::add_bias(&y, b, y.rank() - 1),
+                None => Ok(y),
+            };
+        }
         // Leading dimensions are folded into rows so that one 2-D product runs.
         let dims = x.dims();
         let y = if dims.len() > 2 && x.is_contiguous() {
@@ -160,6 +217,46 @@ impl Module for Linear {
             Some(b) => super::ops::add_bias(&y, b, y.rank() - 1),
             None => Ok(y),
         }
+    }
+}
+
+/// `x Wᵀ` for a constant `W` while `x` takes gradients (a frozen layer in training, such as the
+/// teacher's weights under LoRA factors): the backward gives `x` its gradient and `W` none.
+/// candle's product would compute and keep a gradient for every constant weight it touches — a
+/// copy of all frozen weights and a third of the backward's products.
+struct FrozenProduct {
+    /// `[in, out]`, contiguous.
+    weight_t: Tensor,
+}
+
+impl CustomOp1 for FrozenProduct {
+    fn name(&self) -> &'static str {
+        "linear-frozen"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(storage, layout, "linear-frozen", "input")?;
+        let (in_dim, out_dim) = self.weight_t.dims2()?;
+        let rows = x.len() / in_dim.max(1);
+        let y = Tensor::from_slice(x, (rows, in_dim), &candle_core::Device::Cpu)?
+            .matmul(&self.weight_t)?;
+        let mut shape = layout.shape().dims().to_vec();
+        *shape.last_mut().expect("an input of rank ≥ 1") = out_dim;
+        Ok((
+            CpuStorage::F32(y.flatten_all()?.to_vec1()?),
+            Shape::from(shape),
+        ))
+    }
+
+    fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let (in_dim, out_dim) = self.weight_t.dims2()?;
+        let rows = grad.elem_count() / out_dim.max(1);
+        let dx = grad
+            .contiguous()?
+            .reshape((rows, out_dim))?
+            .matmul(&self.weight_t.t()?)?;
+        debug_assert_eq!(dx.dim(1)?, in_dim);
+        Ok(Some(dx.reshape(x.shape())?))
     }
 }
 
@@ -214,6 +311,43 @@ impl CustomOp1 for PackedLinear {
 mod tests {
     use super::*;
     use candle_core::Device;
+
+    /// A frozen layer under an input that takes gradients: the same output and input gradient
+    /// as candle's product (checked against finite differences too), and no gradient kept
+    /// for the weight.
+    #[test]
+    fn a_frozen_weight_passes_gradients_through_and_keeps_none() -> Result<()> {
+        let dev = Device::Cpu;
+        let w = Tensor::randn(0f64, 1.0, (5, 3), &dev)?.to_dtype(DType::F32)?;
+        let b = Tensor::randn(0f32, 1.0, 5, &dev)?;
+        let layer = Linear::new(w.clone(), Some(b.clone()))?;
+        let x0 = Tensor::randn(0f32, 1.0, (2, 4, 3), &dev)?;
+        let x = candle_core::Var::from_tensor(&x0)?;
+        let y = layer.forward(x.as_tensor())?;
+        let reference = x0.broadcast_matmul(&w.t()?)?.broadcast_add(&b)?;
+        let err = (&y - &reference)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(err < 1e-5, "{err}");
+        let loss = |y: &Tensor| y.sqr()?.sum_all();
+        let grads = loss(&y)?.backward()?;
+        let dx = grads.get(x.as_tensor()).expect("a gradient for x");
+        assert!(grads.get(&w).is_none());
+        // d/dx of Σ (x Wᵀ + b)² = 2 (x Wᵀ + b) W.
+        let expect = (reference * 2.0)?.broadcast_matmul(&w)?;
+        let err = (dx - &expect)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(err < 1e-4, "{err}");
+        // One element by central differences.
+        let h = 1e-2f32;
+        let bump = |d: f32| -> Result<f32> {
+            let mut v = x0.flatten_all()?.to_vec1::<f32>()?;
+            v[7] += d;
+            let xs = Tensor::from_vec(v, x0.shape(), &dev)?;
+            loss(&layer.forward(&xs)?)?.to_scalar::<f32>()
+        };
+        let fd = (bump(h)? - bump(-h)?) / (2.0 * h);
+        let an = dx.flatten_all()?.to_vec1::<f32>()?[7];
+        assert!((fd - an).abs() < 1e-2 * an.abs().max(1.0), "{fd} vs {an}");
+        Ok(())
+    }
 
     /// bf16 weights on the CPU: the packed kernel (or the f32 fallback) against the f32 layer
     /// over the same bf16-rounded weights and inputs.

@@ -25,7 +25,7 @@ use crate::{Error, Progress, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::VarBuilder;
 use ldm_models::layers::timestep::guidance_scale_embedding;
-use ldm_models::lora::{is_unet_target, lora_delta};
+use ldm_models::lora::is_unet_target;
 use ldm_models::unet::UNet2DConditionModel;
 use ldm_models::weights::{component_files, Checkpoint};
 use ldm_sampling::guidance::guide_each;
@@ -403,7 +403,7 @@ pub const LORA_FILE: &str = "pytorch_lora_weights.safetensors";
 /// The teacher's U-Net is rebuilt on the same tensors the student's weights are merged from,
 /// so a full-size model is held once.
 fn distill_lcm_lora(
-    mut teacher: Teacher,
+    teacher: Teacher,
     teacher_dir: &Path,
     out: &Path,
     rank: usize,
@@ -437,7 +437,6 @@ fn distill_lcm_lora(
             "the teacher's U-Net has no layer to adapt".into(),
         ));
     }
-    teacher.components.unet = unet_from(base.clone(), &cfg, device)?;
     let teacher = &teacher;
     let mut init = TrainRng::new(opts.seed ^ 0x10fa);
     let mut params: Vec<(String, Var)> = Vec::new();
@@ -483,22 +482,18 @@ fn distill_lcm_lora(
         phi: teacher.components.default_guidance_rescale(),
         embedding: None,
     };
-    // The teacher's weights with each adapted layer's update `B·A` added (α/r = 1).
-    let merged = |params: &[(String, Var)]| -> Result<HashMap<String, Tensor>> {
-        let mut tensors = base.clone();
-        for (i, (module, shape)) in layers.iter().enumerate() {
-            let (down, up) = (params[2 * i].1.as_tensor(), params[2 * i + 1].1.as_tensor());
-            let key = format!("{module}.weight");
-            let w = (&base[&key] + lora_delta(down, up, 1.0, shape)?)?;
-            tensors.insert(key, w);
-        }
-        Ok(tensors)
-    };
+    // The student: the teacher's weights with the factors beside each adapted layer (α/r = 1),
+    // built once; the optimiser updates the factors in place.
+    let mut tensors = base;
+    for (name, var) in &params {
+        let key = name.strip_prefix("unet.").unwrap_or(name);
+        tensors.insert(key.to_string(), var.as_tensor().clone());
+    }
+    let student = unet_from(tensors, &cfg, device)?;
     while state.step < opts.steps {
         let step = state.step;
         let batch = lcm.draw(&mut state.rng, device)?;
         // The target is the student itself, its output detached.
-        let student = unet_from(merged(&params)?, &cfg, device)?;
         let (loss, grads) = sharded_loss_and_grads(opts.shards, opts.batch, &params, |r| {
             lcm.shard_loss(&batch, r, &student, &student)
         })?;
