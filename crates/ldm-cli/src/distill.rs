@@ -223,13 +223,18 @@ pub fn run(cmd: DistillCommand) -> Result<()> {
             let median = rep.finish();
             if opts.lora.is_some() {
                 let file = a.common.out.join(ldm_train::distill::lcm::LORA_FILE);
+                // The embedded teacher by its name, not by where it was unpacked.
+                let model = match &a.common.teacher {
+                    Some(dir) => dir.display().to_string(),
+                    None => "shapes".into(),
+                };
                 crate::emit(format_args!(
                     "LCM-LoRA: {} steps, loss {:.5}, in {} (ldm generate --model {} --lora {} \
                      --sampler lcm --steps 4 --guidance 1)",
                     r.steps,
                     r.final_loss,
                     file.display(),
-                    teacher.display(),
+                    model,
                     file.display()
                 ));
             } else {

@@ -400,8 +400,9 @@ pub const LORA_FILE: &str = "pytorch_lora_weights.safetensors";
 /// [`UNET_TARGETS`](ldm_models::lora::UNET_TARGETS), no guidance embedding (the teacher's
 /// scale is still drawn per example), and the student itself, without gradients, as the
 /// target network. A starts as PEFT's default (variance 1/(3·fan_in)), B at zero, α = r.
-/// The teacher's U-Net is rebuilt on the same tensors the student's weights are merged from,
-/// so a full-size model is held once.
+/// The student is a second U-Net on the teacher's weights with the factors beside its layers
+/// (only they take gradients), built once: two copies of the weights in all, as in diffusers'
+/// script.
 fn distill_lcm_lora(
     teacher: Teacher,
     teacher_dir: &Path,
