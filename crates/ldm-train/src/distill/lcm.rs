@@ -402,10 +402,9 @@ pub const LORA_FILE: &str = "pytorch_lora_weights.safetensors";
 /// scale is still drawn per example), and the student itself, without gradients, as the
 /// target network. A starts as PEFT's default (variance 1/(3·fan_in)), B at zero, α = r.
 /// The student is a second U-Net on the teacher's weights with the factors beside its layers
-/// (only they take gradients), built once: two copies of the weights in all, as in diffusers'
-/// script.
+/// (only they take gradients), built once on the same tensors as the teacher.
 fn distill_lcm_lora(
-    teacher: Teacher,
+    mut teacher: Teacher,
     teacher_dir: &Path,
     out: &Path,
     rank: usize,
@@ -439,6 +438,9 @@ fn distill_lcm_lora(
             "the teacher's U-Net has no layer to adapt".into(),
         ));
     }
+    // The teacher rebuilt on the tensors the student is built on, so that the weights both
+    // keep as loaded (the convolutions') are held once.
+    teacher.components.unet = unet_from(base.clone(), &cfg, device)?;
     let teacher = &teacher;
     let mut init = TrainRng::new(opts.seed ^ 0x10fa);
     let mut params: Vec<(String, Var)> = Vec::new();
