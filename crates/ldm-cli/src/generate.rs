@@ -26,36 +26,6 @@ fn output_path(out: &Path, index: usize, total: usize) -> PathBuf {
     out.with_file_name(format!("{stem}-{}.{ext}", index + 1))
 }
 
-/// A1111's `parameters` text: prompt, negative prompt, then the settings line.
-fn parameters(
-    req: &Request,
-    sampler: &str,
-    schedule: &str,
-    seed: u64,
-    model: &str,
-    hash: &str,
-) -> String {
-    let mut text = req.prompt.clone();
-    if let Some(neg) = &req.negative_prompt {
-        text.push_str(&format!("\nNegative prompt: {neg}"));
-    }
-    text.push_str(&format!(
-        "\nSteps: {}, Sampler: {sampler}, Schedule type: {schedule}, CFG scale: {}, Seed: {seed}, Size: {}x{}, Model hash: {hash}, Model: {model}",
-        req.steps, req.guidance_scale, req.width, req.height
-    ));
-    if let Some(eta) = req.eta {
-        text.push_str(&format!(", Eta: {eta}"));
-    }
-    if req.guidance_rescale != 0.0 {
-        // As A1111's CFG Rescale extension writes it.
-        text.push_str(&format!(", CFG Rescale phi: {}", req.guidance_rescale));
-    }
-    if req.init_image.is_some() {
-        text.push_str(&format!(", Denoising strength: {}", req.strength));
-    }
-    text
-}
-
 /// Merges the `--lora` files (`FILE[:MULTIPLIER]`) into the U-Net, warning of text-encoder
 /// tensors left unapplied.
 pub fn apply_loras(components: &mut Components, specs: &[String]) -> Result<()> {
@@ -272,7 +242,8 @@ pub fn run(a: GenerateArgs) -> Result<()> {
             n if n.contains(',') => format!("\"{n}\""),
             n => n,
         };
-        let mut text = parameters(&req, sampler_name, &schedule_name, seed, &model_name, &hash);
+        let mut text =
+            ldm_pipeline::infotext(&req, sampler_name, &schedule_name, &model_name, &hash);
         if let Some(name) = a.vae.as_ref().and_then(|v| v.file_name()) {
             text.push_str(&format!(", VAE: {}", name.to_string_lossy()));
         }

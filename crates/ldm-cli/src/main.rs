@@ -27,6 +27,7 @@ mod data;
 mod distill;
 mod embedded;
 mod generate;
+mod serve;
 mod train;
 
 #[derive(Parser)]
@@ -79,6 +80,9 @@ enum Command {
     },
     /// Generate images from a prompt (txt2img; img2img with --init-image).
     Generate(Box<GenerateArgs>),
+    /// Serve the model over HTTP: A1111's API, OpenAI's images API, a job API with
+    /// server-sent events, and a web page.
+    Serve(Box<serve::ServeArgs>),
 }
 
 #[derive(clap::Args)]
@@ -273,6 +277,7 @@ fn run(cli: Cli) -> Result<()> {
             info(&generate::model_path(Some(&model))?, check)
         }
         Command::Generate(args) => generate::run(*args),
+        Command::Serve(args) => serve::run(*args),
         Command::Train(cmd) => train::run(cmd),
         Command::Distill(cmd) => distill::run(cmd),
         Command::Bench(args) => bench::run(args),

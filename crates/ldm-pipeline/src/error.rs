@@ -6,7 +6,7 @@ pub enum Error {
     #[error(transparent)]
     Model(#[from] ldm_models::Error),
     #[error(transparent)]
-    Sampling(#[from] ldm_sampling::Error),
+    Sampling(ldm_sampling::Error),
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
     #[error("{0}")]
@@ -24,6 +24,15 @@ pub enum Error {
     },
     #[error("stopped by the step hook")]
     Cancelled,
+}
+
+impl From<ldm_sampling::Error> for Error {
+    fn from(e: ldm_sampling::Error) -> Self {
+        match e {
+            ldm_sampling::Error::Stopped => Error::Cancelled,
+            e => Error::Sampling(e),
+        }
+    }
 }
 
 /// Result alias of this crate.

@@ -2,7 +2,7 @@
 //! reading input images and masks, and PNGs with an A1111-style `parameters` text chunk,
 //! written atomically (a temporary file, then a rename).
 
-use crate::{Error, Result};
+use crate::{Error, Request, Result};
 use candle_core::{DType, Device, Tensor};
 use image::{GrayImage, RgbImage};
 use std::io::Write;
@@ -56,10 +56,14 @@ fn fit<P: image::Pixel<Subpixel = u8> + 'static>(
     )
 }
 
-/// Reads an image as RGB, resized (Lanczos) to `width × height` if it differs, as
-/// `[1, 3, H, W]` in [-1, 1] on `device`.
-pub fn load_image(path: &Path, width: usize, height: usize, device: &Device) -> Result<Tensor> {
-    let img = image::open(path).map_err(|e| image_err(path, e))?.to_rgb8();
+/// An RGB image, resized (Lanczos) to `width × height` if it differs, as `[1, 3, H, W]` in
+/// [-1, 1] on `device`.
+pub fn image_to_tensor(
+    img: RgbImage,
+    width: usize,
+    height: usize,
+    device: &Device,
+) -> Result<Tensor> {
     let img = fit(img, width, height);
     let data: Vec<f32> = img
         .as_raw()
@@ -71,11 +75,14 @@ pub fn load_image(path: &Path, width: usize, height: usize, device: &Device) -> 
         .contiguous()?)
 }
 
-/// Reads a mask (white = repaint) as `[1, 1, H, W]` of 0 and 1 (diffusers binarises at ½).
-pub fn load_mask(path: &Path, width: usize, height: usize, device: &Device) -> Result<Tensor> {
-    let img: GrayImage = image::open(path)
-        .map_err(|e| image_err(path, e))?
-        .to_luma8();
+/// A mask (white = repaint), resized to `width × height`, as `[1, 1, H, W]` of 0 and 1
+/// (diffusers binarises at ½).
+pub fn mask_to_tensor(
+    img: GrayImage,
+    width: usize,
+    height: usize,
+    device: &Device,
+) -> Result<Tensor> {
     let img = fit(img, width, height);
     let data: Vec<f32> = img
         .as_raw()
@@ -83,6 +90,37 @@ pub fn load_mask(path: &Path, width: usize, height: usize, device: &Device) -> R
         .map(|&v| if v as f32 / 255.0 >= 0.5 { 1.0 } else { 0.0 })
         .collect();
     Ok(Tensor::from_vec(data, (1, 1, height, width), device)?)
+}
+
+/// Reads an image file as [`image_to_tensor`] takes it.
+pub fn load_image(path: &Path, width: usize, height: usize, device: &Device) -> Result<Tensor> {
+    let img = image::open(path).map_err(|e| image_err(path, e))?.to_rgb8();
+    image_to_tensor(img, width, height, device)
+}
+
+/// Reads a mask file as [`mask_to_tensor`] takes it.
+pub fn load_mask(path: &Path, width: usize, height: usize, device: &Device) -> Result<Tensor> {
+    let img: GrayImage = image::open(path)
+        .map_err(|e| image_err(path, e))?
+        .to_luma8();
+    mask_to_tensor(img, width, height, device)
+}
+
+/// Encodes `img` as PNG bytes with a `parameters` text chunk (A1111's infotext).
+pub fn encode_png(
+    img: &RgbImage,
+    parameters: &str,
+    out: &mut impl Write,
+) -> std::result::Result<(), png::EncodingError> {
+    let mut enc = png::Encoder::new(out, img.width(), img.height());
+    enc.set_color(png::ColorType::Rgb);
+    enc.set_depth(png::BitDepth::Eight);
+    if !parameters.is_empty() {
+        enc.add_text_chunk("parameters".into(), parameters.into())?;
+    }
+    let mut writer = enc.write_header()?;
+    writer.write_image_data(img.as_raw())?;
+    writer.finish()
 }
 
 /// Writes `img` as a PNG with a `parameters` text chunk, atomically: a temporary file in the
@@ -107,18 +145,7 @@ pub fn save_png(img: &RgbImage, parameters: &str, path: &Path) -> Result<()> {
     let result = (|| -> Result<()> {
         let file = std::fs::File::create(&tmp).map_err(io_err)?;
         let mut w = std::io::BufWriter::new(file);
-        {
-            let mut enc = png::Encoder::new(&mut w, img.width(), img.height());
-            enc.set_color(png::ColorType::Rgb);
-            enc.set_depth(png::BitDepth::Eight);
-            enc.add_text_chunk("parameters".into(), parameters.into())
-                .map_err(|e| image_err(path, e))?;
-            let mut writer = enc.write_header().map_err(|e| image_err(path, e))?;
-            writer
-                .write_image_data(img.as_raw())
-                .map_err(|e| image_err(path, e))?;
-            writer.finish().map_err(|e| image_err(path, e))?;
-        }
+        encode_png(img, parameters, &mut w).map_err(|e| image_err(path, e))?;
         w.flush().map_err(io_err)?;
         w.get_ref().sync_all().map_err(io_err)?;
         std::fs::rename(&tmp, path).map_err(io_err)
@@ -129,14 +156,20 @@ pub fn save_png(img: &RgbImage, parameters: &str, path: &Path) -> Result<()> {
     result
 }
 
-/// The `parameters` text chunk of a PNG, if it has one.
+/// The `parameters` text chunk of a PNG file, if it has one.
 pub fn read_parameters(path: &Path) -> Result<Option<String>> {
     let file = std::fs::File::open(path).map_err(|source| Error::Io {
         path: path.to_path_buf(),
         source,
     })?;
-    let decoder = png::Decoder::new(std::io::BufReader::new(file));
-    let reader = decoder.read_info().map_err(|e| image_err(path, e))?;
+    png_parameters(std::io::BufReader::new(file)).map_err(|e| image_err(path, e))
+}
+
+/// The `parameters` text chunk of PNG data (tEXt, iTXt or zTXt), if it has one.
+pub fn png_parameters<R: std::io::BufRead + std::io::Seek>(
+    data: R,
+) -> std::result::Result<Option<String>, png::DecodingError> {
+    let reader = png::Decoder::new(data).read_info()?;
     let info = reader.info();
     let text = info
         .uncompressed_latin1_text
@@ -156,4 +189,29 @@ pub fn read_parameters(path: &Path) -> Result<Option<String>> {
                 .and_then(|c| c.get_text().ok())
         });
     Ok(text)
+}
+
+/// A1111's infotext (the PNG `parameters` chunk): prompt, negative prompt, then the settings
+/// line.
+pub fn infotext(req: &Request, sampler: &str, schedule: &str, model: &str, hash: &str) -> String {
+    let seed = req.seed;
+    let mut text = req.prompt.clone();
+    if let Some(neg) = &req.negative_prompt {
+        text.push_str(&format!("\nNegative prompt: {neg}"));
+    }
+    text.push_str(&format!(
+        "\nSteps: {}, Sampler: {sampler}, Schedule type: {schedule}, CFG scale: {}, Seed: {seed}, Size: {}x{}, Model hash: {hash}, Model: {model}",
+        req.steps, req.guidance_scale, req.width, req.height
+    ));
+    if let Some(eta) = req.eta {
+        text.push_str(&format!(", Eta: {eta}"));
+    }
+    if req.guidance_rescale != 0.0 {
+        // As A1111's CFG Rescale extension writes it.
+        text.push_str(&format!(", CFG Rescale phi: {}", req.guidance_rescale));
+    }
+    if req.init_image.is_some() {
+        text.push_str(&format!(", Denoising strength: {}", req.strength));
+    }
+    text
 }

@@ -13,5 +13,7 @@ pub mod prompt;
 pub use components::Components;
 pub use error::{Error, Result};
 pub use generate::{generate, Output, Request};
+pub use image_io::infotext;
 pub mod outpaint;
+pub mod preview;
 pub mod prompt_syntax;

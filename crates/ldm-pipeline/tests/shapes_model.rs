@@ -76,3 +76,48 @@ fn guidance_rescale_defaults_follow_the_noise_schedule() {
     assert_ne!(sd15.scheduler.rescale_betas_zero_snr, Some(true));
     assert_eq!(sd15.default_guidance_rescale(), 0.0);
 }
+
+/// The fitted latent preview reads flat colours back from their latents, and a whole
+/// generation's final latents as roughly the decoded picture.
+#[test]
+fn latent_preview_follows_the_autoencoder() {
+    use ldm_pipeline::preview::LatentPreview;
+    let c = Components::load(&root().join("models/shapes"), DType::F32, &Device::Cpu).unwrap();
+    let preview = LatentPreview::fit(&c).unwrap();
+    for rgb in [[230u8, 30, 30], [30, 30, 220], [240, 240, 40]] {
+        let img = image::RgbImage::from_pixel(64, 64, image::Rgb(rgb));
+        let x = ldm_pipeline::image_io::image_to_tensor(img, 64, 64, &Device::Cpu).unwrap();
+        let z = c
+            .vae
+            .scale_latents(&c.vae.encode(&x).unwrap().mean)
+            .unwrap();
+        let p = preview.render(&z).unwrap();
+        assert_eq!(p.dimensions(), (64, 64));
+        let centre = p.get_pixel(32, 32).0;
+        for ch in 0..3 {
+            let d = (centre[ch] as i32 - rgb[ch] as i32).abs();
+            assert!(d < 60, "{rgb:?} previewed as {centre:?}");
+        }
+    }
+    let req = Request {
+        prompt: "a red circle on a blue background".into(),
+        width: 64,
+        height: 64,
+        steps: 8,
+        ..Request::default()
+    };
+    let out = generate(&c, &req, &mut NoHook).unwrap();
+    let p = preview.render(&out.latents).unwrap();
+    let decoded = &out.images[0];
+    let mean_diff: f64 = p
+        .as_raw()
+        .iter()
+        .zip(decoded.as_raw())
+        .map(|(a, b)| (*a as f64 - *b as f64).abs())
+        .sum::<f64>()
+        / p.as_raw().len() as f64;
+    assert!(
+        mean_diff < 40.0,
+        "preview differs from the picture by {mean_diff:.1} levels"
+    );
+}

@@ -9,6 +9,9 @@ pub enum Error {
     InvalidArgument(String),
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
+    /// A step hook asked the run to stop (a cancelled or interrupted request).
+    #[error("stopped by the step hook")]
+    Stopped,
 }
 
 /// Result alias of this crate.

@@ -170,6 +170,32 @@ impl SamplerName {
     pub fn all() -> impl Iterator<Item = (&'static str, SamplerName)> {
         SAMPLERS.iter().copied()
     }
+
+    /// A1111's display name of this sampler (its `/sdapi/v1/samplers` `name`), which
+    /// [`SamplerName::parse`] reads back.
+    pub fn display_name(self) -> &'static str {
+        use SamplerName::*;
+        match self {
+            Ddpm => "DDPM",
+            Ddim => "DDIM",
+            Pndm => "PLMS",
+            Lms => "LMS",
+            Euler => "Euler",
+            EulerA => "Euler a",
+            Heun => "Heun",
+            Dpm2 => "DPM2",
+            Dpm2A => "DPM2 a",
+            DpmPp2M => "DPM++ 2M",
+            DpmPp2MSde => "DPM++ 2M SDE",
+            DpmPp2SA => "DPM++ 2S a",
+            DpmPpSde => "DPM++ SDE",
+            DpmPp3MSde => "DPM++ 3M SDE",
+            UniPc => "UniPC",
+            Deis => "DEIS",
+            Lcm => "LCM",
+            Tcd => "TCD",
+        }
+    }
 }
 
 impl SigmaSchedule {
@@ -201,7 +227,8 @@ impl SigmaSchedule {
             return Ok(SigmaSchedule::Custom(sigmas));
         }
         Ok(match lower.as_str() {
-            "default" | "normal" => SigmaSchedule::Default,
+            // "automatic" is A1111's name for the sampler's own choice.
+            "default" | "normal" | "automatic" => SigmaSchedule::Default,
             "karras" => SigmaSchedule::Karras,
             "exponential" => SigmaSchedule::Exponential,
             "beta" => SigmaSchedule::Beta,
