@@ -201,7 +201,7 @@ impl Queue {
         }
         s.counter += 1;
         let id = format!("{:08x}{:08x}", now_unix() as u32, s.counter as u32);
-        let (tx, _) = broadcast::channel(256);
+        let (tx, _) = broadcast::channel(64);
         let images = params.images();
         let mut job = Job {
             id: id.clone(),
@@ -261,6 +261,7 @@ impl Queue {
                 job.finished = Some(Instant::now());
                 job.progress.phase = "done";
                 job.emit("cancelled", json!({"id": id}));
+                job.tx = broadcast::channel(1).0;
                 s.waiting.retain(|w| w != id);
             }
             Status::Running => job.flags.cancel.store(true, Ordering::Relaxed),
@@ -363,6 +364,8 @@ impl Queue {
         let mut took = None;
         if let Some(job) = s.jobs.get_mut(id) {
             job.finished = Some(Instant::now());
+            // Previews are for jobs in progress.
+            job.preview = None;
             job.progress.phase = "done";
             job.progress.eta_seconds = Some(0.0);
             took = job.started.map(|t| t.elapsed().as_secs_f64());
@@ -382,6 +385,9 @@ impl Queue {
                     job.emit("failed", json!({"id": id, "error": message}));
                 }
             }
+            // Listeners have the last event; a fresh, empty channel lets the old one's buffer
+            // (previews included) go once they hang up. Later listeners replay `events`.
+            job.tx = broadcast::channel(1).0;
         }
         if let Some(t) = took {
             s.mean_job_seconds = if s.mean_job_seconds == 0.0 {
