@@ -130,6 +130,11 @@ pub fn run(a: GenerateArgs) -> Result<()> {
             .replace_vae(vae)
             .with_context(|| format!("loading {}", vae.display()))?;
     }
+    if let Some(dir) = &a.taesd {
+        components
+            .use_taesd(dir)
+            .with_context(|| format!("loading {}", dir.display()))?;
+    }
     apply_loras(&mut components, &a.lora)?;
     for (component, unused) in &components.unused {
         eprintln!(
@@ -246,6 +251,9 @@ pub fn run(a: GenerateArgs) -> Result<()> {
             ldm_pipeline::infotext(&req, sampler_name, &schedule_name, &model_name, &hash);
         if let Some(name) = a.vae.as_ref().and_then(|v| v.file_name()) {
             text.push_str(&format!(", VAE: {}", name.to_string_lossy()));
+        }
+        if let Some(name) = a.taesd.as_ref().and_then(|v| v.file_name()) {
+            text.push_str(&format!(", VAE: {} (TAESD)", name.to_string_lossy()));
         }
         for (i, img) in out.images.iter().enumerate() {
             let path = output_path(&a.out, batch * a.batch + i, total);

@@ -101,6 +101,11 @@ struct GenerateArgs {
     /// A separate VAE file (.safetensors or .ckpt; diffusers or original keys).
     #[arg(long)]
     vae: Option<PathBuf>,
+    /// A tiny autoencoder (TAESD: a diffusers `AutoencoderTiny` folder such as
+    /// madebyollin/taesd) to encode and decode with instead of the model's own: far faster,
+    /// softer pictures.
+    #[arg(long)]
+    taesd: Option<PathBuf>,
     /// A U-Net LoRA file merged into the model, FILE or FILE:MULTIPLIER (default 1); may be
     /// repeated. diffusers/PEFT (`unet.….lora_A.weight`) and kohya (`lora_unet_…`) names.
     #[arg(long)]

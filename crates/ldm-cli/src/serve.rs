@@ -13,6 +13,10 @@ pub struct ServeArgs {
     /// `shapes-fast`).
     #[arg(long)]
     model: Option<PathBuf>,
+    /// A TAESD folder (diffusers `AutoencoderTiny`) whose decoder draws the live previews
+    /// (default: a linear map fitted to the model's autoencoder).
+    #[arg(long)]
+    taesd: Option<PathBuf>,
     /// The address to listen on (127.0.0.1: this machine only).
     #[arg(long, default_value = "127.0.0.1")]
     host: String,
@@ -67,6 +71,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
     }
     let cfg = ServerConfig {
         model_name,
+        taesd: a.taesd,
         dtype,
         host: a.host,
         port: a.port,

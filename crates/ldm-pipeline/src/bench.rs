@@ -172,6 +172,7 @@ pub fn random_components(arch: Arch, dtype: DType, device: &Device) -> Result<Co
         dtype,
         device: device.clone(),
         unused: Vec::new(),
+        taesd: None,
     })
 }
 

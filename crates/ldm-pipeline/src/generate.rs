@@ -367,6 +367,10 @@ fn encode_image(
     noise: &mut dyn NoiseSource,
 ) -> Result<Tensor> {
     let image = image.to_dtype(c.compute_dtype())?;
+    if let Some(tiny) = &c.taesd {
+        // No posterior, so nothing is drawn (diffusers' `retrieve_latents` takes `.latents`).
+        return Ok(tiny.encode_scaled(&image)?.to_dtype(DType::F32)?);
+    }
     let posterior = if use_tiles(c, req) {
         c.vae.encode_tiled(&image, c.vae.config.sample_size, 0.25)?
     } else {
@@ -388,6 +392,9 @@ fn use_tiles(c: &Components, req: &Request) -> bool {
 /// Decodes scaled latents to pixels; a half-precision VAE that overflows to NaN (SD1/SDXL VAEs
 /// do in f16) is retried in f32, as diffusers' `force_upcast` would have run it.
 pub fn decode_latents(c: &Components, req: &Request, latents: &Tensor) -> Result<Tensor> {
+    if let Some(tiny) = &c.taesd {
+        return Ok(tiny.decode_scaled(&latents.to_dtype(c.compute_dtype())?)?);
+    }
     let run = |vae: &ldm_models::vae::AutoencoderKL, dtype: DType| -> Result<Tensor> {
         let z = vae.unscale_latents(latents)?.to_dtype(dtype)?;
         let f = vae.config.downsample_factor();

@@ -3,7 +3,9 @@
 //! seed and size give the same PNG — mean difference ≤ 1 level of 255 and under 1% of values
 //! off by more than 2 levels — and the same final latents.
 
+mod common;
 use candle_core::{DType, Device, Tensor};
+use common::compare;
 use ldm_pipeline::generate::{Request, SdxlConditioning};
 use ldm_pipeline::image_io::load_image;
 use ldm_pipeline::Components;
@@ -39,19 +41,6 @@ struct Diff {
     mean: f64,
     over2: f64,
     latents: f64,
-}
-
-fn compare(ours: &image::RgbImage, theirs: &image::RgbImage) -> (f64, f64) {
-    assert_eq!(ours.dimensions(), theirs.dimensions());
-    let diffs: Vec<i32> = ours
-        .as_raw()
-        .iter()
-        .zip(theirs.as_raw())
-        .map(|(a, b)| (*a as i32 - *b as i32).abs())
-        .collect();
-    let mean = diffs.iter().sum::<i32>() as f64 / diffs.len() as f64;
-    let over2 = diffs.iter().filter(|&&d| d > 2).count() as f64 / diffs.len() as f64;
-    (mean, over2)
 }
 
 fn rel(a: &Tensor, b: &Tensor) -> f64 {

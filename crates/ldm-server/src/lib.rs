@@ -42,6 +42,8 @@ pub struct ServerConfig {
     pub model: PathBuf,
     /// The name the APIs give the model (default: its folder's name).
     pub model_name: Option<String>,
+    /// A TAESD folder whose decoder draws the live previews (else a fitted linear map).
+    pub taesd: Option<PathBuf>,
     pub dtype: DType,
     pub host: String,
     pub port: u16,
@@ -63,6 +65,7 @@ impl ServerConfig {
         Self {
             model,
             model_name: None,
+            taesd: None,
             dtype: DType::F32,
             host: "127.0.0.1".into(),
             port: 7860,
@@ -156,7 +159,12 @@ pub fn load(cfg: &ServerConfig) -> Result<Shared, Error> {
     if cfg.max_queue == 0 {
         return Err(Error::Config("the queue must hold at least one job".into()));
     }
-    let model = Arc::new(Model::load(&cfg.model, cfg.model_name.clone(), cfg.dtype)?);
+    let model = Arc::new(Model::load(
+        &cfg.model,
+        cfg.model_name.clone(),
+        cfg.taesd.as_deref(),
+        cfg.dtype,
+    )?);
     let queue = Arc::new(Queue::new(cfg.max_queue, cfg.keep));
     {
         let (queue, model) = (queue.clone(), model.clone());

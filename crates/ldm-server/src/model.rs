@@ -6,6 +6,7 @@ use crate::jobs::{Flags, Image, Outcome, Progress, Update};
 use crate::params::{Defaults, GenParams};
 use candle_core::{DType, Device, Tensor};
 use image::RgbImage;
+use ldm_models::vae::AutoencoderTiny;
 use ldm_pipeline::image_io::{encode_png, image_to_tensor, mask_to_tensor, to_images};
 use ldm_pipeline::preview::LatentPreview;
 use ldm_pipeline::{Components, Request};
@@ -23,14 +24,30 @@ pub struct Model {
     /// A1111's short hash (10 hex digits of the U-Net weights' SHA-256).
     pub hash: String,
     pub preview: Option<LatentPreview>,
+    /// TAESD, for previews closer to the final picture than the linear map.
+    pub taesd: Option<AutoencoderTiny>,
     pub defaults: Defaults,
 }
 
 impl Model {
-    /// Loads a diffusers folder on the CPU and fits its latent preview; `name` defaults to the
-    /// folder's name.
-    pub fn load(path: &Path, name: Option<String>, dtype: DType) -> ldm_pipeline::Result<Self> {
-        let components = Components::load(path, dtype, &Device::Cpu)?;
+    /// Loads a diffusers folder on the CPU and fits its latent preview (or loads the TAESD
+    /// folder that draws them); `name` defaults to the folder's name.
+    pub fn load(
+        path: &Path,
+        name: Option<String>,
+        taesd: Option<&Path>,
+        dtype: DType,
+    ) -> ldm_pipeline::Result<Self> {
+        let mut components = Components::load(path, dtype, &Device::Cpu)?;
+        // Checked against the model's latents by the pipeline, then kept for previews only:
+        // final pictures come from the model's own autoencoder.
+        let taesd = match taesd {
+            Some(dir) => {
+                components.use_taesd(dir)?;
+                components.taesd.take()
+            }
+            None => None,
+        };
         let hash = components.model_hash()?;
         let preview = LatentPreview::fit(&components).ok();
         let defaults = Defaults {
@@ -51,6 +68,7 @@ impl Model {
             path: path.to_path_buf(),
             hash,
             preview,
+            taesd,
             defaults,
         })
     }
@@ -127,6 +145,29 @@ impl Model {
         })
     }
 
+    /// A preview of scaled latents as PNG bytes: TAESD's decoding if it was given, else the
+    /// fitted linear map; `None` if neither can draw it.
+    pub fn preview_png(&self, latents: &Tensor) -> Option<Vec<u8>> {
+        let img = match (&self.taesd, &self.preview) {
+            (Some(tiny), _) => {
+                let z = latents
+                    .narrow(0, 0, 1)
+                    .ok()?
+                    .to_dtype(self.components.compute_dtype())
+                    .ok()?;
+                to_images(&tiny.decode_scaled(&z).ok()?)
+                    .ok()?
+                    .into_iter()
+                    .next()?
+            }
+            (None, Some(linear)) => linear.render(latents).ok()?,
+            (None, None) => return None,
+        };
+        let mut png = Vec::new();
+        encode_png(&img, "", &mut png).ok()?;
+        Some(png)
+    }
+
     /// Runs a job's images in order, reporting through `report`.
     pub fn run(&self, p: &GenParams, flags: &Flags, report: &mut dyn FnMut(Update)) -> Outcome {
         match self.run_inner(p, flags, report) {
@@ -181,17 +222,12 @@ impl Model {
                 }));
                 let due = p.preview_every > 0 && (info.step + 1).is_multiple_of(p.preview_every);
                 if due && info.step + 1 < info.steps {
-                    if let Some(preview) = &self.preview {
-                        if let Ok(img) = preview.render(info.denoised) {
-                            let mut png = Vec::new();
-                            if encode_png(&img, "", &mut png).is_ok() {
-                                report(Update::Preview {
-                                    png,
-                                    step: info.step + 1,
-                                    image: k,
-                                });
-                            }
-                        }
+                    if let Some(png) = self.preview_png(info.denoised) {
+                        report(Update::Preview {
+                            png,
+                            step: info.step + 1,
+                            image: k,
+                        });
                     }
                 }
                 Ok(None)

@@ -271,3 +271,38 @@ async fn a_client_that_disconnects_cancels_its_job() {
         assert_eq!(job["status"], "cancelled", "{path}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn taesd_draws_the_previews_and_leaves_the_pictures_alone() {
+    let tiny = |taesd: bool| ldm_server::ServerConfig {
+        taesd: taesd.then(|| root().join("fixtures/taesd/model")),
+        model_name: Some("tiny".into()),
+        ..ldm_server::ServerConfig::new(root().join("fixtures/tiny/sd15"))
+    };
+    let mut previews = Vec::new();
+    let mut pictures = Vec::new();
+    for taesd in [false, true] {
+        let s = start(tiny(taesd)).await;
+        let (_, r) = s
+            .post(
+                "/api/v1/jobs",
+                json!({"prompt": "a red circle", "width": 32, "height": 32, "steps": 6, "seed": 4}),
+            )
+            .await;
+        let id = r["id"].as_str().unwrap().to_string();
+        let events = read_events(&s, &id, None, &["completed"]).await;
+        let preview: Vec<&Value> = events
+            .iter()
+            .filter(|e| e.1 == "preview")
+            .map(|e| &e.2)
+            .collect();
+        assert_eq!(preview.len(), 5);
+        let img = decode(preview[4]["png"].as_str().unwrap());
+        assert_eq!(img.dimensions(), (32, 32));
+        previews.push(img);
+        let job = s.wait_job(&id).await;
+        pictures.push(job["images"][0].as_str().unwrap().to_string());
+    }
+    assert_ne!(previews[0], previews[1]);
+    assert_eq!(pictures[0], pictures[1]);
+}

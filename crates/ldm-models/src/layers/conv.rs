@@ -436,14 +436,50 @@ impl Conv2d {
         stride: usize,
         padding: usize,
     ) -> Result<Self> {
+        Self::build(vb, in_channels, out_channels, kernel, stride, padding, true)
+    }
+
+    /// The layer without a bias (`nn.Conv2d(…, bias=False)`).
+    pub fn new_no_bias(
+        vb: VarBuilder,
+        in_channels: usize,
+        out_channels: usize,
+        kernel: usize,
+        stride: usize,
+        padding: usize,
+    ) -> Result<Self> {
+        Self::build(
+            vb,
+            in_channels,
+            out_channels,
+            kernel,
+            stride,
+            padding,
+            false,
+        )
+    }
+
+    fn build(
+        vb: VarBuilder,
+        in_channels: usize,
+        out_channels: usize,
+        kernel: usize,
+        stride: usize,
+        padding: usize,
+        with_bias: bool,
+    ) -> Result<Self> {
         let init = super::linear::torch_default_init(in_channels * kernel * kernel);
         let weight =
             vb.get_with_hints((out_channels, in_channels, kernel, kernel), "weight", init)?;
-        let bias = Some(super::compute_param(vb.get_with_hints(
-            out_channels,
-            "bias",
-            init,
-        )?)?);
+        let bias = if with_bias {
+            Some(super::compute_param(vb.get_with_hints(
+                out_channels,
+                "bias",
+                init,
+            )?)?)
+        } else {
+            None
+        };
         let cpu_bf16 = weight.dtype() == DType::BF16 && weight.device().is_cpu();
         let weight = if cpu_bf16 && super::bf16_gemm::available() {
             let bits = super::bf16_gemm::tensor_bits(&weight)?;

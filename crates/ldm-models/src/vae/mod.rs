@@ -5,8 +5,10 @@
 
 pub mod config;
 mod tiled;
+pub mod tiny;
 
 pub use config::VaeConfig;
+pub use tiny::{AutoencoderTiny, AutoencoderTinyConfig};
 
 use crate::layers::attention::Attention;
 use crate::layers::conv2d;
