@@ -194,6 +194,21 @@ CASES = [
                "then the noise for add_noise at the first used timestep."),
     case("sd15_img2img_euler", "sd15", SD_I2I, "EulerDiscreteScheduler", 8, 7.5, strength=0.75, init_image=IMG32,
          notes="int(8*0.75)=6 steps; Euler add_noise: init + sigma*noise (no init_noise_sigma scaling)."),
+    # PNDM's list [t0, t1, t1, t2, ...] sliced at N - int(N*strength) as if it had one entry a step.
+    case("sd15_img2img_pndm", "sd15", SD_I2I, "PNDMScheduler", 8, 7.5, strength=0.6, init_image=IMG32,
+         notes="The folder's own PNDM: timesteps[4:] of [876, 751, 751, 626, 501, ...] = [501, 376, 251, 126, 1], "
+               "5 UNet calls; PNDM's counter restarts on the slice (averaged first step 501 -> 376, then 251, "
+               "126 and 1 step from their own labels)."),
+    case("sd15_img2img_pndm_s09", "sd15", SD_I2I, "PNDMScheduler", 8, 7.5, strength=0.9, init_image=IMG32,
+         notes="int(8*0.9)=7: timesteps[1:] starts on the doubled 751, 8 UNet calls."),
+    case("sd15_img2img_pndm_s02", "sd15", SD_I2I, "PNDMScheduler", 8, 7.5, strength=0.2, init_image=IMG32, seed=3,
+         notes="int(8*0.2)=1: timesteps[7:] = [126, 1], two UNet calls (the averaged first step only); the "
+               "result is left at timestep 1."),
+    case("sd15_img2img_pndm_linspace", "sd15", SD_I2I, "PNDMScheduler", 7, 7.5, strength=0.5, init_image=IMG32,
+         overrides={"timestep_spacing": "linspace"},
+         notes="linspace spacing at 7 steps: steps land at t - 1000//7, off the next timestep."),
+    case("sd21_img2img_pndm", "sd21", SD_I2I, "PNDMScheduler", 8, 7.5, strength=0.6, init_image=IMG32,
+         notes="PNDM from the v-prediction DDIM config, img2img slice as above."),
     case("sdxl_img2img_euler", "sdxl", XL_I2I, "EulerDiscreteScheduler", 10, 5.0, strength=0.6,
          init_image=IMG48, width=48, height=32,
          notes="int(10*0.6)=6 steps. requires_aesthetics_score=False (constructor default), so the aesthetic "

@@ -139,8 +139,16 @@ impl SchedulerConfig {
             }
             plan.sigmas = sigmas;
             plan.landings = None;
-            if let Sampler::Plms { first_from, .. } = &mut plan.sampler {
+            if let Sampler::Plms {
+                first_from,
+                second,
+                ratio,
+                ..
+            } = &mut plan.sampler
+            {
                 *first_from = None;
+                *second = None;
+                *ratio = None;
             }
         }
         Ok(plan)

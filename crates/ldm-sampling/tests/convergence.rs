@@ -78,6 +78,8 @@ fn deterministic_samplers_converge_at_their_order() {
             Sampler::Plms {
                 combine_v: false,
                 first_from: None,
+                second: None,
+                ratio: None,
             },
             2.0,
         ),

@@ -166,6 +166,13 @@ pub enum Sampler {
     Plms {
         combine_v: bool,
         first_from: Option<f64>,
+        /// `(σ, timestep)` of the averaged first step's second evaluation and landing where
+        /// that is not `sigmas[1]` (diffusers' img2img slice of PNDM's timesteps; see
+        /// [`crate::scheduler_config::Plan::truncate`]).
+        second: Option<(f64, f64)>,
+        /// `N // steps` of the config's own integer timesteps; `None` once the sigmas are
+        /// replaced by a named schedule.
+        ratio: Option<f64>,
     },
     /// UniPC-bh2 predictor-corrector of `order` (diffusers `UniPCMultistepScheduler`).
     UniPc {
@@ -236,7 +243,9 @@ impl Sampler {
             Sampler::Plms {
                 combine_v,
                 first_from,
-            } => plms::sample_plms(x, run, *combine_v, *first_from),
+                second,
+                ..
+            } => plms::sample_plms(x, run, *combine_v, *first_from, second.map(|(s, _)| s)),
             Sampler::UniPc {
                 order,
                 lower_order_final,

@@ -31,24 +31,28 @@ fn to_eps(combined: Tensor, x: &Tensor, sigma: f64, combine_v: bool) -> Result<T
 }
 
 /// `first_from`: the σ diffusers' averaged first step starts from (`t₁ + N // steps`), where
-/// that is not `sigmas[0]`. With a single step there is no second evaluation.
+/// that is not `sigmas[0]`; `second`: the σ of that step's second evaluation and landing, where
+/// that is not `sigmas[1]` (the sample is then read at `sigmas[1]`). With a single step and no
+/// `second` there is no second evaluation.
 pub(super) fn sample_plms(
     mut x: Tensor,
     run: &mut Run,
     combine_v: bool,
     first_from: Option<f64>,
+    second: Option<f64>,
 ) -> Result<Tensor> {
     let steps = run.sigmas.len() - 1;
+    let warm_up = steps > 1 || second.is_some();
+    let s1 = second.unwrap_or(run.sigmas[1]);
     let mut history: Vec<Tensor> = Vec::with_capacity(4);
     for i in 0..steps {
         let (mut sigma, mut sigma_next) = (run.sigmas[i], run.landing(i));
         let denoised = run.denoiser.denoise(&x, sigma)?;
         let e = derivative(&x, &denoised, sigma)?;
         let entry = history_entry(&e, &denoised, sigma, combine_v)?;
-        let combined = if i == 0 && steps > 1 {
-            // The predictor lands where a plain step would, then is read at sigmas[1].
-            let x_pred = run.hand_off(0, (&x + (&e * (sigma_next - sigma))?)?)?;
-            let s1 = run.sigmas[1];
+        let combined = if i == 0 && warm_up {
+            // The predictor lands where a plain step would, then is read at s1.
+            let x_pred = reread((&x + (&e * (sigma_next - sigma))?)?, sigma_next, s1)?;
             let denoised_2 = run.denoiser.denoise(&x_pred, s1)?;
             let e_2 = derivative(&x_pred, &denoised_2, s1)?;
             let entry_2 = history_entry(&e_2, &denoised_2, s1, combine_v)?;
@@ -81,8 +85,10 @@ pub(super) fn sample_plms(
         };
         let eps = to_eps(combined, &x, sigma, combine_v)?;
         x = (&x + (eps * (sigma_next - sigma))?)?;
-        if i > 0 || steps == 1 {
+        if i > 0 || !warm_up {
             x = run.hand_off(i, x)?;
+        } else {
+            x = reread(x, s1, run.sigmas[1])?;
         }
         x = run.report(i, x, &denoised)?;
     }

@@ -133,6 +133,15 @@ impl Plan {
     /// The model timestep for `sigma`: the plan's own where `sigma` is one of its sigmas,
     /// otherwise interpolated in log-sigma (midpoints of two-stage samplers).
     pub fn timestep(&self, sigma: f64) -> f64 {
+        if let Sampler::Plms {
+            second: Some((s, t)),
+            ..
+        } = self.sampler
+        {
+            if s == sigma {
+                return t;
+            }
+        }
         match self.sigmas[..self.timesteps.len()]
             .iter()
             .position(|&s| s == sigma)
@@ -221,8 +230,63 @@ impl Plan {
             )));
         }
         let start = steps - init;
-        self.drop_first(start);
+        match self.sampler {
+            Sampler::Plms {
+                ratio: Some(ratio), ..
+            } if start > 0 && steps >= 2 => self.slice_pndm(start, ratio),
+            _ => self.drop_first(start),
+        }
         Ok(())
+    }
+
+    /// diffusers' img2img on PNDM: its timestep list holds the second timestep twice (for the
+    /// averaged first step), `[t₀, t₁, t₁, t₂, …]`, and `get_timesteps` slices that list at
+    /// `start` as if it had one entry a step. The slice `P` starts one timestep early (or on the
+    /// doubled one), and PNDM's counter restarts: its averaged first step evaluates at `P[1]`
+    /// and lands there, after which step k evaluates at `P[k]` and steps to `P[k] − N // steps`
+    /// — the variance-preserving sample read at each new label without moving. diffusers makes
+    /// `len(P)` model calls; so does this plan.
+    fn slice_pndm(&mut self, start: usize, ratio: f64) {
+        let steps = self.timesteps.len();
+        // Index into the plan's steps of the entry j of diffusers' list.
+        let step_of = |j: usize| if j <= 1 { j } else { j - 1 };
+        let landing = |i: usize| self.landings.as_ref().map_or(self.sigmas[i + 1], |l| l[i]);
+        let calls = steps + 1 - start;
+        let at: Vec<usize> = (start..start + calls).map(step_of).collect();
+        let second_sigma = self.sigmas[at[1]];
+        let second_t = self.timesteps[at[1]];
+        let mut sigmas = vec![self.sigmas[at[0]]];
+        let mut timesteps = vec![self.timesteps[at[0]]];
+        let mut landings = vec![landing(at[0])];
+        for &i in &at[2..] {
+            sigmas.push(self.sigmas[i]);
+            timesteps.push(self.timesteps[i]);
+            landings.push(landing(i));
+        }
+        // The run ends where its last step lands: the full plan's end, or the averaged
+        // first step's landing when that is the only step.
+        sigmas.push(if calls > 2 {
+            landing(steps - 1)
+        } else {
+            second_sigma
+        });
+        let from_t = second_t + ratio;
+        let first_from = (from_t != timesteps[0]).then(|| plan::sigma_at(&self.schedule, from_t));
+        if let Sampler::Plms {
+            first_from: f,
+            second,
+            ..
+        } = &mut self.sampler
+        {
+            *f = first_from;
+            *second = Some((second_sigma, second_t));
+        }
+        let n = sigmas.len() - 1;
+        let zero_length = sigmas[n] == sigmas[n - 1];
+        let off = zero_length || landings.iter().zip(&sigmas[1..]).any(|(l, s)| l != s);
+        self.landings = off.then_some(landings);
+        self.sigmas = sigmas;
+        self.timesteps = timesteps;
     }
 
     /// Drops the first `n` steps.

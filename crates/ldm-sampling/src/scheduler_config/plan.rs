@@ -172,6 +172,8 @@ impl Settings {
             Sampler::Plms {
                 combine_v: self.prediction == Prediction::V,
                 first_from,
+                second: None,
+                ratio: Some(ratio),
             }
         };
         // A run that ends on timestep 0 with `set_alpha_to_one = false` steps from ᾱ₀ to ᾱ₀:
@@ -424,7 +426,7 @@ impl SigmaOption {
 /// The float32 training sigma at integer timestep `t`. A zero-SNR end has σ = ∞, which the VE
 /// samplers cannot hold; at σ = 1e10 every quantity a VP scheduler computes differs from its
 /// σ = ∞ value by O(1/σ) = 1e-10.
-fn sigma_at(schedule: &NoiseSchedule, t: f64) -> f64 {
+pub(crate) fn sigma_at(schedule: &NoiseSchedule, t: f64) -> f64 {
     let s = f32r(schedule.t_to_sigma(t));
     if s.is_finite() {
         s
