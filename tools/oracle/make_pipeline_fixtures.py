@@ -225,6 +225,23 @@ CASES = [
     case("sd15_inpaint4_euler_s075", "sd15", SD_INP, "EulerDiscreteScheduler", 8, 7.5, strength=0.75,
          init_image=IMG32, mask_image=MASK32,
          notes="4-channel blending with strength 0.75: start = add_noise(image latents, noise, t_first) (6 steps)."),
+    # The blend follows every scheduler call, the mid-step ones of two-call schedulers included.
+    case("sd15_inpaint4_pndm", "sd15", SD_INP, "PNDMScheduler", 8, 7.5, strength=1.0,
+         init_image=IMG32, mask_image=MASK32,
+         notes="PNDM: the averaged first step's predictor is blended (noised to t1) before its second call."),
+    case("sd15_inpaint4_pndm_s06", "sd15", SD_INP, "PNDMScheduler", 8, 7.5, strength=0.6,
+         init_image=IMG32, mask_image=MASK32,
+         notes="PNDM's img2img slice of its timesteps with blending."),
+    case("sd15_inpaint4_heun_s06", "sd15", SD_INP, "HeunDiscreteScheduler", 8, 7.5, strength=0.6,
+         init_image=IMG32, mask_image=MASK32,
+         notes="Heun: the Euler predictor is blended (noised to the step's next sigma) before the second call."),
+    case("sd15_inpaint4_dpm2_s06", "sd15", SD_INP, "KDPM2DiscreteScheduler", 8, 7.5, strength=0.6,
+         init_image=IMG32, mask_image=MASK32,
+         notes="DPM2: the midpoint sample is blended with the known region noised to the step's next sigma "
+               "(add_noise reads sigmas[step_index], which points past the midpoint)."),
+    case("sd15_inpaint4_dpm2a_s06", "sd15", SD_INP, "KDPM2AncestralDiscreteScheduler", 8, 7.5, strength=0.6,
+         init_image=IMG32, mask_image=MASK32, seed=2,
+         notes="DPM2 ancestral, as DPM2, with the ancestral noise from the generator."),
 ]
 
 PIPELINE_CLASSES = {

@@ -453,6 +453,16 @@ impl StepHook for BlendHook<'_> {
         let blended = ldm_sampling::StepInfo { x: &x, ..*info };
         Ok(Some(self.inner.after_step(&blended)?.unwrap_or(x)))
     }
+
+    /// PLMS's predictor is blended too (diffusers blends after each scheduler call), with the
+    /// known region noised to the predictor's level.
+    fn intermediate(&mut self, x: &Tensor, sigma: f64) -> ldm_sampling::Result<Option<Tensor>> {
+        let known = (&self.image_latents + (&self.noise * sigma)?)?;
+        let keep = self.mask.affine(-1.0, 1.0)?;
+        Ok(Some(
+            (known.broadcast_mul(&keep)? + x.broadcast_mul(&self.mask)?)?,
+        ))
+    }
 }
 
 /// The request's noise source, seeded.

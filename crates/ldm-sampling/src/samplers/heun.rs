@@ -24,6 +24,7 @@ pub(super) fn sample_heun(mut x: Tensor, run: &mut Run) -> Result<Tensor> {
         x = if sigma_next == 0.0 || is_pure_noise(sigma) {
             x_euler
         } else {
+            let x_euler = run.intermediate(x_euler, sigma_next)?;
             let denoised_2 = run.denoiser.denoise(&x_euler, sigma_next)?;
             let d_2 = derivative(&x_euler, &denoised_2, sigma_next)?;
             let d_prime = ((d + d_2)? / 2.0)?;
@@ -52,7 +53,9 @@ pub(super) fn sample_dpm2(mut x: Tensor, run: &mut Run, eta: f64) -> Result<Tens
             if run.sigmas.contains(&sigma_mid) {
                 sigma_mid = f64::from_bits(sigma_mid.to_bits() - 1);
             }
-            let x_2 = (&x + (&d * (sigma_mid - sigma))?)?;
+            // diffusers' inpainting blends this midpoint sample with the known region noised
+            // to σ_next, where its scheduler's step index points after the first call.
+            let x_2 = run.intermediate((&x + (&d * (sigma_mid - sigma))?)?, sigma_next)?;
             let denoised_2 = run.denoiser.denoise(&x_2, sigma_mid)?;
             let d_2 = derivative(&x_2, &denoised_2, sigma_mid)?;
             (&x + (d_2 * (sigma_down - sigma))?)?

@@ -40,6 +40,14 @@ pub struct StepInfo<'a> {
 /// Called after every step; may replace the sample (inpainting blends) or stop with an error.
 pub trait StepHook {
     fn after_step(&mut self, info: &StepInfo) -> Result<Option<Tensor>>;
+
+    /// Called on a sample a sampler evaluates in the middle of a step (the predictor of PLMS
+    /// and Heun, DPM2's midpoint) before the evaluation; may replace it, as diffusers'
+    /// inpainting blends the sample after every scheduler call, with the known region noised
+    /// to `sigma`.
+    fn intermediate(&mut self, _x: &Tensor, _sigma: f64) -> Result<Option<Tensor>> {
+        Ok(None)
+    }
 }
 
 impl<F: FnMut(&StepInfo) -> Result<Option<Tensor>>> StepHook for F {
@@ -82,6 +90,11 @@ impl Run<'_> {
             denoised,
         };
         Ok(self.hook.after_step(&info)?.unwrap_or(x))
+    }
+
+    /// Lets the hook see (and replace) a mid-step sample at `sigma`.
+    fn intermediate(&mut self, x: Tensor, sigma: f64) -> Result<Tensor> {
+        Ok(self.hook.intermediate(&x, sigma)?.unwrap_or(x))
     }
 
     /// Where step `i` lands.

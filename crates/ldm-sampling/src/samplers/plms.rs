@@ -53,6 +53,7 @@ pub(super) fn sample_plms(
         let combined = if i == 0 && warm_up {
             // The predictor lands where a plain step would, then is read at s1.
             let x_pred = reread((&x + (&e * (sigma_next - sigma))?)?, sigma_next, s1)?;
+            let x_pred = run.intermediate(x_pred, s1)?;
             let denoised_2 = run.denoiser.denoise(&x_pred, s1)?;
             let e_2 = derivative(&x_pred, &denoised_2, s1)?;
             let entry_2 = history_entry(&e_2, &denoised_2, s1, combine_v)?;
