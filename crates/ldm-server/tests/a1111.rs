@@ -286,6 +286,26 @@ async fn options_models_and_lists() {
         s.post("/sdapi/v1/refresh-checkpoints", json!({})).await,
         (200, Value::Null)
     );
+    for empty in [
+        "sd-vae",
+        "loras",
+        "hypernetworks",
+        "face-restorers",
+        "prompt-styles",
+    ] {
+        assert_eq!(
+            s.get(&format!("/sdapi/v1/{empty}")).await,
+            (200, json!([])),
+            "{empty}"
+        );
+    }
+    assert_eq!(
+        s.get("/sdapi/v1/embeddings").await,
+        (200, json!({"loaded": {}, "skipped": {}}))
+    );
+    assert_eq!(s.get("/sdapi/v1/cmd-flags").await, (200, json!({})));
+    let r = s.client.get(s.at("/favicon.ico")).send().await.unwrap();
+    assert_eq!(r.status(), 204);
 
     // Every sampler the list names generates (a few steps each), "X Karras" names included.
     for name in names
