@@ -26,25 +26,15 @@ fn output_path(out: &Path, index: usize, total: usize) -> PathBuf {
     out.with_file_name(format!("{stem}-{}.{ext}", index + 1))
 }
 
-/// Merges the `--lora` files (`FILE[:MULTIPLIER]`) into the U-Net, warning of text-encoder
-/// tensors left unapplied.
+/// Merges the `--lora` files (`FILE[:MULTIPLIER]`) into the U-Net and text encoders.
 pub fn apply_loras(components: &mut Components, specs: &[String]) -> Result<()> {
     let loras = specs
         .iter()
         .map(|spec| parse_lora(spec))
         .collect::<Result<Vec<_>>>()?;
-    let skipped = components
+    components
         .apply_loras(&loras)
-        .context("applying the LoRA files")?;
-    for ((file, _), n) in loras.iter().zip(skipped) {
-        if n > 0 {
-            eprintln!(
-                "warning: {}: {n} text-encoder tensors not applied (U-Net LoRA only)",
-                file.display()
-            );
-        }
-    }
-    Ok(())
+        .context("applying the LoRA files")
 }
 
 /// `FILE` or `FILE:MULTIPLIER` (a path that exists as given wins over a split at its last `:`).

@@ -4,10 +4,12 @@
 //! (`lora_B`, `lora_up`) of shape `[out, r]` (`[out, r, 1, 1]`), α/r the file's scale (1 when
 //! it stores no alpha, as diffusers/PEFT files) and m the user's multiplier.
 //!
-//! Files in diffusers/PEFT naming (`unet.<module>.lora_A.weight`, as diffusers'
-//! `save_lora_weights` writes and `ldm distill lcm --lora` writes) and in kohya/A1111 naming for
-//! diffusers-layout modules (`lora_unet_<module with _>.lora_down.weight`, `.alpha`) are read;
-//! text-encoder tensors are counted and reported, not applied.
+//! Files in diffusers/PEFT naming (`unet.<module>.lora_A.weight`, `text_encoder.…`,
+//! `text_encoder_2.…`, as diffusers' `save_lora_weights` writes and `ldm distill lcm --lora`
+//! writes) and in kohya/A1111 naming for diffusers-layout modules
+//! (`lora_unet_<module with _>.lora_down.weight`, `lora_te_…` / `lora_te1_…` / `lora_te2_…`,
+//! `.alpha`) are read, for the U-Net and every text encoder; a file is applied whole or
+//! refused with the keys that map to nothing.
 
 use crate::error::{Error, Result};
 use crate::weights::Checkpoint;
@@ -81,12 +83,32 @@ impl LoraLayer {
     }
 }
 
-/// A LoRA file's U-Net layers, by module path, resolved against a U-Net checkpoint.
+/// A network a LoRA file adapts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum LoraTarget {
+    Unet,
+    /// SD1/SD2's text encoder, SDXL's first (CLIP ViT-L).
+    TextEncoder,
+    /// SDXL's second text encoder (OpenCLIP ViT-bigG).
+    TextEncoder2,
+}
+
+impl LoraTarget {
+    /// The model folder's component.
+    pub fn component(self) -> &'static str {
+        match self {
+            LoraTarget::Unet => "unet",
+            LoraTarget::TextEncoder => "text_encoder",
+            LoraTarget::TextEncoder2 => "text_encoder_2",
+        }
+    }
+}
+
+/// A LoRA file's layers, per network and module path, resolved against the networks'
+/// checkpoints.
 #[derive(Debug)]
-pub struct UnetLora {
-    pub layers: BTreeMap<String, LoraLayer>,
-    /// Tensors for other networks (text encoders), not applied.
-    pub skipped: usize,
+pub struct LoraFile {
+    pub layers: BTreeMap<LoraTarget, BTreeMap<String, LoraLayer>>,
 }
 
 /// A layer's factors as they are read: down, up, alpha.
@@ -99,79 +121,135 @@ enum Part {
     Alpha,
 }
 
-fn split_key(key: &str) -> Option<(&str, Part, bool)> {
-    // (module as written, part, kohya naming)
-    for (suffix, part) in [
-        (".lora_A.weight", Part::Down),
-        (".lora_B.weight", Part::Up),
-        (".lora.down.weight", Part::Down),
-        (".lora.up.weight", Part::Up),
-    ] {
-        if let Some(m) = key
-            .strip_prefix("unet.")
-            .and_then(|k| k.strip_suffix(suffix))
-        {
-            return Some((m, part, false));
-        }
-    }
-    for (suffix, part) in [
-        (".lora_down.weight", Part::Down),
-        (".lora_up.weight", Part::Up),
-        (".alpha", Part::Alpha),
-    ] {
-        if let Some(m) = key
-            .strip_prefix("lora_unet_")
-            .and_then(|k| k.strip_suffix(suffix))
-        {
-            return Some((m, part, true));
-        }
-    }
-    None
+/// How a key names its network: the diffusers/PEFT prefix (`unet.`, `text_encoder.`,
+/// `text_encoder_2.`) and kohya's (`lora_unet_`, `lora_te_` — SD1's — or `lora_te1_`,
+/// `lora_te2_`), the one table of naming schemes.
+const PREFIXES: [(&str, LoraTarget, bool); 7] = [
+    ("unet.", LoraTarget::Unet, false),
+    ("text_encoder_2.", LoraTarget::TextEncoder2, false),
+    ("text_encoder.", LoraTarget::TextEncoder, false),
+    ("lora_unet_", LoraTarget::Unet, true),
+    ("lora_te2_", LoraTarget::TextEncoder2, true),
+    ("lora_te1_", LoraTarget::TextEncoder, true),
+    ("lora_te_", LoraTarget::TextEncoder, true),
+];
+
+/// (network, module as written, part, kohya naming)
+fn split_key(key: &str) -> Option<(LoraTarget, &str, Part, bool)> {
+    let (target, rest, kohya) = PREFIXES
+        .iter()
+        .find_map(|(p, t, k)| key.strip_prefix(p).map(|r| (*t, r, *k)))?;
+    let suffixes: &[(&str, Part)] = if kohya {
+        &[
+            (".lora_down.weight", Part::Down),
+            (".lora_up.weight", Part::Up),
+            (".alpha", Part::Alpha),
+        ]
+    } else {
+        &[
+            (".lora_A.weight", Part::Down),
+            (".lora_B.weight", Part::Up),
+            // Older diffusers files: `….lora.down`, text encoders' `….lora_linear_layer.down`
+            // (what `convert_state_dict_to_diffusers` still writes for their attention) and
+            // the attention processors' `….processor.to_q_lora.down`.
+            (".lora.down.weight", Part::Down),
+            (".lora.up.weight", Part::Up),
+            (".lora_linear_layer.down.weight", Part::Down),
+            (".lora_linear_layer.up.weight", Part::Up),
+            ("_lora.down.weight", Part::Down),
+            ("_lora.up.weight", Part::Up),
+        ]
+    };
+    suffixes.iter().find_map(|(suffix, part)| {
+        rest.strip_suffix(suffix).map(|m| {
+            let part = match part {
+                Part::Down => Part::Down,
+                Part::Up => Part::Up,
+                Part::Alpha => Part::Alpha,
+            };
+            (target, m, part, kohya)
+        })
+    })
 }
 
-fn is_text_encoder_key(key: &str) -> bool {
-    key.starts_with("text_encoder") || key.starts_with("lora_te")
+/// A module path as the lookup spells it: a text encoder's without the `text_model.` that
+/// checkpoints written before transformers 5 carry (and LoRA files name), so that either
+/// spelling finds the layer; diffusers' old attention-processor names (`attn1.processor.to_q_lora`,
+/// `….to_out_lora`) as the layers they adapt.
+fn normalised(module: &str) -> String {
+    let m = module
+        .strip_prefix("text_model.")
+        .or_else(|| module.strip_prefix("text_model_"))
+        .unwrap_or(module);
+    match m.rsplit_once(".processor.") {
+        Some((attn, proj)) => {
+            let proj = proj.strip_suffix("_lora").unwrap_or(proj);
+            let proj = if proj == "to_out" { "to_out.0" } else { proj };
+            format!("{attn}.{proj}")
+        }
+        None => m.to_string(),
+    }
 }
 
-impl UnetLora {
-    /// Reads `file` and resolves its layers against the U-Net weights `unet` (diffusers keys).
-    pub fn open(file: &Path, unet: &Checkpoint, device: &Device) -> Result<Self> {
+/// At most this many offending keys are listed in an error.
+const LISTED: usize = 8;
+
+fn listing(keys: &[String]) -> String {
+    let mut s = keys
+        .iter()
+        .take(LISTED)
+        .map(|k| format!("`{k}`"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    if keys.len() > LISTED {
+        s.push_str(&format!(" and {} more", keys.len() - LISTED));
+    }
+    s
+}
+
+impl LoraFile {
+    /// Reads `file` and resolves every tensor against the networks `nets` has (their
+    /// checkpoints, diffusers keys). A file is applied whole or not at all: keys in no known
+    /// naming, for a network the model lacks, or naming a layer the network does not have are
+    /// an error that lists them.
+    pub fn open(
+        file: &Path,
+        nets: &BTreeMap<LoraTarget, Checkpoint>,
+        device: &Device,
+    ) -> Result<Self> {
         let ckpt = Checkpoint::open_file(file)?;
-        // kohya names flatten the module path's dots to underscores.
-        let mut flat: BTreeMap<String, String> = BTreeMap::new();
-        for key in unet.tensors().keys() {
-            if let Some(m) = key.strip_suffix(".weight") {
-                flat.insert(m.replace('.', "_"), m.to_string());
+        // Per network: normalised module path (and kohya's flattening of it) → the module path.
+        let mut paths: BTreeMap<LoraTarget, BTreeMap<String, String>> = BTreeMap::new();
+        for (target, net) in nets {
+            let map = paths.entry(*target).or_default();
+            for key in net.tensors().keys() {
+                if let Some(m) = key.strip_suffix(".weight") {
+                    let n = normalised(m);
+                    map.insert(n.replace('.', "_"), m.to_string());
+                    map.insert(n, m.to_string());
+                }
             }
         }
         let bad = |msg: String| Error::Checkpoint {
             path: file.to_path_buf(),
             msg,
         };
-        let mut parts: BTreeMap<String, Factors> = BTreeMap::new();
-        let mut skipped = 0;
+        let mut parts: BTreeMap<(LoraTarget, String), Factors> = BTreeMap::new();
+        let (mut unknown, mut absent, mut unmatched) = (Vec::new(), Vec::new(), Vec::new());
         for key in ckpt.tensors().keys() {
-            if is_text_encoder_key(key) {
-                skipped += 1;
+            let Some((target, written, part, _)) = split_key(key) else {
+                unknown.push(key.clone());
                 continue;
-            }
-            let Some((written, part, kohya)) = split_key(key) else {
-                return Err(bad(format!(
-                    "`{key}` is not a U-Net LoRA tensor (unet.<module>.lora_A/lora_B.weight or \
-                     lora_unet_<module>.lora_down/lora_up.weight)"
-                )));
             };
-            let module = if kohya {
-                flat.get(written).cloned()
-            } else {
-                Some(written.to_string())
+            let Some(map) = paths.get(&target) else {
+                absent.push(key.clone());
+                continue;
             };
-            let Some(module) =
-                module.filter(|m| unet.tensors().contains_key(&format!("{m}.weight")))
-            else {
-                return Err(bad(format!("`{key}`: the U-Net has no layer `{written}`")));
+            let Some(module) = map.get(&normalised(written)) else {
+                unmatched.push(key.clone());
+                continue;
             };
-            let entry = parts.entry(module).or_default();
+            let entry = parts.entry((target, module.clone())).or_default();
             let t = ckpt.load(key, DType::F32, device)?;
             match part {
                 Part::Down => entry.0 = Some(t),
@@ -179,33 +257,63 @@ impl UnetLora {
                 Part::Alpha => entry.2 = Some(t.flatten_all()?.to_vec1::<f32>()?[0] as f64),
             }
         }
-        let mut layers = BTreeMap::new();
-        for (module, (down, up, alpha)) in parts {
+        if !unknown.is_empty() {
+            return Err(bad(format!(
+                "{} tensors in no LoRA naming this loader knows (unet./text_encoder./text_encoder_2. \
+                 with lora_A/lora_B, or lora_unet_/lora_te_/lora_te1_/lora_te2_ with \
+                 lora_down/lora_up/alpha): {}",
+                unknown.len(),
+                listing(&unknown)
+            )));
+        }
+        if !absent.is_empty() {
+            return Err(bad(format!(
+                "{} tensors are for a network this model does not have (an SDXL LoRA on an \
+                 SD1/SD2 model?): {}",
+                absent.len(),
+                listing(&absent)
+            )));
+        }
+        if !unmatched.is_empty() {
+            return Err(bad(format!(
+                "{} tensors name layers this model does not have (a LoRA for another \
+                 architecture?): {}",
+                unmatched.len(),
+                listing(&unmatched)
+            )));
+        }
+        let mut layers: BTreeMap<LoraTarget, BTreeMap<String, LoraLayer>> = BTreeMap::new();
+        for ((target, module), (down, up, alpha)) in parts {
             let (Some(down), Some(up)) = (down, up) else {
                 return Err(bad(format!("layer `{module}` lacks its down or up factor")));
             };
-            let weight = &unet.tensors()[&format!("{module}.weight")].shape;
+            let weight = &nets[&target].tensors()[&format!("{module}.weight")].shape;
             let layer = LoraLayer { down, up, alpha };
             lora_delta(&layer.down, &layer.up, 1.0, weight)
                 .map_err(|e| bad(format!("layer `{module}`: {e}")))?;
-            layers.insert(module, layer);
+            layers.entry(target).or_default().insert(module, layer);
         }
         if layers.is_empty() {
-            return Err(bad("no U-Net LoRA layers".into()));
+            return Err(bad("no LoRA layers".into()));
         }
-        Ok(Self { layers, skipped })
+        Ok(Self { layers })
     }
 
-    /// Adds `multiplier ×` this LoRA's updates to `patches` (weight key → f32 update).
+    /// Adds `multiplier ×` this file's updates of network `target` to `patches` (weight key →
+    /// f32 update).
     pub fn add_to(
         &self,
+        target: LoraTarget,
         patches: &mut BTreeMap<String, Tensor>,
         multiplier: f64,
-        unet: &Checkpoint,
+        net: &Checkpoint,
     ) -> Result<()> {
-        for (module, layer) in &self.layers {
+        let Some(layers) = self.layers.get(&target) else {
+            return Ok(());
+        };
+        for (module, layer) in layers {
             let key = format!("{module}.weight");
-            let shape = &unet.tensors()[&key].shape;
+            let shape = &net.tensors()[&key].shape;
             let d = lora_delta(&layer.down, &layer.up, multiplier * layer.scale(), shape)?;
             let sum = match patches.remove(&key) {
                 Some(p) => (p + d)?,
@@ -362,22 +470,43 @@ mod tests {
         )?;
         let expected = up.matmul(&down)?;
         let key = "mid_block.attentions.0.proj_in.weight";
-        for (file, scale, skipped) in [(peft, 1.0, 1), (kohya, 0.5, 0)] {
-            let lora = UnetLora::open(&file, &unet, &dev)?;
-            assert_eq!(lora.skipped, skipped);
+        let nets = BTreeMap::from([(LoraTarget::Unet, unet)]);
+        let unet = &nets[&LoraTarget::Unet];
+        for (file, scale) in [(&peft, 1.0), (&kohya, 0.5)] {
+            let lora = match LoraFile::open(file, &nets, &dev) {
+                // The PEFT file carries a text-encoder tensor this U-Net-only model lacks.
+                Err(e) if file == &peft => {
+                    assert!(
+                        e.to_string().contains("`text_encoder.x.lora_A.weight`"),
+                        "{e}"
+                    );
+                    continue;
+                }
+                other => other?,
+            };
             let mut patches = BTreeMap::new();
-            lora.add_to(&mut patches, 2.0, &unet)?;
+            lora.add_to(LoraTarget::Unet, &mut patches, 2.0, unet)?;
             let err = (&patches[key] - (&expected * (2.0 * scale))?)?
                 .abs()?
                 .max_all()?
                 .to_scalar::<f32>()?;
             assert!(err < 1e-5, "{}: {err}", file.display());
         }
-        let stray = save("stray.safetensors", vec![("unet.nope.lora_A.weight", down)])?;
-        assert!(UnetLora::open(&stray, &unet, &dev)
-            .unwrap_err()
-            .to_string()
-            .contains("no layer `nope`"));
+        let stray = save(
+            "stray.safetensors",
+            vec![("unet.nope.lora_A.weight", down.clone())],
+        )?;
+        let e = LoraFile::open(&stray, &nets, &dev).unwrap_err().to_string();
+        assert!(
+            e.contains("name layers this model does not have") && e.contains("unet.nope"),
+            "{e}"
+        );
+        let odd = save(
+            "odd.safetensors",
+            vec![("model.diffusion_model.x.hada_w1_a", down)],
+        )?;
+        let e = LoraFile::open(&odd, &nets, &dev).unwrap_err().to_string();
+        assert!(e.contains("no LoRA naming"), "{e}");
         Ok(())
     }
 

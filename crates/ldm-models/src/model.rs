@@ -5,11 +5,12 @@
 use crate::clip::{ClipTextConfig, ClipTextModel, ClipTokenizer};
 use crate::config::{read_json, ModelIndex, PipelineDefaults, SchedulerConfigHead};
 use crate::error::{Error, Result};
+use crate::lora::LoraTarget;
 use crate::unet::{UNet2DConditionModel, UNetConfig};
 use crate::vae::{AutoencoderKL, VaeConfig};
 use crate::weights::original::{self, OriginalFamily};
 use crate::weights::{component_files, rename, Checkpoint, Weights};
-use candle_core::{DType, Device};
+use candle_core::{DType, Device, Tensor};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -61,6 +62,12 @@ impl TextEncoderSlot {
 pub struct Loaded<T> {
     pub model: T,
     pub unused: Vec<String>,
+}
+
+/// The networks a set of LoRA files changed, rebuilt with the updates merged.
+pub struct LoraModels {
+    pub unet: Option<UNet2DConditionModel>,
+    pub text_encoders: Vec<(TextEncoderSlot, ClipTextModel)>,
 }
 
 /// Parameter count and stored dtypes of one component, read from safetensors headers only.
@@ -243,7 +250,8 @@ impl ModelFolder {
         })
     }
 
-    fn open_weights(&self, component: &str) -> Result<Arc<Weights>> {
+    /// A component's checkpoint with its keys as the networks ask for them.
+    fn renamed_checkpoint(&self, component: &str) -> Result<Checkpoint> {
         let mut ckpt = self.component_checkpoint(component)?;
         if component.starts_with("text_encoder") {
             let prefixed = rename::has_clip_prefix(ckpt.tensors().keys());
@@ -251,7 +259,11 @@ impl ModelFolder {
         } else if component == "vae" {
             ckpt.map_keys(rename::vae_legacy_attention);
         }
-        Ok(Weights::new(ckpt))
+        Ok(ckpt)
+    }
+
+    fn open_weights(&self, component: &str) -> Result<Arc<Weights>> {
+        Ok(Weights::new(self.renamed_checkpoint(component)?))
     }
 
     fn build<T>(
@@ -277,33 +289,77 @@ impl ModelFolder {
         })
     }
 
-    /// Loads the U-Net with LoRA files merged into its weights, each at its multiplier (files
-    /// in the order given; their updates add). Returns the U-Net and, per file, the tensors
-    /// for other networks that were not applied.
-    pub fn load_unet_with_loras(
+    /// The weights a LoRA file may adapt: the U-Net and each text encoder the model has.
+    pub fn lora_targets(&self) -> Result<BTreeMap<LoraTarget, Checkpoint>> {
+        let mut nets = BTreeMap::from([(LoraTarget::Unet, self.renamed_checkpoint("unet")?)]);
+        if self.text_encoder.is_some() {
+            nets.insert(
+                LoraTarget::TextEncoder,
+                self.renamed_checkpoint("text_encoder")?,
+            );
+        }
+        if self.text_encoder_2.is_some() {
+            nets.insert(
+                LoraTarget::TextEncoder2,
+                self.renamed_checkpoint("text_encoder_2")?,
+            );
+        }
+        Ok(nets)
+    }
+
+    /// Loads the U-Net and the text encoders with LoRA files merged into their weights, each
+    /// file at its multiplier (in the order given; their updates add, computed in f32). Every
+    /// file is checked whole before anything is built.
+    pub fn load_with_loras(
         &self,
         dtype: DType,
         device: &Device,
         loras: &[(PathBuf, f64)],
-    ) -> Result<(Loaded<UNet2DConditionModel>, Vec<usize>)> {
-        let ckpt = self.component_checkpoint("unet")?;
-        let mut patches = BTreeMap::new();
-        let mut skipped = Vec::new();
+    ) -> Result<LoraModels> {
+        let nets = self.lora_targets()?;
+        let mut patches: BTreeMap<LoraTarget, BTreeMap<String, Tensor>> = BTreeMap::new();
         for (file, multiplier) in loras {
-            let lora = crate::lora::UnetLora::open(file, &ckpt, device)?;
-            lora.add_to(&mut patches, *multiplier, &ckpt)?;
-            skipped.push(lora.skipped);
+            let lora = crate::lora::LoraFile::open(file, &nets, device)?;
+            for (target, net) in &nets {
+                lora.add_to(
+                    *target,
+                    patches.entry(*target).or_default(),
+                    *multiplier,
+                    net,
+                )?;
+            }
         }
-        let weights = Weights::with_patches(ckpt, patches);
-        let model = UNet2DConditionModel::new(weights.var_builder(dtype, device), &self.unet)
-            .map_err(|e| Error::Msg(format!("loading unet: {e}")))?;
-        Ok((
-            Loaded {
-                model,
-                unused: weights.unused(),
-            },
-            skipped,
-        ))
+        let mut built = LoraModels {
+            unet: None,
+            text_encoders: Vec::new(),
+        };
+        for (target, net) in nets {
+            let Some(p) = patches.remove(&target).filter(|p| !p.is_empty()) else {
+                continue;
+            };
+            let vb_weights = Weights::with_patches(net, p);
+            let vb = vb_weights.var_builder(dtype, device);
+            let fail =
+                |e: candle_core::Error| Error::Msg(format!("loading {}: {e}", target.component()));
+            match target {
+                LoraTarget::Unet => {
+                    built.unet = Some(UNet2DConditionModel::new(vb, &self.unet).map_err(fail)?);
+                }
+                LoraTarget::TextEncoder | LoraTarget::TextEncoder2 => {
+                    let (slot, config) = if target == LoraTarget::TextEncoder {
+                        (TextEncoderSlot::First, &self.text_encoder)
+                    } else {
+                        (TextEncoderSlot::Second, &self.text_encoder_2)
+                    };
+                    let config = config
+                        .as_ref()
+                        .ok_or_else(|| Error::Msg("no text encoder".into()))?;
+                    let model = ClipTextModel::new(vb, config).map_err(fail)?;
+                    built.text_encoders.push((slot, model));
+                }
+            }
+        }
+        Ok(built)
     }
 
     /// Loads the autoencoder, computing in `dtype`.

@@ -186,17 +186,28 @@ impl Components {
             .map_or(512, |s| s * self.vae_scale_factor())
     }
 
-    /// Reloads the U-Net with LoRA files merged into it (`(file, multiplier)`, updates
-    /// added in order). Returns, per file, the tensors for other networks left unapplied.
-    pub fn apply_loras(&mut self, loras: &[(std::path::PathBuf, f64)]) -> Result<Vec<usize>> {
+    /// Merges LoRA files (each at its multiplier) into the U-Net and text encoders; a file
+    /// with tensors that map to nothing here is refused whole, naming them.
+    pub fn apply_loras(&mut self, loras: &[(std::path::PathBuf, f64)]) -> Result<()> {
         if loras.is_empty() {
-            return Ok(Vec::new());
+            return Ok(());
         }
-        let (unet, skipped) = self
+        let built = self
             .folder
-            .load_unet_with_loras(self.dtype, &self.device, loras)?;
-        self.unet = unet.model;
-        Ok(skipped)
+            .load_with_loras(self.dtype, &self.device, loras)?;
+        if let Some(unet) = built.unet {
+            self.unet = unet;
+        }
+        for (slot, model) in built.text_encoders {
+            let i = match slot {
+                TextEncoderSlot::First => 0,
+                TextEncoderSlot::Second => 1,
+            };
+            if let Some(pair) = self.text_encoders.get_mut(i) {
+                pair.1 = model;
+            }
+        }
+        Ok(())
     }
 
     /// Sampling steps when the user gives none: the folder's own (`_ldm_defaults`, written for
