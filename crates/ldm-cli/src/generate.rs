@@ -4,6 +4,8 @@ use crate::GenerateArgs;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
 use indicatif::{ProgressBar, ProgressStyle};
+use ldm_models::lora::LoraSpec;
+use ldm_pipeline::extra_networks::{extract, find_lora, short_hash};
 use ldm_pipeline::generate::RngKind;
 use ldm_pipeline::image_io::{load_image, save_png};
 use ldm_pipeline::outpaint::{pad_for_outpainting, Padding};
@@ -38,9 +40,9 @@ pub fn apply_loras(components: &mut Components, specs: &[String]) -> Result<()> 
 }
 
 /// `FILE` or `FILE:MULTIPLIER` (a path that exists as given wins over a split at its last `:`).
-fn parse_lora(spec: &str) -> Result<(PathBuf, f64)> {
+fn parse_lora(spec: &str) -> Result<LoraSpec> {
     if Path::new(spec).is_file() {
-        return Ok((PathBuf::from(spec), 1.0));
+        return Ok(LoraSpec::new(spec, 1.0));
     }
     let (file, mult) = match spec.rsplit_once(':') {
         Some((f, m)) => match m.parse::<f64>() {
@@ -52,7 +54,56 @@ fn parse_lora(spec: &str) -> Result<(PathBuf, f64)> {
     if !Path::new(file).is_file() {
         bail!("--lora {file}: no such file");
     }
-    Ok((PathBuf::from(file), mult))
+    Ok(LoraSpec::new(file, mult))
+}
+
+/// The prompt's `<lora:…>` tags resolved in `dirs`: the prompt without them, the files to
+/// merge, A1111's `Lora hashes` entries, and the names no file matched (A1111 warns and goes
+/// on; so does `ldm`, and says so in the image's parameters).
+struct PromptLoras {
+    text: String,
+    specs: Vec<LoraSpec>,
+    hashes: Vec<String>,
+    missing: Vec<String>,
+}
+
+fn prompt_loras(prompt: &str, dirs: &[PathBuf]) -> Result<PromptLoras> {
+    let (text, tags) = extract(prompt)?;
+    let mut out = PromptLoras {
+        text,
+        specs: Vec::new(),
+        hashes: Vec::new(),
+        missing: Vec::new(),
+    };
+    for tag in tags {
+        match find_lora(&tag.name, dirs) {
+            Some(path) => {
+                out.hashes
+                    .push(format!("{}: {}", tag.name, short_hash(&path)?));
+                out.specs.push(LoraSpec {
+                    path,
+                    text_encoder: tag.text_encoder,
+                    unet: tag.unet,
+                });
+            }
+            None => {
+                let searched = if dirs.is_empty() {
+                    "no folder (give --lora-dir)".to_string()
+                } else {
+                    dirs.iter()
+                        .map(|d| d.display().to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                };
+                eprintln!(
+                    "warning: <lora:{}>: no such LoRA in {searched}; going on without it",
+                    tag.name
+                );
+                out.missing.push(tag.name);
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// The model to use: the one given, or the embedded default. An embedded model's name (`shapes`, `shapes-fast`) names it unless a file or folder of
@@ -125,7 +176,16 @@ pub fn run(a: GenerateArgs) -> Result<()> {
             .use_taesd(dir)
             .with_context(|| format!("loading {}", dir.display()))?;
     }
-    apply_loras(&mut components, &a.lora)?;
+    let tagged = prompt_loras(&a.prompt, &a.lora_dir)?;
+    let mut loras = a
+        .lora
+        .iter()
+        .map(|spec| parse_lora(spec))
+        .collect::<Result<Vec<_>>>()?;
+    loras.extend(tagged.specs.iter().cloned());
+    components
+        .apply_loras(&loras)
+        .context("applying the LoRA files")?;
     for (component, unused) in &components.unused {
         eprintln!(
             "warning: {component}: {} unused tensors ({} …)",
@@ -181,7 +241,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     for batch in 0..a.count {
         let seed = a.seed.wrapping_add(batch as u64);
         let req = Request {
-            prompt: a.prompt.clone(),
+            prompt: tagged.text.clone(),
             negative_prompt: a.negative.clone(),
             width,
             height,
@@ -237,8 +297,27 @@ pub fn run(a: GenerateArgs) -> Result<()> {
             n if n.contains(',') => format!("\"{n}\""),
             n => n,
         };
-        let mut text =
-            ldm_pipeline::infotext(&req, sampler_name, &schedule_name, &model_name, &hash);
+        // The parameters keep the prompt as written, tags included, as A1111's do.
+        let as_written = Request {
+            prompt: a.prompt.clone(),
+            ..req.clone()
+        };
+        let mut text = ldm_pipeline::infotext(
+            &as_written,
+            sampler_name,
+            &schedule_name,
+            &model_name,
+            &hash,
+        );
+        if !tagged.hashes.is_empty() {
+            text.push_str(&format!(", Lora hashes: \"{}\"", tagged.hashes.join(", ")));
+        }
+        if !tagged.missing.is_empty() {
+            text.push_str(&format!(
+                ", Lora not found: \"{}\"",
+                tagged.missing.join(", ")
+            ));
+        }
         if let Some(name) = a.vae.as_ref().and_then(|v| v.file_name()) {
             text.push_str(&format!(", VAE: {}", name.to_string_lossy()));
         }

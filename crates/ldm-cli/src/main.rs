@@ -106,10 +106,15 @@ struct GenerateArgs {
     /// softer pictures.
     #[arg(long)]
     taesd: Option<PathBuf>,
-    /// A U-Net LoRA file merged into the model, FILE or FILE:MULTIPLIER (default 1); may be
-    /// repeated. diffusers/PEFT (`unet.….lora_A.weight`) and kohya (`lora_unet_…`) names.
+    /// A LoRA file merged into the U-Net and text encoders, FILE or FILE:MULTIPLIER (default
+    /// 1); may be repeated. diffusers/PEFT and kohya names. The prompt may also name LoRAs as
+    /// A1111 does, `<lora:NAME:W>` or `<lora:NAME:TE_W:UNET_W>`, found in --lora-dir.
     #[arg(long)]
     lora: Vec<String>,
+    /// A folder of LoRA files that `<lora:NAME…>` tags in the prompt name by file stem (or by
+    /// the `ss_output_name` a kohya file records); may be repeated.
+    #[arg(long)]
+    lora_dir: Vec<PathBuf>,
     /// Negative prompt.
     #[arg(long)]
     negative: Option<String>,

@@ -414,3 +414,78 @@ fn refiner_outpaint_and_vae_flags_work_end_to_end() {
     let (ok, stdout, _) = ldm(&["info", &out("v.png")]);
     assert!(ok && stdout.contains("VAE: sd15.safetensors"), "{stdout}");
 }
+
+/// A1111's `<lora:NAME:W>` in the prompt: found by file stem in `--lora-dir`, merged into the
+/// U-Net and text encoder (the picture diffusers made with the file), recorded with its hash;
+/// a name no file has is reported and skipped. `--taesd` decodes with the tiny autoencoder.
+#[test]
+fn prompt_lora_tags_and_taesd() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = fixtures().join("tiny/sd15");
+    let loras = fixtures().join("lora");
+    let run = |prompt: &str, out: &str, extra: &[&str]| {
+        let path = dir.path().join(out);
+        let mut args = vec![
+            "generate",
+            prompt,
+            "--model",
+            model.to_str().unwrap(),
+            "--lora-dir",
+            loras.to_str().unwrap(),
+            "--steps",
+            "8",
+            "--seed",
+            "1",
+            "--width",
+            "32",
+            "--height",
+            "32",
+            "--out",
+            path.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        let (ok, _, stderr) = ldm(&args);
+        assert!(ok, "{stderr}");
+        let img = image::open(&path).unwrap().to_rgb8();
+        let params = ldm_pipeline::image_io::read_parameters(&path)
+            .unwrap()
+            .unwrap();
+        (img, params, stderr)
+    };
+    let expect = |name: &str| image::open(loras.join(name)).unwrap().to_rgb8();
+    // diffusers' picture within a level on average (float sums differ by the odd rounding).
+    let close = |a: &image::RgbImage, b: &image::RgbImage| {
+        let d: f64 = a
+            .as_raw()
+            .iter()
+            .zip(b.as_raw())
+            .map(|(x, y)| (*x as f64 - *y as f64).abs())
+            .sum::<f64>()
+            / a.as_raw().len() as f64;
+        assert!(d <= 1.0, "mean |Δ| {d:.3}");
+    };
+    let (img, params, _) = run("a red circle <lora:sd15_peft:1>", "a.png", &[]);
+    close(&img, &expect("sd15_peft.png"));
+    assert!(
+        params.starts_with("a red circle <lora:sd15_peft:1>\n"),
+        "{params}"
+    );
+    assert!(params.contains("Lora hashes: \"sd15_peft: "), "{params}");
+    let (img, params, stderr) = run("a red circle <lora:nothing:0.5>", "b.png", &[]);
+    close(&img, &expect("sd15_base.png"));
+    assert!(stderr.contains("<lora:nothing>: no such LoRA"), "{stderr}");
+    assert!(params.contains("Lora not found: \"nothing\""), "{params}");
+    let taesd = fixtures().join("taesd/model");
+    let (img, params, _) = run(
+        "a red circle",
+        "c.png",
+        &["--taesd", taesd.to_str().unwrap()],
+    );
+    close(
+        &img,
+        &image::open(fixtures().join("taesd/sd15_taesd.png"))
+            .unwrap()
+            .to_rgb8(),
+    );
+    assert!(params.contains("(TAESD)"), "{params}");
+}

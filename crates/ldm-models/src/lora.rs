@@ -83,6 +83,33 @@ impl LoraLayer {
     }
 }
 
+/// A LoRA file to merge and its multipliers (A1111's `<lora:NAME:TE:UNET>`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoraSpec {
+    pub path: std::path::PathBuf,
+    pub text_encoder: f64,
+    pub unet: f64,
+}
+
+impl LoraSpec {
+    /// One multiplier for every network.
+    pub fn new(path: impl Into<std::path::PathBuf>, multiplier: f64) -> Self {
+        Self {
+            path: path.into(),
+            text_encoder: multiplier,
+            unet: multiplier,
+        }
+    }
+
+    /// The multiplier for `target`.
+    pub fn multiplier(&self, target: LoraTarget) -> f64 {
+        match target {
+            LoraTarget::Unet => self.unet,
+            _ => self.text_encoder,
+        }
+    }
+}
+
 /// A network a LoRA file adapts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum LoraTarget {

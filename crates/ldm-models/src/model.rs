@@ -314,17 +314,17 @@ impl ModelFolder {
         &self,
         dtype: DType,
         device: &Device,
-        loras: &[(PathBuf, f64)],
+        loras: &[crate::lora::LoraSpec],
     ) -> Result<LoraModels> {
         let nets = self.lora_targets()?;
         let mut patches: BTreeMap<LoraTarget, BTreeMap<String, Tensor>> = BTreeMap::new();
-        for (file, multiplier) in loras {
-            let lora = crate::lora::LoraFile::open(file, &nets, device)?;
+        for spec in loras {
+            let lora = crate::lora::LoraFile::open(&spec.path, &nets, device)?;
             for (target, net) in &nets {
                 lora.add_to(
                     *target,
                     patches.entry(*target).or_default(),
-                    *multiplier,
+                    spec.multiplier(*target),
                     net,
                 )?;
             }

@@ -188,7 +188,7 @@ impl Components {
 
     /// Merges LoRA files (each at its multiplier) into the U-Net and text encoders; a file
     /// with tensors that map to nothing here is refused whole, naming them.
-    pub fn apply_loras(&mut self, loras: &[(std::path::PathBuf, f64)]) -> Result<()> {
+    pub fn apply_loras(&mut self, loras: &[ldm_models::lora::LoraSpec]) -> Result<()> {
         if loras.is_empty() {
             return Ok(());
         }

@@ -5,6 +5,7 @@
 pub mod bench;
 pub mod components;
 pub mod error;
+pub mod extra_networks;
 pub mod generate;
 pub mod image_io;
 pub mod model_denoiser;

@@ -23,9 +23,9 @@ fn render(model: &str, loras: &[(&str, f64)]) -> Result<image::RgbImage, String>
         &Device::Cpu,
     )
     .map_err(|e| e.to_string())?;
-    let files: Vec<(PathBuf, f64)> = loras
+    let files: Vec<ldm_models::lora::LoraSpec> = loras
         .iter()
-        .map(|(f, m)| (fixtures().join("lora").join(f), *m))
+        .map(|(f, m)| ldm_models::lora::LoraSpec::new(fixtures().join("lora").join(f), *m))
         .collect();
     c.apply_loras(&files).map_err(|e| e.to_string())?;
     let req = Request {
