@@ -176,6 +176,14 @@ pub fn run(a: GenerateArgs) -> Result<()> {
             .use_taesd(dir)
             .with_context(|| format!("loading {}", dir.display()))?;
     }
+    let mut embeddings = Vec::new();
+    for dir in &a.embeddings {
+        embeddings.extend(
+            components
+                .load_embeddings(dir)
+                .with_context(|| format!("loading the embeddings in {}", dir.display()))?,
+        );
+    }
     let tagged = prompt_loras(&a.prompt, &a.lora_dir)?;
     let mut loras = a
         .lora
@@ -311,6 +319,19 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         );
         if !tagged.hashes.is_empty() {
             text.push_str(&format!(", Lora hashes: \"{}\"", tagged.hashes.join(", ")));
+        }
+        let mut used = Vec::new();
+        for (name, file) in &embeddings {
+            let words = |t: &str| {
+                t.split(|c: char| !(c.is_alphanumeric() || c == '_' || c == '-'))
+                    .any(|w| w == name)
+            };
+            if words(&a.prompt) || a.negative.as_deref().is_some_and(words) {
+                used.push(format!("{name}: {}", short_hash(file)?));
+            }
+        }
+        if !used.is_empty() {
+            text.push_str(&format!(", TI hashes: \"{}\"", used.join(", ")));
         }
         if !tagged.missing.is_empty() {
             text.push_str(&format!(

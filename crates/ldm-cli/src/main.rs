@@ -115,6 +115,11 @@ struct GenerateArgs {
     /// the `ss_output_name` a kohya file records); may be repeated.
     #[arg(long)]
     lora_dir: Vec<PathBuf>,
+    /// A folder of textual-inversion embeddings (A1111 `.safetensors`, SDXL `clip_l`/`clip_g`,
+    /// diffusers `learned_embeds`): each file's stem becomes a word prompts can use; may be
+    /// repeated.
+    #[arg(long)]
+    embeddings: Vec<PathBuf>,
     /// Negative prompt.
     #[arg(long)]
     negative: Option<String>,

@@ -475,6 +475,20 @@ fn prompt_lora_tags_and_taesd() {
     close(&img, &expect("sd15_base.png"));
     assert!(stderr.contains("<lora:nothing>: no such LoRA"), "{stderr}");
     assert!(params.contains("Lora not found: \"nothing\""), "{params}");
+    // An embedding from --embeddings, named in the prompt by its file stem.
+    let emb = fixtures().join("embeddings/sd15");
+    let (img, params, _) = run(
+        "a red circle, shapestyle",
+        "d.png",
+        &["--embeddings", emb.to_str().unwrap()],
+    );
+    close(
+        &img,
+        &image::open(fixtures().join("embeddings/sd15_ti.png"))
+            .unwrap()
+            .to_rgb8(),
+    );
+    assert!(params.contains("TI hashes: \"shapestyle: "), "{params}");
     let taesd = fixtures().join("taesd/model");
     let (img, params, _) = run(
         "a red circle",

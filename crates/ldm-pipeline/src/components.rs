@@ -113,6 +113,110 @@ impl Components {
         })
     }
 
+    /// Loads textual-inversion embeddings: each `.safetensors`, `.bin` or `.pt` file in `dir`
+    /// becomes a word, its file stem, that prompts use as A1111's embeddings are used (a
+    /// multi-vector embedding stands for all its vectors). Returns the names added, with their
+    /// files.
+    pub fn load_embeddings(&mut self, dir: &Path) -> Result<Vec<(String, std::path::PathBuf)>> {
+        let entries = std::fs::read_dir(dir).map_err(|source| Error::Io {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        let mut files: Vec<std::path::PathBuf> = entries
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| {
+                p.is_file()
+                    && p.extension().is_some_and(|x| {
+                        matches!(
+                            x.to_string_lossy().to_lowercase().as_str(),
+                            "safetensors" | "bin" | "pt"
+                        )
+                    })
+            })
+            .collect();
+        files.sort();
+        let mut names = Vec::new();
+        for file in files {
+            let Some(name) = file.file_stem().map(|s| s.to_string_lossy().into_owned()) else {
+                continue;
+            };
+            self.add_embedding(&name, &file)?;
+            names.push((name, file));
+        }
+        Ok(names)
+    }
+
+    /// Adds one embedding file under `name` to every text encoder it has vectors for (SDXL's
+    /// files carry one set per encoder; a single set goes to the encoder of its width).
+    pub fn add_embedding(&mut self, name: &str, file: &Path) -> Result<()> {
+        use ldm_models::clip::textual_inversion::TextualInversion;
+        let ti = TextualInversion::read(file, &self.device)?;
+        let bad = |msg: String| Error::Image {
+            path: file.to_path_buf(),
+            msg,
+        };
+        let widths: Vec<usize> = self
+            .text_encoders
+            .iter()
+            .map(|(_, m)| m.config.hidden_size)
+            .collect();
+        let assignments: Vec<(usize, Tensor)> = if ti.per_encoder.len() == self.text_encoders.len()
+        {
+            ti.per_encoder.into_iter().enumerate().collect()
+        } else if ti.per_encoder.len() == 1 {
+            let v = ti
+                .per_encoder
+                .into_iter()
+                .next()
+                .ok_or_else(|| bad("no vectors".into()))?;
+            let width = v.dim(1)?;
+            match widths.iter().position(|&w| w == width) {
+                Some(i) => vec![(i, v)],
+                None => {
+                    return Err(bad(format!(
+                        "an embedding of width {width} fits none of this model's text encoders (widths {widths:?})"
+                    )))
+                }
+            }
+        } else {
+            return Err(bad(format!(
+                "{} sets of vectors for a model with {} text encoders",
+                ti.per_encoder.len(),
+                self.text_encoders.len()
+            )));
+        };
+        for (i, vectors) in assignments {
+            let (tokenizer, model) = &mut self.text_encoders[i];
+            if vectors.dim(1)? != model.config.hidden_size {
+                return Err(bad(format!(
+                    "an embedding of width {} does not fit text encoder {} (width {})",
+                    vectors.dim(1)?,
+                    i + 1,
+                    model.config.hidden_size
+                )));
+            }
+            if tokenizer.vocab_size() != model.config.vocab_size {
+                return Err(bad(format!(
+                    "the tokenizer ({} tokens) and text encoder ({}) disagree on the vocabulary",
+                    tokenizer.vocab_size(),
+                    model.config.vocab_size
+                )));
+            }
+            let ids = tokenizer
+                .add_token(name, vectors.dim(0)?)
+                .map_err(|e| bad(e.to_string()))?;
+            let first = model.add_token_embeddings(&vectors)?;
+            if ids[0] != first {
+                return Err(bad(format!(
+                    "token ids from {} but embedding rows from {first}",
+                    ids[0]
+                )));
+            }
+        }
+        Ok(())
+    }
+
     /// Encodes and decodes with a tiny autoencoder (TAESD, a diffusers `AutoencoderTiny` folder)
     /// instead of the model's own, as diffusers' `pipe.vae = AutoencoderTiny…` does: a few
     /// percent of the work, softer pictures.

@@ -2,6 +2,7 @@
 
 pub mod config;
 pub mod text_model;
+pub mod textual_inversion;
 pub mod tokenizer;
 
 pub use config::ClipTextConfig;

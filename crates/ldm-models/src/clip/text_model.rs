@@ -185,6 +185,26 @@ impl ClipTextModel {
         })
     }
 
+    /// Appends rows to the token-embedding table (textual inversion, as transformers'
+    /// `resize_token_embeddings` then setting the rows); returns the first new id. `vectors`:
+    /// `[n, hidden]`.
+    pub fn add_token_embeddings(&mut self, vectors: &Tensor) -> Result<u32> {
+        let (_, width) = vectors.dims2()?;
+        if width != self.config.hidden_size {
+            return Err(candle_core::Error::Msg(format!(
+                "an embedding of width {width} does not fit a text encoder of width {}",
+                self.config.hidden_size
+            )));
+        }
+        let table = self.token_embedding.embeddings();
+        let rows = vectors.to_dtype(table.dtype())?.to_device(table.device())?;
+        let first = table.dim(0)? as u32;
+        let grown = Tensor::cat(&[table, &rows], 0)?;
+        self.config.vocab_size = grown.dim(0)?;
+        self.token_embedding = Embedding::new(grown, self.config.hidden_size);
+        Ok(first)
+    }
+
     /// Applies the final layer norm (for clip skip on an earlier layer's hidden state).
     pub fn final_layer_norm(&self, hidden: &Tensor) -> Result<Tensor> {
         self.final_layer_norm.forward(hidden)

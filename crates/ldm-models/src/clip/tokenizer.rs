@@ -22,6 +22,8 @@ const EOS: &str = "<|endoftext|>";
 pub struct ClipTokenizer {
     inner: Tokenizer,
     path: PathBuf,
+    /// Added multi-vector tokens: the id the name tokenizes to → the ids it stands for.
+    expansions: std::collections::HashMap<u32, Vec<u32>>,
     pub bos_id: u32,
     pub eos_id: u32,
     pub pad_id: u32,
@@ -163,6 +165,7 @@ impl ClipTokenizer {
         Ok(Self {
             inner,
             path: dir.to_path_buf(),
+            expansions: Default::default(),
             bos_id,
             eos_id,
             pad_id,
@@ -170,13 +173,66 @@ impl ClipTokenizer {
         })
     }
 
-    /// The BPE ids of `text`, without start/end tokens or padding.
+    /// The BPE ids of `text`, without start/end tokens or padding; an added name of several
+    /// vectors becomes all of their ids.
     pub fn encode_raw(&self, text: &str) -> Result<Vec<u32>> {
         let enc = self
             .inner
             .encode(text, false)
             .map_err(|e| tok_err(&self.path, e))?;
-        Ok(enc.get_ids().to_vec())
+        if self.expansions.is_empty() {
+            return Ok(enc.get_ids().to_vec());
+        }
+        let mut ids = Vec::with_capacity(enc.get_ids().len());
+        for id in enc.get_ids() {
+            match self.expansions.get(id) {
+                Some(all) => ids.extend_from_slice(all),
+                None => ids.push(*id),
+            }
+        }
+        Ok(ids)
+    }
+
+    /// Adds `name` as a token standing for `count` new ids (`name`, `name_1`, … as diffusers'
+    /// `load_textual_inversion` names them), matched in prompts as one word; returns the new
+    /// ids, which follow the vocabulary.
+    pub fn add_token(&mut self, name: &str, count: usize) -> Result<Vec<u32>> {
+        if name.trim().is_empty() || count == 0 {
+            return Err(tok_err(
+                &self.path,
+                "an added token needs a name and a vector",
+            ));
+        }
+        let names: Vec<String> = (0..count)
+            .map(|i| {
+                if i == 0 {
+                    name.to_string()
+                } else {
+                    format!("{name}_{i}")
+                }
+            })
+            .collect();
+        if names.iter().any(|n| self.inner.token_to_id(n).is_some()) {
+            return Err(tok_err(
+                &self.path,
+                format!("`{name}` is already a token of this tokenizer"),
+            ));
+        }
+        let tokens: Vec<AddedToken> = names
+            .iter()
+            .map(|n| AddedToken::from(n.clone(), false))
+            .collect();
+        self.inner.add_tokens(&tokens);
+        let ids = names
+            .iter()
+            .map(|n| {
+                self.inner
+                    .token_to_id(n)
+                    .ok_or_else(|| tok_err(&self.path, format!("`{n}` was not added")))
+            })
+            .collect::<Result<Vec<u32>>>()?;
+        self.expansions.insert(ids[0], ids.clone());
+        Ok(ids)
     }
 
     /// `[start] tokens… [end] [pad]…` of exactly `max_length` ids, truncating long prompts.
