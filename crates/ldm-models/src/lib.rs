@@ -3,6 +3,7 @@
 //! constructors whose parameter paths are the checkpoint keys, so one constructor both loads
 //! released weights and initialises training.
 
+pub mod adapter_math;
 pub mod clip;
 pub mod config;
 pub mod error;

@@ -11,6 +11,7 @@
 //! `.alpha`) are read, for the U-Net and every text encoder; a file is applied whole or
 //! refused with the keys that map to nothing.
 
+use crate::adapter_math::Adapter;
 use crate::error::{Error, Result};
 use crate::weights::Checkpoint;
 use candle_core::{DType, Device, Tensor};
@@ -64,22 +65,20 @@ pub fn lora_delta(down: &Tensor, up: &Tensor, scale: f64, weight: &[usize]) -> R
     Ok((b.matmul(&a)? * scale)?.reshape(weight)?)
 }
 
-/// One adapted layer: its factors and the file's α (none: α = r).
+/// One adapted layer: its adapter and the file's α (none: α = rank).
 #[derive(Debug, Clone)]
 pub struct LoraLayer {
-    pub down: Tensor,
-    pub up: Tensor,
+    pub adapter: Adapter,
     pub alpha: Option<f64>,
 }
 
 impl LoraLayer {
-    pub fn rank(&self) -> usize {
-        self.down.dims()[0]
-    }
-
-    /// α/r.
+    /// α/rank (1 without an α or a rank).
     pub fn scale(&self) -> f64 {
-        self.alpha.map_or(1.0, |a| a / self.rank() as f64)
+        match (self.alpha, self.adapter.rank()) {
+            (Some(a), Some(r)) => a / r as f64,
+            _ => 1.0,
+        }
     }
 }
 
@@ -138,15 +137,8 @@ pub struct LoraFile {
     pub layers: BTreeMap<LoraTarget, BTreeMap<String, LoraLayer>>,
 }
 
-/// A layer's factors as they are read: down, up, alpha.
-type Factors = (Option<Tensor>, Option<Tensor>, Option<f64>);
-
-/// What a key names: the module, and which part.
-enum Part {
-    Down,
-    Up,
-    Alpha,
-}
+/// A layer's tensors as they are read, by part, and its α.
+type Parts = (BTreeMap<&'static str, Tensor>, Option<f64>);
 
 /// How a key names its network: the diffusers/PEFT prefix (`unet.`, `text_encoder.`,
 /// `text_encoder_2.`) and kohya's (`lora_unet_`, `lora_te_` — SD1's — or `lora_te1_`,
@@ -161,42 +153,60 @@ const PREFIXES: [(&str, LoraTarget, bool); 7] = [
     ("lora_te_", LoraTarget::TextEncoder, true),
 ];
 
-/// (network, module as written, part, kohya naming)
-fn split_key(key: &str) -> Option<(LoraTarget, &str, Part, bool)> {
+/// kohya/LyCORIS tensor names after the module, as [`Adapter::from_parts`] reads them.
+const KOHYA_PARTS: [&str; 19] = [
+    "lora_down.weight",
+    "lora_up.weight",
+    "lora_mid.weight",
+    "alpha",
+    "hada_w1_a",
+    "hada_w1_b",
+    "hada_w2_a",
+    "hada_w2_b",
+    "hada_t1",
+    "hada_t2",
+    "lokr_w1",
+    "lokr_w1_a",
+    "lokr_w1_b",
+    "lokr_w2",
+    "lokr_w2_a",
+    "lokr_w2_b",
+    "lokr_t2",
+    "diff",
+    "diff_b",
+];
+
+/// diffusers/PEFT names and the kohya part each is: the current `lora_A`/`lora_B`, the older
+/// `….lora.down`, text encoders' `….lora_linear_layer.down` (what
+/// `convert_state_dict_to_diffusers` still writes for their attention) and the attention
+/// processors' `….processor.to_q_lora.down`.
+const PEFT_PARTS: [(&str, &str); 8] = [
+    (".lora_A.weight", "lora_down.weight"),
+    (".lora_B.weight", "lora_up.weight"),
+    (".lora.down.weight", "lora_down.weight"),
+    (".lora.up.weight", "lora_up.weight"),
+    (".lora_linear_layer.down.weight", "lora_down.weight"),
+    (".lora_linear_layer.up.weight", "lora_up.weight"),
+    ("_lora.down.weight", "lora_down.weight"),
+    ("_lora.up.weight", "lora_up.weight"),
+];
+
+/// (network, module as written, part)
+fn split_key(key: &str) -> Option<(LoraTarget, &str, &'static str)> {
     let (target, rest, kohya) = PREFIXES
         .iter()
         .find_map(|(p, t, k)| key.strip_prefix(p).map(|r| (*t, r, *k)))?;
-    let suffixes: &[(&str, Part)] = if kohya {
-        &[
-            (".lora_down.weight", Part::Down),
-            (".lora_up.weight", Part::Up),
-            (".alpha", Part::Alpha),
-        ]
-    } else {
-        &[
-            (".lora_A.weight", Part::Down),
-            (".lora_B.weight", Part::Up),
-            // Older diffusers files: `….lora.down`, text encoders' `….lora_linear_layer.down`
-            // (what `convert_state_dict_to_diffusers` still writes for their attention) and
-            // the attention processors' `….processor.to_q_lora.down`.
-            (".lora.down.weight", Part::Down),
-            (".lora.up.weight", Part::Up),
-            (".lora_linear_layer.down.weight", Part::Down),
-            (".lora_linear_layer.up.weight", Part::Up),
-            ("_lora.down.weight", Part::Down),
-            ("_lora.up.weight", Part::Up),
-        ]
-    };
-    suffixes.iter().find_map(|(suffix, part)| {
-        rest.strip_suffix(suffix).map(|m| {
-            let part = match part {
-                Part::Down => Part::Down,
-                Part::Up => Part::Up,
-                Part::Alpha => Part::Alpha,
-            };
-            (target, m, part, kohya)
+    if kohya {
+        KOHYA_PARTS.iter().find_map(|part| {
+            rest.strip_suffix(part)
+                .and_then(|m| m.strip_suffix('.'))
+                .map(|m| (target, m, *part))
         })
-    })
+    } else {
+        PEFT_PARTS
+            .iter()
+            .find_map(|(suffix, part)| rest.strip_suffix(suffix).map(|m| (target, m, *part)))
+    }
 }
 
 /// A module path as the lookup spells it: a text encoder's without the `text_model.` that
@@ -261,10 +271,10 @@ impl LoraFile {
             path: file.to_path_buf(),
             msg,
         };
-        let mut parts: BTreeMap<(LoraTarget, String), Factors> = BTreeMap::new();
+        let mut parts: BTreeMap<(LoraTarget, String), Parts> = BTreeMap::new();
         let (mut unknown, mut absent, mut unmatched) = (Vec::new(), Vec::new(), Vec::new());
         for key in ckpt.tensors().keys() {
-            let Some((target, written, part, _)) = split_key(key) else {
+            let Some((target, written, part)) = split_key(key) else {
                 unknown.push(key.clone());
                 continue;
             };
@@ -278,17 +288,17 @@ impl LoraFile {
             };
             let entry = parts.entry((target, module.clone())).or_default();
             let t = ckpt.load(key, DType::F32, device)?;
-            match part {
-                Part::Down => entry.0 = Some(t),
-                Part::Up => entry.1 = Some(t),
-                Part::Alpha => entry.2 = Some(t.flatten_all()?.to_vec1::<f32>()?[0] as f64),
+            if part == "alpha" {
+                entry.1 = Some(t.flatten_all()?.to_vec1::<f32>()?[0] as f64);
+            } else {
+                entry.0.insert(part, t);
             }
         }
         if !unknown.is_empty() {
             return Err(bad(format!(
                 "{} tensors in no LoRA naming this loader knows (unet./text_encoder./text_encoder_2. \
                  with lora_A/lora_B, or lora_unet_/lora_te_/lora_te1_/lora_te2_ with \
-                 lora_down/lora_up/alpha): {}",
+                 lora_down/lora_up, LoHa's hada_*, LoKr's lokr_*, diff/diff_b and alpha): {}",
                 unknown.len(),
                 listing(&unknown)
             )));
@@ -310,15 +320,40 @@ impl LoraFile {
             )));
         }
         let mut layers: BTreeMap<LoraTarget, BTreeMap<String, LoraLayer>> = BTreeMap::new();
-        for ((target, module), (down, up, alpha)) in parts {
-            let (Some(down), Some(up)) = (down, up) else {
-                return Err(bad(format!("layer `{module}` lacks its down or up factor")));
+        for ((target, module), (mut tensors, alpha)) in parts {
+            let Some(adapter) = Adapter::from_parts(&mut tensors) else {
+                return Err(bad(format!(
+                    "layer `{module}`: its tensors ({}) make no complete adapter",
+                    tensors.keys().copied().collect::<Vec<_>>().join(", ")
+                )));
             };
-            let weight = &nets[&target].tensors()[&format!("{module}.weight")].shape;
-            let layer = LoraLayer { down, up, alpha };
-            lora_delta(&layer.down, &layer.up, 1.0, weight)
+            if !tensors.is_empty() {
+                return Err(bad(format!(
+                    "layer `{module}`: tensors of two adapter kinds ({} left over)",
+                    tensors.keys().copied().collect::<Vec<_>>().join(", ")
+                )));
+            }
+            let net = &nets[&target];
+            let weight = &net.tensors()[&format!("{module}.weight")].shape;
+            adapter
+                .delta(weight)
                 .map_err(|e| bad(format!("layer `{module}`: {e}")))?;
-            layers.entry(target).or_default().insert(module, layer);
+            if let Some(b) = adapter.bias_delta() {
+                let bias = net
+                    .tensors()
+                    .get(&format!("{module}.bias"))
+                    .map(|e| e.shape.clone());
+                if bias.as_deref() != Some(b.dims()) {
+                    return Err(bad(format!(
+                        "layer `{module}`: a bias update of shape {:?} for a bias of {bias:?}",
+                        b.dims()
+                    )));
+                }
+            }
+            layers
+                .entry(target)
+                .or_default()
+                .insert(module, LoraLayer { adapter, alpha });
         }
         if layers.is_empty() {
             return Err(bad("no LoRA layers".into()));
@@ -338,15 +373,22 @@ impl LoraFile {
         let Some(layers) = self.layers.get(&target) else {
             return Ok(());
         };
-        for (module, layer) in layers {
-            let key = format!("{module}.weight");
-            let shape = &net.tensors()[&key].shape;
-            let d = lora_delta(&layer.down, &layer.up, multiplier * layer.scale(), shape)?;
+        let mut add = |key: String, d: Tensor| -> Result<()> {
             let sum = match patches.remove(&key) {
                 Some(p) => (p + d)?,
                 None => d,
             };
             patches.insert(key, sum);
+            Ok(())
+        };
+        for (module, layer) in layers {
+            let key = format!("{module}.weight");
+            let shape = &net.tensors()[&key].shape;
+            let scale = multiplier * layer.scale();
+            add(key, (layer.adapter.delta(shape)? * scale)?)?;
+            if let Some(b) = layer.adapter.bias_delta() {
+                add(format!("{module}.bias"), (b * multiplier)?)?;
+            }
         }
         Ok(())
     }

@@ -88,3 +88,55 @@ fn lora_files_for_other_networks_are_refused() {
     let e = render("sdxl", &[("sd15_kohya.safetensors", 1.0)]).unwrap_err();
     assert!(e.contains("does not have"), "{e}");
 }
+
+/// LyCORIS kinds (LoHa with and without its Tucker form, LoKr full, factored and Tucker,
+/// LoCon's `lora_mid`, a full `diff` with `diff_b`) against the updates
+/// `tools/oracle/make_lycoris_fixtures.py` computes in LyCORIS/ComfyUI semantics, and the
+/// picture of the pipeline with them merged (diffusers cannot load these files).
+#[test]
+fn lycoris_kinds_match_their_formulas() {
+    use ldm_models::lora::{LoraFile, LoraTarget};
+    let dev = Device::Cpu;
+    let folder = ldm_models::model::ModelFolder::open(&fixtures().join("tiny/sd15")).unwrap();
+    let nets = folder.lora_targets().unwrap();
+    let lora = LoraFile::open(
+        &fixtures().join("lycoris/sd15_lycoris.safetensors"),
+        &nets,
+        &dev,
+    )
+    .unwrap();
+    let mut patches = std::collections::BTreeMap::new();
+    lora.add_to(
+        LoraTarget::Unet,
+        &mut patches,
+        1.0,
+        &nets[&LoraTarget::Unet],
+    )
+    .unwrap();
+    let expected =
+        candle_core::safetensors::load(fixtures().join("lycoris/expected.safetensors"), &dev)
+            .unwrap();
+    assert_eq!(patches.len(), expected.len());
+    for (key, want) in &expected {
+        let got = &patches[key];
+        let largest = |t: &candle_core::Tensor| -> f32 {
+            t.abs()
+                .and_then(|a| a.max_all())
+                .and_then(|m| m.to_scalar::<f32>())
+                .unwrap()
+        };
+        let (err, scale) = (largest(&(got - want).unwrap()), largest(want));
+        println!("{key}: max |Δ| {err:.1e} of {scale:.2}");
+        assert!(err <= 1e-5 * scale.max(1.0), "{key}: {err} of {scale}");
+    }
+    let ours = render("sd15", &[("../lycoris/sd15_lycoris.safetensors", 1.0)]).unwrap();
+    let theirs = image::open(fixtures().join("lycoris/sd15_merged.png"))
+        .unwrap()
+        .to_rgb8();
+    let (mean, over2) = compare(&ours, &theirs);
+    println!(
+        "merged picture: mean |Δ| {mean:.3}, {:.2} % > 2",
+        over2 * 100.0
+    );
+    assert!(mean <= 1.0 && over2 < 0.01);
+}
