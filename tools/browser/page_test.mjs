@@ -76,6 +76,7 @@ try {
   await page.waitForFunction(() => document.getElementById("status").textContent === "cancelled", null, { timeout: 30000 });
   check(await page.locator(".card").count() === 2, "a cancelled job adds no card");
   check(await page.isDisabled("#cancel"), "cancel is disabled again");
+  await page.waitForFunction(() => !document.getElementById("queue").textContent.includes("running"), null, { timeout: 10000 });
   await page.screenshot({ path: join(outDir, "cancelled.png") });
   results.cancelled = true;
 

@@ -339,8 +339,10 @@ async fn overload_is_answered_with_429() {
         }
     }
     println!("overload: 20 simultaneous requests, queue bound 4: {ok} served, {refused} refused with 429 + Retry-After");
+    // The queue's four places are always served, and the running job's when the worker took
+    // the first request before the others arrived.
     assert!(
-        ok >= 5 && refused >= 1 && ok + refused == 20,
+        (4..=5).contains(&ok) && ok + refused == 20,
         "{ok} served, {refused} refused"
     );
 }
