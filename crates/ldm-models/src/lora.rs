@@ -254,6 +254,18 @@ impl LoraFile {
         nets: &BTreeMap<LoraTarget, Checkpoint>,
         device: &Device,
     ) -> Result<Self> {
+        Self::open_with(file, nets, None, device)
+    }
+
+    /// [`LoraFile::open`], also reading kohya U-Net names in the original LDM layout
+    /// (`lora_unet_input_blocks_4_1_…`) through `unet_ldm` (flattened original module →
+    /// flattened diffusers module, [`crate::weights::original::flat_ldm_unet_module`]).
+    pub fn open_with(
+        file: &Path,
+        nets: &BTreeMap<LoraTarget, Checkpoint>,
+        unet_ldm: Option<&dyn Fn(&str) -> Option<String>>,
+        device: &Device,
+    ) -> Result<Self> {
         let ckpt = Checkpoint::open_file(file)?;
         // Per network: normalised module path (and kohya's flattening of it) → the module path.
         let mut paths: BTreeMap<LoraTarget, BTreeMap<String, String>> = BTreeMap::new();
@@ -282,7 +294,13 @@ impl LoraFile {
                 absent.push(key.clone());
                 continue;
             };
-            let Some(module) = map.get(&normalised(written)) else {
+            let found = map
+                .get(&normalised(written))
+                .or_else(|| match (target, unet_ldm) {
+                    (LoraTarget::Unet, Some(f)) => f(written).and_then(|d| map.get(&d)),
+                    _ => None,
+                });
+            let Some(module) = found else {
                 unmatched.push(key.clone());
                 continue;
             };

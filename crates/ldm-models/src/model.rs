@@ -319,7 +319,8 @@ impl ModelFolder {
         let nets = self.lora_targets()?;
         let mut patches: BTreeMap<LoraTarget, BTreeMap<String, Tensor>> = BTreeMap::new();
         for spec in loras {
-            let lora = crate::lora::LoraFile::open(&spec.path, &nets, device)?;
+            let ldm = |flat: &str| original::flat_ldm_unet_module(flat, &self.unet);
+            let lora = crate::lora::LoraFile::open_with(&spec.path, &nets, Some(&ldm), device)?;
             for (target, net) in &nets {
                 lora.add_to(
                     *target,

@@ -140,3 +140,86 @@ fn lycoris_kinds_match_their_formulas() {
     );
     assert!(mean <= 1.0 && over2 < 0.01);
 }
+
+/// The kohya file with its U-Net keys renamed to the original LDM layout
+/// (`lora_unet_input_blocks_1_1_…`) gives the same picture.
+#[test]
+fn kohya_names_in_the_original_layout_resolve() {
+    use ldm_models::weights::original::flat_ldm_unet_module;
+    let folder = ldm_models::model::ModelFolder::open(&fixtures().join("tiny/sd15")).unwrap();
+    let cfg = &folder.unet;
+    // Every original-layout module name of this U-Net, by the diffusers name it maps to.
+    let parts = [
+        "in_layers_0",
+        "in_layers_2",
+        "emb_layers_1",
+        "out_layers_0",
+        "out_layers_3",
+        "skip_connection",
+        "op",
+        "conv",
+        "proj_in",
+        "proj_out",
+        "norm",
+    ];
+    let attention = [
+        "attn1_to_q",
+        "attn1_to_k",
+        "attn1_to_v",
+        "attn1_to_out_0",
+        "attn2_to_q",
+        "attn2_to_k",
+        "attn2_to_v",
+        "attn2_to_out_0",
+        "ff_net_0_proj",
+        "ff_net_2",
+    ];
+    let mut inverse = std::collections::HashMap::new();
+    let mut candidates = Vec::new();
+    for block in ["input_blocks", "output_blocks"] {
+        for k in 0..12 {
+            for m in 0..3 {
+                for p in parts {
+                    candidates.push(format!("{block}_{k}_{m}_{p}"));
+                }
+                for a in attention {
+                    candidates.push(format!("{block}_{k}_{m}_transformer_blocks_0_{a}"));
+                }
+            }
+        }
+    }
+    for m in 0..3 {
+        for p in parts {
+            candidates.push(format!("middle_block_{m}_{p}"));
+        }
+        for a in attention {
+            candidates.push(format!("middle_block_{m}_transformer_blocks_0_{a}"));
+        }
+    }
+    for c in candidates {
+        if let Some(d) = flat_ldm_unet_module(&c, cfg) {
+            inverse.entry(d).or_insert(c);
+        }
+    }
+    let dev = Device::Cpu;
+    let tensors =
+        candle_core::safetensors::load(fixtures().join("lora/sd15_kohya.safetensors"), &dev)
+            .unwrap();
+    let mut renamed = std::collections::HashMap::new();
+    for (k, v) in tensors {
+        let key = match k.strip_prefix("lora_unet_").and_then(|r| r.split_once('.')) {
+            Some((module, part)) => format!("lora_unet_{}.{part}", inverse[module]),
+            None => k,
+        };
+        renamed.insert(key, v);
+    }
+    assert!(renamed
+        .keys()
+        .any(|k| k.starts_with("lora_unet_input_blocks_1_1_")));
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("ldm_names.safetensors");
+    candle_core::safetensors::save(&renamed, &file).unwrap();
+    let ours = render("sd15", &[(file.to_str().unwrap(), 1.0)]).unwrap();
+    let (mean, _) = compare(&ours, &expect("sd15_kohya"));
+    assert!(mean <= 1.0, "{mean}");
+}

@@ -154,6 +154,61 @@ fn unet_key(key: &str, cfg: &UNetConfig) -> Option<String> {
     None
 }
 
+/// A U-Net module named in the original LDM layout with every dot flattened to `_`, as kohya
+/// LoRA files trained on original checkpoints name them (`input_blocks_4_1_transformer_blocks_0_attn1_to_q`,
+/// `middle_block_0_in_layers_2`), as the diffusers module with its dots flattened too
+/// (`down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q`); `None` when it names no
+/// U-Net module.
+pub fn flat_ldm_unet_module(flat: &str, cfg: &UNetConfig) -> Option<String> {
+    // The original names' own dotted parts, flattened, and how they read with dots.
+    const PARTS: [(&str, &str); 8] = [
+        ("in_layers_0", "in_layers.0"),
+        ("in_layers_2", "in_layers.2"),
+        ("emb_layers_1", "emb_layers.1"),
+        ("out_layers_0", "out_layers.0"),
+        ("out_layers_3", "out_layers.3"),
+        ("skip_connection", "skip_connection"),
+        ("op", "op"),
+        ("conv", "conv"),
+    ];
+    const SIMPLE: [(&str, &str); 7] = [
+        ("time_embed_0", "time_embed.0"),
+        ("time_embed_2", "time_embed.2"),
+        ("label_emb_0_0", "label_emb.0.0"),
+        ("label_emb_0_2", "label_emb.0.2"),
+        ("input_blocks_0_0", "input_blocks.0.0"),
+        ("out_0", "out.0"),
+        ("out_2", "out.2"),
+    ];
+    let dotted = if let Some((_, d)) = SIMPLE.iter().find(|(f, _)| *f == flat) {
+        d.to_string()
+    } else {
+        let (block, rest) = ["input_blocks_", "middle_block_", "output_blocks_"]
+            .iter()
+            .find_map(|b| flat.strip_prefix(b).map(|r| (b.trim_end_matches('_'), r)))?;
+        let mut numbers = Vec::new();
+        let mut rest = rest;
+        let wanted = if block == "middle_block" { 1 } else { 2 };
+        while numbers.len() < wanted {
+            let (n, r) = rest.split_once('_')?;
+            numbers.push(n.parse::<usize>().ok()?);
+            rest = r;
+        }
+        let inner = PARTS
+            .iter()
+            .find(|(f, _)| *f == rest)
+            .map_or(rest.to_string(), |(_, d)| d.to_string());
+        let idx = numbers
+            .iter()
+            .map(|n| n.to_string())
+            .collect::<Vec<_>>()
+            .join(".");
+        format!("{block}.{idx}.{inner}")
+    };
+    let key = unet_key(&format!("{dotted}.weight"), cfg)?;
+    Some(key.strip_suffix(".weight")?.replace('.', "_"))
+}
+
 fn vae_part(rest: &str) -> String {
     const MAP: [(&str, &str); 6] = [
         ("nin_shortcut.", "conv_shortcut."),
@@ -355,5 +410,68 @@ pub fn text_encoders(ckpt: &Checkpoint, family: OriginalFamily) -> Vec<(&'static
             "text_encoder_2",
             open_clip(ckpt, "conditioner.embedders.0.model.", true),
         )],
+    }
+}
+
+#[cfg(test)]
+mod lora_name_tests {
+    use super::flat_ldm_unet_module;
+    use crate::unet::UNetConfig;
+    use std::path::PathBuf;
+
+    /// kohya names in the original layout for SD1.5's U-Net, against the diffusers modules the
+    /// original-to-diffusers conversion gives them.
+    #[test]
+    fn original_lora_names_find_sd15_modules() {
+        let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../../fixtures/configs/sd15/unet/config.json");
+        let cfg = UNetConfig::from_file(&path).unwrap();
+        for (ldm, diffusers) in [
+            (
+                "input_blocks_1_1_transformer_blocks_0_attn1_to_q",
+                "down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q",
+            ),
+            (
+                "input_blocks_4_1_proj_in",
+                "down_blocks_1_attentions_0_proj_in",
+            ),
+            ("input_blocks_3_0_op", "down_blocks_0_downsamplers_0_conv"),
+            (
+                "input_blocks_5_0_in_layers_2",
+                "down_blocks_1_resnets_1_conv1",
+            ),
+            (
+                "input_blocks_4_0_skip_connection",
+                "down_blocks_1_resnets_0_conv_shortcut",
+            ),
+            ("middle_block_1_proj_out", "mid_block_attentions_0_proj_out"),
+            (
+                "middle_block_2_emb_layers_1",
+                "mid_block_resnets_1_time_emb_proj",
+            ),
+            (
+                "output_blocks_3_0_out_layers_3",
+                "up_blocks_1_resnets_0_conv2",
+            ),
+            ("output_blocks_2_1_conv", "up_blocks_0_upsamplers_0_conv"),
+            ("output_blocks_5_2_conv", "up_blocks_1_upsamplers_0_conv"),
+            (
+                "output_blocks_11_1_transformer_blocks_0_ff_net_2",
+                "up_blocks_3_attentions_2_transformer_blocks_0_ff_net_2",
+            ),
+            ("time_embed_0", "time_embedding_linear_1"),
+            ("out_2", "conv_out"),
+        ] {
+            assert_eq!(
+                flat_ldm_unet_module(ldm, &cfg).as_deref(),
+                Some(diffusers),
+                "{ldm}"
+            );
+        }
+        assert_eq!(
+            flat_ldm_unet_module("input_blocks_99_1_proj_in", &cfg),
+            None
+        );
+        assert_eq!(flat_ldm_unet_module("nothing", &cfg), None);
     }
 }
