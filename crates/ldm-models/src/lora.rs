@@ -130,6 +130,10 @@ impl LoraTarget {
     }
 }
 
+/// Another naming of a network's modules: a flattened module name → the flattened name the
+/// network's checkpoint uses.
+pub type ModuleNames<'a> = &'a dyn Fn(&str) -> Option<String>;
+
 /// A LoRA file's layers, per network and module path, resolved against the networks'
 /// checkpoints.
 #[derive(Debug)]
@@ -263,7 +267,7 @@ impl LoraFile {
     pub fn open_with(
         file: &Path,
         nets: &BTreeMap<LoraTarget, Checkpoint>,
-        unet_ldm: Option<&dyn Fn(&str) -> Option<String>>,
+        unet_ldm: Option<ModuleNames>,
         device: &Device,
     ) -> Result<Self> {
         let ckpt = Checkpoint::open_file(file)?;
