@@ -8,6 +8,7 @@ With diffusers 0.42.1 on the CPU in float32, one thread, seeded random vectors:
   fixtures/embeddings/sd15/shapestyle.safetensors  A1111 `{"emb_params": [3, width]}` for the
                                                    tiny SD1.5 text encoder (three vectors)
   fixtures/embeddings/sdxl/xlstyle.safetensors     SDXL `{"clip_l": [2, w1], "clip_g": [2, w2]}`
+  fixtures/embeddings/sd15pt/shapept.pt           A1111 `.pt` (`string_to_param`), two vectors
   fixtures/embeddings/<model>_ti.png               "a red circle, <name>" after
                                                    `load_textual_inversion(…, token=<name>)`
                                                    (SDXL: clip_l into text_encoder, clip_g into
@@ -52,3 +53,20 @@ for model, name in [("sd15", "shapestyle"), ("sdxl", "xlstyle")]:
                  generator=torch.Generator("cpu").manual_seed(1)).images[0]
     image.save(out / f"{model}_ti.png")
     print("wrote", model)
+
+# A1111's own `.pt` format (a pickle: the vectors under string_to_param["*"], beside ints and
+# strings), read by diffusers from the file.
+pipe = StableDiffusionPipeline.from_pretrained(root / "tiny" / "sd15", torch_dtype=torch.float32,
+                                               safety_checker=None, requires_safety_checker=False)
+pipe.set_progress_bar_config(disable=True)
+g = torch.Generator("cpu").manual_seed(8)
+(out / "sd15pt").mkdir(parents=True, exist_ok=True)
+file = out / "sd15pt" / "shapept.pt"
+vectors = torch.randn(2, pipe.text_encoder.config.hidden_size, generator=g) * 0.5
+torch.save({"string_to_token": {"*": 265}, "string_to_param": {"*": vectors}, "name": "shapept",
+            "step": 100, "sd_checkpoint": "0123456789", "sd_checkpoint_name": "tiny"}, file)
+pipe.load_textual_inversion(str(file), token="shapept")
+image = pipe("a red circle, shapept", height=32, width=32, num_inference_steps=8, guidance_scale=7.5,
+             generator=torch.Generator("cpu").manual_seed(1)).images[0]
+image.save(out / "sd15pt_ti.png")
+print("wrote sd15pt")

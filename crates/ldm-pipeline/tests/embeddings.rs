@@ -31,7 +31,11 @@ fn render(c: &Components, prompt: &str, guidance: f64) -> image::RgbImage {
 
 #[test]
 fn embeddings_match_diffusers() {
-    for (model, name, guidance) in [("sd15", "shapestyle", 7.5), ("sdxl", "xlstyle", 5.0)] {
+    for (case, model, name, guidance) in [
+        ("sd15", "sd15", "shapestyle", 7.5),
+        ("sdxl", "sdxl", "xlstyle", 5.0),
+        ("sd15pt", "sd15", "shapept", 7.5),
+    ] {
         let mut c = Components::load(
             &fixtures().join("tiny").join(model),
             DType::F32,
@@ -40,17 +44,17 @@ fn embeddings_match_diffusers() {
         .unwrap();
         let without = render(&c, &format!("a red circle, {name}"), guidance);
         let names = c
-            .load_embeddings(&fixtures().join("embeddings").join(model))
+            .load_embeddings(&fixtures().join("embeddings").join(case))
             .unwrap();
         assert_eq!(names.len(), 1);
         assert_eq!(names[0].0, name);
         let ours = render(&c, &format!("a red circle, {name}"), guidance);
-        let theirs = image::open(fixtures().join(format!("embeddings/{model}_ti.png")))
+        let theirs = image::open(fixtures().join(format!("embeddings/{case}_ti.png")))
             .unwrap()
             .to_rgb8();
         let (mean, over2) = compare(&ours, &theirs);
         println!(
-            "{model}: mean |Δ| {mean:.3} levels, {:.2} % > 2",
+            "{case}: mean |Δ| {mean:.3} levels, {:.2} % > 2",
             over2 * 100.0
         );
         assert!(mean <= 1.0 && over2 < 0.01, "{model}: mean {mean:.3}");
@@ -60,7 +64,7 @@ fn embeddings_match_diffusers() {
             "{model}: the embedding changed the picture by {changed:.2} only"
         );
         // The same name twice is refused.
-        let again = c.load_embeddings(&fixtures().join("embeddings").join(model));
+        let again = c.load_embeddings(&fixtures().join("embeddings").join(case));
         assert!(again.unwrap_err().to_string().contains("already a token"));
     }
 }

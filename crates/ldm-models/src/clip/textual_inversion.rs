@@ -1,8 +1,8 @@
 //! Textual-inversion embeddings (Gal et al. 2022): learned token vectors a prompt names by a
 //! word. The files people have: A1111's `.safetensors` (`emb_params`, `[n, width]`), SDXL's
 //! (`clip_l` and `clip_g`, one per text encoder) and diffusers' `learned_embeds`
-//! (`{"<token>": [width]}` or `[n, width]`, `.safetensors` or `.bin` through the restricted
-//! unpickler, which never runs code).
+//! (`{"<token>": [width]}` or `[n, width]`, `.safetensors` or `.bin`), and A1111's `.pt`
+//! (`string_to_param`) through the restricted unpickler, which never runs code.
 
 use crate::error::{Error, Result};
 use crate::weights::Checkpoint;
@@ -20,7 +20,15 @@ pub struct TextualInversion {
 impl TextualInversion {
     /// Reads an embedding file.
     pub fn read(path: &Path, device: &Device) -> Result<Self> {
-        let ckpt = Checkpoint::open_file(path)?;
+        let pickled = path
+            .extension()
+            .is_some_and(|x| matches!(x.to_string_lossy().to_lowercase().as_str(), "pt" | "bin"));
+        // A1111's `.pt`: `{"string_to_param": {"*": vectors}, "name": …}`.
+        let ckpt = if pickled {
+            crate::weights::ckpt::read_with_key(path, "string_to_param")?
+        } else {
+            Checkpoint::open_file(path)?
+        };
         let keys: Vec<&String> = ckpt.tensors().keys().collect();
         let bad = |msg: String| Error::Checkpoint {
             path: path.to_path_buf(),
@@ -42,8 +50,6 @@ impl TextualInversion {
             vec![load("clip_l")?, load("clip_g")?]
         } else if has("emb_params") {
             vec![load("emb_params")?]
-        } else if has("string_to_param.*") {
-            vec![load("string_to_param.*")?]
         } else if keys.len() == 1 {
             vec![load(keys[0])?]
         } else {

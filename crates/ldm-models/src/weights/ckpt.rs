@@ -93,9 +93,17 @@ pub fn check_pickle(path: &Path) -> Result<()> {
 /// Reads a `.ckpt` (its `state_dict` entry, or the top-level dict) into an in-memory
 /// safetensors checkpoint, after [`check_pickle`].
 pub fn read(path: &Path) -> Result<Checkpoint> {
+    read_with_key(path, "state_dict")
+}
+
+/// [`read`] with the tensors of the top-level dict's entry `key` when it has one (A1111's
+/// embeddings keep theirs under `string_to_param`), else the top level's.
+pub fn read_with_key(path: &Path, key: &str) -> Result<Checkpoint> {
     check_pickle(path)?;
-    let tensors = candle_core::pickle::read_all_with_key(path, Some("state_dict"))
-        .or_else(|_| candle_core::pickle::read_all(path))
+    let tensors = candle_core::pickle::read_all_with_key(path, Some(key))
+        .ok()
+        .filter(|t| !t.is_empty())
+        .map_or_else(|| candle_core::pickle::read_all(path), Ok)
         .map_err(|e| ckpt_err(path, format!("reading tensors: {e}")))?;
     let bytes = safetensors::serialize(tensors.iter().map(|(k, t)| (k.as_str(), t)), None)
         .map_err(|e| ckpt_err(path, e.to_string()))?;
