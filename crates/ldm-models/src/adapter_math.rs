@@ -176,6 +176,15 @@ impl Adapter {
                     }
                     None => down.clone(),
                 };
+                if up.dim(0)? != weight.first().copied().unwrap_or(0)
+                    || up.flatten_from(1)?.dim(1)? != down.dim(0)?
+                {
+                    return Err(Error::Msg(format!(
+                        "LoRA factors {:?} × {:?} do not make a weight of shape {weight:?}",
+                        up.dims(),
+                        down.dims()
+                    )));
+                }
                 product(up, &down)?
             }
             Adapter::Hadamard {

@@ -45,24 +45,14 @@ pub fn is_unet_target(module: &str) -> bool {
 }
 
 /// The weight update `scale·B·A` of one layer, shaped as its weight (`[out, in]` or
-/// `[out, in, kh, kw]`).
+/// `[out, in, kh, kw]`): [`Adapter::LowRank`]'s update, scaled.
 pub fn lora_delta(down: &Tensor, up: &Tensor, scale: f64, weight: &[usize]) -> Result<Tensor> {
-    let r = down.dim(0)?;
-    let a = down.flatten_from(1)?;
-    let b = up.flatten_from(1)?;
-    let elements: usize = weight.iter().product();
-    if weight.is_empty()
-        || b.dim(1)? != r
-        || b.dim(0)? != weight[0]
-        || a.dim(1)? * weight[0] != elements
-    {
-        return Err(Error::Msg(format!(
-            "LoRA factors {:?} × {:?} do not make a weight of shape {weight:?}",
-            up.dims(),
-            down.dims()
-        )));
-    }
-    Ok((b.matmul(&a)? * scale)?.reshape(weight)?)
+    let adapter = Adapter::LowRank {
+        down: down.clone(),
+        up: up.clone(),
+        mid: None,
+    };
+    Ok((adapter.delta(weight)? * scale)?)
 }
 
 /// One adapted layer: its adapter and the file's α (none: α = rank).
