@@ -105,38 +105,17 @@ async fn credentials_guard_every_api() {
             .to_str()
             .unwrap()
             .starts_with("Basic"));
-        let r = s
-            .client
-            .get(s.at(path))
-            .basic_auth("user", Some("secret"))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 200, "{path}");
-        let r = s
-            .client
-            .get(s.at(path))
-            .bearer_auth("sk-test")
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 200, "{path}");
-        let r = s
-            .client
-            .get(s.at(path))
-            .basic_auth("user", Some("wrong"))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 401, "{path}");
-        let r = s
-            .client
-            .get(s.at(path))
-            .bearer_auth("sk-wrong")
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 401, "{path}");
+        type Credentials = fn(reqwest::RequestBuilder) -> reqwest::RequestBuilder;
+        let cases: [(Credentials, u16); 4] = [
+            (|r| r.basic_auth("user", Some("secret")), 200),
+            (|r| r.bearer_auth("sk-test"), 200),
+            (|r| r.basic_auth("user", Some("wrong")), 401),
+            (|r| r.bearer_auth("sk-wrong"), 401),
+        ];
+        for (credentials, status) in cases {
+            let r = credentials(s.client.get(s.at(path))).send().await.unwrap();
+            assert_eq!(r.status(), status, "{path}");
+        }
     }
     let r = s.client.get(s.at("/v1/models")).send().await.unwrap();
     let e: Value = r.json().await.unwrap();
