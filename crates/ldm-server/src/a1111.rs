@@ -420,21 +420,8 @@ async fn png_info(
         image: String,
     }
     let r: Req = read_json(F, &headers, body)?;
-    let data = r
-        .image
-        .split_once(',')
-        .filter(|_| r.image.starts_with("data:"))
-        .map_or(r.image.as_str(), |(_, b)| b);
-    use base64::Engine;
-    let bytes = base64::engine::general_purpose::STANDARD
-        .decode(data.trim())
-        .map_err(|e| {
-            ApiError::new(
-                F,
-                StatusCode::BAD_REQUEST,
-                format!("image is not valid base64: {e}"),
-            )
-        })?;
+    let bytes =
+        crate::params::decode_base64(&r.image, "image").map_err(|e| ApiError::invalid(F, e))?;
     let text =
         ldm_pipeline::image_io::png_parameters(std::io::Cursor::new(&bytes)).map_err(|e| {
             ApiError::new(

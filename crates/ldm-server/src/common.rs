@@ -157,10 +157,8 @@ pub fn random_seed() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_nanos() as u64)
         .unwrap_or(0);
-    let mut z = t ^ COUNTER.fetch_add(0x9e37_79b9_7f4a_7c15, Ordering::Relaxed);
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    (z ^ (z >> 31)) % 4_294_967_295
+    let z = t ^ COUNTER.fetch_add(crate::params::GOLDEN_GAMMA, Ordering::Relaxed);
+    crate::params::mix64(z) % 4_294_967_295
 }
 
 /// Cancels its job when dropped while armed: a synchronous request whose client disconnects

@@ -160,6 +160,11 @@ pub fn decode_image(
     param: &'static str,
     limits: &Limits,
 ) -> Result<image::DynamicImage, Invalid> {
+    decode_image_bytes(&decode_base64(data, param)?, param, limits)
+}
+
+/// The bytes of base64 sent bare or as a `data:` URL.
+pub fn decode_base64(data: &str, param: &'static str) -> Result<Vec<u8>, Invalid> {
     let b64 = match data.strip_prefix("data:") {
         Some(rest) => rest
             .split_once(',')
@@ -167,11 +172,20 @@ pub fn decode_image(
             .ok_or_else(|| invalid(param, format!("{param}: a data: URL without a comma")))?,
         None => data,
     };
-    let bytes = base64::engine::general_purpose::STANDARD
+    base64::engine::general_purpose::STANDARD
         .decode(b64.trim().as_bytes())
-        .map_err(|e| invalid(param, format!("{param} is not valid base64: {e}")))?;
-    decode_image_bytes(&bytes, param, limits)
+        .map_err(|e| invalid(param, format!("{param} is not valid base64: {e}")))
 }
+
+/// splitmix64's output function: a well-mixed 64-bit value from any input.
+pub fn mix64(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// splitmix64's increment.
+pub const GOLDEN_GAMMA: u64 = 0x9e37_79b9_7f4a_7c15;
 
 /// Decodes image file bytes (PNG, JPEG or WebP) within the size limit.
 pub fn decode_image_bytes(
@@ -386,14 +400,11 @@ fn fill_masked(
         }
     }
     let mean = sum.map(|s| s.checked_div(n).map_or(127, |m| m as u8));
-    let mut state = seed ^ 0x9e37_79b9_7f4a_7c15;
+    let mut state = seed ^ GOLDEN_GAMMA;
     let mut next = || {
         // splitmix64
-        state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        ((z ^ (z >> 31)) >> 56) as u8
+        state = state.wrapping_add(GOLDEN_GAMMA);
+        (mix64(state) >> 56) as u8
     };
     let (w, h) = img.dimensions();
     for y in 0..h {
