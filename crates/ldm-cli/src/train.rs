@@ -169,6 +169,10 @@ pub struct UnetArgs {
     /// Parts of each batch computed in parallel, one thread each (default: one per core).
     #[arg(long)]
     shards: Option<usize>,
+    /// U-Net steps between snapshots: the EMA model as a loadable folder in
+    /// `unet-train/snapshots/step-N`, all kept (to measure adherence against training time).
+    #[arg(long)]
+    snapshot_every: Option<usize>,
 }
 
 #[derive(Args)]
@@ -181,6 +185,10 @@ pub struct ShapesArgs {
     /// U-Net steps.
     #[arg(long)]
     unet_steps: Option<usize>,
+    /// U-Net steps between snapshots: the EMA model as a loadable folder in
+    /// `unet-train/snapshots/step-N`, all kept (to measure adherence against training time).
+    #[arg(long)]
+    snapshot_every: Option<usize>,
 }
 
 fn bar(total: usize) -> ProgressBar {
@@ -334,6 +342,7 @@ fn unet_options(a: &UnetArgs) -> Result<UnetOptions> {
             .checkpoint_every
             .unwrap_or(d.checkpoint_every)
             .max(1),
+        snapshot_every: a.snapshot_every.filter(|&n| n > 0),
         ..d
     };
     if !(0.0..=1.0).contains(&opts.caption_dropout) || !(0.0..1.0).contains(&opts.ema_decay) {
@@ -461,6 +470,7 @@ pub fn run(cmd: TrainCommand) -> Result<()> {
                 snr_weight_floor: Some(0.1),
                 ema_decay: 0.998,
                 pool: 12_000,
+                snapshot_every: a.snapshot_every.filter(|&n| n > 0),
                 ..UnetOptions::default()
             };
             if let Some(s) = a.vae_steps {

@@ -48,6 +48,8 @@ fn a_miniature_model_trains_generates_and_evaluates() {
         "3",
         "--unet-steps",
         "3",
+        "--snapshot-every",
+        "2",
         "--out",
         s(&model),
     ]);
@@ -55,6 +57,24 @@ fn a_miniature_model_trains_generates_and_evaluates() {
     assert!(
         out.contains("held-out PSNR") && out.contains("text encoder + U-Net: 3 steps"),
         "{out}"
+    );
+    // The snapshot at step 2 is a whole model of its own (adherence against training time is
+    // measured on these), kept beside the checkpoints, with no half-written folder left.
+    let snapshots = model.join("unet-train").join("snapshots");
+    let names: Vec<String> = std::fs::read_dir(&snapshots)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(names, ["step-0000002"]);
+    let snapshot = snapshots.join("step-0000002");
+    let (ok, out, err) = ldm(&["info", s(&snapshot), "--check"]);
+    assert!(ok && out.contains("check unet: ok"), "{out}{err}");
+    let unet =
+        |dir: &Path| std::fs::read(dir.join("unet/diffusion_pytorch_model.safetensors")).unwrap();
+    assert_ne!(
+        unet(&snapshot),
+        unet(&model),
+        "step 2's weights, not the final ones"
     );
     for f in [
         "model_index.json",

@@ -13,7 +13,7 @@ use crate::parallel::sharded_loss_and_grads;
 use crate::recipe::Recipe;
 use crate::tokenizer::{shapes_words, write_tokenizer};
 use crate::{Error, Progress, Result};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::VarMap;
 use ldm_models::clip::{config::ClipTextConfig, text_model::ClipTextModel};
 use ldm_models::unet::{UNet2DConditionModel, UNetConfig};
@@ -77,6 +77,10 @@ pub struct UnetOptions {
     /// Scenes rendered and encoded once, then sampled from.
     pub pool: usize,
     pub checkpoint_every: usize,
+    /// Every this many steps, the EMA model as a whole diffusers folder under
+    /// `unet-train/snapshots/step-NNNNNNN` (autoencoder and tokenizer copied in), kept: what
+    /// adherence against training time is measured on. None: no snapshots.
+    pub snapshot_every: Option<usize>,
 }
 
 impl Default for UnetOptions {
@@ -99,6 +103,7 @@ impl Default for UnetOptions {
             shards: crate::parallel::cores(),
             pool: 20_000,
             checkpoint_every: 100,
+            snapshot_every: None,
         }
     }
 }
@@ -263,6 +268,13 @@ pub fn train_unet(
     let stds = Tensor::cat(&stds, 0)?.contiguous()?;
     let empty = tokenizer.encode("")?;
 
+    let model = Model {
+        text_json: &text_json,
+        unet_json: &unet_json,
+        scheduler_json: recipe
+            .scheduler_config(prediction_name(opts.prediction), opts.zero_terminal_snr),
+        params: &params,
+    };
     let sched = schedule(opts.zero_terminal_snr)?;
     while state.step < opts.steps {
         let (step, rng) = (state.step, &mut state.rng);
@@ -338,33 +350,80 @@ pub fn train_unet(
             opts.grad_clip,
             progress,
         )?;
+        if let Some(every) = opts.snapshot_every.filter(|&e| e > 0) {
+            if state.step % every == 0 {
+                model.snapshot(out, state.step, &ema.shadow)?;
+            }
+        }
     }
 
     // The model: EMA weights in a diffusers folder.
-    write_component(
-        &out.join("text_encoder"),
-        &text_json,
-        "model.safetensors",
-        &strip(&params, &ema.shadow, "text_encoder."),
-        DType::F32,
-    )?;
-    write_component(
-        &out.join("unet"),
-        &unet_json,
-        "diffusion_pytorch_model.safetensors",
-        &strip(&params, &ema.shadow, "unet."),
-        DType::F32,
-    )?;
-    std::fs::create_dir_all(out.join("scheduler"))?;
-    crate::io::write_json(
-        &out.join("scheduler").join("scheduler_config.json"),
-        &recipe.scheduler_config(prediction_name(opts.prediction), opts.zero_terminal_snr),
-    )?;
-    crate::io::write_json(&out.join("model_index.json"), &Recipe::model_index())?;
+    model.write(out, &ema.shadow)?;
     Ok(UnetReport {
         final_loss: state.log.final_loss(),
         steps: state.step,
     })
+}
+
+/// What the U-Net stage writes: the text encoder and U-Net (from the given values, the EMA's),
+/// their scheduler and the pipeline's index.
+struct Model<'a> {
+    text_json: &'a serde_json::Value,
+    unet_json: &'a serde_json::Value,
+    scheduler_json: serde_json::Value,
+    params: &'a [(String, Var)],
+}
+
+impl Model<'_> {
+    fn write(&self, out: &Path, values: &[Tensor]) -> Result<()> {
+        write_component(
+            &out.join("text_encoder"),
+            self.text_json,
+            "model.safetensors",
+            &strip(self.params, values, "text_encoder."),
+            DType::F32,
+        )?;
+        write_component(
+            &out.join("unet"),
+            self.unet_json,
+            "diffusion_pytorch_model.safetensors",
+            &strip(self.params, values, "unet."),
+            DType::F32,
+        )?;
+        std::fs::create_dir_all(out.join("scheduler"))?;
+        crate::io::write_json(
+            &out.join("scheduler").join("scheduler_config.json"),
+            &self.scheduler_json,
+        )?;
+        crate::io::write_json(&out.join("model_index.json"), &Recipe::model_index())
+    }
+
+    /// A loadable folder `out/unet-train/snapshots/step-NNNNNNN` with the model at this step
+    /// and copies of the autoencoder and tokenizer; built beside its name and renamed into
+    /// place, so a killed run leaves no half-written snapshot.
+    fn snapshot(&self, out: &Path, step: usize, values: &[Tensor]) -> Result<()> {
+        let root = out.join("unet-train").join("snapshots");
+        let dir = root.join(format!("step-{step:07}"));
+        let tmp = root.join(format!(".step-{step:07}.tmp"));
+        if tmp.exists() {
+            std::fs::remove_dir_all(&tmp)?;
+        }
+        self.write(&tmp, values)?;
+        for sub in ["vae", "tokenizer"] {
+            std::fs::create_dir_all(tmp.join(sub))?;
+            for entry in std::fs::read_dir(out.join(sub))? {
+                let entry = entry?;
+                if entry.file_type()?.is_file() {
+                    std::fs::copy(entry.path(), tmp.join(sub).join(entry.file_name()))?;
+                }
+            }
+        }
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir)?;
+        }
+        std::fs::rename(&tmp, &dir)?;
+        Ok(())
+    }
 }
 
 #[cfg(test)]
