@@ -51,7 +51,7 @@ fn parse_dtype(s: &str) -> Result<DType> {
     })
 }
 
-pub fn run(a: BenchArgs) -> Result<()> {
+pub fn run(a: BenchArgs, device: &Device) -> Result<()> {
     let archs = list(&a.arch, |s| Ok(Arch::parse(s)?))?;
     let parts = list(&a.parts, |s| Ok(Part::parse(s)?))?;
     let dtypes = list(&a.dtypes, parse_dtype)?;
@@ -65,9 +65,12 @@ pub fn run(a: BenchArgs) -> Result<()> {
     if a.runs == 0 {
         bail!("--runs must be at least 1");
     }
-    let device = Device::Cpu;
+    let device = device.clone();
     let threads = rayon_threads();
-    out!("threads: {threads}");
+    out!(
+        "device: {}, threads: {threads}",
+        ldm_pipeline::device::describe(&device)
+    );
     out!(
         "{:<5} {:<10} {:>5} {:<5} {:>11} {:>9} {:>9} {:>10}",
         "arch",

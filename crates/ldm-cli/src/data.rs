@@ -156,10 +156,10 @@ pub struct EvalShapes {
     lora: Vec<String>,
 }
 
-pub fn eval(cmd: EvalCommand) -> Result<()> {
+pub fn eval(cmd: EvalCommand, device: &candle_core::Device) -> Result<()> {
     let EvalCommand::Shapes(a) = cmd;
     if let Some(dir) = &a.autoencoder {
-        return eval_autoencoder(dir.as_deref(), a.scenes, a.size);
+        return eval_autoencoder(dir.as_deref(), a.scenes, a.size, device);
     }
     if let Some(dir) = &a.images {
         let pb = indicatif::ProgressBar::new(0);
@@ -189,7 +189,7 @@ pub fn eval(cmd: EvalCommand) -> Result<()> {
         bail!("--seeds and --steps must be at least 1");
     }
     let model = crate::generate::model_path(a.model.as_deref())?;
-    let device = candle_core::Device::Cpu;
+    let device = device.clone();
     let mut components = ldm_pipeline::Components::load(&model, candle_core::DType::F32, &device)
         .with_context(|| format!("loading {}", model.display()))?;
     crate::generate::apply_loras(&mut components, &a.lora)?;
@@ -284,7 +284,12 @@ fn print_report(report: &ldm_train::eval::EvalReport) -> Result<()> {
 }
 
 /// `ldm eval shapes --autoencoder [DIR]`.
-fn eval_autoencoder(dir: Option<&Path>, scenes: usize, size: usize) -> Result<()> {
+fn eval_autoencoder(
+    dir: Option<&Path>,
+    scenes: usize,
+    size: usize,
+    device: &candle_core::Device,
+) -> Result<()> {
     if scenes == 0 {
         bail!("--scenes must be at least 1");
     }
@@ -296,7 +301,7 @@ fn eval_autoencoder(dir: Option<&Path>, scenes: usize, size: usize) -> Result<()
         Some(d) => d.to_path_buf(),
         None => crate::embedded::path()?.join("vae"),
     };
-    let device = candle_core::Device::Cpu;
+    let device = device.clone();
     let vae = ldm_train::unet_trainer::load_vae(&dir, &device)
         .with_context(|| format!("loading the autoencoder in {}", dir.display()))?;
     let factor = vae.config.downsample_factor();

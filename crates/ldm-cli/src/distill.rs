@@ -189,9 +189,9 @@ fn check_out(out: &Path, state: &str) -> Result<()> {
     Ok(())
 }
 
-pub fn run(cmd: DistillCommand) -> Result<()> {
+pub fn run(cmd: DistillCommand, device: &Device) -> Result<()> {
     let started = Instant::now();
-    let device = Device::Cpu;
+    let device = device.clone();
     match cmd {
         DistillCommand::Guidance(a) => {
             let opts = guidance_options(&a)?;

@@ -119,7 +119,7 @@ pub fn model_path(given: Option<&Path>) -> Result<PathBuf> {
     }
 }
 
-pub fn run(a: GenerateArgs) -> Result<()> {
+pub fn run(a: GenerateArgs, device: &Device) -> Result<()> {
     let model = model_path(a.model.as_deref())?;
     let dtype = match a.dtype.as_str() {
         "f32" => DType::F32,
@@ -152,7 +152,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
             bail!("output folder {} does not exist", dir.display());
         }
     }
-    let device = Device::Cpu;
+    let device = device.clone();
     let components = if model.is_file() {
         let Some(config) = &a.config else {
             bail!(

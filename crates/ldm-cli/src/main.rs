@@ -4,6 +4,7 @@
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use ldm_models::model::ModelFolder;
+use ldm_pipeline::device::DeviceChoice;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -39,6 +40,10 @@ mod train;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Where to compute: cpu, cuda, cuda:N, or auto (the first GPU when this build has CUDA
+    /// and one is present, else the CPU).
+    #[arg(long, global = true, default_value = "auto")]
+    device: DeviceChoice,
 }
 
 #[derive(Subcommand)]
@@ -280,7 +285,13 @@ fn check_weights(folder: &ModelFolder) -> Result<()> {
     Ok(())
 }
 
+/// The device `--device` names (only commands that compute ask for it).
+pub(crate) fn device(choice: DeviceChoice) -> Result<candle_core::Device> {
+    Ok(ldm_pipeline::device::select(choice)?)
+}
+
 fn run(cli: Cli) -> Result<()> {
+    let dev = cli.device;
     match cli.command {
         Command::Info { model, check } => {
             if model
@@ -291,11 +302,11 @@ fn run(cli: Cli) -> Result<()> {
             }
             info(&generate::model_path(Some(&model))?, check)
         }
-        Command::Generate(args) => generate::run(*args),
-        Command::Serve(args) => serve::run(*args),
-        Command::Train(cmd) => train::run(cmd),
-        Command::Distill(cmd) => distill::run(cmd),
-        Command::Bench(args) => bench::run(args),
+        Command::Generate(args) => generate::run(*args, &device(dev)?),
+        Command::Serve(args) => serve::run(*args, device(dev)?),
+        Command::Train(cmd) => train::run(cmd, &device(dev)?),
+        Command::Distill(cmd) => distill::run(cmd, &device(dev)?),
+        Command::Bench(args) => bench::run(args, &device(dev)?),
         Command::Data(cmd) => data::run(cmd),
         Command::Convert { model, dtype, out } => {
             let dtype = match dtype.as_str() {
@@ -308,7 +319,7 @@ fn run(cli: Cli) -> Result<()> {
             out!("wrote {}", out.display());
             Ok(())
         }
-        Command::Eval(cmd) => data::eval(cmd),
+        Command::Eval(cmd) => data::eval(cmd, &device(dev)?),
     }
 }
 

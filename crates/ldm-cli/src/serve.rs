@@ -52,7 +52,7 @@ pub struct ServeArgs {
     keep_minutes: u64,
 }
 
-pub fn run(a: ServeArgs) -> Result<()> {
+pub fn run(a: ServeArgs, device: candle_core::Device) -> Result<()> {
     let model = crate::generate::model_path(a.model.as_deref())?;
     // An embedded model goes by its name, not by its cache folder's.
     let model_name = match a.model.as_deref() {
@@ -73,6 +73,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
         model_name,
         taesd: a.taesd,
         dtype,
+        device,
         host: a.host,
         port: a.port,
         api_auth: a.api_auth,

@@ -420,8 +420,8 @@ fn unet(r: &Recipe, o: &UnetOptions, out: &Path, device: &Device) -> Result<()> 
     Ok(())
 }
 
-pub fn run(cmd: TrainCommand) -> Result<()> {
-    let device = Device::Cpu;
+pub fn run(cmd: TrainCommand, device: &Device) -> Result<()> {
+    let device = device.clone();
     let started = Instant::now();
     match cmd {
         TrainCommand::Vae(a) => {

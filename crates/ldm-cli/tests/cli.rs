@@ -503,3 +503,69 @@ fn prompt_lora_tags_and_taesd() {
     );
     assert!(params.contains("(TAESD)"), "{params}");
 }
+
+/// `--device` on every computing command: `cpu` and `auto` compute (on this CPU-only build,
+/// on the CPU, giving the same picture), and `cuda` is refused with the way to a CUDA build —
+/// never a silent CPU run, never a panic.
+#[test]
+fn device_flag_on_every_command() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = fixtures().join("tiny").join("sd15");
+    let model = model.to_str().unwrap();
+    let mut pictures = Vec::new();
+    for device in ["cpu", "auto"] {
+        let out = dir.path().join(format!("{device}.png"));
+        let (ok, _, stderr) = ldm(&[
+            "generate",
+            "a red circle",
+            "--model",
+            model,
+            "--steps",
+            "2",
+            "--width",
+            "32",
+            "--height",
+            "32",
+            "--device",
+            device,
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        assert!(ok, "{device}: {stderr}");
+        pictures.push(std::fs::read(&out).unwrap());
+    }
+    assert_eq!(pictures[0], pictures[1]);
+    let out = dir.path().join("x");
+    let out = out.to_str().unwrap();
+    for args in [
+        vec!["--device", "cuda", "generate", "x", "--model", model],
+        vec!["generate", "x", "--model", model, "--device", "cuda:1"],
+        vec!["--device", "cuda", "train", "unet", "--out", out],
+        vec![
+            "--device",
+            "cuda",
+            "distill",
+            "guidance",
+            "--teacher",
+            model,
+            "--out",
+            out,
+        ],
+        vec!["--device", "cuda", "eval", "shapes", "--autoencoder"],
+        vec!["--device", "cuda", "bench", "--parts", "text"],
+        vec!["--device", "cuda", "serve", "--model", model],
+    ] {
+        let (ok, _, stderr) = ldm(&args);
+        assert!(!ok, "{args:?}");
+        assert!(
+            stderr.contains("built without CUDA") && stderr.contains("tools/cuda/build.sh"),
+            "{args:?}: {stderr}"
+        );
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+    }
+    let (ok, _, stderr) = ldm(&["--device", "tpu", "generate", "x"]);
+    assert!(
+        !ok && stderr.contains("cpu, cuda, cuda:N or auto"),
+        "{stderr}"
+    );
+}

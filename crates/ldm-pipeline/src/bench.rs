@@ -359,8 +359,13 @@ pub fn measure(
         }
         Ok(())
     };
-    for _ in 0..warmup {
+    // A GPU queues its work: the clock stops when the device has finished it.
+    let run_synced = || -> Result<()> {
         run_once()?;
+        Ok(device.synchronize()?)
+    };
+    for _ in 0..warmup {
+        run_synced()?;
     }
     reset_peak_rss();
     let mut runs_ms = Vec::with_capacity(runs);
@@ -368,7 +373,7 @@ pub fn measure(
     for _ in 0..runs.max(1) {
         ldm_models::flops::take();
         let start = Instant::now();
-        run_once()?;
+        run_synced()?;
         runs_ms.push(start.elapsed().as_secs_f64() * 1e3);
         flops = ldm_models::flops::take();
     }

@@ -4,6 +4,7 @@
 
 pub mod bench;
 pub mod components;
+pub mod device;
 pub mod error;
 pub mod extra_networks;
 pub mod generate;

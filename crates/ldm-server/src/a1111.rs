@@ -372,7 +372,7 @@ fn proc_kb(text: &str, key: &str) -> Option<u64> {
         .map(|kb| kb * 1024)
 }
 
-async fn memory() -> Json<Value> {
+async fn memory(State(state): State<Shared>) -> Json<Value> {
     let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     let total = proc_kb(&meminfo, "MemTotal:").unwrap_or(0);
@@ -380,8 +380,18 @@ async fn memory() -> Json<Value> {
     Json(json!({
         "ram": {"free": free, "used": total.saturating_sub(free), "total": total,
                 "process_resident": proc_kb(&status, "VmRSS:")},
-        "cuda": {"error": "no CUDA device in use"},
+        "cuda": cuda_memory(&state.model.components.device),
     }))
+}
+
+/// A1111's `cuda` entry: candle keeps no allocator statistics, so a GPU is named, not measured.
+fn cuda_memory(device: &candle_core::Device) -> Value {
+    if device.is_cuda() {
+        json!({"device": ldm_pipeline::device::describe(device),
+               "error": "CUDA memory statistics are not collected"})
+    } else {
+        json!({"error": "no CUDA device in use"})
+    }
 }
 
 /// Splits an infotext's settings line (`Steps: 20, Sampler: Euler a, …`, values with commas

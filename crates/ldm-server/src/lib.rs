@@ -30,7 +30,7 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::{Json, Router};
 use base64::Engine;
-use candle_core::DType;
+use candle_core::{DType, Device};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -45,6 +45,8 @@ pub struct ServerConfig {
     /// A TAESD folder whose decoder draws the live previews (else a fitted linear map).
     pub taesd: Option<PathBuf>,
     pub dtype: DType,
+    /// Where the model lives and computes.
+    pub device: Device,
     pub host: String,
     pub port: u16,
     /// `user:pass` for HTTP Basic, as A1111's `--api-auth`.
@@ -67,6 +69,7 @@ impl ServerConfig {
             model_name: None,
             taesd: None,
             dtype: DType::F32,
+            device: Device::Cpu,
             host: "127.0.0.1".into(),
             port: 7860,
             api_auth: None,
@@ -164,6 +167,7 @@ pub fn load(cfg: &ServerConfig) -> Result<Shared, Error> {
         cfg.model_name.clone(),
         cfg.taesd.as_deref(),
         cfg.dtype,
+        &cfg.device,
     )?);
     let queue = Arc::new(Queue::new(cfg.max_queue, cfg.keep));
     {

@@ -30,15 +30,16 @@ pub struct Model {
 }
 
 impl Model {
-    /// Loads a diffusers folder on the CPU and fits its latent preview (or loads the TAESD
+    /// Loads a diffusers folder on `device` and fits its latent preview (or loads the TAESD
     /// folder that draws them); `name` defaults to the folder's name.
     pub fn load(
         path: &Path,
         name: Option<String>,
         taesd: Option<&Path>,
         dtype: DType,
+        device: &Device,
     ) -> ldm_pipeline::Result<Self> {
-        let mut components = Components::load(path, dtype, &Device::Cpu)?;
+        let mut components = Components::load(path, dtype, device)?;
         // Checked against the model's latents by the pipeline, then kept for previews only:
         // final pictures come from the model's own autoencoder.
         let taesd = match taesd {

@@ -143,6 +143,9 @@ pub fn sharded_loss_and_grads(
     params: &[(String, Var)],
     shard_loss: impl Fn(Range<usize>) -> Result<Tensor> + Sync,
 ) -> Result<(Tensor, GradStore)> {
+    // On a GPU the whole batch is one pass: threads would only queue on its one stream.
+    let on_gpu = params.first().is_some_and(|(_, p)| !p.device().is_cpu());
+    let shards = if on_gpu { 1 } else { shards };
     let mut results = on_shards(&shard_ranges(b, shards), |r| {
         let loss = shard_loss(r)?;
         let grads = loss.backward()?;
