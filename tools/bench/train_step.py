@@ -15,7 +15,10 @@ same way (median of the steps after a warm-up). Also PyTorch under bf16 autocast
 a PyTorch user would reach for on a CPU with AVX512-BF16.
 
     python3 tools/bench/train_step.py [--steps 40] [--threads 2] [--markdown out.md]
-        [--vae-args "--vae-channels 32,64,128 --latent-channels 8"]
+        [--vae-args "--vae-channels 32,64,128 --latent-channels 8"] [--device cuda]
+
+With --device cuda both train on the GPU (`ldm --device cuda train …`; PyTorch's modules and
+batches on the GPU, its bf16 autocast on the GPU, each timed step ended by a synchronisation).
 
 Prints samples per second of each and the ratio ldm / PyTorch (above 1: ldm is faster).
 """
@@ -35,28 +38,33 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def torch_median(step, steps, warmup):
+    import torch
+
+    sync = torch.cuda.synchronize if torch.cuda.is_initialized() else (lambda: None)
     for _ in range(warmup):
         step()
+    sync()
     times = []
     for _ in range(steps):
         t = time.perf_counter()
         step()
+        sync()
         times.append(time.perf_counter() - t)
     return statistics.median(times)
 
 
-def unet_step_fn(torch, folder, batch, autocast):
+def unet_step_fn(torch, folder, batch, autocast, dev="cpu"):
     from diffusers import DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(0)
     text = CLIPTextModel(CLIPTextConfig.from_json_file(folder / "text_encoder" / "config.json"))
     unet = UNet2DConditionModel.from_config(json.loads((folder / "unet" / "config.json").read_text()))
-    text.train()
-    unet.train()
+    text.to(dev).train()
+    unet.to(dev).train()
     sched = DDPMScheduler.from_config(
         json.loads((folder / "scheduler" / "scheduler_config.json").read_text()))
-    abar = sched.alphas_cumprod.float()
+    abar = sched.alphas_cumprod.float().to(dev)
     params = [p for p in list(text.parameters()) + list(unet.parameters()) if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=5e-4, weight_decay=0.01, eps=1e-8)
     ema = [p.detach().clone() for p in params]
@@ -66,17 +74,17 @@ def unet_step_fn(torch, folder, batch, autocast):
     vocab = text.config.vocab_size
 
     def step():
-        ids = torch.randint(0, vocab, (batch, ctx_len))
-        x0 = torch.randn(batch, cfg.in_channels, side, side)
+        ids = torch.randint(0, vocab, (batch, ctx_len), device=dev)
+        x0 = torch.randn(batch, cfg.in_channels, side, side, device=dev)
         noise = torch.randn_like(x0)
-        t = torch.randint(0, 1000, (batch,))
+        t = torch.randint(0, 1000, (batch,), device=dev)
         a = abar[t].sqrt().view(-1, 1, 1, 1)
         s = (1 - abar[t]).sqrt().view(-1, 1, 1, 1)
         noisy = a * x0 + s * noise
         target = a * noise - s * x0
         snr = abar[t] / (1 - abar[t])
-        w = torch.clamp(torch.minimum(snr, torch.tensor(5.0)) / (snr + 1), min=0.1)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        w = torch.clamp(torch.minimum(snr, torch.tensor(5.0, device=dev)) / (snr + 1), min=0.1)
+        with torch.autocast(dev, dtype=torch.bfloat16, enabled=autocast):
             ctx = text(ids).last_hidden_state
             pred = unet(noisy, t, ctx).sample
         loss = (((pred.float() - target) ** 2).mean(dim=(1, 2, 3)) * w).mean()
@@ -90,19 +98,19 @@ def unet_step_fn(torch, folder, batch, autocast):
     return step
 
 
-def vae_step_fn(torch, folder, batch, crop, autocast):
+def vae_step_fn(torch, folder, batch, crop, autocast, dev="cpu"):
     from diffusers import AutoencoderKL
 
     torch.manual_seed(0)
     vae = AutoencoderKL.from_config(json.loads((folder / "vae" / "config.json").read_text()))
-    vae.train()
+    vae.to(dev).train()
     params = [p for p in vae.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=3e-3, weight_decay=0.01, eps=1e-8)
     side = crop or vae.config.sample_size
 
     def step():
-        x = torch.rand(batch, 3, side, side) * 2 - 1
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        x = torch.rand(batch, 3, side, side, device=dev) * 2 - 1
+        with torch.autocast(dev, dtype=torch.bfloat16, enabled=autocast):
             posterior = vae.encode(x).latent_dist
             recon = vae.decode(posterior.sample()).sample
         rec = (recon.float() - x).abs().mean()
@@ -128,6 +136,7 @@ def main():
     p.add_argument("--vae-args", default="", help="extra `ldm train vae` flags (architecture)")
     p.add_argument("--parts", default="unet,vae")
     p.add_argument("--no-bf16", action="store_true", help="skip PyTorch's bf16 autocast runs")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--markdown", default=None, help="also write the table here")
     args = p.parse_args()
 
@@ -143,32 +152,32 @@ def main():
             out = tmp / "unet"
             shutil.copytree(ROOT / "models" / "shapes" / "vae", out / "vae")
             b = args.unet_batch
-            cmd = [args.ldm, "train", "unet", "--out", str(out), "--steps", str(args.steps + 2),
+            cmd = [args.ldm, "--device", args.device, "train", "unet", "--out", str(out), "--steps", str(args.steps + 2),
                    "--batch", str(b), "--pool", "256", "--lr", "5e-4", "--prediction", "v_prediction",
                    "--timesteps", "lognormal:0.5,1.2", "--zero-terminal-snr", "--min-snr-gamma", "5",
                    "--snr-weight-floor", "0.1", "--ema-decay", "0.998", "--shards", str(args.threads),
                    "--checkpoint-every", "1000000"]
             t_ldm = subprocess_median(cmd, env)
-            t_pt = torch_median(unet_step_fn(torch, out, b, False), args.steps, args.warmup)
+            t_pt = torch_median(unet_step_fn(torch, out, b, False, args.device), args.steps, args.warmup)
             t_bf = None if args.no_bf16 else torch_median(
-                unet_step_fn(torch, out, b, True), args.steps, args.warmup)
+                unet_step_fn(torch, out, b, True, args.device), args.steps, args.warmup)
             rows.append(("text encoder + U-Net", b, t_ldm, t_pt, t_bf))
         if "vae" in parts:
             out = tmp / "vae"
             b = args.vae_batch
-            cmd = [args.ldm, "train", "vae", "--out", str(out), "--steps", str(args.steps + 2),
+            cmd = [args.ldm, "--device", args.device, "train", "vae", "--out", str(out), "--steps", str(args.steps + 2),
                    "--batch", str(b), "--crop", str(args.vae_crop), "--held-out", "16",
                    "--shards", str(args.threads), "--checkpoint-every", "1000000"] + args.vae_args.split()
             t_ldm = subprocess_median(cmd, env)
             crop = args.vae_crop or None
-            t_pt = torch_median(vae_step_fn(torch, out, b, crop, False), args.steps, args.warmup)
+            t_pt = torch_median(vae_step_fn(torch, out, b, crop, False, args.device), args.steps, args.warmup)
             t_bf = None if args.no_bf16 else torch_median(
-                vae_step_fn(torch, out, b, crop, True), args.steps, args.warmup)
+                vae_step_fn(torch, out, b, crop, True, args.device), args.steps, args.warmup)
             side = args.vae_crop or "whole"
             rows.append((f"autoencoder ({side} px)", b, t_ldm, t_pt, t_bf))
 
     lines = [
-        f"Training step, {args.threads} threads, median of {args.steps} steps "
+        f"Training step on {args.device}, {args.threads} threads, median of {args.steps} steps "
         f"(torch {torch.__version__}); samples/s, ratio = ldm / PyTorch",
         "",
         "| model | batch | ldm f32 | PyTorch f32 | ratio | PyTorch bf16 autocast | ldm f32 / PyTorch bf16 |",
