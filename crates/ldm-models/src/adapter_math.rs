@@ -3,7 +3,8 @@
 //! LoCon's Tucker `lora_mid`), LoHa's Hadamard product of two low-rank products (with its
 //! Tucker form), LoKr's Kronecker product (full or factored, with a Tucker `lokr_t2`), and a
 //! full `diff` (with `diff_b` for the bias). The file's α scales the update by α/rank, where
-//! the kind has a rank (LoKr with both factors full has none: scale 1).
+//! the kind has a rank (LoKr with both factors full has none: scale 1). DoRA (Liu et al. 2024)
+//! rescales any of them: [`Dora`].
 
 use crate::error::{Error, Result};
 use candle_core::Tensor;
@@ -252,5 +253,193 @@ impl Adapter {
             Adapter::Full { diff_b, .. } => diff_b.as_ref(),
             _ => None,
         }
+    }
+}
+
+/// The axis a DoRA magnitude scales: one value per output row (PEFT; LyCORIS since 2025) or
+/// per input channel (older LyCORIS and kohya files).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DoraAxis {
+    Output,
+    Input,
+}
+
+/// How a multiplier `s` other than 1 acts on a DoRA layer, as the tool each form comes from
+/// does it (the two agree at 1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DoraBlend {
+    /// PEFT/diffusers (`lora_magnitude_vector`): `s` scales the update inside the
+    /// decomposition, `W' = m·V/‖V‖` with `V = W + s·ΔW`.
+    Inside,
+    /// kohya/LyCORIS files in A1111 and ComfyUI (`dora_scale`): the decomposed weight is
+    /// blended in, `W + s·(m·V/‖V‖ − W)` with `V = W + ΔW`.
+    Blend,
+}
+
+/// DoRA's weight decomposition: the adapted weight `V = W + ΔW` is normalised along every axis
+/// but the magnitude's and rescaled by the learnt magnitude `m`, `W' = m·V/(‖V‖ + ε)` — PEFT's
+/// merge and LyCORIS's `apply_weight_decompose`. (ComfyUI divides by the norm of the original
+/// `W` on the output axis, which its own open fix calls a bug; with a small update the two
+/// differ little.)
+#[derive(Debug, Clone)]
+pub struct Dora {
+    /// Shaped to broadcast against the weight: `[out, 1, …]` or `[1, in, …]`.
+    magnitude: Tensor,
+    pub axis: DoraAxis,
+    pub blend: DoraBlend,
+}
+
+impl Dora {
+    /// From a file's magnitude for a weight of shape `weight`: PEFT's `lora_magnitude_vector`
+    /// (`peft`: `[out]`, or `[1, out, 1, 1]` for a convolution) or a kohya/LyCORIS
+    /// `dora_scale` (`[out, 1, …]` on the output axis, `[1, in, …]` on the input axis; a 1-D
+    /// one by its length, the output axis first).
+    pub fn new(m: &Tensor, weight: &[usize], peft: bool) -> Result<Self> {
+        let (out, inp) = match weight {
+            [o, i, ..] => (*o, *i),
+            _ => return Err(Error::Msg(format!("DoRA on a weight of shape {weight:?}"))),
+        };
+        let dims = m.dims();
+        let ones_after = |k: usize| dims.iter().skip(k).all(|&d| d == 1);
+        let axis = if peft {
+            (m.elem_count() == out
+                && (dims.len() == 1 || (dims.first() == Some(&1) && ones_after(2))))
+            .then_some(DoraAxis::Output)
+        } else if dims.len() == 1 {
+            if dims[0] == out {
+                Some(DoraAxis::Output)
+            } else if dims[0] == inp {
+                Some(DoraAxis::Input)
+            } else {
+                None
+            }
+        } else if dims[0] == out && ones_after(1) {
+            Some(DoraAxis::Output)
+        } else if dims[0] == 1 && dims.get(1) == Some(&inp) && ones_after(2) {
+            Some(DoraAxis::Input)
+        } else {
+            None
+        };
+        let Some(axis) = axis else {
+            return Err(Error::Msg(format!(
+                "a DoRA magnitude of shape {dims:?} fits neither axis of a weight of shape {weight:?}"
+            )));
+        };
+        let mut shape = vec![1; weight.len()];
+        match axis {
+            DoraAxis::Output => shape[0] = out,
+            DoraAxis::Input => shape[1] = inp,
+        }
+        Ok(Self {
+            magnitude: m.reshape(shape)?,
+            axis,
+            blend: if peft {
+                DoraBlend::Inside
+            } else {
+                DoraBlend::Blend
+            },
+        })
+    }
+
+    /// `m·V/(‖V‖ + ε)`, the norm over every axis but the magnitude's.
+    pub fn decompose(&self, v: &Tensor) -> Result<Tensor> {
+        let norm = match self.axis {
+            DoraAxis::Output => v.flatten_from(1)?.sqr()?.sum_keepdim(1)?.sqrt()?,
+            DoraAxis::Input => v
+                .transpose(0, 1)?
+                .flatten_from(1)?
+                .sqr()?
+                .sum_keepdim(1)?
+                .sqrt()?
+                .transpose(0, 1)?,
+        };
+        let norm = (norm.reshape(self.magnitude.dims())? + f32::EPSILON as f64)?;
+        Ok(v.broadcast_mul(&self.magnitude.broadcast_div(&norm)?)?)
+    }
+
+    /// The change this layer makes to the weight `w` as it stands, given its low-rank update
+    /// `delta` (α/rank applied) at multiplier `s`.
+    pub fn update(&self, w: &Tensor, delta: &Tensor, s: f64) -> Result<Tensor> {
+        Ok(match self.blend {
+            DoraBlend::Inside => (self.decompose(&(w + (delta * s)?)?)? - w)?,
+            DoraBlend::Blend => ((self.decompose(&(w + delta)?)? - w)? * s)?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    fn ones(shape: &[usize]) -> Tensor {
+        Tensor::ones(shape, candle_core::DType::F32, &Device::Cpu).unwrap()
+    }
+
+    /// Each shape files use finds its axis; one that fits neither is refused.
+    #[test]
+    fn dora_magnitudes_find_their_axis() {
+        let cases: [(&[usize], &[usize], bool, Option<DoraAxis>); 10] = [
+            (&[4], &[4, 3], true, Some(DoraAxis::Output)),
+            (&[1, 4, 1, 1], &[4, 3, 3, 3], true, Some(DoraAxis::Output)),
+            (&[3], &[4, 3], true, None),
+            (&[4, 1], &[4, 3], false, Some(DoraAxis::Output)),
+            (&[4, 1, 1, 1], &[4, 3, 3, 3], false, Some(DoraAxis::Output)),
+            (&[1, 3], &[4, 3], false, Some(DoraAxis::Input)),
+            (&[1, 3, 1, 1], &[4, 3, 3, 3], false, Some(DoraAxis::Input)),
+            (&[3], &[4, 3], false, Some(DoraAxis::Input)),
+            (&[4], &[4, 4], false, Some(DoraAxis::Output)),
+            (&[2, 2], &[4, 3], false, None),
+        ];
+        for (m, w, peft, want) in cases {
+            let got = Dora::new(&ones(m), w, peft).map(|d| d.axis);
+            match want {
+                Some(a) => assert_eq!(got.unwrap(), a, "{m:?} for {w:?}"),
+                None => assert!(
+                    got.unwrap_err().to_string().contains("fits neither axis"),
+                    "{m:?} for {w:?}"
+                ),
+            }
+        }
+    }
+
+    /// `W' = m·V/‖V‖` row by row (output axis) and column by column (input axis); PEFT's
+    /// multiplier acts inside the decomposition, kohya's blends the result in.
+    #[test]
+    fn dora_decomposes_and_blends() -> Result<()> {
+        let dev = Device::Cpu;
+        let w = Tensor::new(&[[3f32, 4.0], [0.0, 2.0]], &dev)?;
+        let d = Tensor::new(&[[0f32, 0.0], [1.0, 0.0]], &dev)?;
+        let m = Tensor::new(&[10f32, 1.0], &dev)?;
+        // Rows of V = W + ΔW: [3, 4] (norm 5) and [1, 2] (norm √5).
+        let out = Dora::new(&m.reshape((2, 1))?, &[2, 2], false)?;
+        let merged = (out.update(&w, &d, 1.0)? + &w)?.to_vec2::<f32>()?;
+        let r5 = 5f32.sqrt();
+        let want = [[6.0, 8.0], [1.0 / r5, 2.0 / r5]];
+        for (g, e) in merged.iter().flatten().zip(want.iter().flatten()) {
+            assert!((g - e).abs() < 1e-5, "{merged:?}");
+        }
+        // Columns of V: [3, 1] (norm √10) and [4, 2] (norm √20).
+        let inp = Dora::new(&m.reshape((1, 2))?, &[2, 2], false)?;
+        let merged = (inp.update(&w, &d, 1.0)? + &w)?.to_vec2::<f32>()?;
+        let (r10, r20) = (10f32.sqrt(), 20f32.sqrt());
+        let want = [[30.0 / r10, 4.0 / r20], [10.0 / r10, 2.0 / r20]];
+        for (g, e) in merged.iter().flatten().zip(want.iter().flatten()) {
+            assert!((g - e).abs() < 1e-4, "{merged:?}");
+        }
+        // At ×0.5: kohya blends halfway to W'; PEFT decomposes W + ½ΔW.
+        let blended = out.update(&w, &d, 0.5)?;
+        let full = out.update(&w, &d, 1.0)?;
+        let gap = (blended - (full * 0.5)?)?
+            .abs()?
+            .max_all()?
+            .to_scalar::<f32>()?;
+        assert!(gap < 1e-6);
+        let peft = Dora::new(&m, &[2, 2], true)?;
+        let inside = (peft.update(&w, &d, 0.5)? + &w)?;
+        let direct = peft.decompose(&(&w + (&d * 0.5)?)?)?;
+        let gap = (inside - direct)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(gap < 1e-6);
+        Ok(())
     }
 }

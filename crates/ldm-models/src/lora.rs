@@ -11,7 +11,7 @@
 //! `.alpha`) are read, for the U-Net and every text encoder; a file is applied whole or
 //! refused with the keys that map to nothing.
 
-use crate::adapter_math::Adapter;
+use crate::adapter_math::{Adapter, Dora};
 use crate::error::{Error, Result};
 use crate::weights::Checkpoint;
 use candle_core::{DType, Device, Tensor};
@@ -55,11 +55,12 @@ pub fn lora_delta(down: &Tensor, up: &Tensor, scale: f64, weight: &[usize]) -> R
     Ok((adapter.delta(weight)? * scale)?)
 }
 
-/// One adapted layer: its adapter and the file's α (none: α = rank).
+/// One adapted layer: its adapter, the file's α (none: α = rank) and DoRA's magnitude.
 #[derive(Debug, Clone)]
 pub struct LoraLayer {
     pub adapter: Adapter,
     pub alpha: Option<f64>,
+    pub dora: Option<Dora>,
 }
 
 impl LoraLayer {
@@ -148,7 +149,7 @@ const PREFIXES: [(&str, LoraTarget, bool); 7] = [
 ];
 
 /// kohya/LyCORIS tensor names after the module, as [`Adapter::from_parts`] reads them.
-const KOHYA_PARTS: [&str; 19] = [
+const KOHYA_PARTS: [&str; 20] = [
     "lora_down.weight",
     "lora_up.weight",
     "lora_mid.weight",
@@ -168,14 +169,17 @@ const KOHYA_PARTS: [&str; 19] = [
     "lokr_t2",
     "diff",
     "diff_b",
+    "dora_scale",
 ];
 
 /// diffusers/PEFT names and the kohya part each is: the current `lora_A`/`lora_B`, the older
 /// `….lora.down`, text encoders' `….lora_linear_layer.down` (what
 /// `convert_state_dict_to_diffusers` still writes for their attention) and the attention
 /// processors' `….processor.to_q_lora.down`.
-const PEFT_PARTS: [(&str, &str); 8] = [
+const PEFT_PARTS: [(&str, &str); 10] = [
     (".lora_A.weight", "lora_down.weight"),
+    (".lora_magnitude_vector", "lora_magnitude_vector"),
+    (".lora_magnitude_vector.weight", "lora_magnitude_vector"),
     (".lora_B.weight", "lora_up.weight"),
     (".lora.down.weight", "lora_down.weight"),
     (".lora.up.weight", "lora_up.weight"),
@@ -310,7 +314,8 @@ impl LoraFile {
             return Err(bad(format!(
                 "{} tensors in no LoRA naming this loader knows (unet./text_encoder./text_encoder_2. \
                  with lora_A/lora_B, or lora_unet_/lora_te_/lora_te1_/lora_te2_ with \
-                 lora_down/lora_up, LoHa's hada_*, LoKr's lokr_*, diff/diff_b and alpha): {}",
+                 lora_down/lora_up, LoHa's hada_*, LoKr's lokr_*, diff/diff_b, alpha, and DoRA's \
+                 dora_scale or lora_magnitude_vector): {}",
                 unknown.len(),
                 listing(&unknown)
             )));
@@ -333,6 +338,19 @@ impl LoraFile {
         }
         let mut layers: BTreeMap<LoraTarget, BTreeMap<String, LoraLayer>> = BTreeMap::new();
         for ((target, module), (mut tensors, alpha)) in parts {
+            let magnitude = match (
+                tensors.remove("lora_magnitude_vector"),
+                tensors.remove("dora_scale"),
+            ) {
+                (Some(m), None) => Some((m, true)),
+                (None, Some(m)) => Some((m, false)),
+                (None, None) => None,
+                (Some(_), Some(_)) => {
+                    return Err(bad(format!(
+                    "layer `{module}`: two DoRA magnitudes (lora_magnitude_vector and dora_scale)"
+                )))
+                }
+            };
             let Some(adapter) = Adapter::from_parts(&mut tensors) else {
                 return Err(bad(format!(
                     "layer `{module}`: its tensors ({}) make no complete adapter",
@@ -350,6 +368,10 @@ impl LoraFile {
             adapter
                 .delta(weight)
                 .map_err(|e| bad(format!("layer `{module}`: {e}")))?;
+            let dora = magnitude
+                .map(|(m, peft)| Dora::new(&m, weight, peft))
+                .transpose()
+                .map_err(|e| bad(format!("layer `{module}`: {e}")))?;
             if let Some(b) = adapter.bias_delta() {
                 let bias = net
                     .tensors()
@@ -362,10 +384,14 @@ impl LoraFile {
                     )));
                 }
             }
-            layers
-                .entry(target)
-                .or_default()
-                .insert(module, LoraLayer { adapter, alpha });
+            layers.entry(target).or_default().insert(
+                module,
+                LoraLayer {
+                    adapter,
+                    alpha,
+                    dora,
+                },
+            );
         }
         if layers.is_empty() {
             return Err(bad("no LoRA layers".into()));
@@ -385,21 +411,33 @@ impl LoraFile {
         let Some(layers) = self.layers.get(&target) else {
             return Ok(());
         };
-        let mut add = |key: String, d: Tensor| -> Result<()> {
+        fn add(patches: &mut BTreeMap<String, Tensor>, key: String, d: Tensor) -> Result<()> {
             let sum = match patches.remove(&key) {
                 Some(p) => (p + d)?,
                 None => d,
             };
             patches.insert(key, sum);
             Ok(())
-        };
+        }
         for (module, layer) in layers {
             let key = format!("{module}.weight");
             let shape = &net.tensors()[&key].shape;
-            let scale = multiplier * layer.scale();
-            add(key, (layer.adapter.delta(shape)? * scale)?)?;
+            let delta = layer.adapter.delta(shape)?;
+            match &layer.dora {
+                None => add(patches, key, (delta * (multiplier * layer.scale()))?)?,
+                // DoRA rescales the weight as it stands (the model's, plus the files merged
+                // before this one), as ComfyUI applies files one after another.
+                Some(dora) => {
+                    let mut w = net.load(&key, DType::F32, delta.device())?;
+                    if let Some(p) = patches.get(&key) {
+                        w = (w + p)?;
+                    }
+                    let d = dora.update(&w, &(delta * layer.scale())?, multiplier)?;
+                    add(patches, key, d)?;
+                }
+            }
             if let Some(b) = layer.adapter.bias_delta() {
-                add(format!("{module}.bias"), (b * multiplier)?)?;
+                add(patches, format!("{module}.bias"), (b * multiplier)?)?;
             }
         }
         Ok(())

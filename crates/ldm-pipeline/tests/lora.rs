@@ -223,3 +223,63 @@ fn kohya_names_in_the_original_layout_resolve() {
     let (mean, _) = compare(&ours, &expect("sd15_kohya"));
     assert!(mean <= 1.0, "{mean}");
 }
+
+/// DoRA (`tools/oracle/make_dora_fixtures.py`): peft's `use_dora` adapters on the tiny SD1.5
+/// U-Net (linear and convolution layers, magnitudes moved off their starting norms) give
+/// diffusers' picture; without their magnitudes the same factors do not. A kohya/LyCORIS file
+/// with magnitudes on the output and the input axis merges to the updates the script computes,
+/// at multiplier 1 and at 0.6 (blended, as A1111 and ComfyUI apply a multiplier).
+#[test]
+fn dora_matches_diffusers_and_its_formula() {
+    use ldm_models::lora::{LoraFile, LoraTarget};
+    let dev = Device::Cpu;
+    let dora = fixtures().join("dora");
+    let theirs = image::open(dora.join("sd15_peft_dora.png"))
+        .unwrap()
+        .to_rgb8();
+    let ours = render("sd15", &[("../dora/sd15_peft_dora.safetensors", 1.0)]).unwrap();
+    let (mean, over2) = compare(&ours, &theirs);
+    println!("peft DoRA: mean |Δ| {mean:.3}, {:.2} % > 2", over2 * 100.0);
+    assert!(mean <= 1.0 && over2 < 0.01, "{mean}");
+    // The same file without its magnitudes is plain LoRA: visibly another picture.
+    let tmp = tempfile::tempdir().unwrap();
+    let plain = tmp.path().join("plain.safetensors");
+    let tensors: std::collections::HashMap<String, candle_core::Tensor> =
+        candle_core::safetensors::load(dora.join("sd15_peft_dora.safetensors"), &dev)
+            .unwrap()
+            .into_iter()
+            .filter(|(k, _)| !k.contains("lora_magnitude_vector"))
+            .collect();
+    candle_core::safetensors::save(&tensors, &plain).unwrap();
+    let without = render("sd15", &[(plain.to_str().unwrap(), 1.0)]).unwrap();
+    let (apart, _) = compare(&without, &theirs);
+    println!("without the magnitudes: mean |Δ| {apart:.3}");
+    assert!(apart > 3.0, "{apart}");
+
+    let folder = ldm_models::model::ModelFolder::open(&fixtures().join("tiny/sd15")).unwrap();
+    let nets = folder.lora_targets().unwrap();
+    let lora = LoraFile::open(&dora.join("sd15_kohya_dora.safetensors"), &nets, &dev).unwrap();
+    for s in ["1.0", "0.6"] {
+        let mut patches = std::collections::BTreeMap::new();
+        let m: f64 = s.parse().unwrap();
+        lora.add_to(LoraTarget::Unet, &mut patches, m, &nets[&LoraTarget::Unet])
+            .unwrap();
+        let expected = candle_core::safetensors::load(
+            dora.join(format!("expected_kohya_{s}.safetensors")),
+            &dev,
+        )
+        .unwrap();
+        assert_eq!(patches.len(), expected.len());
+        for (key, want) in &expected {
+            let largest = |t: &candle_core::Tensor| -> f32 {
+                t.abs()
+                    .and_then(|a| a.max_all())
+                    .and_then(|m| m.to_scalar::<f32>())
+                    .unwrap()
+            };
+            let (err, scale) = (largest(&(&patches[key] - want).unwrap()), largest(want));
+            println!("kohya DoRA ×{s} {key}: max |Δ| {err:.1e} of {scale:.2}");
+            assert!(err <= 1e-5 * scale.max(1.0), "{key}: {err} of {scale}");
+        }
+    }
+}
