@@ -379,7 +379,9 @@ mod tests {
     /// Each shape files use finds its axis; one that fits neither is refused.
     #[test]
     fn dora_magnitudes_find_their_axis() {
-        let cases: [(&[usize], &[usize], bool, Option<DoraAxis>); 10] = [
+        // (magnitude's shape, weight's shape, PEFT's form, the axis or a refusal)
+        type Case<'a> = (&'a [usize], &'a [usize], bool, Option<DoraAxis>);
+        let cases: [Case; 10] = [
             (&[4], &[4, 3], true, Some(DoraAxis::Output)),
             (&[1, 4, 1, 1], &[4, 3, 3, 3], true, Some(DoraAxis::Output)),
             (&[3], &[4, 3], true, None),
