@@ -57,44 +57,51 @@ struct UpBlock {
     upsampler: Option<Upsample2D>,
 }
 
-/// diffusers' `UNet2DConditionModel`.
+/// The encoder half the U-Net and ControlNet share, at the same checkpoint keys: the timestep
+/// embedding with its added conditioning, `conv_in`, the down blocks and the mid block.
 #[derive(Debug, Clone)]
-pub struct UNet2DConditionModel {
+pub(crate) struct Encoder {
     time_embedding: TimestepEmbedding,
     add_embedding: Option<TimestepEmbedding>,
     text_embedding: Option<TextTimeEmbedding>,
-    conv_in: Conv2d,
+    pub(crate) conv_in: Conv2d,
     down_blocks: Vec<DownBlock>,
     mid_block: Stage,
-    up_blocks: Vec<UpBlock>,
-    conv_norm_out: GroupNorm,
-    conv_out: Conv2d,
-    pub config: UNetConfig,
 }
 
-impl UNet2DConditionModel {
-    /// Builds the U-Net; `vb` paths are the keys of `unet/diffusion_pytorch_model.safetensors`.
-    pub fn new(vb: VarBuilder, cfg: &UNetConfig) -> Result<Self> {
+fn resnet_cfg(cfg: &UNetConfig, i: usize, o: usize, scale: f64) -> ResnetConfig {
+    ResnetConfig {
+        in_channels: i,
+        out_channels: o,
+        temb_channels: Some(cfg.time_embed_dim),
+        groups: cfg.norm_num_groups,
+        eps: cfg.norm_eps,
+        output_scale_factor: scale,
+    }
+}
+
+fn transformer_cfg(
+    cfg: &UNetConfig,
+    channels: usize,
+    heads: usize,
+    depth: usize,
+    context_dim: usize,
+) -> TransformerConfig {
+    TransformerConfig {
+        channels,
+        heads,
+        depth,
+        context_dim,
+        groups: cfg.norm_num_groups,
+        use_linear_projection: cfg.use_linear_projection,
+    }
+}
+
+impl Encoder {
+    pub(crate) fn new(vb: &VarBuilder, cfg: &UNetConfig) -> Result<Self> {
         let ch = &cfg.block_out_channels;
         let n = ch.len();
         let temb = cfg.time_embed_dim;
-        let resnet_cfg = |i, o, scale| ResnetConfig {
-            in_channels: i,
-            out_channels: o,
-            temb_channels: Some(temb),
-            groups: cfg.norm_num_groups,
-            eps: cfg.norm_eps,
-            output_scale_factor: scale,
-        };
-        let transformer_cfg = |channels, heads, depth, context_dim| TransformerConfig {
-            channels,
-            heads,
-            depth,
-            context_dim,
-            groups: cfg.norm_num_groups,
-            use_linear_projection: cfg.use_linear_projection,
-        };
-
         let time_embedding = TimestepEmbedding::with_condition(
             vb.pp("time_embedding"),
             ch[0],
@@ -142,10 +149,11 @@ impl UNet2DConditionModel {
                 let cin = if j == 0 { in_ch } else { out_ch };
                 stage.resnets.push(ResnetBlock2D::new(
                     vb.pp("resnets").pp(j),
-                    resnet_cfg(cin, out_ch, 1.0),
+                    resnet_cfg(cfg, cin, out_ch, 1.0),
                 )?);
                 if cfg.down_blocks[i] == BlockKind::CrossAttn {
                     let tc = transformer_cfg(
+                        cfg,
                         out_ch,
                         cfg.num_attention_heads[i],
                         cfg.transformer_layers_per_block[i],
@@ -176,13 +184,14 @@ impl UNet2DConditionModel {
                 .map(|j| {
                     ResnetBlock2D::new(
                         mid_vb.pp("resnets").pp(j),
-                        resnet_cfg(last, last, cfg.mid_block_scale_factor),
+                        resnet_cfg(cfg, last, last, cfg.mid_block_scale_factor),
                     )
                 })
                 .collect::<Result<Vec<_>>>()?,
             attentions: vec![Transformer2DModel::new(
                 mid_vb.pp("attentions").pp(0),
                 transformer_cfg(
+                    cfg,
                     last,
                     cfg.num_attention_heads[n - 1],
                     cfg.transformer_layers_per_block[n - 1],
@@ -190,7 +199,142 @@ impl UNet2DConditionModel {
                 ),
             )?],
         };
+        Ok(Self {
+            time_embedding,
+            add_embedding,
+            text_embedding,
+            conv_in,
+            down_blocks,
+            mid_block,
+        })
+    }
 
+    /// The timestep embedding `[B, T]` with the added conditioning the config names, in
+    /// `dtype`.
+    pub(crate) fn embed(
+        &self,
+        cfg: &UNetConfig,
+        dtype: candle_core::DType,
+        timesteps: &Tensor,
+        context: &Tensor,
+        added: Option<&AddedCond>,
+        timestep_cond: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let t_emb = sinusoidal_embedding(
+            timesteps,
+            cfg.block_out_channels[0],
+            cfg.flip_sin_to_cos,
+            cfg.freq_shift,
+        )?;
+        let mut emb = self
+            .time_embedding
+            .forward_with(&t_emb.to_dtype(dtype)?, timestep_cond)?; // [B, T]
+        match (&self.add_embedding, cfg.text_time, added) {
+            (Some(add_embedding), Some(tt), Some(added)) => {
+                let b = added.text_embeds.dim(0)?;
+                let time = sinusoidal_embedding(
+                    &added.time_ids.flatten_all()?,
+                    tt.addition_time_embed_dim,
+                    cfg.flip_sin_to_cos,
+                    cfg.freq_shift,
+                )?
+                .reshape((b, ()))?; // [B, 6·D]
+                let add = Tensor::cat(
+                    &[added.text_embeds.to_dtype(dtype)?, time.to_dtype(dtype)?],
+                    1,
+                )?;
+                emb = (emb + add_embedding.forward(&add)?)?;
+            }
+            (None, None, None) => {}
+            (Some(_), _, None) => {
+                return Err(candle_core::Error::Msg(
+                    "this U-Net (SDXL text_time) needs the pooled text embedding and time ids"
+                        .into(),
+                ))
+            }
+            _ => {
+                return Err(candle_core::Error::Msg(
+                    "added conditioning was given to a U-Net that does not take it".into(),
+                ))
+            }
+        }
+        if let Some(text_embedding) = &self.text_embedding {
+            emb = (emb + text_embedding.forward(&context.to_dtype(dtype)?)?)?;
+        }
+        Ok(emb)
+    }
+
+    /// The down path and the mid block from `x` (after `conv_in`): the mid block's output and
+    /// every skip (`x` itself first), as diffusers' `down_block_res_samples`.
+    pub(crate) fn down_mid(
+        &self,
+        mut x: Tensor,
+        emb: &Tensor,
+        context: &Tensor,
+    ) -> Result<(Tensor, Vec<Tensor>)> {
+        let mut skips = vec![x.clone()];
+        for block in &self.down_blocks {
+            for i in 0..block.stage.resnets.len() {
+                x = block.stage.forward_layer(i, &x, emb, context)?;
+                skips.push(x.clone());
+            }
+            if let Some(down) = &block.downsampler {
+                x = down.forward(&x)?;
+                skips.push(x.clone());
+            }
+        }
+        x = self.mid_block.resnets[0].forward(&x, Some(emb))?;
+        x = self.mid_block.attentions[0].forward(&x, context)?;
+        x = self.mid_block.resnets[1].forward(&x, Some(emb))?;
+        Ok((x, skips))
+    }
+}
+
+/// What ControlNets add to a U-Net: one residual per skip connection and one for the mid
+/// block's output (diffusers' `down_block_additional_residuals`,
+/// `mid_block_additional_residual`).
+#[derive(Debug, Clone)]
+pub struct ControlResiduals {
+    pub down: Vec<Tensor>,
+    pub mid: Tensor,
+}
+
+impl ControlResiduals {
+    /// The sum of two ControlNets' residuals (diffusers' `MultiControlNetModel`).
+    pub fn add(&self, other: &Self) -> Result<Self> {
+        if self.down.len() != other.down.len() {
+            return Err(candle_core::Error::Msg(
+                "ControlNets with different numbers of residuals".into(),
+            ));
+        }
+        Ok(Self {
+            down: self
+                .down
+                .iter()
+                .zip(&other.down)
+                .map(|(a, b)| a + b)
+                .collect::<Result<_>>()?,
+            mid: (&self.mid + &other.mid)?,
+        })
+    }
+}
+
+/// diffusers' `UNet2DConditionModel`.
+#[derive(Debug, Clone)]
+pub struct UNet2DConditionModel {
+    encoder: Encoder,
+    up_blocks: Vec<UpBlock>,
+    conv_norm_out: GroupNorm,
+    conv_out: Conv2d,
+    pub config: UNetConfig,
+}
+
+impl UNet2DConditionModel {
+    /// Builds the U-Net; `vb` paths are the keys of `unet/diffusion_pytorch_model.safetensors`.
+    pub fn new(vb: VarBuilder, cfg: &UNetConfig) -> Result<Self> {
+        let encoder = Encoder::new(&vb, cfg)?;
+        let ch = &cfg.block_out_channels;
+        let n = ch.len();
         let rev_ch: Vec<usize> = ch.iter().rev().copied().collect();
         let rev_layers: Vec<usize> = cfg.layers_per_block.iter().rev().copied().collect();
         let rev_heads: Vec<usize> = cfg.num_attention_heads.iter().rev().copied().collect();
@@ -212,10 +356,11 @@ impl UNet2DConditionModel {
                 let cin = if j == 0 { prev_out } else { out_ch };
                 stage.resnets.push(ResnetBlock2D::new(
                     vb.pp("resnets").pp(j),
-                    resnet_cfg(cin + skip, out_ch, 1.0),
+                    resnet_cfg(cfg, cin + skip, out_ch, 1.0),
                 )?);
                 if cfg.up_blocks[i] == BlockKind::CrossAttn {
                     let tc = transformer_cfg(
+                        cfg,
                         out_ch,
                         rev_heads[i],
                         cfg.reverse_transformer_layers_per_block[i],
@@ -235,12 +380,7 @@ impl UNet2DConditionModel {
         }
 
         Ok(Self {
-            time_embedding,
-            add_embedding,
-            text_embedding,
-            conv_in,
-            down_blocks,
-            mid_block,
+            encoder,
             up_blocks,
             conv_norm_out: crate::layers::norm::group_norm(
                 cfg.norm_num_groups,
@@ -285,67 +425,44 @@ impl UNet2DConditionModel {
         added: Option<&AddedCond>,
         timestep_cond: Option<&Tensor>,
     ) -> Result<Tensor> {
+        self.forward_controlled(sample, timesteps, context, added, timestep_cond, None)
+    }
+
+    /// [`Self::forward_with`] with ControlNet residuals added to the skip connections and to
+    /// the mid block's output, as diffusers adds them.
+    pub fn forward_controlled(
+        &self,
+        sample: &Tensor,
+        timesteps: &Tensor,
+        context: &Tensor,
+        added: Option<&AddedCond>,
+        timestep_cond: Option<&Tensor>,
+        control: Option<&ControlResiduals>,
+    ) -> Result<Tensor> {
         let cfg = &self.config;
-        let dtype = sample.dtype();
-        let t_emb = sinusoidal_embedding(
+        let emb = self.encoder.embed(
+            cfg,
+            sample.dtype(),
             timesteps,
-            cfg.block_out_channels[0],
-            cfg.flip_sin_to_cos,
-            cfg.freq_shift,
+            context,
+            added,
+            timestep_cond,
         )?;
-        let mut emb = self
-            .time_embedding
-            .forward_with(&t_emb.to_dtype(dtype)?, timestep_cond)?; // [B, T]
-        match (&self.add_embedding, cfg.text_time, added) {
-            (Some(add_embedding), Some(tt), Some(added)) => {
-                let b = added.text_embeds.dim(0)?;
-                let time = sinusoidal_embedding(
-                    &added.time_ids.flatten_all()?,
-                    tt.addition_time_embed_dim,
-                    cfg.flip_sin_to_cos,
-                    cfg.freq_shift,
-                )?
-                .reshape((b, ()))?; // [B, 6·D]
-                let add = Tensor::cat(
-                    &[added.text_embeds.to_dtype(dtype)?, time.to_dtype(dtype)?],
-                    1,
-                )?;
-                emb = (emb + add_embedding.forward(&add)?)?;
+        let x = self.encoder.conv_in.forward(sample)?;
+        let (mut x, mut skips) = self.encoder.down_mid(x, &emb, context)?;
+        if let Some(c) = control {
+            if c.down.len() != skips.len() {
+                return Err(candle_core::Error::Msg(format!(
+                    "{} ControlNet residuals for a U-Net with {} skip connections",
+                    c.down.len(),
+                    skips.len()
+                )));
             }
-            (None, None, None) => {}
-            (Some(_), _, None) => {
-                return Err(candle_core::Error::Msg(
-                    "this U-Net (SDXL text_time) needs the pooled text embedding and time ids"
-                        .into(),
-                ))
+            for (s, r) in skips.iter_mut().zip(&c.down) {
+                *s = (&*s + r.to_dtype(s.dtype())?)?;
             }
-            _ => {
-                return Err(candle_core::Error::Msg(
-                    "added conditioning was given to a U-Net that does not take it".into(),
-                ))
-            }
+            x = (x + c.mid.to_dtype(sample.dtype())?)?;
         }
-
-        if let Some(text_embedding) = &self.text_embedding {
-            emb = (emb + text_embedding.forward(&context.to_dtype(dtype)?)?)?;
-        }
-
-        let mut x = self.conv_in.forward(sample)?;
-        let mut skips = vec![x.clone()];
-        for block in &self.down_blocks {
-            for i in 0..block.stage.resnets.len() {
-                x = block.stage.forward_layer(i, &x, &emb, context)?;
-                skips.push(x.clone());
-            }
-            if let Some(down) = &block.downsampler {
-                x = down.forward(&x)?;
-                skips.push(x.clone());
-            }
-        }
-
-        x = self.mid_block.resnets[0].forward(&x, Some(&emb))?;
-        x = self.mid_block.attentions[0].forward(&x, context)?;
-        x = self.mid_block.resnets[1].forward(&x, Some(&emb))?;
 
         for block in &self.up_blocks {
             for i in 0..block.stage.resnets.len() {
