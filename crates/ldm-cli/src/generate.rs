@@ -5,6 +5,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
 use indicatif::{ProgressBar, ProgressStyle};
 use ldm_models::lora::LoraSpec;
+use ldm_pipeline::control::ControlInput;
 use ldm_pipeline::extra_networks::{extract, find_lora, short_hash};
 use ldm_pipeline::generate::RngKind;
 use ldm_pipeline::image_io::{load_image, save_png};
@@ -119,6 +120,44 @@ pub fn model_path(given: Option<&Path>) -> Result<PathBuf> {
     }
 }
 
+/// The ControlNets of `--controlnet` loaded into `components`, with their images and weights.
+fn controls(
+    a: &GenerateArgs,
+    components: &mut Components,
+    width: usize,
+    height: usize,
+) -> Result<Vec<ControlInput>> {
+    let n = a.controlnet.len();
+    if a.control_image.len() != n {
+        bail!(
+            "{n} --controlnet and {} --control-image: give one image for each ControlNet",
+            a.control_image.len()
+        );
+    }
+    let scales = match a.control_scale.len() {
+        0 => vec![1.0; n],
+        1 => vec![a.control_scale[0]; n],
+        k if k == n => a.control_scale.clone(),
+        k => bail!("{k} --control-scale for {n} --controlnet: give one, or one for each"),
+    };
+    if n == 0 && a.guess_mode {
+        bail!("--guess-mode needs a --controlnet");
+    }
+    let mut out = Vec::with_capacity(n);
+    for ((path, image), scale) in a.controlnet.iter().zip(&a.control_image).zip(scales) {
+        let net = components
+            .add_controlnet(path)
+            .with_context(|| format!("loading the ControlNet {}", path.display()))?;
+        let image = ldm_pipeline::image_io::load_control(image, width, height, &components.device)?;
+        out.push(ControlInput {
+            start: a.control_start,
+            end: a.control_end,
+            ..ControlInput::new(net, image, scale)
+        });
+    }
+    Ok(out)
+}
+
 pub fn run(a: GenerateArgs, device: &Device) -> Result<()> {
     let model = model_path(a.model.as_deref())?;
     let dtype = match a.dtype.as_str() {
@@ -203,6 +242,7 @@ pub fn run(a: GenerateArgs, device: &Device) -> Result<()> {
     }
     let width = a.width.unwrap_or_else(|| components.default_size());
     let height = a.height.unwrap_or_else(|| components.default_size());
+    let control = controls(&a, &mut components, width, height)?;
     let (init_image, mask) = match (&a.init_image, &a.mask, &a.outpaint) {
         (None, Some(_), _) => bail!("--mask needs --init-image"),
         (None, None, Some(_)) => bail!("--outpaint needs --init-image"),
@@ -273,6 +313,8 @@ pub fn run(a: GenerateArgs, device: &Device) -> Result<()> {
             denoising_end: None,
             denoising_start: None,
             init_latents: None,
+            control: control.clone(),
+            guess_mode: a.guess_mode,
         };
         let plan = ldm_pipeline::generate::plan_for(&components, &req)?;
         let bar = ProgressBar::new((plan.sigmas.len() - 1) as u64);
@@ -341,6 +383,25 @@ pub fn run(a: GenerateArgs, device: &Device) -> Result<()> {
         }
         if let Some(name) = a.vae.as_ref().and_then(|v| v.file_name()) {
             text.push_str(&format!(", VAE: {}", name.to_string_lossy()));
+        }
+        // As sd-webui-controlnet records its units.
+        for (i, (unit, path)) in control.iter().zip(&a.controlnet).enumerate() {
+            let name = path
+                .file_stem()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            text.push_str(&format!(
+                ", ControlNet {i}: \"Module: none, Model: {name}, Weight: {}, Guidance Start: {}, \
+                 Guidance End: {}, Control Mode: {}\"",
+                unit.scale,
+                unit.start,
+                unit.end,
+                if a.guess_mode {
+                    "ControlNet is more important"
+                } else {
+                    "Balanced"
+                }
+            ));
         }
         if let Some(name) = a.taesd.as_ref().and_then(|v| v.file_name()) {
             text.push_str(&format!(", VAE: {} (TAESD)", name.to_string_lossy()));

@@ -125,6 +125,28 @@ struct GenerateArgs {
     /// repeated.
     #[arg(long)]
     embeddings: Vec<PathBuf>,
+    /// A ControlNet: a diffusers `ControlNetModel` folder or an original (lllyasviel)
+    /// `.safetensors` file; may be repeated (their residuals add), each with its own
+    /// --control-image.
+    #[arg(long)]
+    controlnet: Vec<PathBuf>,
+    /// The conditioning image of each --controlnet, in order (resized to the output size).
+    #[arg(long)]
+    control_image: Vec<PathBuf>,
+    /// Each ControlNet's weight (diffusers' `controlnet_conditioning_scale`): one for all, or
+    /// one per --controlnet [default: 1].
+    #[arg(long)]
+    control_scale: Vec<f64>,
+    /// The fraction of the schedule where the ControlNets start acting.
+    #[arg(long, default_value_t = 0.0)]
+    control_start: f64,
+    /// The fraction of the schedule where they stop.
+    #[arg(long, default_value_t = 1.0)]
+    control_end: f64,
+    /// ControlNet guess mode: the ControlNets see only the prompted half, their shallow
+    /// residuals weighted down (for ControlNets meant to work without a prompt).
+    #[arg(long)]
+    guess_mode: bool,
     /// Negative prompt.
     #[arg(long)]
     negative: Option<String>,

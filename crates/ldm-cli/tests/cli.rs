@@ -569,3 +569,97 @@ fn device_flag_on_every_command() {
         "{stderr}"
     );
 }
+
+/// `--controlnet` with `--control-image` reproduces diffusers' ControlNet picture (the folder
+/// and the original single file alike), records the unit in the PNG's parameters, and refuses
+/// mismatched flags clearly.
+#[test]
+fn controlnet_flags_end_to_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = fixtures();
+    let model = f.join("tiny/sd15");
+    let image = f.join("pipelines/inputs/gradient_circle_32x32.png");
+    let expected = image::open(f.join("controlnet/sd15_single.png"))
+        .unwrap()
+        .to_rgb8();
+    for (k, net) in [
+        "controlnet/sd15_a",
+        "controlnet/sd15_a_original.safetensors",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let out = dir.path().join(format!("{k}.png"));
+        let (ok, _, stderr) = ldm(&[
+            "generate",
+            "a red circle",
+            "--model",
+            model.to_str().unwrap(),
+            "--controlnet",
+            f.join(net).to_str().unwrap(),
+            "--control-image",
+            image.to_str().unwrap(),
+            "--steps",
+            "8",
+            "--seed",
+            "1",
+            "--width",
+            "32",
+            "--height",
+            "32",
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        assert!(ok, "{net}: {stderr}");
+        let ours = image::open(&out).unwrap().to_rgb8();
+        let diff: f64 = ours
+            .as_raw()
+            .iter()
+            .zip(expected.as_raw())
+            .map(|(&a, &b)| (a as f64 - b as f64).abs())
+            .sum::<f64>()
+            / ours.as_raw().len() as f64;
+        assert!(diff <= 1.0, "{net}: mean |Δ| {diff}");
+        let (ok, params, _) = ldm(&["info", out.to_str().unwrap()]);
+        assert!(
+            ok && params.contains("ControlNet 0: \"Module: none, Model: sd15_a"),
+            "{params}"
+        );
+    }
+    let net = f.join("controlnet/sd15_a");
+    for (extra, what) in [
+        (
+            vec!["--controlnet", net.to_str().unwrap()],
+            "--control-image",
+        ),
+        (
+            vec![
+                "--controlnet",
+                net.to_str().unwrap(),
+                "--control-image",
+                image.to_str().unwrap(),
+                "--control-scale",
+                "1",
+                "--control-scale",
+                "2",
+            ],
+            "--control-scale",
+        ),
+        (vec!["--guess-mode"], "--guess-mode needs"),
+        (
+            vec![
+                "--controlnet",
+                f.join("controlnet/sdxl_a").to_str().unwrap(),
+                "--control-image",
+                image.to_str().unwrap(),
+            ],
+            "another architecture",
+        ),
+    ] {
+        let mut args = vec!["generate", "x", "--model", model.to_str().unwrap()];
+        args.extend(extra);
+        let (ok, _, stderr) = ldm(&args);
+        assert!(!ok && stderr.contains(what), "{what}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{stderr}");
+    }
+}

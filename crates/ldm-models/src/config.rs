@@ -39,8 +39,17 @@ pub fn read_json_with_nulls<T: for<'de> Deserialize<'de>>(
     meaningful_nulls: &[&str],
 ) -> Result<T> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    let mut value: serde_json::Value =
+    let value: serde_json::Value =
         serde_json::from_str(&text).map_err(|e| Error::config(path, e.to_string()))?;
+    from_value_with_nulls(value, meaningful_nulls, path)
+}
+
+/// [`read_json_with_nulls`] of a JSON value already read (`path` names it in errors).
+pub fn from_value_with_nulls<T: for<'de> Deserialize<'de>>(
+    mut value: serde_json::Value,
+    meaningful_nulls: &[&str],
+    path: &Path,
+) -> Result<T> {
     if let Some(map) = value.as_object_mut() {
         map.retain(|k, v| !v.is_null() || meaningful_nulls.contains(&k.as_str()));
     }

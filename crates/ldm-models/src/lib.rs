@@ -6,6 +6,7 @@
 pub mod adapter_math;
 pub mod clip;
 pub mod config;
+pub mod controlnet;
 pub mod error;
 pub mod flops;
 pub mod layers;

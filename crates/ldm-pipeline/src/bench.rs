@@ -173,6 +173,7 @@ pub fn random_components(arch: Arch, dtype: DType, device: &Device) -> Result<Co
         device: device.clone(),
         unused: Vec::new(),
         taesd: None,
+        controlnets: Vec::new(),
     })
 }
 

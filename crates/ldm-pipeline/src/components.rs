@@ -27,6 +27,9 @@ pub struct Components {
     pub unused: Vec<(String, Vec<String>)>,
     /// A tiny autoencoder that replaces `vae` for encoding and decoding ([`Self::use_taesd`]).
     pub taesd: Option<ldm_models::vae::AutoencoderTiny>,
+    /// ControlNets a request may use, by position ([`Self::add_controlnet`];
+    /// [`crate::Request::control`]).
+    pub controlnets: Vec<ldm_models::controlnet::ControlNetModel>,
 }
 
 impl Components {
@@ -110,6 +113,7 @@ impl Components {
             device: device.clone(),
             unused,
             taesd: None,
+            controlnets: Vec::new(),
         })
     }
 
@@ -238,6 +242,46 @@ impl Components {
         }
         self.taesd = Some(tiny);
         Ok(())
+    }
+
+    /// Loads a ControlNet for requests to use — a diffusers `ControlNetModel` folder, or an
+    /// original (lllyasviel) single `.safetensors` file, whose encoder is then this U-Net's —
+    /// which must fit this model (the U-Net's skip connections, text width and added
+    /// conditioning). Returns its index.
+    pub fn add_controlnet(&mut self, dir: &Path) -> Result<usize> {
+        use ldm_models::controlnet::ControlNetModel;
+        let net = if dir.is_file() {
+            ControlNetModel::load_single_file(dir, &self.unet.config, self.dtype, &self.device)?
+        } else {
+            ControlNetModel::load(dir, self.dtype, &self.device)?
+        };
+        let (u, c) = (&self.unet.config, &net.config.unet);
+        let fits = u.block_out_channels == c.block_out_channels
+            && u.layers_per_block == c.layers_per_block
+            && u.cross_attention_dim == c.cross_attention_dim
+            && u.text_time.is_some() == c.text_time.is_some()
+            && c.in_channels == self.vae.config.latent_channels
+            && net.config.downsample_factor() == self.vae_scale_factor();
+        if !fits {
+            return Err(Error::InvalidRequest(format!(
+                "{}: a ControlNet for another architecture (its encoder is {:?} wide with {:?} \
+                 layers and {}-wide text, taking {}-channel latents of images {}× larger; this \
+                 model's U-Net is {:?}, {:?}, {}, {}, {}×)",
+                dir.display(),
+                c.block_out_channels,
+                c.layers_per_block,
+                c.cross_attention_dim[0],
+                c.in_channels,
+                net.config.downsample_factor(),
+                u.block_out_channels,
+                u.layers_per_block,
+                u.cross_attention_dim[0],
+                self.vae.config.latent_channels,
+                self.vae_scale_factor()
+            )));
+        }
+        self.controlnets.push(net);
+        Ok(self.controlnets.len() - 1)
     }
 
     /// A1111's "Model hash": the first 10 hex digits of the SHA-256 of the checkpoint file

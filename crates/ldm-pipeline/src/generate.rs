@@ -71,6 +71,12 @@ pub struct Request {
     pub denoising_start: Option<f64>,
     /// Latents in the scheduler's space to continue from (with `denoising_start`).
     pub init_latents: Option<Tensor>,
+    /// ControlNets to apply (of [`Components::controlnets`]), each with its image; several
+    /// add up.
+    pub control: Vec<crate::control::ControlInput>,
+    /// diffusers' `guess_mode`: the ControlNets see the conditional half only, their shallow
+    /// residuals weighted down.
+    pub guess_mode: bool,
 }
 
 impl Default for Request {
@@ -98,6 +104,8 @@ impl Default for Request {
             denoising_end: None,
             denoising_start: None,
             init_latents: None,
+            control: Vec::new(),
+            guess_mode: false,
         }
     }
 }
@@ -182,6 +190,30 @@ fn check_request(c: &Components, req: &Request) -> Result<()> {
             "batch size must be in [1, 64], got {}",
             req.batch_size
         ));
+    }
+    for (k, u) in req.control.iter().enumerate() {
+        if u.net >= c.controlnets.len() {
+            return bad(format!(
+                "ControlNet {} of {} loaded",
+                u.net,
+                c.controlnets.len()
+            ));
+        }
+        if u.image.dims() != [1, 3, req.height, req.width] {
+            return bad(format!(
+                "control image {k}: shape {:?}, expected [1, 3, {}, {}]",
+                u.image.dims(),
+                req.height,
+                req.width
+            ));
+        }
+        let window = (0.0..=1.0).contains(&u.start) && (0.0..=1.0).contains(&u.end);
+        if !u.scale.is_finite() || !window || u.start >= u.end {
+            return bad(format!(
+                "control {k}: scale {} must be finite and 0 ≤ start {} < end {} ≤ 1",
+                u.scale, u.start, u.end
+            ));
+        }
     }
     if !(req.guidance_scale.is_finite() && req.guidance_scale >= 0.0) {
         return bad(format!(
@@ -600,6 +632,19 @@ pub fn generate_with(
         guidance_rescale: req.guidance_rescale,
         dtype: c.compute_dtype(),
         extra_channels,
+        control: match req.control.is_empty() {
+            true => None,
+            false => Some(crate::control::ControlRun {
+                units: req
+                    .control
+                    .iter()
+                    .map(|u| (&c.controlnets[u.net], u))
+                    .collect(),
+                guess_mode: req.guess_mode,
+                evaluations: crate::control::count_evaluations(&plan, &x)?,
+                calls: std::sync::atomic::AtomicUsize::new(0),
+            }),
+        },
     };
     let last = plan.sigmas[plan.sigmas.len() - 1];
     let mut blend;

@@ -98,6 +98,27 @@ pub fn load_image(path: &Path, width: usize, height: usize, device: &Device) -> 
     image_to_tensor(img, width, height, device)
 }
 
+/// A ControlNet's conditioning image, resized (Lanczos) to `width × height` if it differs, as
+/// `[1, 3, H, W]` in [0, 1] (diffusers' `prepare_image`: no normalisation).
+pub fn control_to_tensor(
+    img: RgbImage,
+    width: usize,
+    height: usize,
+    device: &Device,
+) -> Result<Tensor> {
+    let img = fit(img, width, height);
+    let data: Vec<f32> = img.as_raw().iter().map(|&v| v as f32 / 255.0).collect();
+    Ok(Tensor::from_vec(data, (1, height, width, 3), device)?
+        .permute((0, 3, 1, 2))?
+        .contiguous()?)
+}
+
+/// Reads a conditioning image file as [`control_to_tensor`] takes it.
+pub fn load_control(path: &Path, width: usize, height: usize, device: &Device) -> Result<Tensor> {
+    let img = image::open(path).map_err(|e| image_err(path, e))?.to_rgb8();
+    control_to_tensor(img, width, height, device)
+}
+
 /// Reads a mask file as [`mask_to_tensor`] takes it.
 pub fn load_mask(path: &Path, width: usize, height: usize, device: &Device) -> Result<Tensor> {
     let img: GrayImage = image::open(path)

@@ -4,6 +4,7 @@
 
 pub mod bench;
 pub mod components;
+pub mod control;
 pub mod device;
 pub mod error;
 pub mod extra_networks;

@@ -30,6 +30,8 @@ pub struct UNetDenoiser<'a> {
     pub dtype: DType,
     /// 9-channel inpainting models: mask and masked-image latents appended to the input.
     pub extra_channels: Option<Tensor>,
+    /// ControlNets, whose residuals the U-Net adds.
+    pub control: Option<crate::control::ControlRun<'a>>,
 }
 
 impl UNetDenoiser<'_> {
@@ -42,6 +44,13 @@ impl Denoiser for UNetDenoiser<'_> {
     fn denoise(&self, x: &Tensor, sigma: f64) -> Result<Tensor> {
         let t = self.plan.timestep(sigma);
         let mut input = scale_input(x, sigma)?; // [B, C, h, w]
+        let control = match &self.control {
+            Some(run) => {
+                let ts = Tensor::full(t as f32, input.dim(0)?, input.device())?;
+                run.residuals(&input.to_dtype(self.dtype)?, &ts, &self.cond, self.guided())?
+            }
+            None => None,
+        };
         if let Some(extra) = &self.extra_channels {
             input = Tensor::cat(&[&input, extra], 1)?;
         }
@@ -54,12 +63,13 @@ impl Denoiser for UNetDenoiser<'_> {
         let timesteps = Tensor::full(t as f32, batch, input.device())?;
         let out = self
             .unet
-            .forward_with(
+            .forward_controlled(
                 &input.to_dtype(self.dtype)?,
                 &timesteps,
                 &self.cond.context,
                 self.cond.added.as_ref(),
                 self.cond.timestep_cond.as_ref(),
+                control.as_ref(),
             )?
             .to_dtype(DType::F32)?;
         let out = if self.guided() {

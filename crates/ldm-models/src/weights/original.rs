@@ -413,6 +413,67 @@ pub fn text_encoders(ckpt: &Checkpoint, family: OriginalFamily) -> Vec<(&'static
     }
 }
 
+/// Where an original (lllyasviel) ControlNet's tensors start: `control_model.` in the 1.0
+/// releases, nothing in 1.1's.
+pub fn controlnet_prefix(ckpt: &Checkpoint) -> &'static str {
+    if ckpt.tensors().contains_key("time_embed.0.weight") {
+        ""
+    } else {
+        "control_model."
+    }
+}
+
+/// The indices of an original ControlNet's `input_hint_block` convolutions, in order (SiLUs
+/// sit between them: 0, 2, 4, …, 14).
+pub fn controlnet_hint_convs(ckpt: &Checkpoint) -> Vec<usize> {
+    let prefix = format!("{}input_hint_block.", controlnet_prefix(ckpt));
+    let mut idx: Vec<usize> = ckpt
+        .tensors()
+        .keys()
+        .filter_map(|k| {
+            k.strip_prefix(&prefix)?
+                .strip_suffix(".weight")?
+                .parse()
+                .ok()
+        })
+        .collect();
+    idx.sort_unstable();
+    idx.dedup();
+    idx
+}
+
+/// An original ControlNet's tensors under diffusers' `ControlNetModel` names: its encoder in
+/// the LDM U-Net layout, `zero_convs.N.0` (the residuals' 1×1 convolutions), `middle_block_out.0`
+/// and `input_hint_block` (the first convolution the embedding's `conv_in`, the last its
+/// `conv_out`, those between its `blocks` in order).
+pub fn controlnet(ckpt: &Checkpoint, cfg: &UNetConfig) -> Checkpoint {
+    let hints = controlnet_hint_convs(ckpt);
+    select(ckpt, controlnet_prefix(ckpt), |k, e| {
+        let name = if let Some(rest) = k.strip_prefix("zero_convs.") {
+            split_index(rest).and_then(|(n, r)| {
+                r.strip_prefix("0.")
+                    .map(|r| format!("controlnet_down_blocks.{n}.{r}"))
+            })
+        } else if let Some(r) = k.strip_prefix("middle_block_out.0.") {
+            Some(format!("controlnet_mid_block.{r}"))
+        } else if let Some(rest) = k.strip_prefix("input_hint_block.") {
+            split_index(rest).and_then(|(i, r)| {
+                let pos = hints.iter().position(|&h| h == i)?;
+                Some(if pos == 0 {
+                    format!("controlnet_cond_embedding.conv_in.{r}")
+                } else if pos + 1 == hints.len() {
+                    format!("controlnet_cond_embedding.conv_out.{r}")
+                } else {
+                    format!("controlnet_cond_embedding.blocks.{}.{r}", pos - 1)
+                })
+            })
+        } else {
+            unet_key(k, cfg)
+        };
+        name.map(|n| (n, e.clone())).into_iter().collect()
+    })
+}
+
 #[cfg(test)]
 mod lora_name_tests {
     use super::flat_ldm_unet_module;
