@@ -5,7 +5,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
 use indicatif::{ProgressBar, ProgressStyle};
 use ldm_models::lora::LoraSpec;
-use ldm_pipeline::control::ControlInput;
+use ldm_pipeline::control::{AdapterInput, ControlInput};
 use ldm_pipeline::extra_networks::{extract, find_lora, short_hash};
 use ldm_pipeline::generate::RngKind;
 use ldm_pipeline::image_io::{load_image, save_png};
@@ -134,12 +134,7 @@ fn controls(
             a.control_image.len()
         );
     }
-    let scales = match a.control_scale.len() {
-        0 => vec![1.0; n],
-        1 => vec![a.control_scale[0]; n],
-        k if k == n => a.control_scale.clone(),
-        k => bail!("{k} --control-scale for {n} --controlnet: give one, or one for each"),
-    };
+    let scales = weights(&a.control_scale, n, "--control-scale", "--controlnet")?;
     if n == 0 && a.guess_mode {
         bail!("--guess-mode needs a --controlnet");
     }
@@ -154,6 +149,50 @@ fn controls(
             end: a.control_end,
             ..ControlInput::new(net, image, scale)
         });
+    }
+    Ok(out)
+}
+
+/// One weight for each of `n` conditioning models, from zero, one or `n` flags.
+fn weights(given: &[f64], n: usize, flag: &str, model: &str) -> Result<Vec<f64>> {
+    Ok(match given.len() {
+        0 => vec![1.0; n],
+        1 => vec![given[0]; n],
+        k if k == n => given.to_vec(),
+        k => bail!("{k} {flag} for {n} {model}: give one, or one for each"),
+    })
+}
+
+/// The T2I-Adapters of `--t2i-adapter` loaded into `components`, with their images and weights.
+fn adapters(
+    a: &GenerateArgs,
+    components: &mut Components,
+    width: usize,
+    height: usize,
+) -> Result<Vec<AdapterInput>> {
+    let n = a.t2i_adapter.len();
+    if a.adapter_image.len() != n {
+        bail!(
+            "{n} --t2i-adapter and {} --adapter-image: give one image for each adapter",
+            a.adapter_image.len()
+        );
+    }
+    if !(0.0..=1.0).contains(&a.adapter_factor) {
+        bail!("--adapter-factor must lie in [0, 1]");
+    }
+    let scales = weights(&a.adapter_scale, n, "--adapter-scale", "--t2i-adapter")?;
+    let mut out = Vec::with_capacity(n);
+    for ((path, image), scale) in a.t2i_adapter.iter().zip(&a.adapter_image).zip(scales) {
+        let net = components
+            .add_t2i_adapter(path)
+            .with_context(|| format!("loading the T2I-Adapter {}", path.display()))?;
+        let dev = &components.device;
+        let image = match components.adapters[net].config.in_channels {
+            1 => ldm_pipeline::image_io::load_control_gray(image, width, height, dev)?,
+            3 => ldm_pipeline::image_io::load_control(image, width, height, dev)?,
+            c => bail!("{}: an adapter for {c}-channel images", path.display()),
+        };
+        out.push(AdapterInput { net, image, scale });
     }
     Ok(out)
 }
@@ -243,6 +282,7 @@ pub fn run(a: GenerateArgs, device: &Device) -> Result<()> {
     let width = a.width.unwrap_or_else(|| components.default_size());
     let height = a.height.unwrap_or_else(|| components.default_size());
     let control = controls(&a, &mut components, width, height)?;
+    let adapter = adapters(&a, &mut components, width, height)?;
     let (init_image, mask) = match (&a.init_image, &a.mask, &a.outpaint) {
         (None, Some(_), _) => bail!("--mask needs --init-image"),
         (None, None, Some(_)) => bail!("--outpaint needs --init-image"),
@@ -315,6 +355,8 @@ pub fn run(a: GenerateArgs, device: &Device) -> Result<()> {
             init_latents: None,
             control: control.clone(),
             guess_mode: a.guess_mode,
+            adapter: adapter.clone(),
+            adapter_factor: a.adapter_factor,
         };
         let plan = ldm_pipeline::generate::plan_for(&components, &req)?;
         let bar = ProgressBar::new((plan.sigmas.len() - 1) as u64);
@@ -383,6 +425,16 @@ pub fn run(a: GenerateArgs, device: &Device) -> Result<()> {
         }
         if let Some(name) = a.vae.as_ref().and_then(|v| v.file_name()) {
             text.push_str(&format!(", VAE: {}", name.to_string_lossy()));
+        }
+        for (i, (unit, path)) in adapter.iter().zip(&a.t2i_adapter).enumerate() {
+            let name = path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            text.push_str(&format!(
+                ", T2I-Adapter {i}: \"Model: {name}, Weight: {}, Factor: {}\"",
+                unit.scale, a.adapter_factor
+            ));
         }
         // As sd-webui-controlnet records its units.
         for (i, (unit, path)) in control.iter().zip(&a.controlnet).enumerate() {

@@ -147,6 +147,20 @@ struct GenerateArgs {
     /// residuals weighted down (for ControlNets meant to work without a prompt).
     #[arg(long)]
     guess_mode: bool,
+    /// A T2I-Adapter (a diffusers `T2IAdapter` folder); may be repeated (their features add),
+    /// each with its own --adapter-image.
+    #[arg(long)]
+    t2i_adapter: Vec<PathBuf>,
+    /// The conditioning image of each --t2i-adapter, in order (resized to the output size).
+    #[arg(long)]
+    adapter_image: Vec<PathBuf>,
+    /// Each adapter's weight (diffusers' `adapter_conditioning_scale`): one for all, or one per
+    /// --t2i-adapter [default: 1].
+    #[arg(long)]
+    adapter_scale: Vec<f64>,
+    /// The fraction of the steps, from the first, the adapters act in.
+    #[arg(long, default_value_t = 1.0)]
+    adapter_factor: f64,
     /// Negative prompt.
     #[arg(long)]
     negative: Option<String>,

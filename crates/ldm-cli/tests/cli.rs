@@ -663,3 +663,67 @@ fn controlnet_flags_end_to_end() {
         assert!(!stderr.contains("panicked"), "{stderr}");
     }
 }
+
+/// `--t2i-adapter` with `--adapter-image` reproduces diffusers' adapter picture, is recorded in
+/// the PNG, and mismatched flags are refused clearly.
+#[test]
+fn t2i_adapter_flags_end_to_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = fixtures();
+    let model = f.join("tiny/sd15");
+    let image = f.join("pipelines/inputs/gradient_circle_32x32.png");
+    let adapter = f.join("t2i_adapter/sd15_full");
+    let out = dir.path().join("a.png");
+    let (ok, _, stderr) = ldm(&[
+        "generate",
+        "a red circle",
+        "--model",
+        model.to_str().unwrap(),
+        "--t2i-adapter",
+        adapter.to_str().unwrap(),
+        "--adapter-image",
+        image.to_str().unwrap(),
+        "--adapter-scale",
+        "0.6",
+        "--steps",
+        "8",
+        "--seed",
+        "1",
+        "--width",
+        "32",
+        "--height",
+        "32",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(ok, "{stderr}");
+    let ours = image::open(&out).unwrap().to_rgb8();
+    let theirs = image::open(f.join("t2i_adapter/sd15_full_half.png"))
+        .unwrap()
+        .to_rgb8();
+    let diff: f64 = ours
+        .as_raw()
+        .iter()
+        .zip(theirs.as_raw())
+        .map(|(&a, &b)| (a as f64 - b as f64).abs())
+        .sum::<f64>()
+        / ours.as_raw().len() as f64;
+    assert!(diff <= 1.0, "mean |Δ| {diff}");
+    let (_, params, _) = ldm(&["info", out.to_str().unwrap()]);
+    assert!(
+        params.contains("T2I-Adapter 0: \"Model: sd15_full, Weight: 0.6"),
+        "{params}"
+    );
+    for (extra, what) in [
+        (
+            vec!["--t2i-adapter", adapter.to_str().unwrap()],
+            "--adapter-image",
+        ),
+        (vec!["--adapter-factor", "2"], "--adapter-factor"),
+    ] {
+        let mut args = vec!["generate", "x", "--model", model.to_str().unwrap()];
+        args.extend(extra);
+        let (ok, _, stderr) = ldm(&args);
+        assert!(!ok && stderr.contains(what), "{what}: {stderr}");
+    }
+}

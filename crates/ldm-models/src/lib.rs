@@ -12,6 +12,7 @@ pub mod flops;
 pub mod layers;
 pub mod lora;
 pub mod model;
+pub mod t2i_adapter;
 pub mod unet;
 pub mod vae;
 pub mod weights;

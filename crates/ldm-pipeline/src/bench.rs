@@ -174,6 +174,7 @@ pub fn random_components(arch: Arch, dtype: DType, device: &Device) -> Result<Co
         unused: Vec::new(),
         taesd: None,
         controlnets: Vec::new(),
+        adapters: Vec::new(),
     })
 }
 

@@ -30,6 +30,8 @@ pub struct Components {
     /// ControlNets a request may use, by position ([`Self::add_controlnet`];
     /// [`crate::Request::control`]).
     pub controlnets: Vec<ldm_models::controlnet::ControlNetModel>,
+    /// T2I-Adapters a request may use, by position ([`Self::add_t2i_adapter`]).
+    pub adapters: Vec<ldm_models::t2i_adapter::T2IAdapter>,
 }
 
 impl Components {
@@ -114,6 +116,7 @@ impl Components {
             unused,
             taesd: None,
             controlnets: Vec::new(),
+            adapters: Vec::new(),
         })
     }
 
@@ -282,6 +285,41 @@ impl Components {
         }
         self.controlnets.push(net);
         Ok(self.controlnets.len() - 1)
+    }
+
+    /// Loads a diffusers `T2IAdapter` folder for requests to use; its features must fit this
+    /// U-Net's down blocks (widths, and a first feature map the latents' size). Returns its
+    /// index.
+    pub fn add_t2i_adapter(&mut self, dir: &Path) -> Result<usize> {
+        use ldm_models::t2i_adapter::T2IAdapter;
+        let a = T2IAdapter::load(dir, self.dtype, &self.device)?;
+        let u = &self.unet.config;
+        // Feature i joins down block i (a plain first block after its downsampler, which is why
+        // SDXL's adapter starts at twice the latents' factor); one more joins the mid block.
+        let n = u.block_out_channels.len();
+        let plain_first = u.down_blocks[0] == ldm_models::unet::BlockKind::Plain && n > 1;
+        let first = self.vae_scale_factor() * if plain_first { 2 } else { 1 };
+        let widths_fit = a.config.channels.len() <= n + 1
+            && a.config
+                .channels
+                .iter()
+                .enumerate()
+                .all(|(i, &c)| c == u.block_out_channels[i.min(n - 1)]);
+        if a.config.downscale_factor != first || !widths_fit {
+            return Err(Error::InvalidRequest(format!(
+                "{}: a T2I-Adapter for another architecture ({} features of widths {:?}, the \
+                 first {}× smaller than the image; this model's U-Net needs widths {:?}, the \
+                 first {}× smaller)",
+                dir.display(),
+                a.config.channels.len(),
+                a.config.channels,
+                a.config.downscale_factor,
+                u.block_out_channels,
+                first
+            )));
+        }
+        self.adapters.push(a);
+        Ok(self.adapters.len() - 1)
     }
 
     /// A1111's "Model hash": the first 10 hex digits of the SHA-256 of the checkpoint file

@@ -205,3 +205,77 @@ mod tests {
         assert!((0..7).all(|i| whole.keeps(i, 7)));
     }
 }
+
+/// One T2I-Adapter of a request.
+#[derive(Debug, Clone)]
+pub struct AdapterInput {
+    /// Which of [`crate::Components::adapters`].
+    pub net: usize,
+    /// The conditioning image `[1, C, H, W]` in [0, 1] at the request's size, `C` the
+    /// adapter's `in_channels`.
+    pub image: Tensor,
+    /// diffusers' `adapter_conditioning_scale` (several adapters: their features add, each
+    /// at its scale, as `MultiAdapter` sums them).
+    pub scale: f64,
+}
+
+/// The T2I-Adapter features of one generation: computed once, batched as the U-Net's input,
+/// and handed to the first `active` evaluations (diffusers' `adapter_conditioning_factor`:
+/// evaluation `i` takes them while `i < ⌊steps · factor⌋`).
+pub struct AdapterRun {
+    pub features: Vec<Tensor>,
+    pub active: usize,
+    pub calls: AtomicUsize,
+}
+
+impl AdapterRun {
+    /// The summed, scaled features of `inputs` for `rows` images (twice that with guidance).
+    pub fn new(
+        adapters: &[ldm_models::t2i_adapter::T2IAdapter],
+        inputs: &[AdapterInput],
+        rows: usize,
+        guided: bool,
+        dtype: candle_core::DType,
+        active: usize,
+    ) -> Result<Self> {
+        let mut sum: Option<Vec<Tensor>> = None;
+        for input in inputs {
+            let f = adapters[input.net].forward(&input.image.to_dtype(dtype)?)?;
+            let f = f
+                .into_iter()
+                .map(|t| t * input.scale)
+                .collect::<Result<Vec<_>>>()?;
+            sum = Some(match sum {
+                None => f,
+                Some(s) => {
+                    if s.len() != f.len() {
+                        return Err(candle_core::Error::Msg(
+                            "T2I-Adapters with different numbers of features".into(),
+                        ));
+                    }
+                    s.iter()
+                        .zip(&f)
+                        .map(|(a, b)| a + b)
+                        .collect::<Result<_>>()?
+                }
+            });
+        }
+        let n = if guided { 2 * rows } else { rows };
+        let features = sum
+            .unwrap_or_default()
+            .iter()
+            .map(|t| t.repeat((n, 1, 1, 1)))
+            .collect::<Result<_>>()?;
+        Ok(Self {
+            features,
+            active,
+            calls: AtomicUsize::new(0),
+        })
+    }
+
+    /// The features for the next evaluation, while they act.
+    pub fn next(&self) -> Option<&[Tensor]> {
+        let i = self.calls.fetch_add(1, Ordering::Relaxed);
+        (i < self.active).then_some(self.features.as_slice())
+    }
+}

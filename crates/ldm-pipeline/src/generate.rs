@@ -77,6 +77,11 @@ pub struct Request {
     /// diffusers' `guess_mode`: the ControlNets see the conditional half only, their shallow
     /// residuals weighted down.
     pub guess_mode: bool,
+    /// T2I-Adapters to apply (of [`Components::adapters`]), each with its image.
+    pub adapter: Vec<crate::control::AdapterInput>,
+    /// diffusers' `adapter_conditioning_factor`: the fraction of the steps the adapters act in
+    /// (from the first).
+    pub adapter_factor: f64,
 }
 
 impl Default for Request {
@@ -106,6 +111,8 @@ impl Default for Request {
             init_latents: None,
             control: Vec::new(),
             guess_mode: false,
+            adapter: Vec::new(),
+            adapter_factor: 1.0,
         }
     }
 }
@@ -644,6 +651,17 @@ pub fn generate_with(
                 evaluations: crate::control::count_evaluations(&plan, &x)?,
                 calls: std::sync::atomic::AtomicUsize::new(0),
             }),
+        },
+        adapter: match req.adapter.is_empty() {
+            true => None,
+            false => Some(crate::control::AdapterRun::new(
+                &c.adapters,
+                &req.adapter,
+                x.dim(0)?,
+                c.classifier_free(req.guidance_scale),
+                c.compute_dtype(),
+                (req.steps as f64 * req.adapter_factor).floor() as usize,
+            )?),
         },
     };
     let last = plan.sigmas[plan.sigmas.len() - 1];

@@ -119,6 +119,24 @@ pub fn load_control(path: &Path, width: usize, height: usize, device: &Device) -
     control_to_tensor(img, width, height, device)
 }
 
+/// A one-channel conditioning image (sketch T2I-Adapters), `[1, 1, H, W]` in [0, 1].
+pub fn load_control_gray(
+    path: &Path,
+    width: usize,
+    height: usize,
+    device: &Device,
+) -> Result<Tensor> {
+    let img = fit(
+        image::open(path)
+            .map_err(|e| image_err(path, e))?
+            .to_luma8(),
+        width,
+        height,
+    );
+    let data: Vec<f32> = img.as_raw().iter().map(|&v| v as f32 / 255.0).collect();
+    Ok(Tensor::from_vec(data, (1, 1, height, width), device)?)
+}
+
 /// Reads a mask file as [`mask_to_tensor`] takes it.
 pub fn load_mask(path: &Path, width: usize, height: usize, device: &Device) -> Result<Tensor> {
     let img: GrayImage = image::open(path)

@@ -3,7 +3,7 @@
 //! batch, apply classifier-free guidance to the outputs, and precondition to a denoised estimate.
 
 use candle_core::{DType, Result, Tensor};
-use ldm_models::unet::{AddedCond, UNet2DConditionModel};
+use ldm_models::unet::{AddedCond, UNet2DConditionModel, UNetExtras};
 use ldm_sampling::denoiser::scale_input;
 use ldm_sampling::guidance::guide;
 use ldm_sampling::scheduler_config::Plan;
@@ -32,6 +32,8 @@ pub struct UNetDenoiser<'a> {
     pub extra_channels: Option<Tensor>,
     /// ControlNets, whose residuals the U-Net adds.
     pub control: Option<crate::control::ControlRun<'a>>,
+    /// T2I-Adapter features, which the U-Net adds in its down path.
+    pub adapter: Option<crate::control::AdapterRun>,
 }
 
 impl UNetDenoiser<'_> {
@@ -51,6 +53,7 @@ impl Denoiser for UNetDenoiser<'_> {
             }
             None => None,
         };
+        let adapter = self.adapter.as_ref().and_then(|a| a.next());
         if let Some(extra) = &self.extra_channels {
             input = Tensor::cat(&[&input, extra], 1)?;
         }
@@ -63,13 +66,16 @@ impl Denoiser for UNetDenoiser<'_> {
         let timesteps = Tensor::full(t as f32, batch, input.device())?;
         let out = self
             .unet
-            .forward_controlled(
+            .forward_extra(
                 &input.to_dtype(self.dtype)?,
                 &timesteps,
                 &self.cond.context,
                 self.cond.added.as_ref(),
-                self.cond.timestep_cond.as_ref(),
-                control.as_ref(),
+                &UNetExtras {
+                    timestep_cond: self.cond.timestep_cond.as_ref(),
+                    control: control.as_ref(),
+                    adapter,
+                },
             )?
             .to_dtype(DType::F32)?;
         let out = if self.guided() {

@@ -265,27 +265,51 @@ impl Encoder {
     }
 
     /// The down path and the mid block from `x` (after `conv_in`): the mid block's output and
-    /// every skip (`x` itself first), as diffusers' `down_block_res_samples`.
+    /// every skip (`x` itself first), as diffusers' `down_block_res_samples`. T2I-Adapter
+    /// features (`adapter`, one per down block, then perhaps one for the mid block) are added
+    /// where diffusers adds its `down_intrablock_additional_residuals`: after a cross-attention
+    /// block's last layer (before it is kept as a skip), after a plain block whole (its last
+    /// skip included: diffusers adds in place), and after the mid block when the shapes agree.
     pub(crate) fn down_mid(
         &self,
         mut x: Tensor,
         emb: &Tensor,
         context: &Tensor,
+        adapter: Option<&[Tensor]>,
     ) -> Result<(Tensor, Vec<Tensor>)> {
+        let mut features = adapter.unwrap_or_default().iter().peekable();
         let mut skips = vec![x.clone()];
         for block in &self.down_blocks {
-            for i in 0..block.stage.resnets.len() {
+            let cross = !block.stage.attentions.is_empty();
+            let layers = block.stage.resnets.len();
+            for i in 0..layers {
                 x = block.stage.forward_layer(i, &x, emb, context)?;
+                if cross && i + 1 == layers {
+                    if let Some(f) = features.next() {
+                        x = (x + f.to_dtype(emb.dtype())?)?;
+                    }
+                }
                 skips.push(x.clone());
             }
             if let Some(down) = &block.downsampler {
                 x = down.forward(&x)?;
                 skips.push(x.clone());
             }
+            if !cross {
+                if let Some(f) = features.next() {
+                    x = (x + f.to_dtype(emb.dtype())?)?;
+                    if let Some(last) = skips.last_mut() {
+                        *last = x.clone();
+                    }
+                }
+            }
         }
         x = self.mid_block.resnets[0].forward(&x, Some(emb))?;
         x = self.mid_block.attentions[0].forward(&x, context)?;
         x = self.mid_block.resnets[1].forward(&x, Some(emb))?;
+        if let Some(f) = features.peek().filter(|f| f.dims() == x.dims()) {
+            x = (x + f.to_dtype(emb.dtype())?)?;
+        }
         Ok((x, skips))
     }
 }
@@ -317,6 +341,18 @@ impl ControlResiduals {
             mid: (&self.mid + &other.mid)?,
         })
     }
+}
+
+/// What a U-Net evaluation may take beyond its sample, timestep and text.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct UNetExtras<'a> {
+    /// diffusers' `timestep_cond`: the guidance embedding of a U-Net with
+    /// `time_cond_proj_dim`.
+    pub timestep_cond: Option<&'a Tensor>,
+    /// ControlNet residuals.
+    pub control: Option<&'a ControlResiduals>,
+    /// T2I-Adapter features (`down_intrablock_additional_residuals`).
+    pub adapter: Option<&'a [Tensor]>,
 }
 
 /// diffusers' `UNet2DConditionModel`.
@@ -425,19 +461,23 @@ impl UNet2DConditionModel {
         added: Option<&AddedCond>,
         timestep_cond: Option<&Tensor>,
     ) -> Result<Tensor> {
-        self.forward_controlled(sample, timesteps, context, added, timestep_cond, None)
+        let extras = UNetExtras {
+            timestep_cond,
+            ..UNetExtras::default()
+        };
+        self.forward_extra(sample, timesteps, context, added, &extras)
     }
 
     /// [`Self::forward_with`] with ControlNet residuals added to the skip connections and to
-    /// the mid block's output, as diffusers adds them.
-    pub fn forward_controlled(
+    /// the mid block's output, and T2I-Adapter features inside the down path, as diffusers
+    /// adds them.
+    pub fn forward_extra(
         &self,
         sample: &Tensor,
         timesteps: &Tensor,
         context: &Tensor,
         added: Option<&AddedCond>,
-        timestep_cond: Option<&Tensor>,
-        control: Option<&ControlResiduals>,
+        extras: &UNetExtras,
     ) -> Result<Tensor> {
         let cfg = &self.config;
         let emb = self.encoder.embed(
@@ -446,11 +486,11 @@ impl UNet2DConditionModel {
             timesteps,
             context,
             added,
-            timestep_cond,
+            extras.timestep_cond,
         )?;
         let x = self.encoder.conv_in.forward(sample)?;
-        let (mut x, mut skips) = self.encoder.down_mid(x, &emb, context)?;
-        if let Some(c) = control {
+        let (mut x, mut skips) = self.encoder.down_mid(x, &emb, context, extras.adapter)?;
+        if let Some(c) = extras.control {
             if c.down.len() != skips.len() {
                 return Err(candle_core::Error::Msg(format!(
                     "{} ControlNet residuals for a U-Net with {} skip connections",
