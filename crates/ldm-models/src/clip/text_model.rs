@@ -11,6 +11,30 @@ use crate::layers::{gelu, quick_gelu};
 use candle_core::{DType, Result, Tensor};
 use candle_nn::{Embedding, Module, VarBuilder};
 
+/// The widths of a CLIP transformer's layers, shared by the text and the vision towers.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct LayerShape {
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_attention_heads: usize,
+    pub num_hidden_layers: usize,
+    pub layer_norm_eps: f64,
+    pub activation: Activation,
+}
+
+impl From<&ClipTextConfig> for LayerShape {
+    fn from(c: &ClipTextConfig) -> Self {
+        Self {
+            hidden_size: c.hidden_size,
+            intermediate_size: c.intermediate_size,
+            num_attention_heads: c.num_attention_heads,
+            num_hidden_layers: c.num_hidden_layers,
+            layer_norm_eps: c.layer_norm_eps,
+            activation: c.activation,
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 struct SelfAttention {
     q_proj: Linear,
@@ -38,7 +62,7 @@ struct ClipInit {
 }
 
 impl ClipInit {
-    fn new(c: &ClipTextConfig) -> Self {
+    fn new(c: &LayerShape) -> Self {
         let d = c.hidden_size as f64;
         let layers = c.num_hidden_layers.max(1) as f64;
         Self {
@@ -51,7 +75,7 @@ impl ClipInit {
 }
 
 impl SelfAttention {
-    fn new(vb: VarBuilder, c: &ClipTextConfig) -> Result<Self> {
+    fn new(vb: VarBuilder, c: &LayerShape) -> Result<Self> {
         let d = c.hidden_size;
         let init = ClipInit::new(c);
         Ok(Self {
@@ -64,17 +88,19 @@ impl SelfAttention {
         })
     }
 
-    fn forward(&self, x: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
         let q = split_heads(&self.q_proj.forward(x)?, self.heads)?;
         let k = split_heads(&self.k_proj.forward(x)?, self.heads)?;
         let v = split_heads(&self.v_proj.forward(x)?, self.heads)?;
-        let out = scaled_dot_product(&q, &k, &v, self.scale, Some(mask))?;
+        let out = scaled_dot_product(&q, &k, &v, self.scale, mask)?;
         self.out_proj.forward(&merge_heads(&out)?)
     }
 }
 
+/// A pre-norm transformer layer: self-attention (causal for text, open for images), then the
+/// MLP, each added to its input.
 #[derive(Debug, Clone)]
-struct EncoderLayer {
+pub(crate) struct EncoderLayer {
     layer_norm1: LayerNorm,
     self_attn: SelfAttention,
     layer_norm2: LayerNorm,
@@ -84,7 +110,7 @@ struct EncoderLayer {
 }
 
 impl EncoderLayer {
-    fn new(vb: VarBuilder, c: &ClipTextConfig) -> Result<Self> {
+    pub(crate) fn new(vb: VarBuilder, c: &LayerShape) -> Result<Self> {
         let d = c.hidden_size;
         let init = ClipInit::new(c);
         Ok(Self {
@@ -97,7 +123,7 @@ impl EncoderLayer {
         })
     }
 
-    fn forward(&self, x: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    pub(crate) fn forward(&self, x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
         let x = (self
             .self_attn
             .forward(&self.layer_norm1.forward(x)?, mask)?
@@ -149,12 +175,13 @@ impl ClipTextModel {
     /// Builds the model; `vb` paths are the released keys (`text_model.*`, `text_projection`).
     pub fn new(vb: VarBuilder, config: &ClipTextConfig) -> Result<Self> {
         let c = config;
+        let shape = LayerShape::from(c);
         let tm = vb.pp("text_model");
         let emb = tm.pp("embeddings");
         let layers = (0..c.num_hidden_layers)
-            .map(|i| EncoderLayer::new(tm.pp("encoder").pp("layers").pp(i), c))
+            .map(|i| EncoderLayer::new(tm.pp("encoder").pp("layers").pp(i), &shape))
             .collect::<Result<Vec<_>>>()?;
-        let init = ClipInit::new(c);
+        let init = ClipInit::new(&shape);
         let normal = |stdev: f64| candle_nn::Init::Randn { mean: 0.0, stdev };
         let text_projection = match c.projection_dim {
             Some(p) => Some(Linear::new(
@@ -241,7 +268,7 @@ impl ClipTextModel {
         let mut hidden_states = Vec::with_capacity(self.layers.len() + 1);
         hidden_states.push(x.clone());
         for layer in &self.layers {
-            x = layer.forward(&x, &mask)?;
+            x = layer.forward(&x, Some(&mask))?;
             hidden_states.push(x.clone());
         }
         let last_hidden_state = self.final_layer_norm.forward(&x)?;

@@ -30,6 +30,16 @@ pub struct Linear {
 }
 
 impl Linear {
+    /// Input width.
+    pub fn in_dim(&self) -> usize {
+        self.in_dim
+    }
+
+    /// Output width.
+    pub fn out_dim(&self) -> usize {
+        self.out_dim
+    }
+
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
         let (out_dim, in_dim) = weight.dims2()?;
         let bias = bias.map(super::compute_param).transpose()?;
