@@ -281,6 +281,23 @@ pub fn run(a: GenerateArgs, device: &Device) -> Result<()> {
     }
     let width = a.width.unwrap_or_else(|| components.default_size());
     let height = a.height.unwrap_or_else(|| components.default_size());
+    let ip_image = match (&a.ip_adapter, &a.image_encoder, &a.ip_image) {
+        (None, None, None) => None,
+        (Some(file), Some(encoder), Some(image)) => {
+            components
+                .use_ip_adapter(file, encoder)
+                .with_context(|| format!("loading the IP-Adapter {}", file.display()))?;
+            Some(
+                image::open(image)
+                    .with_context(|| format!("reading {}", image.display()))?
+                    .to_rgb8(),
+            )
+        }
+        _ => bail!("an IP-Adapter needs all three of --ip-adapter, --image-encoder and --ip-image"),
+    };
+    if !a.ip_scale.is_finite() {
+        bail!("--ip-scale must be a finite number");
+    }
     let control = controls(&a, &mut components, width, height)?;
     let adapter = adapters(&a, &mut components, width, height)?;
     let (init_image, mask) = match (&a.init_image, &a.mask, &a.outpaint) {
@@ -357,6 +374,8 @@ pub fn run(a: GenerateArgs, device: &Device) -> Result<()> {
             guess_mode: a.guess_mode,
             adapter: adapter.clone(),
             adapter_factor: a.adapter_factor,
+            ip_image: ip_image.clone(),
+            ip_scale: a.ip_scale,
         };
         let plan = ldm_pipeline::generate::plan_for(&components, &req)?;
         let bar = ProgressBar::new((plan.sigmas.len() - 1) as u64);
@@ -434,6 +453,16 @@ pub fn run(a: GenerateArgs, device: &Device) -> Result<()> {
             text.push_str(&format!(
                 ", T2I-Adapter {i}: \"Model: {name}, Weight: {}, Factor: {}\"",
                 unit.scale, a.adapter_factor
+            ));
+        }
+        if let Some(file) = a.ip_adapter.as_ref().filter(|_| ip_image.is_some()) {
+            let name = file
+                .file_stem()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            text.push_str(&format!(
+                ", IP-Adapter: \"Model: {name}, Weight: {}\"",
+                a.ip_scale
             ));
         }
         // As sd-webui-controlnet records its units.

@@ -161,6 +161,20 @@ struct GenerateArgs {
     /// The fraction of the steps, from the first, the adapters act in.
     #[arg(long, default_value_t = 1.0)]
     adapter_factor: f64,
+    /// An IP-Adapter file (original layout: `image_proj.…`, `ip_adapter.N.to_k_ip`; base or
+    /// Plus), with --image-encoder and --ip-image.
+    #[arg(long)]
+    ip_adapter: Option<PathBuf>,
+    /// The CLIP image encoder folder the IP-Adapter was trained with
+    /// (`CLIPVisionModelWithProjection`, with its `preprocessor_config.json` if any).
+    #[arg(long)]
+    image_encoder: Option<PathBuf>,
+    /// The image prompt.
+    #[arg(long)]
+    ip_image: Option<PathBuf>,
+    /// The IP-Adapter's weight (diffusers' `set_ip_adapter_scale`).
+    #[arg(long, default_value_t = 1.0)]
+    ip_scale: f64,
     /// Negative prompt.
     #[arg(long)]
     negative: Option<String>,

@@ -727,3 +727,64 @@ fn t2i_adapter_flags_end_to_end() {
         assert!(!ok && stderr.contains(what), "{what}: {stderr}");
     }
 }
+
+/// `--ip-adapter` with `--image-encoder` and `--ip-image` reproduces diffusers' IP-Adapter
+/// picture, is recorded in the PNG, and an incomplete set of flags is refused.
+#[test]
+fn ip_adapter_flags_end_to_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = fixtures();
+    let model = f.join("tiny/sd15");
+    let out = dir.path().join("ip.png");
+    let (ok, _, stderr) = ldm(&[
+        "generate",
+        "a red circle",
+        "--model",
+        model.to_str().unwrap(),
+        "--ip-adapter",
+        f.join("ip_adapter/sd15_plus.safetensors").to_str().unwrap(),
+        "--image-encoder",
+        f.join("ip_adapter/image_encoder").to_str().unwrap(),
+        "--ip-image",
+        f.join("pipelines/inputs/gradient_circle_32x32.png")
+            .to_str()
+            .unwrap(),
+        "--steps",
+        "8",
+        "--seed",
+        "1",
+        "--width",
+        "32",
+        "--height",
+        "32",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(ok, "{stderr}");
+    let ours = image::open(&out).unwrap().to_rgb8();
+    let theirs = image::open(f.join("ip_adapter/sd15_plus_ip.png"))
+        .unwrap()
+        .to_rgb8();
+    let diff: f64 = ours
+        .as_raw()
+        .iter()
+        .zip(theirs.as_raw())
+        .map(|(&a, &b)| (a as f64 - b as f64).abs())
+        .sum::<f64>()
+        / ours.as_raw().len() as f64;
+    assert!(diff <= 1.0, "mean |Δ| {diff}");
+    let (_, params, _) = ldm(&["info", out.to_str().unwrap()]);
+    assert!(
+        params.contains("IP-Adapter: \"Model: sd15_plus, Weight: 1"),
+        "{params}"
+    );
+    let (ok, _, stderr) = ldm(&[
+        "generate",
+        "x",
+        "--model",
+        model.to_str().unwrap(),
+        "--ip-adapter",
+        f.join("ip_adapter/sd15_plus.safetensors").to_str().unwrap(),
+    ]);
+    assert!(!ok && stderr.contains("all three"), "{stderr}");
+}

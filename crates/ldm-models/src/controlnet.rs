@@ -333,7 +333,7 @@ impl ControlNetModel {
         };
         let x = (self.encoder.conv_in.forward(sample)?
             + self.cond_embedding.forward(&cond.to_dtype(dtype)?)?)?;
-        let (mid, skips) = self.encoder.down_mid(x, &emb, context, None)?;
+        let (mid, skips) = self.encoder.down_mid(x, &emb, context, None, None)?;
         let n = skips.len();
         let scale_of = |i: usize| -> f64 {
             if how.guess_mode && !self.config.global_pool_conditions {

@@ -9,6 +9,7 @@ pub mod config;
 pub mod controlnet;
 pub mod error;
 pub mod flops;
+pub mod ip_adapter;
 pub mod layers;
 pub mod lora;
 pub mod model;

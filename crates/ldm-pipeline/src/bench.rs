@@ -175,6 +175,7 @@ pub fn random_components(arch: Arch, dtype: DType, device: &Device) -> Result<Co
         taesd: None,
         controlnets: Vec::new(),
         adapters: Vec::new(),
+        ip_adapter: None,
     })
 }
 

@@ -32,6 +32,8 @@ pub struct Components {
     pub controlnets: Vec<ldm_models::controlnet::ControlNetModel>,
     /// T2I-Adapters a request may use, by position ([`Self::add_t2i_adapter`]).
     pub adapters: Vec<ldm_models::t2i_adapter::T2IAdapter>,
+    /// An IP-Adapter with its image encoder ([`Self::use_ip_adapter`]).
+    pub ip_adapter: Option<crate::ip_adapter::IpAdapterState>,
 }
 
 impl Components {
@@ -117,6 +119,7 @@ impl Components {
             taesd: None,
             controlnets: Vec::new(),
             adapters: Vec::new(),
+            ip_adapter: None,
         })
     }
 

@@ -82,6 +82,10 @@ pub struct Request {
     /// diffusers' `adapter_conditioning_factor`: the fraction of the steps the adapters act in
     /// (from the first).
     pub adapter_factor: f64,
+    /// IP-Adapter's image prompt (needs [`Components::use_ip_adapter`]), and its weight
+    /// (`set_ip_adapter_scale`).
+    pub ip_image: Option<image::RgbImage>,
+    pub ip_scale: f64,
 }
 
 impl Default for Request {
@@ -113,6 +117,8 @@ impl Default for Request {
             guess_mode: false,
             adapter: Vec::new(),
             adapter_factor: 1.0,
+            ip_image: None,
+            ip_scale: 1.0,
         }
     }
 }
@@ -651,6 +657,21 @@ pub fn generate_with(
                 evaluations: crate::control::count_evaluations(&plan, &x)?,
                 calls: std::sync::atomic::AtomicUsize::new(0),
             }),
+        },
+        ip: match (&req.ip_image, &c.ip_adapter) {
+            (Some(image), Some(ip)) => Some(ip.tokens(
+                image,
+                req.ip_scale,
+                x.dim(0)?,
+                c.classifier_free(req.guidance_scale),
+                &c.device,
+            )?),
+            (Some(_), None) => {
+                return Err(Error::InvalidRequest(
+                    "an image prompt needs an IP-Adapter loaded".into(),
+                ))
+            }
+            _ => None,
         },
         adapter: match req.adapter.is_empty() {
             true => None,

@@ -10,6 +10,7 @@ pub mod error;
 pub mod extra_networks;
 pub mod generate;
 pub mod image_io;
+pub mod ip_adapter;
 pub mod model_denoiser;
 pub mod prompt;
 

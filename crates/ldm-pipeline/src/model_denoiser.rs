@@ -34,6 +34,8 @@ pub struct UNetDenoiser<'a> {
     pub control: Option<crate::control::ControlRun<'a>>,
     /// T2I-Adapter features, which the U-Net adds in its down path.
     pub adapter: Option<crate::control::AdapterRun>,
+    /// IP-Adapter image tokens, batched like the text.
+    pub ip: Option<ldm_models::layers::attention::IpTokens>,
 }
 
 impl UNetDenoiser<'_> {
@@ -75,6 +77,7 @@ impl Denoiser for UNetDenoiser<'_> {
                     timestep_cond: self.cond.timestep_cond.as_ref(),
                     control: control.as_ref(),
                     adapter,
+                    ip: self.ip.as_ref(),
                 },
             )?
             .to_dtype(DType::F32)?;

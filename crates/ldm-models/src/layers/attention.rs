@@ -148,6 +148,16 @@ pub struct Attention {
     to_out: Linear,
     heads: usize,
     scale: f64,
+    /// IP-Adapter's decoupled cross-attention: `to_k_ip`, `to_v_ip` over the image tokens.
+    ip: Option<(Linear, Linear)>,
+}
+
+/// Image tokens an IP-Adapter attends to, and its weight (`set_ip_adapter_scale`).
+#[derive(Debug, Clone)]
+pub struct IpTokens {
+    /// `[B, N, cross_attention_dim]`, batched like the text context.
+    pub tokens: Tensor,
+    pub scale: f64,
 }
 
 impl Attention {
@@ -176,7 +186,44 @@ impl Attention {
             to_out: linear(inner, query_dim, vb.pp("to_out").pp("0"))?,
             heads,
             scale: 1.0 / (dim_head as f64).sqrt(),
+            ip: None,
         })
+    }
+
+    /// Gives this cross-attention IP-Adapter's key and value projections of image tokens.
+    pub fn set_ip(&mut self, to_k_ip: Linear, to_v_ip: Linear) {
+        self.ip = Some((to_k_ip, to_v_ip));
+    }
+
+    /// `[key, value]` input width and inner width this layer's IP projections must have.
+    pub fn ip_shape(&self) -> (usize, usize) {
+        (self.to_k.in_dim(), self.to_k.out_dim())
+    }
+
+    /// [`Self::forward`] plus, when this layer holds IP-Adapter projections and `ip` is given,
+    /// `scale ×` the attention of the same queries over the image tokens (diffusers'
+    /// `IPAdapterAttnProcessor2_0`: a second softmax, added before the output projection).
+    pub fn forward_ip(
+        &self,
+        x: &Tensor,
+        context: Option<&Tensor>,
+        ip: Option<&IpTokens>,
+    ) -> Result<Tensor> {
+        let (Some((to_k_ip, to_v_ip)), Some(ip)) = (&self.ip, ip) else {
+            return self.forward(x, context);
+        };
+        let context = context.unwrap_or(x);
+        let q = split_heads(&self.to_q.forward(x)?, self.heads)?;
+        let k = split_heads(&self.to_k.forward(context)?, self.heads)?;
+        let v = split_heads(&self.to_v.forward(context)?, self.heads)?;
+        let bf16 = self.to_q.is_packed_bf16();
+        let text = attention_with(&q, &k, &v, self.scale, None, bf16)?;
+        let tokens = ip.tokens.to_dtype(x.dtype())?;
+        let k = split_heads(&to_k_ip.forward(&tokens)?, self.heads)?;
+        let v = split_heads(&to_v_ip.forward(&tokens)?, self.heads)?;
+        let image = attention_with(&q, &k, &v, self.scale, None, bf16)?;
+        self.to_out
+            .forward(&merge_heads(&(text + (image * ip.scale)?)?)?)
     }
 
     /// `x`: `[B, L, query_dim]`; `context`: `[B, Lc, context_dim]` or `None` for self-attention.

@@ -10,6 +10,7 @@ pub mod transformer;
 
 pub use config::{BlockKind, UNetConfig};
 
+use crate::layers::attention::{Attention, IpTokens};
 use crate::layers::conv2d;
 use crate::layers::norm::GroupNorm;
 use crate::layers::resnet::{ResnetBlock2D, ResnetConfig};
@@ -36,10 +37,17 @@ struct Stage {
 }
 
 impl Stage {
-    fn forward_layer(&self, i: usize, x: &Tensor, emb: &Tensor, ctx: &Tensor) -> Result<Tensor> {
+    fn forward_layer(
+        &self,
+        i: usize,
+        x: &Tensor,
+        emb: &Tensor,
+        ctx: &Tensor,
+        ip: Option<&IpTokens>,
+    ) -> Result<Tensor> {
         let x = self.resnets[i].forward(x, Some(emb))?;
         match self.attentions.get(i) {
-            Some(attn) => attn.forward(&x, ctx),
+            Some(attn) => attn.forward_ip(&x, ctx, ip),
             None => Ok(x),
         }
     }
@@ -276,6 +284,7 @@ impl Encoder {
         emb: &Tensor,
         context: &Tensor,
         adapter: Option<&[Tensor]>,
+        ip: Option<&IpTokens>,
     ) -> Result<(Tensor, Vec<Tensor>)> {
         let mut features = adapter.unwrap_or_default().iter().peekable();
         let mut skips = vec![x.clone()];
@@ -283,7 +292,7 @@ impl Encoder {
             let cross = !block.stage.attentions.is_empty();
             let layers = block.stage.resnets.len();
             for i in 0..layers {
-                x = block.stage.forward_layer(i, &x, emb, context)?;
+                x = block.stage.forward_layer(i, &x, emb, context, ip)?;
                 if cross && i + 1 == layers {
                     if let Some(f) = features.next() {
                         x = (x + f.to_dtype(emb.dtype())?)?;
@@ -305,7 +314,7 @@ impl Encoder {
             }
         }
         x = self.mid_block.resnets[0].forward(&x, Some(emb))?;
-        x = self.mid_block.attentions[0].forward(&x, context)?;
+        x = self.mid_block.attentions[0].forward_ip(&x, context, ip)?;
         x = self.mid_block.resnets[1].forward(&x, Some(emb))?;
         if let Some(f) = features.peek().filter(|f| f.dims() == x.dims()) {
             x = (x + f.to_dtype(emb.dtype())?)?;
@@ -353,6 +362,9 @@ pub struct UNetExtras<'a> {
     pub control: Option<&'a ControlResiduals>,
     /// T2I-Adapter features (`down_intrablock_additional_residuals`).
     pub adapter: Option<&'a [Tensor]>,
+    /// IP-Adapter image tokens, for the cross-attention layers that hold IP projections
+    /// ([`UNet2DConditionModel::cross_attentions_mut`]).
+    pub ip: Option<&'a IpTokens>,
 }
 
 /// diffusers' `UNet2DConditionModel`.
@@ -436,6 +448,27 @@ impl UNet2DConditionModel {
         })
     }
 
+    /// Every cross-attention layer, in the order of diffusers' `attn_processors` (its attn2
+    /// entries): the down blocks, the up blocks, then the mid block — the order IP-Adapter files
+    /// number their projections in.
+    pub fn cross_attentions_mut(&mut self) -> Vec<&mut Attention> {
+        let mut out = Vec::new();
+        for block in &mut self.encoder.down_blocks {
+            for t in &mut block.stage.attentions {
+                out.extend(t.cross_attentions_mut());
+            }
+        }
+        for block in &mut self.up_blocks {
+            for t in &mut block.stage.attentions {
+                out.extend(t.cross_attentions_mut());
+            }
+        }
+        for t in &mut self.encoder.mid_block.attentions {
+            out.extend(t.cross_attentions_mut());
+        }
+        out
+    }
+
     /// Predicts the model output (ε, v or x₀, per the scheduler config) for `sample`
     /// `[B, C_in, h, w]` at `timesteps` `[B]` given `context` `[B, L, cross_attention_dim]`.
     /// `added` is required exactly when the config has `text_time` conditioning.
@@ -489,7 +522,9 @@ impl UNet2DConditionModel {
             extras.timestep_cond,
         )?;
         let x = self.encoder.conv_in.forward(sample)?;
-        let (mut x, mut skips) = self.encoder.down_mid(x, &emb, context, extras.adapter)?;
+        let (mut x, mut skips) =
+            self.encoder
+                .down_mid(x, &emb, context, extras.adapter, extras.ip)?;
         if let Some(c) = extras.control {
             if c.down.len() != skips.len() {
                 return Err(candle_core::Error::Msg(format!(
@@ -510,7 +545,7 @@ impl UNet2DConditionModel {
                     .pop()
                     .ok_or_else(|| candle_core::Error::Msg("U-Net skip stack underflow".into()))?;
                 x = Tensor::cat(&[&x, &skip], 1)?;
-                x = block.stage.forward_layer(i, &x, &emb, context)?;
+                x = block.stage.forward_layer(i, &x, &emb, context, extras.ip)?;
             }
             if let Some(up) = &block.upsampler {
                 // Upsample to the next skip's size, so odd latent sizes line up as in diffusers.

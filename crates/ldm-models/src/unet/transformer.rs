@@ -2,7 +2,7 @@
 //! transformer of latent diffusion (Rombach et al. 2022, §3.3) — self-attention, cross-attention
 //! to the text, and a GeGLU feed-forward (Shazeer 2020), each pre-normed and residual.
 
-use crate::layers::attention::Attention;
+use crate::layers::attention::{Attention, IpTokens};
 use crate::layers::conv2d;
 use crate::layers::linear::{linear, Linear};
 use crate::layers::norm::GroupNorm;
@@ -76,11 +76,11 @@ impl BasicTransformerBlock {
         })
     }
 
-    fn forward(&self, x: &Tensor, context: &Tensor) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, context: &Tensor, ip: Option<&IpTokens>) -> Result<Tensor> {
         let x = (self.attn1.forward(&self.norm1.forward(x)?, None)? + x)?;
         let x = (self
             .attn2
-            .forward(&self.norm2.forward(&x)?, Some(context))?
+            .forward_ip(&self.norm2.forward(&x)?, Some(context), ip)?
             + &x)?;
         self.ff.forward(&self.norm3.forward(&x)?)? + x
     }
@@ -138,8 +138,23 @@ impl Transformer2DModel {
         })
     }
 
+    /// The cross-attention layers, in order.
+    pub(crate) fn cross_attentions_mut(&mut self) -> impl Iterator<Item = &mut Attention> {
+        self.blocks.iter_mut().map(|b| &mut b.attn2)
+    }
+
     /// `x`: `[B, C, H, W]`, `context`: `[B, L, context_dim]` → `[B, C, H, W]`.
     pub fn forward(&self, x: &Tensor, context: &Tensor) -> Result<Tensor> {
+        self.forward_ip(x, context, None)
+    }
+
+    /// [`Self::forward`], the cross-attention also attending to IP-Adapter image tokens.
+    pub fn forward_ip(
+        &self,
+        x: &Tensor,
+        context: &Tensor,
+        ip: Option<&IpTokens>,
+    ) -> Result<Tensor> {
         let (b, c, h, w) = x.dims4()?;
         let normed = self.norm.forward(x)?;
         let to_tokens = |t: Tensor| -> Result<Tensor> {
@@ -151,7 +166,7 @@ impl Transformer2DModel {
             Projection::Linear(lin) => lin.forward(&to_tokens(normed)?)?,
         };
         for block in &self.blocks {
-            tokens = block.forward(&tokens, context)?;
+            tokens = block.forward(&tokens, context, ip)?;
         }
         let to_image = |t: Tensor| -> Result<Tensor> {
             let ch = t.dim(2)?;
