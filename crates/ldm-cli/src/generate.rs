@@ -6,7 +6,7 @@ use candle_core::{DType, Device};
 use indicatif::{ProgressBar, ProgressStyle};
 use ldm_models::lora::LoraSpec;
 use ldm_pipeline::control::{AdapterInput, ControlInput};
-use ldm_pipeline::extra_networks::{extract, find_lora, short_hash};
+use ldm_pipeline::extra_networks::{prompt_loras, short_hash, PromptLoras};
 use ldm_pipeline::generate::RngKind;
 use ldm_pipeline::image_io::{load_image, save_png};
 use ldm_pipeline::outpaint::{pad_for_outpainting, Padding};
@@ -58,51 +58,21 @@ fn parse_lora(spec: &str) -> Result<LoraSpec> {
     Ok(LoraSpec::new(file, mult))
 }
 
-/// The prompt's `<lora:…>` tags resolved in `dirs`: the prompt without them, the files to
-/// merge, A1111's `Lora hashes` entries, and the names no file matched (A1111 warns and goes
-/// on; so does `ldm`, and says so in the image's parameters).
-struct PromptLoras {
-    text: String,
-    specs: Vec<LoraSpec>,
-    hashes: Vec<String>,
-    missing: Vec<String>,
-}
-
-fn prompt_loras(prompt: &str, dirs: &[PathBuf]) -> Result<PromptLoras> {
-    let (text, tags) = extract(prompt)?;
-    let mut out = PromptLoras {
-        text,
-        specs: Vec::new(),
-        hashes: Vec::new(),
-        missing: Vec::new(),
-    };
-    for tag in tags {
-        match find_lora(&tag.name, dirs) {
-            Some(path) => {
-                out.hashes
-                    .push(format!("{}: {}", tag.name, short_hash(&path)?));
-                out.specs.push(LoraSpec {
-                    path,
-                    text_encoder: tag.text_encoder,
-                    unet: tag.unet,
-                });
-            }
-            None => {
-                let searched = if dirs.is_empty() {
-                    "no folder (give --lora-dir)".to_string()
-                } else {
-                    dirs.iter()
-                        .map(|d| d.display().to_string())
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                };
-                eprintln!(
-                    "warning: <lora:{}>: no such LoRA in {searched}; going on without it",
-                    tag.name
-                );
-                out.missing.push(tag.name);
-            }
-        }
+/// The prompt's `<lora:…>` tags resolved in `dirs` ([`prompt_loras`]), warning of names no
+/// file matched (A1111 warns and goes on; so does `ldm`, and says so in the image's
+/// parameters).
+fn resolve_prompt_loras(prompt: &str, dirs: &[PathBuf]) -> Result<PromptLoras> {
+    let out = prompt_loras(prompt, dirs)?;
+    for name in &out.missing {
+        let searched = if dirs.is_empty() {
+            "no folder (give --lora-dir)".to_string()
+        } else {
+            dirs.iter()
+                .map(|d| d.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        eprintln!("warning: <lora:{name}>: no such LoRA in {searched}; going on without it");
     }
     Ok(out)
 }
@@ -262,7 +232,7 @@ pub fn run(a: GenerateArgs, device: &Device) -> Result<()> {
                 .with_context(|| format!("loading the embeddings in {}", dir.display()))?,
         );
     }
-    let tagged = prompt_loras(&a.prompt, &a.lora_dir)?;
+    let tagged = resolve_prompt_loras(&a.prompt, &a.lora_dir)?;
     let mut loras = a
         .lora
         .iter()

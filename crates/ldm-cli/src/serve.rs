@@ -47,6 +47,10 @@ pub struct ServeArgs {
     /// Most images one request may make.
     #[arg(long, default_value_t = 16)]
     max_images: usize,
+    /// A folder of LoRA files that `<lora:NAME:W>` tags in prompts name (merged for the
+    /// requests that name them; the loaded weights stay as they are); may be repeated.
+    #[arg(long)]
+    lora_dir: Vec<PathBuf>,
     /// Minutes a finished job's results are kept.
     #[arg(long, default_value_t = 10)]
     keep_minutes: u64,
@@ -74,6 +78,7 @@ pub fn run(a: ServeArgs, device: candle_core::Device) -> Result<()> {
         taesd: a.taesd,
         dtype,
         device,
+        lora_dirs: a.lora_dir,
         host: a.host,
         port: a.port,
         api_auth: a.api_auth,

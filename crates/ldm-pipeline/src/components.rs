@@ -12,7 +12,8 @@ use ldm_models::vae::AutoencoderKL;
 use ldm_sampling::scheduler_config::SchedulerConfig;
 use std::path::Path;
 
-/// A loaded model.
+/// A loaded model. Cloning shares the weights (candle tensors are reference-counted).
+#[derive(Clone)]
 pub struct Components {
     pub folder: ModelFolder,
     pub unet: UNet2DConditionModel,

@@ -225,3 +225,63 @@ mod tests {
         );
     }
 }
+
+/// A prompt's `<lora:…>` tags resolved in `dirs`: the prompt without them, the files to merge
+/// at their multipliers, A1111's `Lora hashes` entries (`NAME: hash`), and the names no file
+/// matched.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PromptLoras {
+    pub text: String,
+    pub specs: Vec<ldm_models::lora::LoraSpec>,
+    pub hashes: Vec<String>,
+    pub missing: Vec<String>,
+}
+
+/// Resolves `prompt`'s tags ([`extract`], [`find_lora`], [`short_hash`]).
+pub fn prompt_loras(prompt: &str, dirs: &[PathBuf]) -> Result<PromptLoras> {
+    let (text, tags) = extract(prompt)?;
+    let mut out = PromptLoras {
+        text,
+        ..PromptLoras::default()
+    };
+    for tag in tags {
+        match find_lora(&tag.name, dirs) {
+            Some(path) => {
+                out.hashes
+                    .push(format!("{}: {}", tag.name, short_hash(&path)?));
+                out.specs.push(ldm_models::lora::LoraSpec {
+                    path,
+                    text_encoder: tag.text_encoder,
+                    unet: tag.unet,
+                });
+            }
+            None => out.missing.push(tag.name),
+        }
+    }
+    Ok(out)
+}
+
+/// The LoRA files in `dirs` as A1111's `/sdapi/v1/loras` lists them: `(name, alias, path)`,
+/// the alias being the `ss_output_name` a kohya file records (else the name).
+pub fn list_loras(dirs: &[PathBuf]) -> Vec<(String, String, PathBuf)> {
+    let mut out = Vec::new();
+    for dir in dirs {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let p = e.path();
+            let is_lora = p
+                .extension()
+                .is_some_and(|x| x.eq_ignore_ascii_case("safetensors"))
+                && p.is_file();
+            if let (true, Some(stem)) = (is_lora, p.file_stem()) {
+                let name = stem.to_string_lossy().into_owned();
+                let alias = output_name(&p).unwrap_or_else(|| name.clone());
+                out.push((name, alias, p));
+            }
+        }
+    }
+    out.sort();
+    out
+}

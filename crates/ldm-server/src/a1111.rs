@@ -31,7 +31,7 @@ pub fn routes() -> Router<Shared> {
         .route("/sdapi/v1/schedulers", get(schedulers))
         .route("/sdapi/v1/upscalers", get(empty_list))
         .route("/sdapi/v1/sd-vae", get(empty_list))
-        .route("/sdapi/v1/loras", get(empty_list))
+        .route("/sdapi/v1/loras", get(loras))
         .route("/sdapi/v1/hypernetworks", get(empty_list))
         .route("/sdapi/v1/face-restorers", get(empty_list))
         .route("/sdapi/v1/prompt-styles", get(empty_list))
@@ -370,6 +370,18 @@ fn proc_kb(text: &str, key: &str) -> Option<u64> {
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|v| v.parse::<u64>().ok())
         .map(|kb| kb * 1024)
+}
+
+/// The LoRA files `<lora:NAME>` can name, as A1111 lists them.
+async fn loras(State(state): State<Shared>) -> Json<Value> {
+    let list: Vec<Value> = ldm_pipeline::extra_networks::list_loras(&state.model.lora_dirs)
+        .into_iter()
+        .map(|(name, alias, path)| {
+            json!({"name": name, "alias": alias, "path": path.display().to_string(),
+                   "metadata": {}})
+        })
+        .collect();
+    Json(Value::Array(list))
 }
 
 async fn memory(State(state): State<Shared>) -> Json<Value> {

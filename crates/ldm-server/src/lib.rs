@@ -47,6 +47,9 @@ pub struct ServerConfig {
     pub dtype: DType,
     /// Where the model lives and computes.
     pub device: Device,
+    /// Folders of LoRA files that `<lora:NAME:W>` tags in prompts name (merged per request,
+    /// the loaded weights left as they are).
+    pub lora_dirs: Vec<PathBuf>,
     pub host: String,
     pub port: u16,
     /// `user:pass` for HTTP Basic, as A1111's `--api-auth`.
@@ -70,6 +73,7 @@ impl ServerConfig {
             taesd: None,
             dtype: DType::F32,
             device: Device::Cpu,
+            lora_dirs: Vec::new(),
             host: "127.0.0.1".into(),
             port: 7860,
             api_auth: None,
@@ -162,13 +166,15 @@ pub fn load(cfg: &ServerConfig) -> Result<Shared, Error> {
     if cfg.max_queue == 0 {
         return Err(Error::Config("the queue must hold at least one job".into()));
     }
-    let model = Arc::new(Model::load(
+    let mut model = Model::load(
         &cfg.model,
         cfg.model_name.clone(),
         cfg.taesd.as_deref(),
         cfg.dtype,
         &cfg.device,
-    )?);
+    )?;
+    model.lora_dirs = cfg.lora_dirs.clone();
+    let model = Arc::new(model);
     let queue = Arc::new(Queue::new(cfg.max_queue, cfg.keep));
     {
         let (queue, model) = (queue.clone(), model.clone());

@@ -6,13 +6,16 @@ use crate::jobs::{Flags, Image, Outcome, Progress, Update};
 use crate::params::{Defaults, GenParams};
 use candle_core::{DType, Device, Tensor};
 use image::RgbImage;
+use ldm_models::lora::LoraSpec;
 use ldm_models::vae::AutoencoderTiny;
+use ldm_pipeline::extra_networks::PromptLoras;
 use ldm_pipeline::image_io::{encode_png, image_to_tensor, mask_to_tensor, to_images};
 use ldm_pipeline::preview::LatentPreview;
 use ldm_pipeline::{Components, Request};
 use ldm_sampling::names::{SamplerName, SigmaSchedule};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 /// A loaded model with what the APIs say about it.
@@ -27,6 +30,12 @@ pub struct Model {
     /// TAESD, for previews closer to the final picture than the linear map.
     pub taesd: Option<AutoencoderTiny>,
     pub defaults: Defaults,
+    /// Folders `<lora:NAME…>` tags in prompts are looked up in.
+    pub lora_dirs: Vec<PathBuf>,
+    /// The model with the LoRA files the last tagged request named merged in. The loaded
+    /// `components` are never changed: a request without tags runs on them as they were, and
+    /// another set of files is merged afresh from the base weights.
+    lora_variant: Mutex<Option<(Vec<LoraSpec>, Arc<Components>)>>,
 }
 
 impl Model {
@@ -71,7 +80,27 @@ impl Model {
             preview,
             taesd,
             defaults,
+            lora_dirs: Vec::new(),
+            lora_variant: Mutex::new(None),
         })
+    }
+
+    /// The model with `specs` merged in: the cached variant when the last tagged request named
+    /// the same files at the same weights, else the base weights with these merged (the old
+    /// variant dropped first).
+    fn with_loras(&self, specs: &[LoraSpec]) -> ldm_pipeline::Result<Arc<Components>> {
+        let mut slot = self.lora_variant.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((cached, c)) = &*slot {
+            if cached == specs {
+                return Ok(c.clone());
+            }
+        }
+        *slot = None;
+        let mut c = self.components.clone();
+        c.apply_loras(specs)?;
+        let c = Arc::new(c);
+        *slot = Some((specs.to_vec(), c.clone()));
+        Ok(c)
     }
 
     /// A1111's checkpoint title, `name [hash]`.
@@ -117,6 +146,7 @@ impl Model {
         p: &GenParams,
         req: &Request,
         img: Option<RgbImage>,
+        tagged: &PromptLoras,
     ) -> ldm_pipeline::Result<Image> {
         let img = img.ok_or_else(|| ldm_pipeline::Error::InvalidRequest("no image made".into()))?;
         let schedule = match &p.schedule {
@@ -129,13 +159,27 @@ impl Model {
                     .unwrap_or(n)
             }
         };
-        let infotext = ldm_pipeline::infotext(
-            req,
+        // The prompt as written, tags included, and the files they named, as A1111 records.
+        let as_written = Request {
+            prompt: p.prompt.clone(),
+            ..req.clone()
+        };
+        let mut infotext = ldm_pipeline::infotext(
+            &as_written,
             self.sampler_of(p).display_name(),
             &schedule,
             &self.name,
             &self.hash,
         );
+        if !tagged.hashes.is_empty() {
+            infotext.push_str(&format!(", Lora hashes: \"{}\"", tagged.hashes.join(", ")));
+        }
+        if !tagged.missing.is_empty() {
+            infotext.push_str(&format!(
+                ", Lora not found: \"{}\"",
+                tagged.missing.join(", ")
+            ));
+        }
         let mut png = Vec::new();
         encode_png(&img, &infotext, &mut png)
             .map_err(|e| ldm_pipeline::Error::InvalidRequest(format!("PNG encoding: {e}")))?;
@@ -183,7 +227,16 @@ impl Model {
         flags: &Flags,
         report: &mut dyn FnMut(Update),
     ) -> ldm_pipeline::Result<Outcome> {
-        let device = &self.components.device;
+        let tagged = ldm_pipeline::extra_networks::prompt_loras(&p.prompt, &self.lora_dirs)?;
+        let variant;
+        let components: &Components = if tagged.specs.is_empty() {
+            &self.components
+        } else {
+            report(Update::Phase("loading LoRA"));
+            variant = self.with_loras(&tagged.specs)?;
+            &variant
+        };
+        let device = &components.device;
         let init = match &p.init_image {
             Some(img) => Some(image_to_tensor(img.clone(), p.width, p.height, device)?),
             None => None,
@@ -203,7 +256,10 @@ impl Model {
                 return Ok(Outcome::Succeeded);
             }
             flags.skip.store(false, Ordering::Relaxed);
-            let req = self.request(p, k, &init, &mask);
+            let req = Request {
+                prompt: tagged.text.clone(),
+                ..self.request(p, k, &init, &mask)
+            };
             let mut last: Option<Tensor> = None;
             let mut hook = |info: &ldm_sampling::StepInfo| -> ldm_sampling::Result<Option<Tensor>> {
                 if flags.stop_requested() {
@@ -233,7 +289,7 @@ impl Model {
                 }
                 Ok(None)
             };
-            let result = ldm_pipeline::generate(&self.components, &req, &mut hook);
+            let result = ldm_pipeline::generate(components, &req, &mut hook);
             report(Update::Phase("decoding"));
             match result {
                 Ok(out) => {
@@ -241,6 +297,7 @@ impl Model {
                         p,
                         &req,
                         out.images.into_iter().next(),
+                        &tagged,
                     )?));
                 }
                 Err(ldm_pipeline::Error::Cancelled) => {
@@ -250,10 +307,9 @@ impl Model {
                     // Interrupt and skip keep the image as far as it got (its current
                     // denoised estimate), as A1111 returns what was made so far.
                     if let Some(z) = &last {
-                        let pixels =
-                            ldm_pipeline::generate::decode_latents(&self.components, &req, z)?;
+                        let pixels = ldm_pipeline::generate::decode_latents(components, &req, z)?;
                         let img = to_images(&pixels)?.into_iter().next();
-                        report(Update::Image(self.encode(p, &req, img)?));
+                        report(Update::Image(self.encode(p, &req, img, &tagged)?));
                     }
                     if flags.interrupt.load(Ordering::Relaxed) {
                         return Ok(Outcome::Succeeded);

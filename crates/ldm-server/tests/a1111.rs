@@ -4,6 +4,7 @@ mod common;
 
 use candle_core::{DType, Device};
 use common::*;
+use ldm_server::ServerConfig;
 use serde_json::{json, Value};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -327,5 +328,84 @@ async fn options_models_and_lists() {
     assert!(
         e["detail"].as_str().unwrap().contains("unknown sampler"),
         "{e}"
+    );
+}
+
+/// `<lora:NAME:W>` in an A1111 prompt: the file is found in `--lora-dir`, merged for that
+/// request, and the picture is diffusers' with the LoRA loaded (`fixtures/lora`); a request
+/// without the tag gets the untouched base model's picture, exactly; `/sdapi/v1/loras` lists
+/// the files, and the PNG records the hash.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prompt_loras_are_merged_per_request_and_the_base_restored() {
+    let f = root().join("fixtures");
+    let s = start(ServerConfig {
+        lora_dirs: vec![f.join("lora")],
+        port: 0,
+        ..ServerConfig::new(f.join("tiny/sd15"))
+    })
+    .await;
+    let (status, list) = s.get("/sdapi/v1/loras").await;
+    assert_eq!(status, 200);
+    let names: Vec<&str> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["name"].as_str().unwrap())
+        .collect();
+    assert!(
+        names.contains(&"sd15_peft") && names.contains(&"sd15_kohya"),
+        "{names:?}"
+    );
+    let body = |prompt: &str| {
+        json!({"prompt": prompt, "seed": 1, "steps": 8, "cfg_scale": 7.5,
+               "width": 32, "height": 32})
+    };
+    let expect = |name: &str| {
+        image::open(f.join("lora").join(format!("{name}.png")))
+            .unwrap()
+            .to_rgb8()
+    };
+    let mean_diff = |a: &image::RgbImage, b: &image::RgbImage| -> f64 {
+        a.as_raw()
+            .iter()
+            .zip(b.as_raw())
+            .map(|(&x, &y)| (x as f64 - y as f64).abs())
+            .sum::<f64>()
+            / a.as_raw().len() as f64
+    };
+    for (prompt, picture) in [
+        ("a red circle <lora:sd15_peft:1>", "sd15_peft"),
+        ("a red circle", "sd15_base"),
+        ("a red circle <lora:sd15_kohya>", "sd15_kohya"),
+        ("a red circle <lora:sd15_peft:1>", "sd15_peft"),
+    ] {
+        let (status, r) = s.post("/sdapi/v1/txt2img", body(prompt)).await;
+        assert_eq!(status, 200, "{prompt}: {r}");
+        let ours = decode(r["images"][0].as_str().unwrap());
+        let d = mean_diff(&ours, &expect(picture));
+        assert!(d <= 1.0, "{prompt}: mean |Δ| {d} from {picture}");
+        let info: Value = serde_json::from_str(r["info"].as_str().unwrap()).unwrap();
+        let text = info["infotexts"][0].as_str().unwrap();
+        assert!(text.starts_with(prompt), "{text}");
+        assert_eq!(
+            text.contains("Lora hashes: \""),
+            prompt.contains("<lora:"),
+            "{text}"
+        );
+    }
+    let (status, r) = s
+        .post(
+            "/sdapi/v1/txt2img",
+            body("a red circle <lora:nothing_here:1>"),
+        )
+        .await;
+    assert_eq!(status, 200, "{r}");
+    let info: Value = serde_json::from_str(r["info"].as_str().unwrap()).unwrap();
+    assert!(
+        info["infotexts"][0]
+            .as_str()
+            .unwrap()
+            .contains("Lora not found: \"nothing_here\""),
+        "{info}"
     );
 }

@@ -19,6 +19,7 @@ const BOS: &str = "<|startoftext|>";
 const EOS: &str = "<|endoftext|>";
 
 /// A CLIP tokenizer with its special ids and context length.
+#[derive(Clone)]
 pub struct ClipTokenizer {
     inner: Tokenizer,
     path: PathBuf,
