@@ -226,6 +226,97 @@ fn normalised(module: &str) -> String {
     }
 }
 
+/// A text encoder's module in OpenCLIP's own names (`transformer.resblocks.N.attn.in_proj`,
+/// `….mlp.c_fc`, flattened or dotted, after an optional `model`) in transformers' names.
+fn open_clip_names(module: &str) -> String {
+    if !module.contains("resblocks") {
+        return module.to_string();
+    }
+    let m = module
+        .strip_prefix("model.")
+        .or_else(|| module.strip_prefix("model_"))
+        .unwrap_or(module);
+    let mut out = m.to_string();
+    for (from, to) in [
+        ("transformer.resblocks.", "encoder.layers."),
+        ("transformer_resblocks_", "encoder_layers_"),
+        (".attn.", ".self_attn."),
+        ("_attn_", "_self_attn_"),
+        ("mlp.c_fc", "mlp.fc1"),
+        ("mlp_c_fc", "mlp_fc1"),
+        ("mlp.c_proj", "mlp.fc2"),
+        ("mlp_c_proj", "mlp_fc2"),
+    ] {
+        out = out.replace(from, to);
+    }
+    out
+}
+
+/// Marks a fused attention input projection (`…self_attn.in_proj`, q, k and v stacked by
+/// rows) in a layer's module path: its update is split over the three.
+const FUSED_QKV: &str = "#in_proj";
+
+/// The fused `in_proj` of `module` (dotted or flattened), when the network has that layer's
+/// `q_proj`, `k_proj` and `v_proj`: the q projection's path with [`FUSED_QKV`] appended.
+fn fused_qkv(module: &str, map: &BTreeMap<String, String>) -> Option<String> {
+    let sep = module.strip_suffix("in_proj")?.chars().last()?;
+    let prefix = &module[..module.len() - "in_proj".len()];
+    let q = map.get(&format!("{prefix}q_proj"))?;
+    let base = q.strip_suffix("q_proj")?;
+    let has = |p: &str| map.values().any(|m| m == &format!("{base}{p}"));
+    (matches!(sep, '.' | '_') && has("k_proj") && has("v_proj")).then(|| format!("{q}{FUSED_QKV}"))
+}
+
+/// The shape of the weight a layer's update must have: its own, or for a fused `in_proj`
+/// three q projections stacked.
+fn weight_shape(net: &Checkpoint, module: &str) -> Vec<usize> {
+    match module.strip_suffix(FUSED_QKV) {
+        Some(q) => {
+            let mut s = net.tensors()[&format!("{q}.weight")].shape.clone();
+            s[0] *= 3;
+            s
+        }
+        None => net.tensors()[&format!("{module}.weight")].shape.clone(),
+    }
+}
+
+/// The three weight keys a fused `in_proj` layer's update splits over, in order.
+fn fused_keys(q_module: &str) -> Option<[String; 3]> {
+    let base = q_module.strip_suffix("q_proj")?;
+    Some(["q_proj", "k_proj", "v_proj"].map(|p| format!("{base}{p}.weight")))
+}
+
+/// Where LoRA files keep textual-inversion embeddings they bundle (kohya, A1111:
+/// `bundle_emb.NAME.string_to_param.*`, or `…NAME.clip_l` / `clip_g` for SDXL).
+const BUNDLED: &str = "bundle_emb.";
+
+/// The textual-inversion embeddings a LoRA file bundles, by name (A1111 adds them as if they
+/// were in the embeddings folder).
+pub fn bundled_embeddings(
+    file: &Path,
+    device: &Device,
+) -> Result<Vec<(String, crate::clip::textual_inversion::TextualInversion)>> {
+    let ckpt = Checkpoint::open_file(file)?;
+    let mut groups: BTreeMap<String, BTreeMap<String, Tensor>> = BTreeMap::new();
+    for key in ckpt.tensors().keys() {
+        let Some((name, vec)) = key.strip_prefix(BUNDLED).and_then(|r| r.split_once('.')) else {
+            continue;
+        };
+        groups
+            .entry(name.to_string())
+            .or_default()
+            .insert(vec.to_string(), ckpt.load(key, DType::F32, device)?);
+    }
+    groups
+        .into_iter()
+        .map(|(name, tensors)| {
+            let ti =
+                crate::clip::textual_inversion::TextualInversion::from_tensors(&tensors, file)?;
+            Ok((name, ti))
+        })
+        .collect()
+}
+
 /// At most this many offending keys are listed in an error.
 const LISTED: usize = 8;
 
@@ -284,6 +375,10 @@ impl LoraFile {
         let mut parts: BTreeMap<(LoraTarget, String), Parts> = BTreeMap::new();
         let (mut unknown, mut absent, mut unmatched) = (Vec::new(), Vec::new(), Vec::new());
         for key in ckpt.tensors().keys() {
+            // Embeddings a file bundles are read by `bundled_embeddings`.
+            if key.starts_with(BUNDLED) {
+                continue;
+            }
             let Some((target, written, part)) = split_key(key) else {
                 unknown.push(key.clone());
                 continue;
@@ -292,12 +387,15 @@ impl LoraFile {
                 absent.push(key.clone());
                 continue;
             };
-            let found = map
-                .get(&normalised(written))
-                .or_else(|| match (target, unet_ldm) {
-                    (LoraTarget::Unet, Some(f)) => f(written).and_then(|d| map.get(&d)),
-                    _ => None,
-                });
+            let found =
+                map.get(&normalised(written))
+                    .cloned()
+                    .or_else(|| match (target, unet_ldm) {
+                        (LoraTarget::Unet, Some(f)) => {
+                            f(written).and_then(|d| map.get(&d)).cloned()
+                        }
+                        _ => fused_qkv(&normalised(&open_clip_names(written)), map),
+                    });
             let Some(module) = found else {
                 unmatched.push(key.clone());
                 continue;
@@ -364,10 +462,17 @@ impl LoraFile {
                 )));
             }
             let net = &nets[&target];
-            let weight = &net.tensors()[&format!("{module}.weight")].shape;
+            let weight = &weight_shape(net, &module);
             adapter
                 .delta(weight)
                 .map_err(|e| bad(format!("layer `{module}`: {e}")))?;
+            if module.ends_with(FUSED_QKV)
+                && (magnitude.is_some() || adapter.bias_delta().is_some())
+            {
+                return Err(bad(format!(
+                    "layer `{module}`: DoRA or a bias update on a fused q/k/v projection"
+                )));
+            }
             let dora = magnitude
                 .map(|(m, peft)| Dora::new(&m, weight, peft))
                 .transpose()
@@ -420,6 +525,16 @@ impl LoraFile {
             Ok(())
         }
         for (module, layer) in layers {
+            if let Some(keys) = module.strip_suffix(FUSED_QKV).and_then(fused_keys) {
+                // q, k and v stacked by rows: each takes its third of the update.
+                let shape = weight_shape(net, module);
+                let delta = (layer.adapter.delta(&shape)? * (multiplier * layer.scale()))?;
+                let rows = shape[0] / 3;
+                for (i, key) in keys.into_iter().enumerate() {
+                    add(patches, key, delta.narrow(0, i * rows, rows)?)?;
+                }
+                continue;
+            }
             let key = format!("{module}.weight");
             let shape = &net.tensors()[&key].shape;
             let delta = layer.adapter.delta(shape)?;

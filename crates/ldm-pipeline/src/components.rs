@@ -163,6 +163,16 @@ impl Components {
     pub fn add_embedding(&mut self, name: &str, file: &Path) -> Result<()> {
         use ldm_models::clip::textual_inversion::TextualInversion;
         let ti = TextualInversion::read(file, &self.device)?;
+        self.add_embedding_vectors(name, ti, file)
+    }
+
+    /// Adds an embedding's vectors under `name` (`file` names where they came from in errors).
+    pub fn add_embedding_vectors(
+        &mut self,
+        name: &str,
+        ti: ldm_models::clip::textual_inversion::TextualInversion,
+        file: &Path,
+    ) -> Result<()> {
         let bad = |msg: String| Error::Image {
             path: file.to_path_buf(),
             msg,
@@ -388,13 +398,30 @@ impl Components {
         if let Some(unet) = built.unet {
             self.unet = unet;
         }
-        for (slot, model) in built.text_encoders {
+        for (slot, mut model) in built.text_encoders {
             let i = match slot {
                 TextEncoderSlot::First => 0,
                 TextEncoderSlot::Second => 1,
             };
             if let Some(pair) = self.text_encoders.get_mut(i) {
+                // Embeddings added before (textual inversion) carry over to the rebuilt encoder.
+                if let Some(rows) = pair.1.token_embeddings_from(model.config.vocab_size)? {
+                    model.add_token_embeddings(&rows)?;
+                }
                 pair.1 = model;
+            }
+        }
+        // Embeddings the files bundle, unless the word is taken (by `--embeddings`, or an
+        // earlier file).
+        for spec in loras {
+            for (name, ti) in ldm_models::lora::bundled_embeddings(&spec.path, &self.device)? {
+                let taken = self
+                    .text_encoders
+                    .iter()
+                    .any(|(t, _)| t.token_id(&name).is_some());
+                if !taken {
+                    self.add_embedding_vectors(&name, ti, &spec.path)?;
+                }
             }
         }
         Ok(())

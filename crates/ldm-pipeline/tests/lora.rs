@@ -283,3 +283,141 @@ fn dora_matches_diffusers_and_its_formula() {
         }
     }
 }
+
+/// Text-encoder LoRA layers on a fused attention input projection (`…self_attn_in_proj`, and
+/// OpenCLIP's own `transformer_resblocks_N_attn_in_proj`): q, k and v stacked by rows, each
+/// weight taking its third of the update. The SDXL kohya file with its second encoder's q/k/v
+/// factors fused (block-diagonal up, stacked down, α × 3 for the tripled rank) gives the same
+/// picture as the file itself.
+#[test]
+fn fused_qkv_layers_split_over_q_k_and_v() {
+    use candle_core::Tensor;
+    use std::collections::HashMap;
+    let dev = Device::Cpu;
+    let src = candle_core::safetensors::load(fixtures().join("lora/sdxl_kohya.safetensors"), &dev)
+        .unwrap();
+    let mut out: HashMap<String, Tensor> = HashMap::new();
+    let mut fused = 0;
+    for (k, v) in &src {
+        let is_qkv = k.starts_with("lora_te2_")
+            && ["_q_proj.", "_k_proj.", "_v_proj."]
+                .iter()
+                .any(|p| k.contains(p));
+        if !is_qkv {
+            out.insert(k.clone(), v.clone());
+        }
+    }
+    for layer in 0.. {
+        let base = format!("lora_te2_text_model_encoder_layers_{layer}_self_attn_");
+        let part = |p: &str, t: &str| src.get(&format!("{base}{p}_proj.{t}")).cloned();
+        let Some(dq) = part("q", "lora_down.weight") else {
+            break;
+        };
+        let (dk, dv) = (
+            part("k", "lora_down.weight").unwrap(),
+            part("v", "lora_down.weight").unwrap(),
+        );
+        let ups = ["q", "k", "v"].map(|p| part(p, "lora_up.weight").unwrap());
+        let (d, r) = ups[0].dims2().unwrap();
+        let down = Tensor::cat(&[&dq, &dk, &dv], 0).unwrap();
+        let mut up = Tensor::zeros((3 * d, 3 * r), DType::F32, &dev).unwrap();
+        for (i, u) in ups.iter().enumerate() {
+            up = up
+                .slice_assign(&[i * d..(i + 1) * d, i * r..(i + 1) * r], u)
+                .unwrap();
+        }
+        let alpha = part("q", "alpha").unwrap();
+        // Half the layers in OpenCLIP's own names.
+        let name = if layer % 2 == 0 {
+            format!("{base}in_proj")
+        } else {
+            format!("lora_te2_model_transformer_resblocks_{layer}_attn_in_proj")
+        };
+        out.insert(format!("{name}.lora_down.weight"), down);
+        out.insert(format!("{name}.lora_up.weight"), up);
+        out.insert(format!("{name}.alpha"), (alpha * 3.0).unwrap());
+        fused += 1;
+    }
+    assert!(fused >= 2, "{fused}");
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("fused.safetensors");
+    candle_core::safetensors::save(&out, &file).unwrap();
+    let ours = render("sdxl", &[(file.to_str().unwrap(), 1.4)]).unwrap();
+    let (mean, over2) = compare(&ours, &expect("sdxl_peft"));
+    println!(
+        "fused q/k/v: mean |Δ| {mean:.3}, {:.2} % > 2",
+        over2 * 100.0
+    );
+    assert!(mean <= 1.0 && over2 < 0.01, "{mean}");
+}
+
+/// Textual-inversion embeddings survive a LoRA merge (the rebuilt text encoder keeps the added
+/// rows, so `--embeddings` and `--lora` work together), and a LoRA file that bundles the same
+/// embedding (`bundle_emb.NAME.string_to_param.*`, as kohya and A1111 write them) gives the same
+/// picture on its own.
+#[test]
+fn embeddings_survive_loras_and_bundled_ones_load() {
+    use std::collections::HashMap;
+    let dev = Device::Cpu;
+    let f = fixtures();
+    let req = Request {
+        prompt: "a red circle shapestyle".into(),
+        width: 32,
+        height: 32,
+        steps: 8,
+        seed: 1,
+        ..Request::default()
+    };
+    let run = |c: &Components| generate(c, &req, &mut NoHook).unwrap().images[0].clone();
+    let lora = ldm_models::lora::LoraSpec::new(f.join("lora/sd15_peft.safetensors"), 1.0);
+
+    let mut c = Components::load(&f.join("tiny/sd15"), DType::F32, &dev).unwrap();
+    let base_vocab = c.text_encoders[0].1.config.vocab_size;
+    c.load_embeddings(&f.join("embeddings/sd15")).unwrap();
+    let added = c.text_encoders[0]
+        .1
+        .token_embeddings_from(base_vocab)
+        .unwrap()
+        .unwrap();
+    c.apply_loras(std::slice::from_ref(&lora)).unwrap();
+    let kept = c.text_encoders[0]
+        .1
+        .token_embeddings_from(base_vocab)
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        added.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        kept.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+    );
+    let both = run(&c);
+
+    let mut tensors: HashMap<String, candle_core::Tensor> =
+        candle_core::safetensors::load(f.join("lora/sd15_peft.safetensors"), &dev)
+            .unwrap()
+            .into_iter()
+            .collect();
+    let emb =
+        candle_core::safetensors::load(f.join("embeddings/sd15/shapestyle.safetensors"), &dev)
+            .unwrap();
+    tensors.insert(
+        "bundle_emb.shapestyle.string_to_param.*".into(),
+        emb["emb_params"].clone(),
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let bundled = tmp.path().join("bundled.safetensors");
+    candle_core::safetensors::save(&tensors, &bundled).unwrap();
+    let mut c2 = Components::load(&f.join("tiny/sd15"), DType::F32, &dev).unwrap();
+    c2.apply_loras(&[ldm_models::lora::LoraSpec::new(&bundled, 1.0)])
+        .unwrap();
+    let (same, _) = compare(&run(&c2), &both);
+    assert_eq!(
+        same, 0.0,
+        "the bundled embedding, as if loaded from the folder"
+    );
+
+    let mut c3 = Components::load(&f.join("tiny/sd15"), DType::F32, &dev).unwrap();
+    c3.apply_loras(&[lora]).unwrap();
+    let (apart, _) = compare(&run(&c3), &both);
+    println!("with the embedding against the word's plain tokens: {apart:.3} levels");
+    assert!(apart > 1.0, "{apart}");
+}

@@ -232,6 +232,16 @@ impl ClipTextModel {
         Ok(first)
     }
 
+    /// The token-embedding rows from id `first` on (those textual inversion added past a
+    /// checkpoint's vocabulary), if any.
+    pub fn token_embeddings_from(&self, first: usize) -> Result<Option<Tensor>> {
+        let table = self.token_embedding.embeddings();
+        let rows = table.dim(0)?;
+        (rows > first)
+            .then(|| table.narrow(0, first, rows - first))
+            .transpose()
+    }
+
     /// Applies the final layer norm (for clip skip on an earlier layer's hidden state).
     pub fn final_layer_norm(&self, hidden: &Tensor) -> Result<Tensor> {
         self.final_layer_norm.forward(hidden)

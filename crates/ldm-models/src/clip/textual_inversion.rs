@@ -29,13 +29,27 @@ impl TextualInversion {
         } else {
             Checkpoint::open_file(path)?
         };
-        let keys: Vec<&String> = ckpt.tensors().keys().collect();
+        let tensors = ckpt
+            .tensors()
+            .keys()
+            .map(|k| Ok((k.clone(), ckpt.load(k, DType::F32, device)?)))
+            .collect::<Result<std::collections::BTreeMap<_, _>>>()?;
+        Self::from_tensors(&tensors, path)
+    }
+
+    /// The vectors among `tensors` (named as in an embedding file; `path` names it in errors):
+    /// `clip_l` + `clip_g`, `emb_params`, or a single tensor of any name.
+    pub fn from_tensors(
+        tensors: &std::collections::BTreeMap<String, Tensor>,
+        path: &Path,
+    ) -> Result<Self> {
+        let keys: Vec<&String> = tensors.keys().collect();
         let bad = |msg: String| Error::Checkpoint {
             path: path.to_path_buf(),
             msg,
         };
         let load = |key: &str| -> Result<Tensor> {
-            let t = ckpt.load(key, DType::F32, device)?;
+            let t = tensors[key].to_dtype(DType::F32)?;
             match t.rank() {
                 1 => Ok(t.unsqueeze(0)?),
                 2 if t.dim(0)? > 0 => Ok(t),
@@ -45,7 +59,7 @@ impl TextualInversion {
                 ))),
             }
         };
-        let has = |k: &str| ckpt.tensors().contains_key(k);
+        let has = |k: &str| tensors.contains_key(k);
         let per_encoder = if has("clip_l") && has("clip_g") {
             vec![load("clip_l")?, load("clip_g")?]
         } else if has("emb_params") {

@@ -254,6 +254,11 @@ impl ClipTokenizer {
     }
 
     /// Vocabulary size, special tokens included.
+    /// The id of a whole token (an added embedding's word, say), if the vocabulary has it.
+    pub fn token_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
+    }
+
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
     }
