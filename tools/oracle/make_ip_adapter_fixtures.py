@@ -4,7 +4,7 @@ tencent-ailab single-file layout, and the pictures diffusers 0.42.1 makes with t
 
     python tools/oracle/make_ip_adapter_fixtures.py fixtures
 
-Reads the tiny pipeline folders fixtures/tiny/{sd15,sdxl}/ and the reference image
+Reads the tiny pipeline folders fixtures/tiny/{sd15,sdxl,sd21}/ and the reference image
 fixtures/pipelines/inputs/gradient_circle_32x32.png, and writes fixtures/ip_adapter/:
 
 1. image_encoder/ (a transformers folder: config.json, model.safetensors float32, and
@@ -28,7 +28,7 @@ fixtures/pipelines/inputs/gradient_circle_32x32.png, and writes fixtures/ip_adap
 3. IP-Adapters in the original layout that `load_ip_adapter` reads (`image_proj.*`,
    `ip_adapter.<2k+1>.to_k_ip.weight` / `.to_v_ip.weight` for the k-th cross-attention processor in
    `unet.attn_processors` order), built as diffusers modules (PyTorch default init under
-   `torch.manual_seed(seed)` (seeds 711, 712, 713), then with `torch.Generator().manual_seed(seed)`
+   `torch.manual_seed(seed)` (seeds 711, 712, 713, 714), then with `torch.Generator().manual_seed(seed)`
    LayerNorm weights `1 + 0.2·randn`, LayerNorm biases `0.1·randn`; to_k_ip/to_v_ip are
    `nn.Linear(cross_attention_dim, hidden, bias=False)` default init drawn after the projection, in
    processor order, to_v_ip times V_GAIN 0.5) and written through the exact inverse of
@@ -40,6 +40,9 @@ fixtures/pipelines/inputs/gradient_circle_32x32.png, and writes fixtures/ip_adap
                             constructor default), dim_head 64 (heads = to_q rows // 64) and
                             ffn_ratio 4, so only these fit.
      sdxl_base.safetensors  ImageProjection for the tiny SDXL: 16 → 4·80
+     sd21_base.safetensors  ImageProjection for the tiny SD2.1 (v-prediction, DDIM, OpenCLIP-style
+                            text encoder, cross_attention_dim 32, linear proj_in/out): 16 → 4·32,
+                            the same image encoder (projection_dim 16)
    The script loads each file back with `pipe.load_ip_adapter(fixtures/ip_adapter, subfolder="",
    weight_name=..., image_encoder_folder="image_encoder")` and checks the U-Net's
    IPAdapterAttnProcessor2_0 weights and image projection hold exactly the tensors written. It also
@@ -51,13 +54,14 @@ fixtures/pipelines/inputs/gradient_circle_32x32.png, and writes fixtures/ip_adap
    negative first) and "ip_tokens" (`unet.encoder_hid_proj` output, 2×1×4×cross_attention_dim).
 
 5. Pictures (32×32 PNG), prompt "a red circle", no negative prompt, seed 1
-   (`torch.Generator("cpu").manual_seed(1)`), 8 steps, guidance 7.5 (SD1.5) or 5.0 (SDXL), the
-   folder's own scheduler (SD1.5 PNDM, SDXL Euler), `ip_adapter_image` = gradient_circle_32x32.png,
+   (`torch.Generator("cpu").manual_seed(1)`), 8 steps, guidance 7.5 (SD1.5, SD2.1) or 5.0 (SDXL),
+   the folder's own scheduler (SD1.5 PNDM, SDXL Euler, SD2.1 DDIM), `ip_adapter_image` = gradient_circle_32x32.png,
    `pipe.set_ip_adapter_scale(scale)`; `*_base` are the plain pipelines. Every case, with all its
-   call arguments, is in cases.json (paths relative to fixtures/).
+   call arguments, is in cases.json (paths relative to fixtures/). The SD2.1 adapter and cases
+   come after the others (own seed), so adding them left every earlier file byte-identical.
 
 Checks (asserted): every IP picture is > 3 levels from its base (measured: sd15_base_ip 16.99,
-sd15_base_ip_half 9.11, sd15_plus_ip 13.07, sdxl_base_ip 15.98; saturated share stays at the base's
+sd15_base_ip_half 9.11, sd15_plus_ip 13.07, sdxl_base_ip 15.98, sd21_base_ip 28.38; saturated share stays at the base's
 ~0.2/0.17), and scale 1.0 vs 0.5 differ by > 1 level; scale 0 gives the base picture
 exactly; the round trips above.
 
@@ -103,7 +107,7 @@ out.mkdir(parents=True, exist_ok=True)
 PROMPT = "a red circle"
 SEED = 1
 STEPS = 8
-GUIDANCE = {"sd15": 7.5, "sdxl": 5.0}
+GUIDANCE = {"sd15": 7.5, "sdxl": 5.0, "sd21": 7.5}
 CIRCLE = "pipelines/inputs/gradient_circle_32x32.png"
 
 ENCODER = dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -115,7 +119,9 @@ ADAPTERS = {
     "sd15_base": ("sd15", "base", 711, 0.5),
     "sd15_plus": ("sd15", "plus", 712, 0.5),
     "sdxl_base": ("sdxl", "base", 713, 0.5),
+    "sd21_base": ("sd21", "base", 714, 0.5),
 }
+SCHEDULER = {"sd15": "PNDMScheduler", "sdxl": "EulerDiscreteScheduler", "sd21": "DDIMScheduler"}
 
 image = PIL.Image.open(root / CIRCLE).convert("RGB")
 
@@ -347,7 +353,7 @@ def case(name, model, adapter=None, scale=None):
         "model": model,
         "pipeline_folder": f"tiny/{model}",
         "pipeline": "StableDiffusionXLPipeline" if xl else "StableDiffusionPipeline",
-        "scheduler": "EulerDiscreteScheduler" if xl else "PNDMScheduler",
+        "scheduler": SCHEDULER[model],
         "ip_adapter": f"ip_adapter/{adapter}.safetensors" if adapter else None,
         "ip_adapter_kind": ADAPTERS[adapter][1] if adapter else None,
         "image_encoder": "ip_adapter/image_encoder" if adapter else None,
@@ -373,10 +379,13 @@ CASES = [
     case("sd15_plus_ip", "sd15", "sd15_plus", 1.0),
     case("sdxl_base", "sdxl"),
     case("sdxl_base_ip", "sdxl", "sdxl_base", 1.0),
+    case("sd21_base", "sd21"),
+    case("sd21_base_ip", "sd21", "sd21_base", 1.0),
 ]
 
 
 def render(pipe, c: dict, scale=None):
+    assert type(pipe.scheduler).__name__ == c["scheduler"], (type(pipe.scheduler).__name__, c["scheduler"])
     kw = dict(prompt=c["prompt"], negative_prompt=c["negative_prompt"], num_inference_steps=c["steps"],
               guidance_scale=c["guidance_scale"], width=c["width"], height=c["height"],
               num_images_per_prompt=c["num_images_per_prompt"],
@@ -394,9 +403,10 @@ def levels(a, b) -> float:
 
 print("\nprocessor order (sd15):", list(load("sd15").unet.attn_processors))
 print("processor order (sdxl):", list(load("sdxl").unet.attn_processors))
+print("processor order (sd21):", list(load("sd21").unet.attn_processors))
 
 pngs = {}
-for m in ("sd15", "sdxl"):
+for m in ("sd15", "sdxl", "sd21"):
     c = next(c for c in CASES if c["name"] == f"{m}_base")
     render(load(m), c).save(root / c["image"])
     pngs[c["name"]] = np.asarray(PIL.Image.open(root / c["image"]))

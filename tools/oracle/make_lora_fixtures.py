@@ -4,7 +4,9 @@ and the pictures diffusers makes with them (`pipe.load_lora_weights`).
 
     python tools/oracle/make_lora_fixtures.py fixtures
 
-For the tiny SD1.5 and SDXL pipelines (fixtures/tiny/{sd15,sdxl}), with diffusers 0.42.1 and
+For the tiny SD1.5, SDXL and SD2.1 pipelines (fixtures/tiny/{sd15,sdxl,sd21}; SD2.1: v-prediction,
+DDIM, an OpenCLIP-style text encoder as transformers' CLIPTextModel with gelu, the same module
+names as SD1.5's, so the same targets fit), with diffusers 0.42.1 and
 peft on the CPU in float32, one thread: PEFT adapters with random A and B
 (`init_lora_weights=False`, seeded) on the U-Net's attention, feed-forward and ResNet layers
 and on every text encoder's attention and MLP layers, then
@@ -16,20 +18,22 @@ and on every text encoder's attention and MLP layers, then
   fixtures/lora/<model>_kohya.safetensors   `convert_state_dict_to_kohya` of the same
                                             (`lora_unet_…`, `lora_te1_…`, `lora_te2_…`), with
                                             every `.alpha` set to half the rank (scale ½), and
-                                            for SD1.5 the text encoder renamed `lora_te_` as
-                                            kohya's SD1 files name it
+                                            for SD1.5 and SD2.1 the text encoder renamed
+                                            `lora_te_` as kohya's SD1/SD2 files name it
   fixtures/lora/<model>_<kind>.png          the pipeline's own scheduler, "a red circle", 32×32,
                                             8 steps, guidance 7.5 (SDXL 5.0), seed 1, after
                                             `load_lora_weights(file)` (SDXL: the PEFT file only,
                                             at `cross_attention_kwargs={"scale": 0.7}`, the
-                                            multiplier)
+                                            multiplier; SD1.5 and SD2.1: both files, scale 1)
   fixtures/lora/<model>_base.png            the same without a LoRA
 """
 
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_kohya
 from peft import LoraConfig, inject_adapter_in_model
@@ -60,7 +64,8 @@ def render(pipe, model, **kw):
                 generator=torch.Generator("cpu").manual_seed(1), **kw).images[0]
 
 
-for model in ["sd15", "sdxl"]:
+# SD2.1 last, so the earlier models' files stay as they were (each model reseeds anyway).
+for model in ["sd15", "sdxl", "sd21"]:
     pipe = load(model)
     render(pipe, model).save(out / f"{model}_base.png")
     torch.manual_seed(0)
@@ -99,18 +104,23 @@ for model in ["sd15", "sdxl"]:
     for k in list(kohya):
         if k.endswith(".alpha"):
             kohya[k] = torch.tensor(2.0)  # rank 4: scale 0.5
-    if model == "sd15":
+    if model in ("sd15", "sd21"):
         kohya = {k.replace("lora_te1_", "lora_te_"): v for k, v in kohya.items()}
     save_file({k: v.contiguous() for k, v in kohya.items()}, out / f"{model}_kohya.safetensors")
 
     # diffusers 0.42.1 with transformers 5 loads no kohya text-encoder LoRA for SDXL (its
     # converted `text_encoder_2.text_model.…` paths match no module), so SDXL is checked with
     # the PEFT file alone, at multiplier 0.7.
-    for kind in ["peft", "kohya"] if model == "sd15" else ["peft"]:
+    # SD2.1 loads both (its single text encoder is `lora_te_` like SD1.5's).
+    for kind in ["peft", "kohya"] if model in ("sd15", "sd21") else ["peft"]:
         fresh = load(model)
         fresh.load_lora_weights(out / f"{model}_{kind}.safetensors")
         for name in encoders:
             assert any("lora" in n for n, _ in getattr(fresh, name).named_parameters()), (model, kind, name)
         kw = {"cross_attention_kwargs": {"scale": 0.7}} if model == "sdxl" else {}
         render(fresh, model, **kw).save(out / f"{model}_{kind}.png")
+        d = np.abs(np.asarray(Image.open(out / f"{model}_{kind}.png"), dtype=np.float64)
+                   - np.asarray(Image.open(out / f"{model}_base.png"), dtype=np.float64)).mean()
+        print(f"{model}_{kind}: mean |difference| from {model}_base {d:.2f} levels")
+        assert d > 3.0, (model, kind, d)
     print("wrote", model, len(kohya), "kohya tensors")

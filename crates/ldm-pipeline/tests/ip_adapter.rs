@@ -1,6 +1,6 @@
 //! IP-Adapter against diffusers (`tools/oracle/make_ip_adapter_fixtures.py`): a tiny CLIP
 //! image encoder (`CLIPVisionModelWithProjection`) and random base and Plus IP-Adapters in the
-//! original file layout for the tiny SD1.5 and SDXL pipelines. The encoder's states, the image
+//! original file layout for the tiny SD1.5, SD2.1 and SDXL pipelines. The encoder's states, the image
 //! processing, each projection's image tokens, and the pictures of diffusers' pipelines with
 //! `load_ip_adapter` (scale 1 and ½) are reproduced; each adapter moves the picture 9–17
 //! levels from the plain one.
@@ -129,7 +129,7 @@ fn ip_adapters_match_diffusers_pictures() {
             adapted += 1;
         }
     }
-    assert_eq!(adapted, 4);
+    assert_eq!(adapted, 5);
 }
 
 #[test]

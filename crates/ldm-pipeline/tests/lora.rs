@@ -1,5 +1,5 @@
 //! LoRA files against diffusers' `load_lora_weights` (`tools/oracle/make_lora_fixtures.py`):
-//! PEFT adapters with random factors on the tiny SD1.5 and SDXL pipelines' U-Net and every
+//! PEFT adapters with random factors on the tiny SD1.5, SD2.1 and SDXL pipelines' U-Net and every
 //! text encoder, saved in diffusers/PEFT naming and converted to kohya's (alphas at half the
 //! rank); the pictures match (mean difference ≤ 1 level, under 1 % of values off by more than
 //! 2), and files for another network are refused whole.
@@ -51,10 +51,13 @@ fn expect(name: &str) -> image::RgbImage {
 fn lora_files_match_diffusers() {
     // (model, the diffusers picture, LoRA files with multipliers)
     type Case<'a> = (&'a str, &'a str, Vec<(&'a str, f64)>);
-    let cases: [Case; 6] = [
+    let cases: [Case; 9] = [
         ("sd15", "sd15_base", vec![]),
         ("sd15", "sd15_peft", vec![("sd15_peft.safetensors", 1.0)]),
         ("sd15", "sd15_kohya", vec![("sd15_kohya.safetensors", 1.0)]),
+        ("sd21", "sd21_base", vec![]),
+        ("sd21", "sd21_peft", vec![("sd21_peft.safetensors", 1.0)]),
+        ("sd21", "sd21_kohya", vec![("sd21_kohya.safetensors", 1.0)]),
         ("sdxl", "sdxl_base", vec![]),
         ("sdxl", "sdxl_peft", vec![("sdxl_peft.safetensors", 0.7)]),
         // The kohya copy's alphas halve its scale: 1.4 × ½ is the PEFT file at 0.7.
