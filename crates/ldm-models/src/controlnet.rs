@@ -224,22 +224,14 @@ impl ControlNetModel {
         device: &candle_core::Device,
     ) -> ModelResult<Self> {
         let cfg = ControlNetConfig::from_file(&dir.join("config.json"))?;
-        let files = crate::weights::component_files(dir)?;
-        let weights = crate::weights::Weights::new(crate::weights::Checkpoint::open(&files)?);
-        let model = Self::new(weights.var_builder(dtype, device), &cfg)
-            .map_err(|e| Error::Msg(format!("loading {}: {e}", dir.display())))?;
-        let unused = weights.unused();
-        if !unused.is_empty() {
-            return Err(Error::NotAModel {
-                path: dir.to_path_buf(),
-                msg: format!(
-                    "not a ControlNet of this config: {} tensors unused ({} …)",
-                    unused.len(),
-                    unused[0]
-                ),
-            });
-        }
-        Ok(model)
+        crate::weights::load_folder_strict(
+            dir,
+            dtype,
+            device,
+            "a ControlNet",
+            |_| false,
+            |vb| Self::new(vb, &cfg),
+        )
     }
 
     /// Loads an original (lllyasviel) single-file ControlNet for a U-Net of config `unet`:

@@ -279,22 +279,14 @@ impl T2IAdapter {
         device: &candle_core::Device,
     ) -> ModelResult<Self> {
         let cfg = T2IAdapterConfig::from_file(&dir.join("config.json"))?;
-        let files = crate::weights::component_files(dir)?;
-        let weights = crate::weights::Weights::new(crate::weights::Checkpoint::open(&files)?);
-        let model = Self::new(weights.var_builder(dtype, device), &cfg)
-            .map_err(|e| Error::Msg(format!("loading {}: {e}", dir.display())))?;
-        let unused = weights.unused();
-        if !unused.is_empty() {
-            return Err(Error::NotAModel {
-                path: dir.to_path_buf(),
-                msg: format!(
-                    "not a T2IAdapter of this config: {} tensors unused ({} …)",
-                    unused.len(),
-                    unused[0]
-                ),
-            });
-        }
-        Ok(model)
+        crate::weights::load_folder_strict(
+            dir,
+            dtype,
+            device,
+            "a T2IAdapter",
+            |_| false,
+            |vb| Self::new(vb, &cfg),
+        )
     }
 
     /// The feature maps of an image `[B, in_channels, H, W]` in [0, 1], one per body block.

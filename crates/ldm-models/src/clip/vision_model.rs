@@ -202,26 +202,16 @@ impl ClipVisionModel {
         device: &candle_core::Device,
     ) -> ModelResult<Self> {
         let cfg = ClipVisionConfig::from_file(&dir.join("config.json"))?;
-        let files = crate::weights::component_files(dir)?;
-        let weights = crate::weights::Weights::new(crate::weights::Checkpoint::open(&files)?);
-        let model = Self::new(weights.var_builder(dtype, device), &cfg)
-            .map_err(|e| Error::Msg(format!("loading {}: {e}", dir.display())))?;
-        let unused: Vec<String> = weights
-            .unused()
-            .into_iter()
-            .filter(|k| !k.ends_with("position_ids"))
-            .collect();
-        if !unused.is_empty() {
-            return Err(Error::NotAModel {
-                path: dir.to_path_buf(),
-                msg: format!(
-                    "not a CLIP image encoder of this config: {} tensors unused ({} …)",
-                    unused.len(),
-                    unused[0]
-                ),
-            });
-        }
-        Ok(model)
+        // transformers saved `position_ids` buffers in older files.
+        let buffer = |k: &str| k.ends_with("position_ids");
+        crate::weights::load_folder_strict(
+            dir,
+            dtype,
+            device,
+            "a CLIP image encoder",
+            buffer,
+            |vb| Self::new(vb, &cfg),
+        )
     }
 
     /// `pixel_values`: `[B, C, image_size, image_size]`, normalised as CLIP's image processor

@@ -425,6 +425,38 @@ impl SimpleBackend for RecordingBackend {
     }
 }
 
+/// Builds a model from a component folder's weights, strictly: a missing or misshapen tensor
+/// fails, and so does any tensor the model did not use (except those `ignored` names, such as
+/// buffers a framework saves), which says the folder holds another `what`.
+pub fn load_folder_strict<T>(
+    dir: &Path,
+    dtype: DType,
+    device: &Device,
+    what: &str,
+    ignored: impl Fn(&str) -> bool,
+    build: impl FnOnce(VarBuilder<'static>) -> candle_core::Result<T>,
+) -> Result<T> {
+    let weights = Weights::new(Checkpoint::open(&component_files(dir)?)?);
+    let model = build(weights.var_builder(dtype, device))
+        .map_err(|e| Error::Msg(format!("loading {}: {e}", dir.display())))?;
+    let unused: Vec<String> = weights
+        .unused()
+        .into_iter()
+        .filter(|k| !ignored(k))
+        .collect();
+    if !unused.is_empty() {
+        return Err(Error::NotAModel {
+            path: dir.to_path_buf(),
+            msg: format!(
+                "not {what} of this config: {} tensors unused ({} …)",
+                unused.len(),
+                unused[0]
+            ),
+        });
+    }
+    Ok(model)
+}
+
 /// The safetensors files of a component folder (`unet/`, `vae/`, …): a sharded index's files, or
 /// the single weights file, preferring full precision over an `.fp16` variant.
 pub fn component_files(dir: &Path) -> Result<Vec<PathBuf>> {
