@@ -56,6 +56,25 @@ fn fit<P: image::Pixel<Subpixel = u8> + 'static>(
     )
 }
 
+/// An image resized (Lanczos) to `width × height` if it differs, as `[1, C, H, W]` of
+/// `level(v)` for every 8-bit value.
+fn to_tensor<P: image::Pixel<Subpixel = u8> + 'static>(
+    img: image::ImageBuffer<P, Vec<u8>>,
+    width: usize,
+    height: usize,
+    device: &Device,
+    level: impl Fn(u8) -> f32,
+) -> Result<Tensor> {
+    let img = fit(img, width, height);
+    let channels = P::CHANNEL_COUNT as usize;
+    let data: Vec<f32> = img.as_raw().iter().map(|&v| level(v)).collect();
+    Ok(
+        Tensor::from_vec(data, (1, height, width, channels), device)?
+            .permute((0, 3, 1, 2))?
+            .contiguous()?,
+    )
+}
+
 /// An RGB image, resized (Lanczos) to `width × height` if it differs, as `[1, 3, H, W]` in
 /// [-1, 1] on `device`.
 pub fn image_to_tensor(
@@ -64,15 +83,7 @@ pub fn image_to_tensor(
     height: usize,
     device: &Device,
 ) -> Result<Tensor> {
-    let img = fit(img, width, height);
-    let data: Vec<f32> = img
-        .as_raw()
-        .iter()
-        .map(|&v| v as f32 / 127.5 - 1.0)
-        .collect();
-    Ok(Tensor::from_vec(data, (1, height, width, 3), device)?
-        .permute((0, 3, 1, 2))?
-        .contiguous()?)
+    to_tensor(img, width, height, device, |v| v as f32 / 127.5 - 1.0)
 }
 
 /// A mask (white = repaint), resized to `width × height`, as `[1, 1, H, W]` of 0 and 1
@@ -83,13 +94,13 @@ pub fn mask_to_tensor(
     height: usize,
     device: &Device,
 ) -> Result<Tensor> {
-    let img = fit(img, width, height);
-    let data: Vec<f32> = img
-        .as_raw()
-        .iter()
-        .map(|&v| if v as f32 / 255.0 >= 0.5 { 1.0 } else { 0.0 })
-        .collect();
-    Ok(Tensor::from_vec(data, (1, 1, height, width), device)?)
+    to_tensor(img, width, height, device, |v| {
+        if v as f32 / 255.0 >= 0.5 {
+            1.0
+        } else {
+            0.0
+        }
+    })
 }
 
 /// Reads an image file as [`image_to_tensor`] takes it.
@@ -106,11 +117,7 @@ pub fn control_to_tensor(
     height: usize,
     device: &Device,
 ) -> Result<Tensor> {
-    let img = fit(img, width, height);
-    let data: Vec<f32> = img.as_raw().iter().map(|&v| v as f32 / 255.0).collect();
-    Ok(Tensor::from_vec(data, (1, height, width, 3), device)?
-        .permute((0, 3, 1, 2))?
-        .contiguous()?)
+    to_tensor(img, width, height, device, |v| v as f32 / 255.0)
 }
 
 /// Reads a conditioning image file as [`control_to_tensor`] takes it.
@@ -126,15 +133,10 @@ pub fn load_control_gray(
     height: usize,
     device: &Device,
 ) -> Result<Tensor> {
-    let img = fit(
-        image::open(path)
-            .map_err(|e| image_err(path, e))?
-            .to_luma8(),
-        width,
-        height,
-    );
-    let data: Vec<f32> = img.as_raw().iter().map(|&v| v as f32 / 255.0).collect();
-    Ok(Tensor::from_vec(data, (1, 1, height, width), device)?)
+    let img = image::open(path)
+        .map_err(|e| image_err(path, e))?
+        .to_luma8();
+    to_tensor(img, width, height, device, |v| v as f32 / 255.0)
 }
 
 /// Reads a mask file as [`mask_to_tensor`] takes it.
