@@ -104,22 +104,7 @@ fn output_name(path: &Path) -> Option<String> {
 /// Finds the file a tag names in `dirs`: a `.safetensors` whose stem is the name (exactly,
 /// then ignoring case), or whose `ss_output_name` is.
 pub fn find_lora(name: &str, dirs: &[PathBuf]) -> Option<PathBuf> {
-    let mut files = Vec::new();
-    for dir in dirs {
-        let Ok(entries) = std::fs::read_dir(dir) else {
-            continue;
-        };
-        for e in entries.flatten() {
-            let p = e.path();
-            if p.extension()
-                .is_some_and(|x| x.eq_ignore_ascii_case("safetensors"))
-                && p.is_file()
-            {
-                files.push(p);
-            }
-        }
-    }
-    files.sort();
+    let files = lora_files(dirs);
     let stem = |p: &PathBuf| p.file_stem().map(|s| s.to_string_lossy().into_owned());
     files
         .iter()
@@ -264,24 +249,28 @@ pub fn prompt_loras(prompt: &str, dirs: &[PathBuf]) -> Result<PromptLoras> {
 /// The LoRA files in `dirs` as A1111's `/sdapi/v1/loras` lists them: `(name, alias, path)`,
 /// the alias being the `ss_output_name` a kohya file records (else the name).
 pub fn list_loras(dirs: &[PathBuf]) -> Vec<(String, String, PathBuf)> {
-    let mut out = Vec::new();
-    for dir in dirs {
-        let Ok(entries) = std::fs::read_dir(dir) else {
-            continue;
-        };
-        for e in entries.flatten() {
-            let p = e.path();
-            let is_lora = p
-                .extension()
+    lora_files(dirs)
+        .into_iter()
+        .filter_map(|p| {
+            let name = p.file_stem()?.to_string_lossy().into_owned();
+            let alias = output_name(&p).unwrap_or_else(|| name.clone());
+            Some((name, alias, p))
+        })
+        .collect()
+}
+
+/// The `.safetensors` files in `dirs` (unreadable folders skipped), sorted.
+fn lora_files(dirs: &[PathBuf]) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = dirs
+        .iter()
+        .filter_map(|dir| std::fs::read_dir(dir).ok())
+        .flat_map(|entries| entries.flatten().map(|e| e.path()))
+        .filter(|p| {
+            p.extension()
                 .is_some_and(|x| x.eq_ignore_ascii_case("safetensors"))
-                && p.is_file();
-            if let (true, Some(stem)) = (is_lora, p.file_stem()) {
-                let name = stem.to_string_lossy().into_owned();
-                let alias = output_name(&p).unwrap_or_else(|| name.clone());
-                out.push((name, alias, p));
-            }
-        }
-    }
-    out.sort();
-    out
+                && p.is_file()
+        })
+        .collect();
+    files.sort();
+    files
 }
