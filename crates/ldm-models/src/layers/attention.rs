@@ -209,32 +209,34 @@ impl Attention {
         context: Option<&Tensor>,
         ip: Option<&IpTokens>,
     ) -> Result<Tensor> {
-        let (Some((to_k_ip, to_v_ip)), Some(ip)) = (&self.ip, ip) else {
-            return self.forward(x, context);
+        let (q, text) = self.attend(x, context.unwrap_or(x))?;
+        let out = match (&self.ip, ip) {
+            (Some((to_k_ip, to_v_ip)), Some(ip)) => {
+                let tokens = ip.tokens.to_dtype(x.dtype())?;
+                let k = split_heads(&to_k_ip.forward(&tokens)?, self.heads)?;
+                let v = split_heads(&to_v_ip.forward(&tokens)?, self.heads)?;
+                let bf16 = self.to_q.is_packed_bf16();
+                let image = attention_with(&q, &k, &v, self.scale, None, bf16)?;
+                (text + (image * ip.scale)?)?
+            }
+            _ => text,
         };
-        let context = context.unwrap_or(x);
-        let q = split_heads(&self.to_q.forward(x)?, self.heads)?;
-        let k = split_heads(&self.to_k.forward(context)?, self.heads)?;
-        let v = split_heads(&self.to_v.forward(context)?, self.heads)?;
-        let bf16 = self.to_q.is_packed_bf16();
-        let text = attention_with(&q, &k, &v, self.scale, None, bf16)?;
-        let tokens = ip.tokens.to_dtype(x.dtype())?;
-        let k = split_heads(&to_k_ip.forward(&tokens)?, self.heads)?;
-        let v = split_heads(&to_v_ip.forward(&tokens)?, self.heads)?;
-        let image = attention_with(&q, &k, &v, self.scale, None, bf16)?;
-        self.to_out
-            .forward(&merge_heads(&(text + (image * ip.scale)?)?)?)
+        self.to_out.forward(&merge_heads(&out)?)
     }
 
     /// `x`: `[B, L, query_dim]`; `context`: `[B, Lc, context_dim]` or `None` for self-attention.
     pub fn forward(&self, x: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
-        let context = context.unwrap_or(x);
+        self.forward_ip(x, context, None)
+    }
+
+    /// The heads' queries of `x` and their attention over `context` (`[B, H, L, d]` each):
+    /// what the text and the image branches share.
+    fn attend(&self, x: &Tensor, context: &Tensor) -> Result<(Tensor, Tensor)> {
         let q = split_heads(&self.to_q.forward(x)?, self.heads)?;
         let k = split_heads(&self.to_k.forward(context)?, self.heads)?;
         let v = split_heads(&self.to_v.forward(context)?, self.heads)?;
-        let bf16 = self.to_q.is_packed_bf16();
-        let out = attention_with(&q, &k, &v, self.scale, None, bf16)?;
-        self.to_out.forward(&merge_heads(&out)?)
+        let out = attention_with(&q, &k, &v, self.scale, None, self.to_q.is_packed_bf16())?;
+        Ok((q, out))
     }
 }
 
