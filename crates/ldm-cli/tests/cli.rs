@@ -8,6 +8,17 @@ fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures")
 }
 
+/// Mean |Δ| in 8-bit levels of two pictures of one size.
+fn mean_level_diff(a: &image::RgbImage, b: &image::RgbImage) -> f64 {
+    assert_eq!(a.dimensions(), b.dimensions());
+    a.as_raw()
+        .iter()
+        .zip(b.as_raw())
+        .map(|(&x, &y)| (x as f64 - y as f64).abs())
+        .sum::<f64>()
+        / a.as_raw().len() as f64
+}
+
 fn ldm(args: &[&str]) -> (bool, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_ldm"))
         .args(args)
@@ -455,13 +466,7 @@ fn prompt_lora_tags_and_taesd() {
     let expect = |name: &str| image::open(loras.join(name)).unwrap().to_rgb8();
     // diffusers' picture within a level on average (float sums differ by the odd rounding).
     let close = |a: &image::RgbImage, b: &image::RgbImage| {
-        let d: f64 = a
-            .as_raw()
-            .iter()
-            .zip(b.as_raw())
-            .map(|(x, y)| (*x as f64 - *y as f64).abs())
-            .sum::<f64>()
-            / a.as_raw().len() as f64;
+        let d = mean_level_diff(a, b);
         assert!(d <= 1.0, "mean |Δ| {d:.3}");
     };
     let (img, params, _) = run("a red circle <lora:sd15_peft:1>", "a.png", &[]);
@@ -612,13 +617,7 @@ fn controlnet_flags_end_to_end() {
         ]);
         assert!(ok, "{net}: {stderr}");
         let ours = image::open(&out).unwrap().to_rgb8();
-        let diff: f64 = ours
-            .as_raw()
-            .iter()
-            .zip(expected.as_raw())
-            .map(|(&a, &b)| (a as f64 - b as f64).abs())
-            .sum::<f64>()
-            / ours.as_raw().len() as f64;
+        let diff = mean_level_diff(&ours, &expected);
         assert!(diff <= 1.0, "{net}: mean |Δ| {diff}");
         let (ok, params, _) = ldm(&["info", out.to_str().unwrap()]);
         assert!(
@@ -701,13 +700,7 @@ fn t2i_adapter_flags_end_to_end() {
     let theirs = image::open(f.join("t2i_adapter/sd15_full_half.png"))
         .unwrap()
         .to_rgb8();
-    let diff: f64 = ours
-        .as_raw()
-        .iter()
-        .zip(theirs.as_raw())
-        .map(|(&a, &b)| (a as f64 - b as f64).abs())
-        .sum::<f64>()
-        / ours.as_raw().len() as f64;
+    let diff = mean_level_diff(&ours, &theirs);
     assert!(diff <= 1.0, "mean |Δ| {diff}");
     let (_, params, _) = ldm(&["info", out.to_str().unwrap()]);
     assert!(
@@ -765,13 +758,7 @@ fn ip_adapter_flags_end_to_end() {
     let theirs = image::open(f.join("ip_adapter/sd15_plus_ip.png"))
         .unwrap()
         .to_rgb8();
-    let diff: f64 = ours
-        .as_raw()
-        .iter()
-        .zip(theirs.as_raw())
-        .map(|(&a, &b)| (a as f64 - b as f64).abs())
-        .sum::<f64>()
-        / ours.as_raw().len() as f64;
+    let diff = mean_level_diff(&ours, &theirs);
     assert!(diff <= 1.0, "mean |Δ| {diff}");
     let (_, params, _) = ldm(&["info", out.to_str().unwrap()]);
     assert!(

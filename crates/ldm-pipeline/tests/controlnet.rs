@@ -8,7 +8,7 @@
 mod common;
 
 use candle_core::{DType, Device};
-use common::compare;
+use common::assert_same_picture;
 use ldm_pipeline::control::ControlInput;
 use ldm_pipeline::{generate, Components, Request};
 use ldm_sampling::NoHook;
@@ -81,12 +81,7 @@ fn controlnets_match_diffusers() {
             .unwrap()
             .to_rgb8();
         let ours = render(case);
-        let (mean, over2) = compare(&ours, &theirs);
-        println!(
-            "{name}: mean |Δ| {mean:.3} levels, {:.2} % > 2",
-            over2 * 100.0
-        );
-        assert!(mean <= 1.0 && over2 < 0.01, "{name}: mean {mean:.3}");
+        assert_same_picture(name, &ours, &theirs);
         if let Some(base) = case["levels_from_base"].as_f64() {
             assert!(
                 base > 3.0,
@@ -164,8 +159,7 @@ fn original_single_files_load() {
     let theirs = image::open(fixtures().join("controlnet/sd15_single.png"))
         .unwrap()
         .to_rgb8();
-    let (mean, over2) = compare(&render(&case), &theirs);
-    assert!(mean <= 1.0 && over2 < 0.01, "mean {mean:.3}");
+    assert_same_picture("the original single file", &render(&case), &theirs);
     // On an SDXL model the same file does not fit.
     let mut c = Components::load(&fixtures().join("tiny/sdxl"), DType::F32, &Device::Cpu).unwrap();
     let e = c

@@ -7,8 +7,8 @@
 
 mod common;
 
-use candle_core::{DType, Device, Tensor};
-use common::compare;
+use candle_core::{DType, Device};
+use common::{assert_same_picture, max_diff};
 use ldm_models::clip::ClipVisionModel;
 use ldm_pipeline::ip_adapter::ClipImageProcessor;
 use ldm_pipeline::{generate, Components, Request};
@@ -18,14 +18,6 @@ use std::path::PathBuf;
 
 fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures")
-}
-
-fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .and_then(|d| d.abs())
-        .and_then(|d| d.max_all())
-        .and_then(|d| d.to_scalar::<f32>())
-        .unwrap()
 }
 
 fn cases() -> Vec<Value> {
@@ -118,12 +110,7 @@ fn ip_adapters_match_diffusers_pictures() {
         let theirs = image::open(fixtures().join(case["image"].as_str().unwrap()))
             .unwrap()
             .to_rgb8();
-        let (mean, over2) = compare(&render(&case), &theirs);
-        println!(
-            "{name}: mean |Δ| {mean:.3} levels, {:.2} % > 2",
-            over2 * 100.0
-        );
-        assert!(mean <= 1.0 && over2 < 0.01, "{name}: mean {mean:.3}");
+        assert_same_picture(name, &render(&case), &theirs);
         if let Some(base) = case["levels_from_base"].as_f64() {
             assert!(base > 3.0, "{name}: {base}");
             adapted += 1;

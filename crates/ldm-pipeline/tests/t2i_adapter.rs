@@ -8,7 +8,7 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor};
-use common::compare;
+use common::{assert_same_picture, max_diff};
 use ldm_pipeline::control::AdapterInput;
 use ldm_pipeline::{generate, Components, Request};
 use ldm_sampling::NoHook;
@@ -45,14 +45,7 @@ fn adapter_features_match_diffusers() {
         let got = a.forward(&want["input"]).unwrap();
         for (i, f) in got.iter().enumerate() {
             let w: &Tensor = &want[&format!("feature.{i}")];
-            let err = (f - w)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let err = max_diff(f, w);
             println!("{dir} feature {i} {:?}: max |Δ| {err:.1e}", f.dims());
             assert!(err < 1e-4, "{dir} feature {i}: {err}");
         }
@@ -64,14 +57,7 @@ fn adapter_features_match_diffusers() {
             &dev,
         )
         .unwrap();
-        let gap = (image - &want["input"])
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let gap = max_diff(&image, &want["input"]);
         assert_eq!(gap, 0.0);
     }
     assert_eq!(seen.len(), 4, "{seen:?}");
@@ -121,12 +107,7 @@ fn adapters_match_diffusers_pictures() {
         let theirs = image::open(fixtures().join(case["image"].as_str().unwrap()))
             .unwrap()
             .to_rgb8();
-        let (mean, over2) = compare(&ours, &theirs);
-        println!(
-            "{name}: mean |Δ| {mean:.3} levels, {:.2} % > 2",
-            over2 * 100.0
-        );
-        assert!(mean <= 1.0 && over2 < 0.01, "{name}: mean {mean:.3}");
+        assert_same_picture(name, &ours, &theirs);
         if let Some(base) = case["levels_from_base"].as_f64() {
             assert!(base > 3.0, "{name}: {base}");
         }

@@ -31,3 +31,25 @@ pub fn compare(ours: &image::RgbImage, theirs: &image::RgbImage) -> (f64, f64) {
     let over2 = diffs.iter().filter(|&&d| d > 2).count() as f64 / diffs.len() as f64;
     (mean, over2)
 }
+
+/// Asserts a picture is diffusers' (mean |Δ| ≤ 1 level, under 1 % of values off by more than
+/// 2), printing the numbers under `name`.
+#[allow(dead_code)]
+pub fn assert_same_picture(name: &str, ours: &image::RgbImage, theirs: &image::RgbImage) {
+    let (mean, over2) = compare(ours, theirs);
+    println!(
+        "{name}: mean |Δ| {mean:.3} levels, {:.2} % > 2",
+        over2 * 100.0
+    );
+    assert!(mean <= 1.0 && over2 < 0.01, "{name}: mean {mean:.3}");
+}
+
+/// The largest absolute difference of two tensors.
+#[allow(dead_code)]
+pub fn max_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
+    (a - b)
+        .and_then(|d| d.abs())
+        .and_then(|d| d.max_all())
+        .and_then(|d| d.to_scalar::<f32>())
+        .unwrap()
+}
