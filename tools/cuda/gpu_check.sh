@@ -52,7 +52,7 @@ ldd "$ldm" | grep -E "cuda|cublas|curand|nvrtc" >> "$out/nvidia-smi.txt"
   --out "$out/shapes-cuda.png" >> "$out/steps.log" 2>&1 || log "generate on cuda failed"
 
 log "2. parity"
-timeout 80 python3 tools/cuda/parity.py --ldm "$ldm" > "$out/parity.md" 2>> "$out/steps.log"
+timeout 100 python3 tools/cuda/parity.py --ldm "$ldm" > "$out/parity.md" 2>> "$out/steps.log"
 log "parity exit $?"
 
 log "3. inference: sd15 512, f16"

@@ -2,7 +2,8 @@
 """Image parity of `ldm generate` on two devices, and against diffusers' own pictures.
 
 Renders pipeline fixtures (fixtures/pipelines/cases.json: tiny SD1.5, SD2.1 and SDXL models,
-txt2img, img2img and inpainting, with diffusers' PNG beside each) with the same `ldm` binary on
+txt2img, img2img and inpainting, with diffusers' PNG beside each; and a ControlNet, a
+T2I-Adapter, an IP-Adapter Plus and an SDXL LoRA from their fixtures) with the same `ldm` binary on
 `--device cpu` and on `--device cuda` (f32 unless --dtype), and prints for each case the mean
 absolute difference in 8-bit levels and the share of values off by more than 2 — cuda against
 cpu, and each against diffusers' image. The bar (issue 26): mean |Δ| ≤ 1 level in f32.
@@ -56,6 +57,30 @@ def args_for(case, out, device, dtype):
     return cmd + CASES[case["name"]]
 
 
+# Adapter cases (their own fixtures): (name, diffusers' picture, model, extra flags); all
+# "a red circle", 8 steps, seed 1, 32×32, the model's own scheduler and guidance.
+def adapter_cases():
+    f = lambda p: str(ROOT / "fixtures" / p)
+    circle = f("pipelines/inputs/gradient_circle_32x32.png")
+    return [
+        ("controlnet_sd15", "controlnet/sd15_single.png", "sd15",
+         ["--controlnet", f("controlnet/sd15_a"), "--control-image", circle]),
+        ("t2i_adapter_sd15", "t2i_adapter/sd15_full.png", "sd15",
+         ["--t2i-adapter", f("t2i_adapter/sd15_full"), "--adapter-image", circle]),
+        ("ip_adapter_plus_sd15", "ip_adapter/sd15_plus_ip.png", "sd15",
+         ["--ip-adapter", f("ip_adapter/sd15_plus.safetensors"), "--image-encoder",
+          f("ip_adapter/image_encoder"), "--ip-image", circle]),
+        ("lora_sdxl", "lora/sdxl_peft.png", "sdxl",
+         ["--lora", f("lora/sdxl_peft.safetensors") + ":0.7", "--guidance", "5"]),
+    ]
+
+
+def adapter_args(model, extra, out, device, dtype):
+    return ["--device", device, "generate", "a red circle", "--model", str(ROOT / "fixtures" / "tiny" / model),
+            "--steps", "8", "--seed", "1", "--width", "32", "--height", "32", "--dtype", dtype,
+            "--out", str(out)] + extra
+
+
 def levels(path):
     return np.asarray(Image.open(path).convert("RGB"), dtype=np.float64)
 
@@ -77,13 +102,17 @@ def main():
     rows, failed = [], False
     print(f"| case | {second} vs {first}: mean |Δ| | > 2 levels | {first} vs diffusers | {second} vs diffusers |")
     print("| --- | --- | --- | --- | --- |")
+    runs = [(name, FIXTURES / f"{name}.png",
+             lambda out, device, c=cases[name]: args_for(c, out, device, args.dtype)) for name in CASES]
+    runs += [(name, ROOT / "fixtures" / png,
+              lambda out, device, m=model, e=extra: adapter_args(m, e, out, device, args.dtype))
+             for name, png, model, extra in adapter_cases()]
     with tempfile.TemporaryDirectory() as tmp:
-        for name in CASES:
-            case = cases[name]
+        for name, png, make_args in runs:
             images = {}
             for i, device in enumerate((first, second)):
                 out = Path(tmp) / f"{name}-{i}-{device}.png"
-                proc = subprocess.run([args.ldm] + args_for(case, out, device, args.dtype),
+                proc = subprocess.run([args.ldm] + make_args(out, device),
                                       capture_output=True, text=True)
                 if proc.returncode != 0:
                     print(f"{name} on {device} failed:\n{proc.stderr}", file=sys.stderr)
@@ -92,7 +121,7 @@ def main():
                 images[i] = levels(out)
             if len(images) < 2:
                 continue
-            reference = levels(FIXTURES / f"{name}.png")
+            reference = levels(png)
             between = compare(images[0], images[1])
             row = {"case": name, "between": between,
                    "first_vs_diffusers": compare(images[0], reference),
