@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """ControlNet oracle fixtures: tiny ControlNets, the pictures diffusers 0.42.1 makes with them, and
-one in the original lllyasviel single-file layout.
+two (SD1.5, SD2.1) in the original lllyasviel single-file layout.
 
     python tools/oracle/make_controlnet_fixtures.py fixtures
 
@@ -42,6 +42,13 @@ fixtures/pipelines/inputs/gradient_circle_32x32.png, and writes fixtures/control
    is 0, 2, 4, 6, 8 and 14. The script checks the round trip:
    `ControlNetModel.from_single_file(file, config="fixtures/controlnet/sd15_a", local_files_only=True)`
    and `convert_controlnet_checkpoint` must both give sd15_a's state dict exactly.
+
+4. sd21_a_original.safetensors: sd21_a the same way, in the original SD2 ControlNet layout. SD2
+   uses linear projections in its transformers (use_linear_in_transformer / diffusers'
+   use_linear_projection), so `...proj_in.weight` / `...proj_out.weight` are 2-D Linear weights in
+   both layouts, and diffusers' converter copies them unchanged: the key mapping is the one of 3.
+   (The tiny SD2.1 U-Net's second down block is a DownBlock2D, so only input_blocks.1/2 and the
+   middle block have transformers.) Same round-trip check, with config="fixtures/controlnet/sd21_a".
 
 Deterministic: CPU, float32, one thread; two runs give identical files.
 """
@@ -318,26 +325,36 @@ def to_original(sd: dict, config: dict) -> dict:
     return result
 
 
-cfg = json.loads((out / "sd15_a" / "config.json").read_text())
-assert cfg["addition_embed_type"] is None and cfg["class_embed_type"] is None
-sd_a = load_file(out / "sd15_a" / "diffusion_pytorch_model.safetensors")
-original = to_original(sd_a, cfg)
-orig_path = out / "sd15_a_original.safetensors"
-save_file(original, orig_path)
+def write_original(name: str) -> None:
+    """Writes <name>_original.safetensors and checks the round trip back to <name>'s state dict."""
+    folder = out / name
+    cfg = json.loads((folder / "config.json").read_text())
+    assert cfg["addition_embed_type"] is None and cfg["class_embed_type"] is None
+    sd_ref = load_file(folder / "diffusion_pytorch_model.safetensors")
+    original = to_original(sd_ref, cfg)
+    if cfg["use_linear_projection"]:
+        # SD2 layout (use_linear_in_transformer): proj_in / proj_out are nn.Linear there too, 2-D
+        # weights, and diffusers' converter copies them unchanged (no 1x1-conv squeeze / unsqueeze).
+        projs = [k for k in original if k.endswith((".proj_in.weight", ".proj_out.weight"))]
+        assert projs and all(original[k].dim() == 2 for k in projs), projs
+    orig_path = out / f"{name}_original.safetensors"
+    save_file(original, orig_path)
+
+    def compare(what: str, got: dict):
+        assert set(got) == set(sd_ref), (what, sorted(set(got) ^ set(sd_ref))[:10])
+        worst = max(float((got[k].float() - sd_ref[k]).abs().max()) for k in sd_ref)
+        shapes = all(got[k].shape == sd_ref[k].shape for k in sd_ref)
+        print(f"  {what}: {len(got)} tensors, shapes equal {shapes}, max |diff| {worst}")
+        assert shapes and worst == 0.0
+
+    print(f"\n{orig_path.name}: {len(original)} tensors; round trip:")
+    compare("convert_controlnet_checkpoint", convert_controlnet_checkpoint(load_file(orig_path), cfg))
+    reloaded = ControlNetModel.from_single_file(str(orig_path), config=str(folder), local_files_only=True)
+    compare("ControlNetModel.from_single_file", reloaded.state_dict())
 
 
-def compare(name: str, got: dict):
-    assert set(got) == set(sd_a), (name, sorted(set(got) ^ set(sd_a))[:10])
-    worst = max(float((got[k].float() - sd_a[k]).abs().max()) for k in sd_a)
-    shapes = all(got[k].shape == sd_a[k].shape for k in sd_a)
-    print(f"  {name}: {len(got)} tensors, shapes equal {shapes}, max |diff| {worst}")
-    assert shapes and worst == 0.0
-
-
-print(f"\n{orig_path.name}: {len(original)} tensors; round trip:")
-compare("convert_controlnet_checkpoint", convert_controlnet_checkpoint(load_file(orig_path), cfg))
-reloaded = ControlNetModel.from_single_file(str(orig_path), config=str(out / "sd15_a"), local_files_only=True)
-compare("ControlNetModel.from_single_file", reloaded.state_dict())
+write_original("sd15_a")
+write_original("sd21_a")
 
 total = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
 print(f"\nfixtures/controlnet: {total} bytes")

@@ -141,25 +141,33 @@ fn bad_controlnet_input_is_refused() {
     }
 }
 
-/// The original (lllyasviel) single-file layout of `sd15_a` (`control_model.…`, `zero_convs`,
-/// `input_hint_block`, `middle_block_out`; diffusers' `from_single_file` reads it back to the
-/// same tensors) gives the same picture as the folder.
+/// The original (lllyasviel) single-file layout of `sd15_a` and `sd21_a` (`control_model.…`,
+/// `zero_convs`, `input_hint_block`, `middle_block_out`; SD2's linear projections; diffusers'
+/// `from_single_file` reads each back to the same tensors) gives the same picture as the folder.
 #[test]
 fn original_single_files_load() {
     let text = std::fs::read_to_string(fixtures().join("controlnet/cases.json")).unwrap();
     let cases: Value = serde_json::from_str(&text).unwrap();
-    let mut case = cases["cases"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["name"] == "sd15_single")
-        .unwrap()
-        .clone();
-    case["controlnets"] = serde_json::json!(["controlnet/sd15_a_original.safetensors"]);
-    let theirs = image::open(fixtures().join("controlnet/sd15_single.png"))
-        .unwrap()
-        .to_rgb8();
-    assert_same_picture("the original single file", &render(&case), &theirs);
+    for model in ["sd15", "sd21"] {
+        let name = format!("{model}_single");
+        let mut case = cases["cases"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == name.as_str())
+            .unwrap()
+            .clone();
+        case["controlnets"] =
+            serde_json::json!([format!("controlnet/{model}_a_original.safetensors")]);
+        let theirs = image::open(fixtures().join(format!("controlnet/{name}.png")))
+            .unwrap()
+            .to_rgb8();
+        assert_same_picture(
+            &format!("{model}: the original single file"),
+            &render(&case),
+            &theirs,
+        );
+    }
     // On an SDXL model the same file does not fit.
     let mut c = Components::load(&fixtures().join("tiny/sdxl"), DType::F32, &Device::Cpu).unwrap();
     let e = c
