@@ -19,6 +19,20 @@ fn mean_level_diff(a: &image::RgbImage, b: &image::RgbImage) -> f64 {
         / a.as_raw().len() as f64
 }
 
+/// `ldm generate "a red circle"` as the adapter fixtures were rendered (8 steps, seed 1, 32×32,
+/// the model's own sampler and guidance) with `flags`, into `out`: the picture made.
+fn generate_like_the_fixtures(flags: &[&str], out: &std::path::Path) -> image::RgbImage {
+    let mut args = vec!["generate", "a red circle"];
+    args.extend_from_slice(flags);
+    args.extend([
+        "--steps", "8", "--seed", "1", "--width", "32", "--height", "32",
+    ]);
+    args.extend(["--out", out.to_str().unwrap()]);
+    let (ok, _, stderr) = ldm(&args);
+    assert!(ok, "{flags:?}: {stderr}");
+    image::open(out).unwrap().to_rgb8()
+}
+
 fn ldm(args: &[&str]) -> (bool, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_ldm"))
         .args(args)
@@ -595,28 +609,17 @@ fn controlnet_flags_end_to_end() {
     .enumerate()
     {
         let out = dir.path().join(format!("{k}.png"));
-        let (ok, _, stderr) = ldm(&[
-            "generate",
-            "a red circle",
-            "--model",
-            model.to_str().unwrap(),
-            "--controlnet",
-            f.join(net).to_str().unwrap(),
-            "--control-image",
-            image.to_str().unwrap(),
-            "--steps",
-            "8",
-            "--seed",
-            "1",
-            "--width",
-            "32",
-            "--height",
-            "32",
-            "--out",
-            out.to_str().unwrap(),
-        ]);
-        assert!(ok, "{net}: {stderr}");
-        let ours = image::open(&out).unwrap().to_rgb8();
+        let ours = generate_like_the_fixtures(
+            &[
+                "--model",
+                model.to_str().unwrap(),
+                "--controlnet",
+                f.join(net).to_str().unwrap(),
+                "--control-image",
+                image.to_str().unwrap(),
+            ],
+            &out,
+        );
         let diff = mean_level_diff(&ours, &expected);
         assert!(diff <= 1.0, "{net}: mean |Δ| {diff}");
         let (ok, params, _) = ldm(&["info", out.to_str().unwrap()]);
@@ -673,30 +676,19 @@ fn t2i_adapter_flags_end_to_end() {
     let image = f.join("pipelines/inputs/gradient_circle_32x32.png");
     let adapter = f.join("t2i_adapter/sd15_full");
     let out = dir.path().join("a.png");
-    let (ok, _, stderr) = ldm(&[
-        "generate",
-        "a red circle",
-        "--model",
-        model.to_str().unwrap(),
-        "--t2i-adapter",
-        adapter.to_str().unwrap(),
-        "--adapter-image",
-        image.to_str().unwrap(),
-        "--adapter-scale",
-        "0.6",
-        "--steps",
-        "8",
-        "--seed",
-        "1",
-        "--width",
-        "32",
-        "--height",
-        "32",
-        "--out",
-        out.to_str().unwrap(),
-    ]);
-    assert!(ok, "{stderr}");
-    let ours = image::open(&out).unwrap().to_rgb8();
+    let ours = generate_like_the_fixtures(
+        &[
+            "--model",
+            model.to_str().unwrap(),
+            "--t2i-adapter",
+            adapter.to_str().unwrap(),
+            "--adapter-image",
+            image.to_str().unwrap(),
+            "--adapter-scale",
+            "0.6",
+        ],
+        &out,
+    );
     let theirs = image::open(f.join("t2i_adapter/sd15_full_half.png"))
         .unwrap()
         .to_rgb8();
@@ -729,32 +721,21 @@ fn ip_adapter_flags_end_to_end() {
     let f = fixtures();
     let model = f.join("tiny/sd15");
     let out = dir.path().join("ip.png");
-    let (ok, _, stderr) = ldm(&[
-        "generate",
-        "a red circle",
-        "--model",
-        model.to_str().unwrap(),
-        "--ip-adapter",
-        f.join("ip_adapter/sd15_plus.safetensors").to_str().unwrap(),
-        "--image-encoder",
-        f.join("ip_adapter/image_encoder").to_str().unwrap(),
-        "--ip-image",
-        f.join("pipelines/inputs/gradient_circle_32x32.png")
-            .to_str()
-            .unwrap(),
-        "--steps",
-        "8",
-        "--seed",
-        "1",
-        "--width",
-        "32",
-        "--height",
-        "32",
-        "--out",
-        out.to_str().unwrap(),
-    ]);
-    assert!(ok, "{stderr}");
-    let ours = image::open(&out).unwrap().to_rgb8();
+    let ours = generate_like_the_fixtures(
+        &[
+            "--model",
+            model.to_str().unwrap(),
+            "--ip-adapter",
+            f.join("ip_adapter/sd15_plus.safetensors").to_str().unwrap(),
+            "--image-encoder",
+            f.join("ip_adapter/image_encoder").to_str().unwrap(),
+            "--ip-image",
+            f.join("pipelines/inputs/gradient_circle_32x32.png")
+                .to_str()
+                .unwrap(),
+        ],
+        &out,
+    );
     let theirs = image::open(f.join("ip_adapter/sd15_plus_ip.png"))
         .unwrap()
         .to_rgb8();
