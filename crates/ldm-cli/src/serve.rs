@@ -51,6 +51,10 @@ pub struct ServeArgs {
     /// requests that name them; the loaded weights stay as they are); may be repeated.
     #[arg(long)]
     lora_dir: Vec<PathBuf>,
+    /// A folder of ControlNets (diffusers folders or original `.safetensors` files) that A1111
+    /// clients' ControlNet units name (`alwayson_scripts.controlnet`); may be repeated.
+    #[arg(long)]
+    controlnet_dir: Vec<PathBuf>,
     /// Minutes a finished job's results are kept.
     #[arg(long, default_value_t = 10)]
     keep_minutes: u64,
@@ -79,6 +83,7 @@ pub fn run(a: ServeArgs, device: candle_core::Device) -> Result<()> {
         dtype,
         device,
         lora_dirs: a.lora_dir,
+        controlnet_dirs: a.controlnet_dir,
         host: a.host,
         port: a.port,
         api_auth: a.api_auth,

@@ -32,6 +32,9 @@ pub fn routes() -> Router<Shared> {
         .route("/sdapi/v1/upscalers", get(empty_list))
         .route("/sdapi/v1/sd-vae", get(empty_list))
         .route("/sdapi/v1/loras", get(loras))
+        .route("/controlnet/model_list", get(controlnet_models))
+        .route("/controlnet/module_list", get(controlnet_modules))
+        .route("/controlnet/version", get(controlnet_version))
         .route("/sdapi/v1/hypernetworks", get(empty_list))
         .route("/sdapi/v1/face-restorers", get(empty_list))
         .route("/sdapi/v1/prompt-styles", get(empty_list))
@@ -70,6 +73,20 @@ async fn generate(state: Shared, body: Value, img2img: bool) -> Result<Json<Valu
     let params = parsed
         .validate(&state.model.defaults, &state.limits, random_seed())
         .map_err(|e| ApiError::invalid(F, e))?;
+    let known = crate::model::list_controlnets(&state.model.controlnet_dirs);
+    if let Some(u) = params
+        .control
+        .iter()
+        .find(|u| !known.iter().any(|(name, _)| name == &u.model))
+    {
+        return Err(ApiError::invalid(
+            F,
+            crate::params::invalid(
+                "alwayson_scripts",
+                format!("no ControlNet `{}` (see /controlnet/model_list)", u.model),
+            ),
+        ));
+    }
     let sampler = state.model.sampler_of(&params).display_name();
     let p = params.clone();
     let finished = run_sync(&state, F, params).await?;
@@ -382,6 +399,24 @@ async fn loras(State(state): State<Shared>) -> Json<Value> {
         })
         .collect();
     Json(Value::Array(list))
+}
+
+/// sd-webui-controlnet's model list: the ControlNets `--controlnet-dir` holds.
+async fn controlnet_models(State(state): State<Shared>) -> Json<Value> {
+    let names: Vec<String> = crate::model::list_controlnets(&state.model.controlnet_dirs)
+        .into_iter()
+        .map(|(name, _)| name)
+        .collect();
+    Json(json!({ "model_list": names }))
+}
+
+/// Only "none": control images arrive preprocessed.
+async fn controlnet_modules() -> Json<Value> {
+    Json(json!({ "module_list": ["none"], "module_detail": {} }))
+}
+
+async fn controlnet_version() -> Json<Value> {
+    Json(json!({ "version": 2 }))
 }
 
 async fn memory(State(state): State<Shared>) -> Json<Value> {

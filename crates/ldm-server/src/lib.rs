@@ -50,6 +50,8 @@ pub struct ServerConfig {
     /// Folders of LoRA files that `<lora:NAME:W>` tags in prompts name (merged per request,
     /// the loaded weights left as they are).
     pub lora_dirs: Vec<PathBuf>,
+    /// Folders of ControlNets that A1111's `alwayson_scripts.controlnet` units name.
+    pub controlnet_dirs: Vec<PathBuf>,
     pub host: String,
     pub port: u16,
     /// `user:pass` for HTTP Basic, as A1111's `--api-auth`.
@@ -74,6 +76,7 @@ impl ServerConfig {
             dtype: DType::F32,
             device: Device::Cpu,
             lora_dirs: Vec::new(),
+            controlnet_dirs: Vec::new(),
             host: "127.0.0.1".into(),
             port: 7860,
             api_auth: None,
@@ -174,6 +177,7 @@ pub fn load(cfg: &ServerConfig) -> Result<Shared, Error> {
         &cfg.device,
     )?;
     model.lora_dirs = cfg.lora_dirs.clone();
+    model.controlnet_dirs = cfg.controlnet_dirs.clone();
     let model = Arc::new(model);
     let queue = Arc::new(Queue::new(cfg.max_queue, cfg.keep));
     {

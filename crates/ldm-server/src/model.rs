@@ -8,8 +8,11 @@ use candle_core::{DType, Device, Tensor};
 use image::RgbImage;
 use ldm_models::lora::LoraSpec;
 use ldm_models::vae::AutoencoderTiny;
+use ldm_pipeline::control::ControlInput;
 use ldm_pipeline::extra_networks::PromptLoras;
-use ldm_pipeline::image_io::{encode_png, image_to_tensor, mask_to_tensor, to_images};
+use ldm_pipeline::image_io::{
+    control_to_tensor, encode_png, image_to_tensor, mask_to_tensor, to_images,
+};
 use ldm_pipeline::preview::LatentPreview;
 use ldm_pipeline::{Components, Request};
 use ldm_sampling::names::{SamplerName, SigmaSchedule};
@@ -32,10 +35,39 @@ pub struct Model {
     pub defaults: Defaults,
     /// Folders `<lora:NAME…>` tags in prompts are looked up in.
     pub lora_dirs: Vec<PathBuf>,
-    /// The model with the LoRA files the last tagged request named merged in. The loaded
-    /// `components` are never changed: a request without tags runs on them as they were, and
-    /// another set of files is merged afresh from the base weights.
-    lora_variant: Mutex<Option<(Vec<LoraSpec>, Arc<Components>)>>,
+    /// Folders of ControlNets (diffusers folders or original `.safetensors` files) that
+    /// requests name by folder or file stem.
+    pub controlnet_dirs: Vec<PathBuf>,
+    /// The model with the LoRA files and ControlNets the last request that named any loaded.
+    /// The loaded `components` are never changed: a request naming none runs on them as they
+    /// were, and another set is loaded afresh onto the base weights.
+    variant: Mutex<Option<(Extras, Arc<Components>)>>,
+}
+
+/// What a request adds to the loaded model.
+#[derive(Debug, Clone, PartialEq)]
+struct Extras {
+    loras: Vec<LoraSpec>,
+    controlnets: Vec<PathBuf>,
+}
+
+/// The ControlNets in `dirs` by name: folders with a `config.json`, and `.safetensors` files.
+pub fn list_controlnets(dirs: &[PathBuf]) -> Vec<(String, PathBuf)> {
+    let mut out: Vec<(String, PathBuf)> = dirs
+        .iter()
+        .filter_map(|d| std::fs::read_dir(d).ok())
+        .flat_map(|entries| entries.flatten().map(|e| e.path()))
+        .filter_map(|p| {
+            let net = p.join("config.json").is_file()
+                || (p.is_file()
+                    && p.extension()
+                        .is_some_and(|x| x.eq_ignore_ascii_case("safetensors")));
+            let name = p.file_stem()?.to_string_lossy().into_owned();
+            net.then_some((name, p))
+        })
+        .collect();
+    out.sort();
+    out
 }
 
 impl Model {
@@ -81,25 +113,29 @@ impl Model {
             taesd,
             defaults,
             lora_dirs: Vec::new(),
-            lora_variant: Mutex::new(None),
+            controlnet_dirs: Vec::new(),
+            variant: Mutex::new(None),
         })
     }
 
-    /// The model with `specs` merged in: the cached variant when the last tagged request named
-    /// the same files at the same weights, else the base weights with these merged (the old
-    /// variant dropped first).
-    fn with_loras(&self, specs: &[LoraSpec]) -> ldm_pipeline::Result<Arc<Components>> {
-        let mut slot = self.lora_variant.lock().unwrap_or_else(|e| e.into_inner());
+    /// The model with `extras` loaded: the cached variant when the last request that named any
+    /// named the same, else the base weights with these merged and loaded (the old variant
+    /// dropped first). ControlNets are loaded in order: request unit k uses `controlnets[k]`.
+    fn with_extras(&self, extras: &Extras) -> ldm_pipeline::Result<Arc<Components>> {
+        let mut slot = self.variant.lock().unwrap_or_else(|e| e.into_inner());
         if let Some((cached, c)) = &*slot {
-            if cached == specs {
+            if cached == extras {
                 return Ok(c.clone());
             }
         }
         *slot = None;
         let mut c = self.components.clone();
-        c.apply_loras(specs)?;
+        c.apply_loras(&extras.loras)?;
+        for net in &extras.controlnets {
+            c.add_controlnet(net)?;
+        }
         let c = Arc::new(c);
-        *slot = Some((specs.to_vec(), c.clone()));
+        *slot = Some((extras.clone(), c.clone()));
         Ok(c)
     }
 
@@ -228,14 +264,49 @@ impl Model {
         report: &mut dyn FnMut(Update),
     ) -> ldm_pipeline::Result<Outcome> {
         let tagged = ldm_pipeline::extra_networks::prompt_loras(&p.prompt, &self.lora_dirs)?;
+        let known = list_controlnets(&self.controlnet_dirs);
+        let controlnets = p
+            .control
+            .iter()
+            .map(|u| {
+                known
+                    .iter()
+                    .find(|(name, _)| name == &u.model)
+                    .map(|(_, path)| path.clone())
+                    .ok_or_else(|| {
+                        ldm_pipeline::Error::InvalidRequest(format!(
+                            "no ControlNet `{}` (see /controlnet/model_list)",
+                            u.model
+                        ))
+                    })
+            })
+            .collect::<ldm_pipeline::Result<Vec<_>>>()?;
+        let extras = Extras {
+            loras: tagged.specs.clone(),
+            controlnets,
+        };
         let variant;
-        let components: &Components = if tagged.specs.is_empty() {
+        let components: &Components = if extras.loras.is_empty() && extras.controlnets.is_empty() {
             &self.components
         } else {
-            report(Update::Phase("loading LoRA"));
-            variant = self.with_loras(&tagged.specs)?;
+            report(Update::Phase("loading LoRA and ControlNet"));
+            variant = self.with_extras(&extras)?;
             &variant
         };
+        let control = p
+            .control
+            .iter()
+            .enumerate()
+            .map(|(k, u)| {
+                let image =
+                    control_to_tensor(u.image.clone(), p.width, p.height, &components.device)?;
+                Ok(ControlInput {
+                    start: u.start,
+                    end: u.end,
+                    ..ControlInput::new(k, image, u.weight)
+                })
+            })
+            .collect::<ldm_pipeline::Result<Vec<_>>>()?;
         let device = &components.device;
         let init = match &p.init_image {
             Some(img) => Some(image_to_tensor(img.clone(), p.width, p.height, device)?),
@@ -258,6 +329,8 @@ impl Model {
             flags.skip.store(false, Ordering::Relaxed);
             let req = Request {
                 prompt: tagged.text.clone(),
+                control: control.clone(),
+                guess_mode: p.control.iter().any(|u| u.guess),
                 ..self.request(p, k, &init, &mask)
             };
             let mut last: Option<Tensor> = None;

@@ -62,6 +62,98 @@ pub struct GenerationBody {
     pub inpainting_mask_invert: Option<i64>,
     /// A preview every this many steps (the job API's events; 0: none).
     pub preview_every: Option<i64>,
+    /// A1111's extension arguments; `controlnet.args` (sd-webui-controlnet's units) is read.
+    pub alwayson_scripts: Option<serde_json::Value>,
+}
+
+/// One ControlNet unit of a request (sd-webui-controlnet's API).
+#[derive(Debug, Clone)]
+pub struct ControlUnit {
+    /// The model's name as listed (`/controlnet/model_list`), without its ` [hash]`.
+    pub model: String,
+    pub image: RgbImage,
+    pub weight: f64,
+    pub start: f64,
+    pub end: f64,
+    /// "ControlNet is more important": diffusers' guess mode.
+    pub guess: bool,
+}
+
+/// The enabled units of `alwayson_scripts.controlnet.args`.
+fn control_units(
+    scripts: Option<&serde_json::Value>,
+    limits: &Limits,
+) -> Result<Vec<ControlUnit>, Invalid> {
+    let Some(args) = scripts
+        .and_then(|s| s.get("controlnet"))
+        .and_then(|c| c.get("args"))
+        .and_then(|a| a.as_array())
+    else {
+        return Ok(Vec::new());
+    };
+    let bad = |m: String| invalid("alwayson_scripts", m);
+    let mut units = Vec::new();
+    for (i, u) in args.iter().enumerate() {
+        if !u.get("enabled").and_then(|e| e.as_bool()).unwrap_or(true) {
+            continue;
+        }
+        let module = u.get("module").and_then(|m| m.as_str()).unwrap_or("none");
+        if !matches!(module, "none" | "") {
+            return Err(bad(format!(
+                "ControlNet unit {i}: the preprocessor `{module}` is not available here; send the \
+                 preprocessed control image with module \"none\""
+            )));
+        }
+        let model = u
+            .get("model")
+            .and_then(|m| m.as_str())
+            .map(|m| m.split(" [").next().unwrap_or(m).trim().to_string())
+            .filter(|m| !m.is_empty() && m != "None")
+            .ok_or_else(|| bad(format!("ControlNet unit {i}: no model")))?;
+        let image = u
+            .get("image")
+            .or_else(|| u.get("input_image"))
+            .and_then(|v| {
+                v.as_str()
+                    .or_else(|| v.get("image").and_then(|x| x.as_str()))
+            })
+            .ok_or_else(|| bad(format!("ControlNet unit {i}: no image")))?;
+        let image = decode_image(image, "alwayson_scripts", limits)?.to_rgb8();
+        let num = |k: &str, d: f64| u.get(k).and_then(|v| v.as_f64()).unwrap_or(d);
+        let guess = match u.get("control_mode") {
+            None => false,
+            Some(m) if m.as_i64() == Some(0) || m.as_str() == Some("Balanced") => false,
+            Some(m) if m.as_i64() == Some(2) || m.as_str() == Some("ControlNet is more important") => true,
+            Some(m) => {
+                return Err(bad(format!(
+                    "ControlNet unit {i}: control_mode {m} is not available (Balanced or ControlNet is more important)"
+                )))
+            }
+        };
+        let (weight, start, end) = (
+            num("weight", 1.0),
+            num("guidance_start", 0.0),
+            num("guidance_end", 1.0),
+        );
+        if !weight.is_finite()
+            || !(0.0..=1.0).contains(&start)
+            || !(0.0..=1.0).contains(&end)
+            || start >= end
+        {
+            return Err(bad(format!(
+                "ControlNet unit {i}: weight {weight} must be finite and 0 ≤ guidance_start {start} < guidance_end {end} ≤ 1"
+            )));
+        }
+        units.push(ControlUnit {
+            model,
+            image,
+            weight,
+            start,
+            end,
+            guess,
+        });
+    }
+    Ok(units)
 }
 
 /// A validated generation: what the worker runs.
@@ -85,6 +177,8 @@ pub struct GenParams {
     pub mask: Option<GrayImage>,
     pub denoising_strength: f64,
     pub preview_every: usize,
+    /// ControlNet units (A1111's `alwayson_scripts.controlnet`).
+    pub control: Vec<ControlUnit>,
 }
 
 impl GenParams {
@@ -343,6 +437,7 @@ impl GenerationBody {
             mask,
             denoising_strength,
             preview_every,
+            control: control_units(self.alwayson_scripts.as_ref(), limits)?,
         })
     }
 }

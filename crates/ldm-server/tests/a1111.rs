@@ -409,3 +409,64 @@ async fn prompt_loras_are_merged_per_request_and_the_base_restored() {
         "{info}"
     );
 }
+
+/// sd-webui-controlnet's API: `alwayson_scripts.controlnet.args` units name a ControlNet in
+/// `--controlnet-dir` and send a preprocessed image; the picture is diffusers' ControlNet
+/// pipeline's (`fixtures/controlnet`), "ControlNet is more important" is its guess mode, a
+/// request without units gets the plain model's picture, and preprocessors are refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn controlnet_units_from_a1111_clients() {
+    let f = root().join("fixtures");
+    let s = start(ServerConfig {
+        controlnet_dirs: vec![f.join("controlnet")],
+        port: 0,
+        ..ServerConfig::new(f.join("tiny/sd15"))
+    })
+    .await;
+    let (status, list) = s.get("/controlnet/model_list").await;
+    assert_eq!(status, 200);
+    let names = list["model_list"].as_array().unwrap();
+    assert!(names.contains(&json!("sd15_a")) && names.contains(&json!("sd15_a_original")));
+    let circle =
+        data_url(&image::open(f.join("pipelines/inputs/gradient_circle_32x32.png")).unwrap());
+    let body = |units: Value| {
+        json!({"prompt": "a red circle", "seed": 1, "steps": 8, "cfg_scale": 7.5,
+               "width": 32, "height": 32, "alwayson_scripts": {"controlnet": {"args": units}}})
+    };
+    let unit = |model: &str, mode: i64| {
+        json!({"enabled": true, "module": "none", "model": format!("{model} [0123abcd]"),
+               "image": circle, "weight": 1.0, "guidance_start": 0.0, "guidance_end": 1.0,
+               "control_mode": mode, "resize_mode": "Crop and Resize", "pixel_perfect": false})
+    };
+    for (units, picture) in [
+        (json!([unit("sd15_a", 0)]), "sd15_single"),
+        (json!([]), "sd15_base"),
+        (json!([unit("sd15_a_original", 0)]), "sd15_single"),
+        (json!([unit("sd15_a", 2)]), "sd15_guess"),
+    ] {
+        let (status, r) = s.post("/sdapi/v1/txt2img", body(units.clone())).await;
+        assert_eq!(status, 200, "{units}: {r}");
+        let ours = decode(r["images"][0].as_str().unwrap());
+        let theirs = image::open(f.join(format!("controlnet/{picture}.png")))
+            .unwrap()
+            .to_rgb8();
+        let d: f64 = ours
+            .as_raw()
+            .iter()
+            .zip(theirs.as_raw())
+            .map(|(&a, &b)| (a as f64 - b as f64).abs())
+            .sum::<f64>()
+            / ours.as_raw().len() as f64;
+        assert!(d <= 1.0, "{picture}: mean |Δ| {d}");
+    }
+    let mut canny = unit("sd15_a", 0);
+    canny["module"] = json!("canny");
+    let (status, r) = s.post("/sdapi/v1/txt2img", body(json!([canny]))).await;
+    assert_eq!(status, 400, "{r}");
+    assert!(r.to_string().contains("preprocessor"), "{r}");
+    let (status, r) = s
+        .post("/sdapi/v1/txt2img", body(json!([unit("no_such_net", 0)])))
+        .await;
+    assert_eq!(status, 400, "{r}");
+    assert!(r.to_string().contains("no ControlNet `no_such_net`"), "{r}");
+}
