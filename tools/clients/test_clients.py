@@ -2,10 +2,12 @@
 """Drives a running `ldm serve` with the clients people use, unchanged: `webuiapi` (A1111's API)
 and the `openai` package (OpenAI's images API).
 
-    python3 tools/clients/test_clients.py http://127.0.0.1:PORT
+    python3 tools/clients/test_clients.py http://127.0.0.1:PORT [http://127.0.0.1:PORT2 FIXTURES]
 
 Run by crates/ldm-server/tests/clients.rs, which starts the server (with --api-key sk-test and
---api-auth user:secret, which both clients send). Exits non-zero on the first failed check.
+--api-auth user:secret, which both clients send) and a second one on the tiny SD1.5 fixture with
+--controlnet-dir FIXTURES/controlnet, where webuiapi's ControlNetUnit is checked against
+diffusers' picture. Exits non-zero on the first failed check.
 """
 
 import base64
@@ -119,5 +121,22 @@ try:
     check(False, "a wrong key is refused")
 except openai.AuthenticationError as err:
     check(err.status_code == 401, "openai AuthenticationError for a wrong key")
+
+# --- webuiapi's ControlNetUnit (sd-webui-controlnet's API) ---------------------------------
+if len(sys.argv) > 3:
+    cn_host, cn_port = sys.argv[2].rstrip("/").removeprefix("http://").split(":")
+    fixtures = sys.argv[3]
+    cn = webuiapi.WebUIApi(host=cn_host, port=int(cn_port))
+    models = cn.controlnet_model_list()
+    check("sd15_a" in models, f"webuiapi controlnet_model_list: {models}")
+    circle = Image.open(f"{fixtures}/pipelines/inputs/gradient_circle_32x32.png")
+    unit = webuiapi.ControlNetUnit(image=circle, module="none", model="sd15_a", weight=1.0)
+    r = cn.txt2img(prompt="a red circle", seed=1, steps=8, cfg_scale=7.5, width=32, height=32,
+                   sampler_name="pndm", controlnet_units=[unit])
+    ours = r.image.convert("RGB")
+    theirs = Image.open(f"{fixtures}/controlnet/sd15_single.png").convert("RGB")
+    diff = sum(abs(p - q) for a, b in zip(ours.getdata(), theirs.getdata())
+               for p, q in zip(a, b)) / (32 * 32 * 3)
+    check(diff <= 1.0, f"webuiapi ControlNetUnit: diffusers' ControlNet picture ({diff:.3f} levels)")
 
 print("all client checks passed")

@@ -84,9 +84,11 @@ fn control_units(
     scripts: Option<&serde_json::Value>,
     limits: &Limits,
 ) -> Result<Vec<ControlUnit>, Invalid> {
+    // A1111 finds scripts by lower-cased title (webuiapi sends "ControlNet").
     let Some(args) = scripts
-        .and_then(|s| s.get("controlnet"))
-        .and_then(|c| c.get("args"))
+        .and_then(|s| s.as_object())
+        .and_then(|m| m.iter().find(|(k, _)| k.eq_ignore_ascii_case("controlnet")))
+        .and_then(|(_, c)| c.get("args"))
         .and_then(|a| a.as_array())
     else {
         return Ok(Vec::new());

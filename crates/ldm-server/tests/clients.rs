@@ -50,9 +50,18 @@ async fn webuiapi_and_openai_work_unchanged() {
         ..config()
     })
     .await;
+    // A second server, on the tiny SD1.5 with the ControlNet fixtures, for ControlNetUnit.
+    let cn = start(ldm_server::ServerConfig {
+        controlnet_dirs: vec![root().join("fixtures/controlnet")],
+        port: 0,
+        ..ldm_server::ServerConfig::new(root().join("fixtures/tiny/sd15"))
+    })
+    .await;
     let mut cmd = Command::new(python);
     cmd.arg(root().join("tools/clients/test_clients.py"))
-        .arg(&s.url);
+        .arg(&s.url)
+        .arg(&cn.url)
+        .arg(root().join("fixtures"));
     let (ok, text) = run(cmd).await;
     println!("{text}");
     assert!(ok, "the client script failed:\n{text}");
