@@ -8,7 +8,7 @@ use candle_core::{DType, Device, Tensor};
 use image::RgbImage;
 use ldm_models::lora::LoraSpec;
 use ldm_models::vae::AutoencoderTiny;
-use ldm_pipeline::control::ControlInput;
+use ldm_pipeline::control::{AdapterInput, ControlInput};
 use ldm_pipeline::extra_networks::PromptLoras;
 use ldm_pipeline::image_io::{
     control_to_tensor, encode_png, image_to_tensor, mask_to_tensor, to_images,
@@ -51,7 +51,17 @@ struct Extras {
     controlnets: Vec<PathBuf>,
 }
 
-/// The ControlNets in `dirs` by name: folders with a `config.json`, and `.safetensors` files.
+/// Whether a ControlNet-folder entry is a T2I-Adapter (sd-webui-controlnet lists them among
+/// its models).
+fn is_t2i_adapter(path: &Path) -> bool {
+    std::fs::read_to_string(path.join("config.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .is_some_and(|v| v["_class_name"] == "T2IAdapter")
+}
+
+/// The ControlNets (and T2I-Adapters) in `dirs` by name: folders with a `config.json`, and
+/// `.safetensors` files.
 pub fn list_controlnets(dirs: &[PathBuf]) -> Vec<(String, PathBuf)> {
     let mut out: Vec<(String, PathBuf)> = dirs
         .iter()
@@ -132,7 +142,11 @@ impl Model {
         let mut c = self.components.clone();
         c.apply_loras(&extras.loras)?;
         for net in &extras.controlnets {
-            c.add_controlnet(net)?;
+            if is_t2i_adapter(net) {
+                c.add_t2i_adapter(net)?;
+            } else {
+                c.add_controlnet(net)?;
+            }
         }
         let c = Arc::new(c);
         *slot = Some((extras.clone(), c.clone()));
@@ -293,20 +307,32 @@ impl Model {
             variant = self.with_extras(&extras)?;
             &variant
         };
-        let control = p
-            .control
-            .iter()
-            .enumerate()
-            .map(|(k, u)| {
-                let image =
-                    control_to_tensor(u.image.clone(), p.width, p.height, &components.device)?;
-                Ok(ControlInput {
+        // Units in order: ControlNets and T2I-Adapters were loaded in this order, each kind
+        // counted on its own.
+        let (mut control, mut adapter, mut adapter_factor) = (Vec::new(), Vec::new(), 1.0);
+        for (u, path) in p.control.iter().zip(&extras.controlnets) {
+            let image = control_to_tensor(u.image.clone(), p.width, p.height, &components.device)?;
+            if is_t2i_adapter(path) {
+                if u.start > 0.0 {
+                    return Err(ldm_pipeline::Error::InvalidRequest(format!(
+                        "the T2I-Adapter `{}` acts from the first step: guidance_start must be 0",
+                        u.model
+                    )));
+                }
+                adapter_factor = u.end;
+                adapter.push(AdapterInput {
+                    net: adapter.len(),
+                    image,
+                    scale: u.weight,
+                });
+            } else {
+                control.push(ControlInput {
                     start: u.start,
                     end: u.end,
-                    ..ControlInput::new(k, image, u.weight)
-                })
-            })
-            .collect::<ldm_pipeline::Result<Vec<_>>>()?;
+                    ..ControlInput::new(control.len(), image, u.weight)
+                });
+            }
+        }
         let device = &components.device;
         let init = match &p.init_image {
             Some(img) => Some(image_to_tensor(img.clone(), p.width, p.height, device)?),
@@ -331,6 +357,8 @@ impl Model {
                 prompt: tagged.text.clone(),
                 control: control.clone(),
                 guess_mode: p.control.iter().any(|u| u.guess),
+                adapter: adapter.clone(),
+                adapter_factor,
                 ..self.request(p, k, &init, &mask)
             };
             let mut last: Option<Tensor> = None;

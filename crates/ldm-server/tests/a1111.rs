@@ -365,14 +365,6 @@ async fn prompt_loras_are_merged_per_request_and_the_base_restored() {
             .unwrap()
             .to_rgb8()
     };
-    let mean_diff = |a: &image::RgbImage, b: &image::RgbImage| -> f64 {
-        a.as_raw()
-            .iter()
-            .zip(b.as_raw())
-            .map(|(&x, &y)| (x as f64 - y as f64).abs())
-            .sum::<f64>()
-            / a.as_raw().len() as f64
-    };
     for (prompt, picture) in [
         ("a red circle <lora:sd15_peft:1>", "sd15_peft"),
         ("a red circle", "sd15_base"),
@@ -382,7 +374,7 @@ async fn prompt_loras_are_merged_per_request_and_the_base_restored() {
         let (status, r) = s.post("/sdapi/v1/txt2img", body(prompt)).await;
         assert_eq!(status, 200, "{prompt}: {r}");
         let ours = decode(r["images"][0].as_str().unwrap());
-        let d = mean_diff(&ours, &expect(picture));
+        let d = mean_level_diff(&ours, &expect(picture));
         assert!(d <= 1.0, "{prompt}: mean |Δ| {d} from {picture}");
         let info: Value = serde_json::from_str(r["info"].as_str().unwrap()).unwrap();
         let text = info["infotexts"][0].as_str().unwrap();
@@ -450,13 +442,7 @@ async fn controlnet_units_from_a1111_clients() {
         let theirs = image::open(f.join(format!("controlnet/{picture}.png")))
             .unwrap()
             .to_rgb8();
-        let d: f64 = ours
-            .as_raw()
-            .iter()
-            .zip(theirs.as_raw())
-            .map(|(&a, &b)| (a as f64 - b as f64).abs())
-            .sum::<f64>()
-            / ours.as_raw().len() as f64;
+        let d = mean_level_diff(&ours, &theirs);
         assert!(d <= 1.0, "{picture}: mean |Δ| {d}");
     }
     let mut canny = unit("sd15_a", 0);
@@ -469,4 +455,32 @@ async fn controlnet_units_from_a1111_clients() {
         .await;
     assert_eq!(status, 400, "{r}");
     assert!(r.to_string().contains("no ControlNet `no_such_net`"), "{r}");
+}
+
+/// T2I-Adapters among the ControlNet models, as sd-webui-controlnet lists them: a unit naming
+/// one gives diffusers' adapter picture (`fixtures/t2i_adapter`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t2i_adapters_as_controlnet_units() {
+    let f = root().join("fixtures");
+    let s = start(ServerConfig {
+        controlnet_dirs: vec![f.join("t2i_adapter")],
+        port: 0,
+        ..ServerConfig::new(f.join("tiny/sd15"))
+    })
+    .await;
+    let circle =
+        data_url(&image::open(f.join("pipelines/inputs/gradient_circle_32x32.png")).unwrap());
+    for (weight, picture) in [(1.0, "sd15_full"), (0.6, "sd15_full_half")] {
+        let body = json!({"prompt": "a red circle", "seed": 1, "steps": 8, "cfg_scale": 7.5,
+            "width": 32, "height": 32, "alwayson_scripts": {"ControlNet": {"args": [
+                {"module": "none", "model": "sd15_full", "image": circle, "weight": weight}]}}});
+        let (status, r) = s.post("/sdapi/v1/txt2img", body).await;
+        assert_eq!(status, 200, "{r}");
+        let ours = decode(r["images"][0].as_str().unwrap());
+        let theirs = image::open(f.join(format!("t2i_adapter/{picture}.png")))
+            .unwrap()
+            .to_rgb8();
+        let d = mean_level_diff(&ours, &theirs);
+        assert!(d <= 1.0, "{picture}: mean |Δ| {d}");
+    }
 }

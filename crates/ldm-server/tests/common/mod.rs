@@ -122,3 +122,15 @@ pub fn data_url(img: &image::DynamicImage) -> String {
 pub fn long_job(prompt: &str) -> Value {
     serde_json::json!({"prompt": prompt, "width": 128, "height": 128, "steps": 150, "seed": 3})
 }
+
+/// Mean |Δ| in 8-bit levels of two pictures of one size.
+#[allow(dead_code)]
+pub fn mean_level_diff(a: &image::RgbImage, b: &image::RgbImage) -> f64 {
+    assert_eq!(a.dimensions(), b.dimensions());
+    a.as_raw()
+        .iter()
+        .zip(b.as_raw())
+        .map(|(&x, &y)| (x as f64 - y as f64).abs())
+        .sum::<f64>()
+        / a.as_raw().len() as f64
+}
