@@ -20,8 +20,10 @@ fn mean_level_diff(a: &image::RgbImage, b: &image::RgbImage) -> f64 {
 }
 
 /// `ldm generate "a red circle"` as the adapter fixtures were rendered (8 steps, seed 1, 32×32,
-/// the model's own sampler and guidance) with `flags`, into `out`: the picture made.
-fn generate_like_the_fixtures(flags: &[&str], out: &std::path::Path) -> image::RgbImage {
+/// the model's own sampler and guidance) with `flags`, into `out`; asserts the picture is
+/// diffusers' `expected` (a fixture's path) within a level on average, and returns the
+/// parameters the PNG records.
+fn generate_like_the_fixture(flags: &[&str], out: &std::path::Path, expected: &str) -> String {
     let mut args = vec!["generate", "a red circle"];
     args.extend_from_slice(flags);
     args.extend([
@@ -30,7 +32,13 @@ fn generate_like_the_fixtures(flags: &[&str], out: &std::path::Path) -> image::R
     args.extend(["--out", out.to_str().unwrap()]);
     let (ok, _, stderr) = ldm(&args);
     assert!(ok, "{flags:?}: {stderr}");
-    image::open(out).unwrap().to_rgb8()
+    let ours = image::open(out).unwrap().to_rgb8();
+    let theirs = image::open(fixtures().join(expected)).unwrap().to_rgb8();
+    let diff = mean_level_diff(&ours, &theirs);
+    assert!(diff <= 1.0, "{flags:?}: mean |Δ| {diff} from {expected}");
+    let (ok, params, stderr) = ldm(&["info", out.to_str().unwrap()]);
+    assert!(ok, "{stderr}");
+    params
 }
 
 fn ldm(args: &[&str]) -> (bool, String, String) {
@@ -598,9 +606,6 @@ fn controlnet_flags_end_to_end() {
     let f = fixtures();
     let model = f.join("tiny/sd15");
     let image = f.join("pipelines/inputs/gradient_circle_32x32.png");
-    let expected = image::open(f.join("controlnet/sd15_single.png"))
-        .unwrap()
-        .to_rgb8();
     for (k, net) in [
         "controlnet/sd15_a",
         "controlnet/sd15_a_original.safetensors",
@@ -609,7 +614,7 @@ fn controlnet_flags_end_to_end() {
     .enumerate()
     {
         let out = dir.path().join(format!("{k}.png"));
-        let ours = generate_like_the_fixtures(
+        let params = generate_like_the_fixture(
             &[
                 "--model",
                 model.to_str().unwrap(),
@@ -619,12 +624,10 @@ fn controlnet_flags_end_to_end() {
                 image.to_str().unwrap(),
             ],
             &out,
+            "controlnet/sd15_single.png",
         );
-        let diff = mean_level_diff(&ours, &expected);
-        assert!(diff <= 1.0, "{net}: mean |Δ| {diff}");
-        let (ok, params, _) = ldm(&["info", out.to_str().unwrap()]);
         assert!(
-            ok && params.contains("ControlNet 0: \"Module: none, Model: sd15_a"),
+            params.contains("ControlNet 0: \"Module: none, Model: sd15_a"),
             "{params}"
         );
     }
@@ -676,7 +679,7 @@ fn t2i_adapter_flags_end_to_end() {
     let image = f.join("pipelines/inputs/gradient_circle_32x32.png");
     let adapter = f.join("t2i_adapter/sd15_full");
     let out = dir.path().join("a.png");
-    let ours = generate_like_the_fixtures(
+    let params = generate_like_the_fixture(
         &[
             "--model",
             model.to_str().unwrap(),
@@ -688,13 +691,8 @@ fn t2i_adapter_flags_end_to_end() {
             "0.6",
         ],
         &out,
+        "t2i_adapter/sd15_full_half.png",
     );
-    let theirs = image::open(f.join("t2i_adapter/sd15_full_half.png"))
-        .unwrap()
-        .to_rgb8();
-    let diff = mean_level_diff(&ours, &theirs);
-    assert!(diff <= 1.0, "mean |Δ| {diff}");
-    let (_, params, _) = ldm(&["info", out.to_str().unwrap()]);
     assert!(
         params.contains("T2I-Adapter 0: \"Model: sd15_full, Weight: 0.6"),
         "{params}"
@@ -721,7 +719,7 @@ fn ip_adapter_flags_end_to_end() {
     let f = fixtures();
     let model = f.join("tiny/sd15");
     let out = dir.path().join("ip.png");
-    let ours = generate_like_the_fixtures(
+    let params = generate_like_the_fixture(
         &[
             "--model",
             model.to_str().unwrap(),
@@ -735,13 +733,8 @@ fn ip_adapter_flags_end_to_end() {
                 .unwrap(),
         ],
         &out,
+        "ip_adapter/sd15_plus_ip.png",
     );
-    let theirs = image::open(f.join("ip_adapter/sd15_plus_ip.png"))
-        .unwrap()
-        .to_rgb8();
-    let diff = mean_level_diff(&ours, &theirs);
-    assert!(diff <= 1.0, "mean |Δ| {diff}");
-    let (_, params, _) = ldm(&["info", out.to_str().unwrap()]);
     assert!(
         params.contains("IP-Adapter: \"Model: sd15_plus, Weight: 1"),
         "{params}"
