@@ -11,8 +11,9 @@ the EMA update — of the same model, batch and thread count:
 ldm is timed by its own trainer (`ldm train unet|vae`, which prints the median wall time of a
 step); PyTorch runs the same configs (the `config.json` files ldm wrote) built by diffusers and
 transformers with fresh weights, the same losses and AdamW (weight decay 0.01), and is timed the
-same way (median of the steps after a warm-up). Also PyTorch under bf16 autocast, which is what
-a PyTorch user would reach for on a CPU with AVX512-BF16.
+same way (median of the steps after a warm-up). Also ldm with `--mixed-precision bf16` (bf16
+products, f32 weights and optimiser) against PyTorch under bf16 autocast, which is what a
+PyTorch user would reach for on a CPU with AVX512-BF16.
 
     python3 tools/bench/train_step.py [--steps 40] [--threads 2] [--markdown out.md]
         [--vae-args "--vae-channels 32,64,128 --latent-channels 8"] [--device cuda]
@@ -158,10 +159,11 @@ def main():
                    "--snr-weight-floor", "0.1", "--ema-decay", "0.998", "--shards", str(args.threads),
                    "--checkpoint-every", "1000000"]
             t_ldm = subprocess_median(cmd, env)
+            t_ldm_bf = None if args.no_bf16 else subprocess_median(bf16_run(cmd, out), env)
             t_pt = torch_median(unet_step_fn(torch, out, b, False, args.device), args.steps, args.warmup)
             t_bf = None if args.no_bf16 else torch_median(
                 unet_step_fn(torch, out, b, True, args.device), args.steps, args.warmup)
-            rows.append(("text encoder + U-Net", b, t_ldm, t_pt, t_bf))
+            rows.append(("text encoder + U-Net", b, t_ldm, t_pt, t_ldm_bf, t_bf))
         if "vae" in parts:
             out = tmp / "vae"
             b = args.vae_batch
@@ -169,28 +171,47 @@ def main():
                    "--batch", str(b), "--crop", str(args.vae_crop), "--held-out", "16",
                    "--shards", str(args.threads), "--checkpoint-every", "1000000"] + args.vae_args.split()
             t_ldm = subprocess_median(cmd, env)
+            t_ldm_bf = None if args.no_bf16 else subprocess_median(bf16_run(cmd, out), env)
             crop = args.vae_crop or None
             t_pt = torch_median(vae_step_fn(torch, out, b, crop, False, args.device), args.steps, args.warmup)
             t_bf = None if args.no_bf16 else torch_median(
                 vae_step_fn(torch, out, b, crop, True, args.device), args.steps, args.warmup)
             side = args.vae_crop or "whole"
-            rows.append((f"autoencoder ({side} px)", b, t_ldm, t_pt, t_bf))
+            rows.append((f"autoencoder ({side} px)", b, t_ldm, t_pt, t_ldm_bf, t_bf))
 
     lines = [
         f"Training step on {args.device}, {args.threads} threads, median of {args.steps} steps "
         f"(torch {torch.__version__}); samples/s, ratio = ldm / PyTorch",
         "",
-        "| model | batch | ldm f32 | PyTorch f32 | ratio | PyTorch bf16 autocast | ldm f32 / PyTorch bf16 |",
-        "|---|---|---|---|---|---|---|",
+        "| model | batch | ldm f32 | PyTorch f32 | ratio | ldm bf16 products | PyTorch bf16 autocast "
+        "| ratio (bf16) | ldm bf16 / PyTorch f32 |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    for name, b, t_ldm, t_pt, t_bf in rows:
-        bf = f"{b / t_bf:.1f}" if t_bf else "—"
-        bf_ratio = f"{t_bf / t_ldm:.2f}×" if t_bf else "—"
-        lines.append(f"| {name} | {b} | {b / t_ldm:.1f} | {b / t_pt:.1f} | {t_pt / t_ldm:.2f}× | {bf} | {bf_ratio} |")
+    for name, b, t_ldm, t_pt, t_ldm_bf, t_bf in rows:
+        if t_bf and t_ldm_bf:
+            bf = (f"{b / t_ldm_bf:.1f} | {b / t_bf:.1f} | {t_bf / t_ldm_bf:.2f}× "
+                  f"| {t_pt / t_ldm_bf:.2f}×")
+        else:
+            bf = "— | — | — | —"
+        lines.append(f"| {name} | {b} | {b / t_ldm:.1f} | {b / t_pt:.1f} | {t_pt / t_ldm:.2f}× | {bf} |")
     text = "\n".join(lines)
     print(text)
     if args.markdown:
         Path(args.markdown).write_text(text + "\n")
+
+
+def bf16_run(cmd, out):
+    """The same `ldm train` command with bf16 products, in a fresh output folder (a second run
+    in the same one would resume the first)."""
+    cmd = list(cmd)
+    i = cmd.index("--out")
+    fresh = Path(str(out) + "-bf16")
+    if fresh.exists():
+        shutil.rmtree(fresh)
+    if (Path(out) / "vae").is_dir() and "unet" in cmd:
+        shutil.copytree(Path(out) / "vae", fresh / "vae")
+    cmd[i + 1] = str(fresh)
+    return cmd + ["--mixed-precision", "bf16"]
 
 
 def subprocess_median(cmd, env):

@@ -235,6 +235,64 @@ fn a_killed_run_resumes_on_the_same_curve() {
     assert_eq!(a, b);
 }
 
+/// `--mixed-precision bf16` (bf16 products, f32 weights and AdamW) trains both models on a loss
+/// curve close to f32's but not equal to it (the products really are rounded), and the U-Net
+/// run writes a model that generates.
+#[test]
+fn bf16_products_train_close_to_the_f32_curve() {
+    let dir = tempfile::tempdir().unwrap();
+    let curve = |part: &str, precision: &str| -> Vec<f64> {
+        let out = dir.path().join(format!("{part}-{precision}"));
+        if part == "unet" {
+            // The U-Net trains on an autoencoder's latents: the f32 run's.
+            copy_dir(&dir.path().join("vae-no/vae"), &out.join("vae"));
+        }
+        let mut args = vec!["train", part, "--miniature", "--steps", "8", "--batch", "4"];
+        args.extend(["--mixed-precision", precision, "--out", s(&out)]);
+        if part == "vae" {
+            args.extend(["--held-out", "4"]);
+        } else {
+            args.extend(["--pool", "16"]);
+        }
+        let (ok, _, err) = ldm(&args);
+        assert!(ok, "{part} {precision}: {err}");
+        std::fs::read_to_string(out.join(format!("{part}-train/losses.csv")))
+            .unwrap()
+            .lines()
+            .skip(1)
+            .map(|l| l.split(',').nth(1).unwrap().parse().unwrap())
+            .collect()
+    };
+    for part in ["vae", "unet"] {
+        let (f32s, bf16s) = (curve(part, "no"), curve(part, "bf16"));
+        assert_eq!(f32s.len(), 8);
+        let rel: Vec<f64> = f32s
+            .iter()
+            .zip(&bf16s)
+            .map(|(a, b)| (a - b).abs() / a.abs())
+            .collect();
+        assert!(
+            rel.iter().all(|&r| r < 0.05),
+            "{part}: {f32s:?} vs {bf16s:?}"
+        );
+        assert!(rel.iter().any(|&r| r > 0.0), "{part}: bf16 changed nothing");
+    }
+    let png = dir.path().join("mini.png");
+    let model = dir.path().join("unet-bf16");
+    let (ok, _, err) = ldm(&[
+        "generate",
+        "a red circle",
+        "--model",
+        s(&model),
+        "--steps",
+        "2",
+        "--out",
+        s(&png),
+    ]);
+    assert!(ok, "{err}");
+    assert!(png.exists());
+}
+
 /// The autoencoder's batch split over threads trains the same model as one thread: the shards'
 /// losses are their parts of the batch means, so the gradient is the whole batch's.
 #[test]

@@ -16,6 +16,7 @@
 //! [`KC`] pairs so a tile's slice of `B` stays in L1 while the rows of `A` stream past it, and the
 //! tiles are shared out over rayon's threads.
 
+use super::cpu::Operand;
 use rayon::prelude::*;
 use std::ops::Range;
 
@@ -276,19 +277,35 @@ pub fn pack_transposed(dst: &mut [u32], x: &[f32], n: usize, k: usize) {
         .chunks_exact_mut(pairs * LANES)
         .enumerate()
     {
-        for l in 0..LANES {
-            let col = j * LANES + l;
-            if col >= n {
-                for p in 0..pairs {
-                    block[p * LANES + l] = 0;
-                }
-                continue;
-            }
-            let row = &x[col * k..(col + 1) * k];
+        pack_transposed_block(block, j, (x, k), n, k);
+    }
+}
+
+/// Block `j` (columns `16j ..`) of the packed `B = Xᵀ`, `X` given as (elements, row stride):
+/// each row of `X` read in order, its pairs written 16 words apart.
+fn pack_transposed_block(
+    block: &mut [u32],
+    j: usize,
+    (x, ld): (&[f32], usize),
+    n: usize,
+    k: usize,
+) {
+    let pairs = k.div_ceil(2);
+    for l in 0..LANES {
+        let col = j * LANES + l;
+        if col >= n {
             for p in 0..pairs {
-                let hi = if 2 * p + 1 < k { row[2 * p + 1] } else { 0.0 };
-                block[p * LANES + l] = pair(row[2 * p], hi);
+                block[p * LANES + l] = 0;
             }
+            continue;
+        }
+        let row = &x[col * ld..col * ld + k];
+        let (even, odd) = row.split_at(k - k % 2);
+        for (p, w) in even.chunks_exact(2).enumerate() {
+            block[p * LANES + l] = pair(w[0], w[1]);
+        }
+        if let Some(&last) = odd.first() {
+            block[(pairs - 1) * LANES + l] = pair(last, 0.0);
         }
     }
 }
@@ -449,6 +466,123 @@ pub fn gemm(
     } else {
         (0..tasks).for_each(task);
     }
+}
+
+/// `B[k×n]` read through arbitrary strides: element `(r, c)` at `data[r·row_stride +
+/// c·col_stride]` (a transposed operand has `row_stride` 1).
+struct Strided<'a>(Operand<'a>, usize);
+
+impl Segments for Strided<'_> {
+    #[inline(always)]
+    fn rows(&self, rows: Range<usize>, col0: usize, emit: &mut impl FnMut(&[f32; LANES])) {
+        let (op, n) = (&self.0, self.1);
+        let width = (n - col0).min(LANES);
+        let mut buf = [0f32; LANES];
+        for row in rows {
+            let at = row * op.row_stride + col0 * op.col_stride;
+            for (l, v) in buf[..width].iter_mut().enumerate() {
+                *v = op.data[at + l * op.col_stride];
+            }
+            emit(&buf);
+        }
+    }
+}
+
+/// `A[m×k]` (any strides) as rows of bf16 pairs along `k`, `⌈k/2⌉` words a row. Rows are
+/// taken 16 at a time so that a transposed source — whose rows are columns in memory — is read
+/// a cache line at a time.
+fn pair_operand(a: Operand, m: usize, k: usize) -> Vec<u32> {
+    let pairs = k.div_ceil(2);
+    let mut out = vec![0u32; m * pairs];
+    if a.col_stride == 1 {
+        pair_rows(a.data, m, k, a.row_stride, &mut out);
+        return out;
+    }
+    const ROWS: usize = 16;
+    out.par_chunks_mut((ROWS * pairs).max(1))
+        .enumerate()
+        .for_each(|(blk, dst)| {
+            let i0 = blk * ROWS;
+            let rows = dst.len() / pairs.max(1);
+            for p in 0..pairs {
+                let (lo, hi) = (2 * p, 2 * p + 1);
+                for r in 0..rows {
+                    let at = (i0 + r) * a.row_stride;
+                    let h = if hi < k {
+                        a.data[at + hi * a.col_stride]
+                    } else {
+                        0.0
+                    };
+                    dst[r * pairs + p] = pair(a.data[at + lo * a.col_stride], h);
+                }
+            }
+        });
+    out
+}
+
+/// `dst[m×n] = lhs[m×k] · rhs[k×n]` (`accumulate`: `dst +=`) with f32 operands rounded to
+/// bf16 as they are paired and packed, products accumulated in f32: the mixed-precision form of
+/// [`super::cpu::gemm`], with the same arguments, for training with bf16 products and f32
+/// master weights (what PyTorch's bf16 autocast does to a matrix product). Without
+/// AVX512-BF16 ([`available`]) the portable kernel computes the same rounded sums.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_f32(
+    (m, n, k): (usize, usize, usize),
+    dst: &mut [f32],
+    dst_rs: usize,
+    accumulate: bool,
+    lhs: Operand,
+    rhs: Operand,
+    parallel: bool,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!(
+        lhs.fits(m, k) && rhs.fits(k, n),
+        "bf16 gemm: operand too short"
+    );
+    let a = pair_operand(lhs, m, k);
+    let mut b = vec![0u32; packed_len(k, n)];
+    if rhs.col_stride == 1 {
+        pack(
+            &mut b,
+            k,
+            n,
+            &Rows {
+                data: rhs.data,
+                n,
+                ld: rhs.row_stride,
+            },
+        );
+    } else if rhs.row_stride == 1 {
+        // The transpose of a row-major matrix: its rows are read in order.
+        let pairs = k.div_ceil(2);
+        if pairs > 0 {
+            b.par_chunks_mut(pairs * LANES)
+                .enumerate()
+                .for_each(|(j, block)| {
+                    pack_transposed_block(block, j, (rhs.data, rhs.col_stride), n, k)
+                });
+        }
+    } else {
+        pack(&mut b, k, n, &Strided(rhs, n));
+    }
+    let view = PackedRef {
+        data: &b,
+        pairs: k.div_ceil(2),
+        n,
+    };
+    gemm(
+        m,
+        &a,
+        k.div_ceil(2).max(1),
+        view,
+        dst,
+        dst_rs,
+        accumulate,
+        parallel,
+    );
 }
 
 /// A stride-1 convolution's operands for [`conv`]: the input as channel pairs, zero-padded,
@@ -869,6 +1003,56 @@ mod tests {
                         );
                     }
                     assert_eq!(c[i * ldc + n], 0.5, "column past n written");
+                }
+            }
+        }
+    }
+
+    /// The mixed-precision product of f32 operands in each layout the training ops pass
+    /// (row-major and transposed, with padded strides), against f64 sums of the rounded
+    /// inputs; an unrounded f32 product would miss the bound by far.
+    #[test]
+    fn f32_operands_are_rounded_in_every_layout() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
+        for &(m, n, k) in &[(1, 1, 1), (5, 33, 7), (40, 17, 64), (70, 90, 129)] {
+            let a: Vec<f32> = (0..m * k).map(|_| rng.random_range(-1.0..1.0)).collect();
+            let b: Vec<f32> = (0..k * n).map(|_| rng.random_range(-1.0..1.0)).collect();
+            let want = reference(&a, &b, m, n, k);
+            // Each operand stored row-major (rows `ld` apart), as the rows of its transpose, or
+            // with both strides above 1 (every other element of padded rows).
+            let store =
+                |x: &[f32], r: usize, c: usize, layout: u8| -> (Vec<f32>, Operand<'static>) {
+                    let (rs, cs) = match layout {
+                        0 => (c + 3, 1),
+                        1 => (1, r + 2),
+                        _ => (2 * c + 1, 2),
+                    };
+                    let mut v = vec![f32::NAN; r * rs + c * cs + 1];
+                    for i in 0..r {
+                        for j in 0..c {
+                            v[i * rs + j * cs] = x[i * c + j];
+                        }
+                    }
+                    let shape = Operand {
+                        data: &[],
+                        row_stride: rs,
+                        col_stride: cs,
+                    };
+                    (v, shape)
+                };
+            for (la, lb) in (0..3).flat_map(|a| (0..3).map(move |b| (a, b))) {
+                let (av, sa) = store(&a, m, k, la);
+                let (bv, sb) = store(&b, k, n, lb);
+                let lhs = Operand { data: &av, ..sa };
+                let rhs = Operand { data: &bv, ..sb };
+                let mut c = vec![0f32; m * n];
+                gemm_f32((m, n, k), &mut c, n, false, lhs, rhs, true);
+                for (i, (&got, &w)) in c.iter().zip(&want).enumerate() {
+                    let tol = 1e-5 * (k as f64).sqrt().max(1.0) + 1e-6;
+                    assert!(
+                        (got as f64 - w).abs() < tol,
+                        "{m}×{n}×{k} layouts {la} {lb} [{i}]: {got} vs {w}"
+                    );
                 }
             }
         }

@@ -260,11 +260,29 @@ struct ConvTrain {
     /// Whether the weight takes a gradient; a frozen one's (a teacher's weights under LoRA
     /// factors) is neither computed nor kept.
     weight_grad: bool,
+    /// Products with bf16 operands and f32 sums ([`super::set_bf16_products`]).
+    bf16: bool,
 }
 
 impl ConvTrain {
     fn geometry(&self, xl: &Layout, wl: &Layout) -> Result<(Geometry, usize)> {
         Geometry::new(xl.shape(), wl.shape(), self.stride, self.padding)
+    }
+
+    /// The product in this op's precision (the arguments of [`gemm`]).
+    fn gemm(
+        &self,
+        mnk: (usize, usize, usize),
+        dst: &mut [f32],
+        dst_rs: usize,
+        lhs: Operand,
+        rhs: Operand,
+    ) {
+        if self.bf16 {
+            super::bf16_gemm::gemm_f32(mnk, dst, dst_rs, false, lhs, rhs, true)
+        } else {
+            gemm(mnk, dst, dst_rs, false, lhs, rhs, true)
+        }
     }
 }
 
@@ -300,18 +318,34 @@ impl CustomOp3 for ConvTrain {
         // image has only P columns — 16 at a 4 × 4 level, where the batch's product is 1.2×
         // faster), then each image's planes copied out channels-first with the bias added.
         let n = g.batch * p;
+        let mut y = vec![0f32; g.batch * c_out * p];
+        if self.bf16 {
+            // y' = patches · Wᵀ, `[B·P, C_out]`: the large operand's rows are its own (pairing
+            // them is a streaming pass; packing a transposed one is a gather), then each
+            // image's `[P, C_out]` transposed channels-first with the bias added.
+            let mut yr = vec![0f32; n * c_out];
+            let (patches, wt) = (Operand::rows(&cols, kkc), Operand::transposed(&wc, kkc));
+            super::bf16_gemm::gemm_f32((n, c_out, kkc), &mut yr, c_out, false, patches, wt, true);
+            drop(cols);
+            y.par_chunks_mut(c_out * p)
+                .zip(yr.par_chunks(p * c_out))
+                .for_each(|(dst, src)| {
+                    transpose(src, p, c_out, dst);
+                    for (plane, &bias) in dst.chunks_mut(p).zip(bias) {
+                        plane.iter_mut().for_each(|v| *v += bias);
+                    }
+                });
+            return Ok((CpuStorage::F32(y), Shape::from((g.batch, c_out, ho, wo))));
+        }
         let mut yt = vec![0f32; c_out * n];
-        gemm(
+        self.gemm(
             (c_out, n, kkc),
             &mut yt,
             n,
-            false,
             Operand::rows(&wc, kkc),
             Operand::transposed(&cols, kkc),
-            true,
         );
         drop(cols);
-        let mut y = vec![0f32; g.batch * c_out * p];
         for (b, dst) in y.chunks_mut(c_out * p).enumerate() {
             for ((plane, src), &bias) in dst.chunks_mut(p).zip(yt.chunks(n)).zip(bias) {
                 for (o, &v) in plane.iter_mut().zip(&src[b * p..(b + 1) * p]) {
@@ -370,29 +404,43 @@ impl CustomOp3 for ConvTrainBackward {
         let db: Vec<f32> = dyt.chunks(rows).map(|r| r.iter().sum::<f32>()).collect();
         let wc = transpose_blocks(w, g.channels, g.kernel * g.kernel);
         let mut dcols = vec![0f32; rows * kkc];
-        gemm(
-            (rows, kkc, c_out),
-            &mut dcols,
-            kkc,
-            false,
-            Operand::transposed(&dyt, rows),
-            Operand::rows(&wc, kkc),
-            true,
-        );
+        if self.0.bf16 {
+            // dy as `[B·P, C_out]` rows (pairing a transposed operand strides through memory).
+            let mut dyr = vec![0f32; rows * c_out];
+            dyr.par_chunks_mut(p * c_out)
+                .zip(dy.par_chunks(c_out * p))
+                .for_each(|(dst, img)| transpose(img, c_out, p, dst));
+            let (dy_rows, w_rows) = (Operand::rows(&dyr, c_out), Operand::rows(&wc, kkc));
+            super::bf16_gemm::gemm_f32(
+                (rows, kkc, c_out),
+                &mut dcols,
+                kkc,
+                false,
+                dy_rows,
+                w_rows,
+                true,
+            );
+        } else {
+            self.0.gemm(
+                (rows, kkc, c_out),
+                &mut dcols,
+                kkc,
+                Operand::transposed(&dyt, rows),
+                Operand::rows(&wc, kkc),
+            );
+        }
         let dx = col2im(&dcols, &g);
         drop(dcols);
         let mut out = dx;
         if self.0.weight_grad {
             let cols = im2col(x, &g);
             let mut dwc = vec![0f32; c_out * kkc];
-            gemm(
+            self.0.gemm(
                 (c_out, kkc, rows),
                 &mut dwc,
                 kkc,
-                false,
                 Operand::rows(&dyt, rows),
                 Operand::rows(&cols, kkc),
-                true,
             );
             out.extend(transpose_blocks(&dwc, g.kernel * g.kernel, g.channels));
         } else {
@@ -589,6 +637,7 @@ impl Conv2d {
                 stride: self.stride,
                 padding: self.padding,
                 weight_grad: weight.track_op(),
+                bf16: super::bf16_products(),
             };
             return x.contiguous()?.apply_op3(&weight.contiguous()?, &bias, op);
         }
@@ -647,12 +696,20 @@ mod tests {
         Ok(())
     }
 
+    /// Also with bf16 products: on inputs and output gradient that are bf16 values already,
+    /// rounding changes nothing, so the op must give the f32 composition's numbers (f32 sums).
     #[test]
     fn fused_training_conv_matches_the_composed_one() -> Result<()> {
         let dev = Device::Cpu;
-        for (k, s, p, h, w) in GEOMETRIES {
-            let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, 3, h, w), &dev)?)?;
-            let wt = Var::from_tensor(&Tensor::randn(0f32, 1.0, (4, 3, k, k), &dev)?)?;
+        let bf16_values = |shape: &[usize]| -> Result<Tensor> {
+            Tensor::randn(0f32, 1.0, shape, &dev)?
+                .to_dtype(DType::BF16)?
+                .to_dtype(DType::F32)
+        };
+        for ((k, s, p, h, w), bf16) in GEOMETRIES.into_iter().flat_map(|g| [(g, false), (g, true)])
+        {
+            let x = Var::from_tensor(&bf16_values(&[2, 3, h, w])?)?;
+            let wt = Var::from_tensor(&bf16_values(&[4, 3, k, k])?)?;
             let b = Var::from_tensor(&Tensor::randn(0f32, 1.0, 4, &dev)?)?;
             let fused = x.as_tensor().apply_op3(
                 wt.as_tensor(),
@@ -661,6 +718,7 @@ mod tests {
                     stride: s,
                     padding: p,
                     weight_grad: true,
+                    bf16,
                 },
             )?;
             let composed = super::super::ops::add_bias(
@@ -668,16 +726,17 @@ mod tests {
                 b.as_tensor(),
                 1,
             )?;
-            let r = Tensor::randn(0f32, 1.0, fused.shape(), &dev)?;
+            let r = bf16_values(fused.dims())?;
             let ga = (&fused * &r)?.sum_all()?.backward()?;
             let gb = (&composed * &r)?.sum_all()?.backward()?;
             let maxdiff = |a: &Tensor, b: &Tensor| -> Result<f32> {
                 (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()
             };
-            assert!(maxdiff(&fused, &composed)? < 1e-4, "k{k} s{s} p{p}: output");
+            let case = format!("k{k} s{s} p{p} bf16 {bf16}");
+            assert!(maxdiff(&fused, &composed)? < 1e-4, "{case}: output");
             for (name, v) in [("x", &x), ("w", &wt), ("b", &b)] {
                 let (a, c) = (ga.get(v).expect("grad"), gb.get(v).expect("grad"));
-                assert!(maxdiff(a, c)? < 1e-4, "k{k} s{s} p{p}: d{name}");
+                assert!(maxdiff(a, c)? < 1e-4, "{case}: d{name}");
             }
         }
         Ok(())

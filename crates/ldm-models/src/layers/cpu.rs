@@ -53,7 +53,7 @@ impl<'a> Operand<'a> {
         }
     }
 
-    fn fits(&self, rows: usize, cols: usize) -> bool {
+    pub(crate) fn fits(&self, rows: usize, cols: usize) -> bool {
         rows == 0
             || cols == 0
             || self.data.len() > (rows - 1) * self.row_stride + (cols - 1) * self.col_stride

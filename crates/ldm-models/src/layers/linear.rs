@@ -3,8 +3,8 @@
 //! [`super::bf16_gemm`] kernel and take f32 inputs (see [`super::compute_dtype`]).
 
 use super::bf16_gemm::{self, PackedB};
-use super::cpu::contiguous_f32;
-use candle_core::{CpuStorage, CustomOp1, DType, Layout, Module, Result, Shape, Tensor};
+use super::cpu::{contiguous_f32, Operand};
+use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Layout, Module, Result, Shape, Tensor};
 use candle_nn::VarBuilder;
 use std::sync::Arc;
 
@@ -203,6 +203,16 @@ impl Linear {
             }
             Weight::Dense { weight_t, .. } => weight_t,
         };
+        if let Weight::Dense { weight, .. } = &self.weight {
+            let f32_cpu = x.device().is_cpu() && x.dtype() == DType::F32;
+            if f32_cpu && weight.track_op() && super::bf16_products() {
+                let y = x.contiguous()?.apply_op2(weight, MixedProduct)?;
+                return match &self.bias {
+                    Some(b) => super::ops::add_bias(&y, b, y.rank() - 1),
+                    None => Ok(y),
+                };
+            }
+        }
         if x.track_op() && !weight_t.track_op() && x.device().is_cpu() && x.dtype() == DType::F32 {
             let y = x.contiguous()?.apply_op1(FrozenProduct {
                 weight_t: weight_t.clone(),
@@ -267,6 +277,101 @@ impl CustomOp1 for FrozenProduct {
             .matmul(&self.weight_t.t()?)?;
         debug_assert_eq!(dx.dim(1)?, in_dim);
         Ok(Some(dx.reshape(x.shape())?))
+    }
+}
+
+/// `x Wᵀ` for a trainable f32 weight `[out, in]` with bf16 products and f32 sums
+/// ([`super::set_bf16_products`]): forward and both backward products through
+/// [`bf16_gemm::gemm_f32`].
+struct MixedProduct;
+
+/// Its backward: inputs `x`, `W`, `dy`; output `[dx | dW]` flat.
+struct MixedProductBackward;
+
+/// `(rows, in, out)` of `x` `[…, in]` times `W` `[out, in]`.
+fn product_dims(xl: &Layout, wl: &Layout, op: &str) -> Result<(usize, usize, usize)> {
+    let (out_dim, in_dim) = wl.shape().dims2()?;
+    if xl.shape().dims().last() != Some(&in_dim) {
+        candle_core::bail!("{op}: input {:?} for a {in_dim}-wide layer", xl.shape())
+    }
+    Ok((xl.shape().elem_count() / in_dim.max(1), in_dim, out_dim))
+}
+
+impl candle_core::CustomOp2 for MixedProduct {
+    fn name(&self) -> &'static str {
+        "linear-bf16-products"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (rows, k, n) = product_dims(xl, wl, self.name())?;
+        let x = contiguous_f32(xs, xl, self.name(), "input")?;
+        let w = contiguous_f32(ws, wl, self.name(), "weight")?;
+        let mut y = vec![0f32; rows * n];
+        bf16_gemm::gemm_f32(
+            (rows, n, k),
+            &mut y,
+            n,
+            false,
+            Operand::rows(x, k),
+            Operand::transposed(w, k),
+            true,
+        );
+        let mut shape = xl.shape().dims().to_vec();
+        *shape.last_mut().expect("rank ≥ 1") = n;
+        Ok((CpuStorage::F32(y), Shape::from(shape)))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let flat = x.apply_op3_no_bwd(w, &grad.contiguous()?, &MixedProductBackward)?;
+        let nx = x.elem_count();
+        let dx = flat.narrow(0, 0, nx)?.reshape(x.shape())?;
+        let dw = flat.narrow(0, nx, w.elem_count())?.reshape(w.shape())?;
+        Ok((Some(dx), Some(dw)))
+    }
+}
+
+impl CustomOp3 for MixedProductBackward {
+    fn name(&self) -> &'static str {
+        "linear-bf16-products-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (rows, k, n) = product_dims(xl, wl, self.name())?;
+        let x = contiguous_f32(xs, xl, self.name(), "input")?;
+        let w = contiguous_f32(ws, wl, self.name(), "weight")?;
+        let dy = contiguous_f32(gs, gl, self.name(), "gradient")?;
+        if dy.len() != rows * n {
+            candle_core::bail!("{}: gradient {:?}", self.name(), gl.shape())
+        }
+        // dx = dy · W, `[rows, in]`; dW = dyᵀ · x, `[out, in]`.
+        let mut out = vec![0f32; rows * k + n * k];
+        let (dx, dw) = out.split_at_mut(rows * k);
+        let (dy_rows, w_rows) = (Operand::rows(dy, n), Operand::rows(w, k));
+        bf16_gemm::gemm_f32((rows, k, n), dx, k, false, dy_rows, w_rows, true);
+        let (dy_t, x_rows) = (Operand::transposed(dy, n), Operand::rows(x, k));
+        bf16_gemm::gemm_f32((n, k, rows), dw, k, false, dy_t, x_rows, true);
+        let len = out.len();
+        Ok((CpuStorage::F32(out), Shape::from(len)))
     }
 }
 
@@ -356,6 +461,38 @@ mod tests {
         let fd = (bump(h)? - bump(-h)?) / (2.0 * h);
         let an = dx.flatten_all()?.to_vec1::<f32>()?[7];
         assert!((fd - an).abs() < 1e-2 * an.abs().max(1.0), "{fd} vs {an}");
+        Ok(())
+    }
+
+    /// The bf16-products training op against candle's f32 product on inputs, weight and
+    /// output gradient that are bf16 values already (so rounding changes nothing): output and
+    /// both gradients agree to f32 summation error.
+    #[test]
+    fn bf16_products_give_the_f32_gradients_of_bf16_values() -> Result<()> {
+        let dev = Device::Cpu;
+        let values = |shape: &[usize]| -> Result<Tensor> {
+            Tensor::randn(0f32, 1.0, shape, &dev)?
+                .to_dtype(DType::BF16)?
+                .to_dtype(DType::F32)
+        };
+        for &(rows, k, n) in &[(1, 1, 1), (7, 33, 17), (130, 64, 96)] {
+            let x = candle_core::Var::from_tensor(&values(&[2, rows, k])?)?;
+            let w = candle_core::Var::from_tensor(&values(&[n, k])?)?;
+            let r = values(&[2, rows, n])?;
+            let ours = x.as_tensor().apply_op2(w.as_tensor(), MixedProduct)?;
+            let theirs = x.as_tensor().broadcast_matmul(&w.as_tensor().t()?)?;
+            let ga = (&ours * &r)?.sum_all()?.backward()?;
+            let gb = (&theirs * &r)?.sum_all()?.backward()?;
+            let maxdiff = |a: &Tensor, b: &Tensor| -> Result<f32> {
+                (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()
+            };
+            let tol = 1e-5 * (k.max(n).max(rows) as f32).sqrt() + 1e-5;
+            assert!(maxdiff(&ours, &theirs)? < tol, "{rows}×{k}→{n}: output");
+            for (name, v) in [("x", &x), ("w", &w)] {
+                let (a, b) = (ga.get(v).expect("grad"), gb.get(v).expect("grad"));
+                assert!(maxdiff(a, b)? < 10.0 * tol, "{rows}×{k}→{n}: d{name}");
+            }
+        }
         Ok(())
     }
 

@@ -43,6 +43,23 @@ pub fn compute_param(t: Tensor) -> Result<Tensor> {
     }
 }
 
+static BF16_PRODUCTS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Mixed precision for training on the CPU, process-wide: when on, the matrix products of f32
+/// layers that take gradients — the convolutions' forward and both backward products — round
+/// their operands to bf16 and accumulate in f32 ([`bf16_gemm::gemm_f32`]), while weights,
+/// gradients, optimiser state and every other op stay f32: what PyTorch's bf16 autocast does
+/// to a training step. Fast with AVX512-BF16 ([`bf16_gemm::available`]); elsewhere the same
+/// rounded sums come from a portable loop, slower than f32. Inference is unaffected.
+pub fn set_bf16_products(on: bool) {
+    BF16_PRODUCTS.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Whether [`set_bf16_products`] is on.
+pub fn bf16_products() -> bool {
+    BF16_PRODUCTS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// A 2-D convolution with bias, square kernel, given stride and padding.
 pub fn conv2d(
     vb: VarBuilder,
