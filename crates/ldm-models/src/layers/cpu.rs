@@ -117,6 +117,21 @@ pub fn gemm(
     }
 }
 
+/// `Σ f(v)` in f64, kept in eight independent lanes (added in a fixed order, so the result is
+/// deterministic) so that the loop vectorises: a single accumulator is a chain of dependent
+/// adds the compiler may not reorder.
+#[inline(always)]
+pub fn lane_sum<T: Copy>(v: &[T], f: impl Fn(T) -> f64) -> f64 {
+    let mut lanes = [0f64; 8];
+    let mut chunks = v.chunks_exact(8);
+    for c in &mut chunks {
+        for (l, &x) in lanes.iter_mut().zip(c) {
+            *l += f(x);
+        }
+    }
+    lanes.iter().sum::<f64>() + chunks.remainder().iter().map(|&x| f(x)).sum::<f64>()
+}
+
 /// `e^x` for `x ≤ 0` (the softmax's shifted scores) to about 2e-7 relative: `x = n·ln2 + r` with
 /// `n` the nearest integer (Cody–Waite: ln 2 in two parts, so `r` is exact), `e^r` by its Taylor
 /// polynomial for `|r| ≤ ½ ln 2` (degree 6, truncation error 1.2e-7), `2^n` added to the exponent

@@ -5,7 +5,7 @@
 //! `x̂ = (x − μ)·r`, `dx = r·(dx̂ − mean(dx̂) − x̂·mean(dx̂·x̂))` with `dx̂ = dy·γ`,
 //! `dγ = Σ dy·x̂`, `dβ = Σ dy`. Other devices and dtypes use candle's composition.
 
-use super::cpu::contiguous;
+use super::cpu::{contiguous, lane_sum};
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use candle_nn::{Module, VarBuilder};
 use rayon::prelude::*;
@@ -168,21 +168,11 @@ fn dims(l: &Layout, groups: usize) -> Result<(usize, usize, usize)> {
 }
 
 /// Mean and reciprocal standard deviation of one group's values (two-pass, f64 sums kept in
-/// eight independent lanes so that the loops vectorise).
+/// eight independent lanes so that the loops vectorise: [`lane_sum`]).
 fn stats<T: Float>(v: &[T], eps: f64) -> (f64, f64) {
-    fn lane_sum<T: Float>(v: &[T], f: impl Fn(f64) -> f64) -> f64 {
-        let mut lanes = [0f64; 8];
-        let mut chunks = v.chunks_exact(8);
-        for c in &mut chunks {
-            for (l, &x) in lanes.iter_mut().zip(c) {
-                *l += f(x.f());
-            }
-        }
-        lanes.iter().sum::<f64>() + chunks.remainder().iter().map(|&x| f(x.f())).sum::<f64>()
-    }
     let n = v.len().max(1) as f64;
-    let mean = lane_sum(v, |x| x) / n;
-    let var = lane_sum(v, |x| (x - mean) * (x - mean)) / n;
+    let mean = lane_sum(v, |x| x.f()) / n;
+    let var = lane_sum(v, |x| (x.f() - mean) * (x.f() - mean)) / n;
     (mean, 1.0 / (var + eps).sqrt())
 }
 

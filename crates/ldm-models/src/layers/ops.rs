@@ -6,7 +6,7 @@
 //! The compositions are checked against finite differences in f64 (`tests` below and
 //! `ldm-train`'s gradient tests).
 
-use super::cpu::contiguous;
+use super::cpu::{contiguous, lane_sum};
 use candle_core::{
     backend::BackendStorage, CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape,
     Tensor, D,
@@ -440,7 +440,7 @@ fn channel_sums<T: num_traits::Float + Send + Sync>(
                 (0..outer)
                     .map(|o| {
                         let start = (o * c + ch) * inner;
-                        g[start..start + inner].iter().fold(0f64, |a, &v| a + f(v))
+                        lane_sum(&g[start..start + inner], f)
                     })
                     .sum()
             })
@@ -452,7 +452,7 @@ fn channel_sums<T: num_traits::Float + Send + Sync>(
                 let mut acc = vec![0f64; c];
                 for row in block.chunks(c * inner) {
                     for (a, ch) in acc.iter_mut().zip(row.chunks(inner.max(1))) {
-                        *a += ch.iter().fold(0f64, |s, &v| s + f(v));
+                        *a += lane_sum(ch, f);
                     }
                 }
                 acc
