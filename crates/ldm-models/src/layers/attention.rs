@@ -54,6 +54,24 @@ fn attention_with(
             .apply_op3_no_bwd(&f32(k)?, &f32(v)?, &op)?
             .to_dtype(dtype);
     }
+    let f32_cpu = [q, k, v]
+        .iter()
+        .all(|t| t.dtype() == DType::F32 && t.device().is_cpu());
+    if mask.is_none() && tracked && f32_cpu {
+        // Training: the block-wise kernel with its own backward (scores never stored).
+        let (b, h, lq, d) = q.dims4()?;
+        let lk = k.dim(2)?;
+        crate::flops::add(
+            crate::flops::matmul(b * h * lq, d, lk)
+                + crate::flops::matmul(b * h * lq, lk, v.dim(3)?),
+        );
+        let op = super::fused_attention::FusedAttentionTrain {
+            scale: scale as f32,
+        };
+        return q
+            .contiguous()?
+            .apply_op3(&k.contiguous()?, &v.contiguous()?, op);
+    }
     sliced(q, k, v, scale, mask, ATTENTION_CHUNK_BYTES)
 }
 

@@ -9,12 +9,15 @@
 //! with f32 accumulation ([`super::bf16_gemm`]): keys and values are packed once per head, and
 //! the softmax still runs in f32 — PyTorch's bf16 autocast rounds the same operands.
 //!
-//! f32 activations, no mask, no backward: training and masked (causal) attention use the
-//! composed path in [`super::attention`].
+//! f32 activations, no mask. For training, [`FusedAttentionTrain`] adds the backward in the same
+//! block-wise form (FlashAttention's, Dao et al. 2022, §3.1): per block of query rows the
+//! probabilities are recomputed from `q` and `k`, and `dV`, `dK` accumulate over the blocks
+//! of a head, so the backward's memory is linear in the tokens too. Masked (causal) attention
+//! uses the composed path in [`super::attention`].
 
 use super::bf16_gemm::{self, PackedRef};
 use super::cpu::{contiguous_f32, exp_nonpositive, gemm, Operand};
-use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape};
+use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 /// Query rows per block; fewer when a key row is so long that the block would not fit in
@@ -276,10 +279,215 @@ impl CustomOp3 for FusedAttention {
     }
 }
 
+/// [`FusedAttention`] (f32 products) with a backward: for attention that takes gradients.
+#[derive(Debug, Clone, Copy)]
+pub struct FusedAttentionTrain {
+    pub scale: f32,
+}
+
+impl CustomOp3 for FusedAttentionTrain {
+    fn name(&self) -> &'static str {
+        "fused-attention-train"
+    }
+
+    fn cpu_fwd(
+        &self,
+        qs: &CpuStorage,
+        ql: &Layout,
+        ks: &CpuStorage,
+        kl: &Layout,
+        vs: &CpuStorage,
+        vl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let forward = FusedAttention {
+            scale: self.scale,
+            bf16: false,
+        };
+        forward.cpu_fwd(qs, ql, ks, kl, vs, vl)
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let op = AttentionBackward {
+            scale: self.scale,
+            out: res.flatten_all()?.to_vec1()?,
+            dout: grad.flatten_all()?.to_vec1()?,
+        };
+        let flat = q.apply_op3_no_bwd(k, v, &op)?;
+        let (nq, nk) = (q.elem_count(), k.elem_count());
+        let dq = flat.narrow(0, 0, nq)?.reshape(q.shape())?;
+        let dk = flat.narrow(0, nq, nk)?.reshape(k.shape())?;
+        let dv = flat
+            .narrow(0, nq + nk, v.elem_count())?
+            .reshape(v.shape())?;
+        Ok((Some(dq), Some(dk), Some(dv)))
+    }
+}
+
+/// The backward of [`FusedAttentionTrain`]: inputs `q`, `k`, `v`, with the forward's output and
+/// its gradient held here (`[B, H, Lq, dv]` each); output `[dq | dk | dv]` flat.
+struct AttentionBackward {
+    scale: f32,
+    out: Vec<f32>,
+    dout: Vec<f32>,
+}
+
+impl CustomOp3 for AttentionBackward {
+    fn name(&self) -> &'static str {
+        "fused-attention-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        qs: &CpuStorage,
+        ql: &Layout,
+        ks: &CpuStorage,
+        kl: &Layout,
+        vs: &CpuStorage,
+        vl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (b, h, lq, d) = ql.shape().dims4()?;
+        let (_, _, lk, _) = kl.shape().dims4()?;
+        let dv = vl.shape().dims4()?.3;
+        if self.out.len() != b * h * lq * dv || self.dout.len() != self.out.len() {
+            candle_core::bail!(
+                "{}: output or gradient does not fit {:?}",
+                self.name(),
+                ql.shape()
+            )
+        }
+        let (q, k, v) = (
+            contiguous_f32(qs, ql, self.name(), "q")?,
+            contiguous_f32(ks, kl, self.name(), "k")?,
+            contiguous_f32(vs, vl, self.name(), "v")?,
+        );
+        let rows = BLOCK_ROWS.min(BLOCK_BYTES / (4 * lk.max(1))).max(1);
+        let scale = self.scale;
+        let (nq, nk, nv) = (b * h * lq * d, b * h * lk * d, b * h * lk * dv);
+        let mut grads = vec![0f32; nq + nk + nv];
+        let (dq, rest) = grads.split_at_mut(nq);
+        let (dk, dvs) = rest.split_at_mut(nk);
+        // One task per head: its blocks of query rows in turn, each adding to the head's dK
+        // and dV.
+        dq.par_chunks_mut((lq * d).max(1))
+            .zip(dk.par_chunks_mut((lk * d).max(1)))
+            .zip(dvs.par_chunks_mut((lk * dv).max(1)))
+            .enumerate()
+            .for_each(|(head, ((dq_h, dk_h), dv_h))| {
+                let qh = &q[head * lq * d..(head + 1) * lq * d];
+                let kh = &k[head * lk * d..(head + 1) * lk * d];
+                let vh = &v[head * lk * dv..(head + 1) * lk * dv];
+                let oh = &self.out[head * lq * dv..(head + 1) * lq * dv];
+                let doh = &self.dout[head * lq * dv..(head + 1) * lq * dv];
+                let (mut p, mut ds) = (vec![0f32; rows * lk], vec![0f32; rows * lk]);
+                let mut sums = vec![0f32; rows];
+                for r0 in (0..lq).step_by(rows) {
+                    let m = rows.min(lq - r0);
+                    let (p, ds) = (&mut p[..m * lk], &mut ds[..m * lk]);
+                    let qb = &qh[r0 * d..(r0 + m) * d];
+                    let (ob, dob) = (&oh[r0 * dv..(r0 + m) * dv], &doh[r0 * dv..(r0 + m) * dv]);
+                    // P = softmax(q kᵀ · scale), recomputed.
+                    let (qr, kt) = (Operand::rows(qb, d), Operand::transposed(kh, d));
+                    gemm((m, lk, d), p, lk, false, qr, kt, false);
+                    softmax_numerators(p, lk, scale, &mut sums[..m], None);
+                    normalise(p, lk, &sums[..m]);
+                    // dV += Pᵀ dO; dP = dO Vᵀ.
+                    let (pt, dor) = (Operand::transposed(p, lk), Operand::rows(dob, dv));
+                    gemm((lk, dv, m), dv_h, dv, true, pt, dor, false);
+                    gemm(
+                        (m, lk, dv),
+                        ds,
+                        lk,
+                        false,
+                        dor,
+                        Operand::transposed(vh, dv),
+                        false,
+                    );
+                    // dS = P ∘ (dP − rowsum(dO ∘ O)) · scale.
+                    for i in 0..m {
+                        let (o, g) = (&ob[i * dv..(i + 1) * dv], &dob[i * dv..(i + 1) * dv]);
+                        let dot: f32 = o.iter().zip(g).map(|(a, b)| a * b).sum();
+                        let (pr, dr) = (&p[i * lk..(i + 1) * lk], &mut ds[i * lk..(i + 1) * lk]);
+                        for (x, &pv) in dr.iter_mut().zip(pr) {
+                            *x = pv * (*x - dot) * scale;
+                        }
+                    }
+                    // dQ = dS K; dK += dSᵀ Q.
+                    let dq_b = &mut dq_h[r0 * d..(r0 + m) * d];
+                    gemm(
+                        (m, d, lk),
+                        dq_b,
+                        d,
+                        false,
+                        Operand::rows(ds, lk),
+                        Operand::rows(kh, d),
+                        false,
+                    );
+                    let dst = Operand::transposed(ds, lk);
+                    gemm((lk, d, m), dk_h, d, true, dst, Operand::rows(qb, d), false);
+                }
+            });
+        let len = grads.len();
+        Ok((CpuStorage::F32(grads), Shape::from(len)))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{Device, Tensor};
+    use candle_core::{Device, Var};
+
+    /// The training op's output and gradients (q, k, v) against the composed ops' candle
+    /// backward: several blocks of query rows, a partial block, cross-attention with
+    /// `dv ≠ d`.
+    #[test]
+    fn training_attention_matches_the_composed_gradients() -> Result<()> {
+        let dev = Device::Cpu;
+        for &(b, h, lq, lk, d, dv) in &[
+            (2, 3, 150, 150, 8, 8),
+            (1, 2, 1, 7, 4, 4),
+            (2, 1, 70, 77, 16, 12),
+        ] {
+            let var = |shape: (usize, usize, usize, usize)| -> Result<Var> {
+                Var::from_tensor(&Tensor::randn(0f32, 1.0, shape, &dev)?)
+            };
+            let (q, k, v) = (
+                var((b, h, lq, d))?,
+                var((b, h, lk, d))?,
+                var((b, h, lk, dv))?,
+            );
+            let scale = 1.0 / (d as f64).sqrt();
+            let r = Tensor::randn(0f32, 1.0, (b, h, lq, dv), &dev)?;
+            let ours = q.as_tensor().apply_op3(
+                k.as_tensor(),
+                v.as_tensor(),
+                FusedAttentionTrain {
+                    scale: scale as f32,
+                },
+            )?;
+            let scores = (q.as_tensor().matmul(&k.as_tensor().t()?)? * scale)?;
+            let probs = candle_nn::ops::softmax(&scores, candle_core::D::Minus1)?;
+            let theirs = probs.matmul(v.as_tensor())?;
+            let ga = (&ours * &r)?.sum_all()?.backward()?;
+            let gb = (&theirs * &r)?.sum_all()?.backward()?;
+            let maxdiff = |a: &Tensor, b: &Tensor| -> Result<f32> {
+                (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()
+            };
+            let case = format!("{b} {h} {lq} {lk} {d} {dv}");
+            assert!(maxdiff(&ours, &theirs)? < 1e-5, "{case}: output");
+            for (name, t) in [("q", &q), ("k", &k), ("v", &v)] {
+                let (a, e) = (ga.get(t).expect("grad"), gb.get(t).expect("grad"));
+                assert!(maxdiff(a, e)? < 1e-4, "{case}: d{name}");
+            }
+        }
+        Ok(())
+    }
 
     #[test]
     fn matches_composed_attention() -> Result<()> {
