@@ -5,7 +5,7 @@ use crate::layers::linear::{linear, Linear};
 use candle_core::{DType, Result, Tensor};
 use candle_nn::{Module, VarBuilder};
 
-/// Bytes of f32 attention scores computed at once by the composed path (GPUs, masks, training):
+/// Bytes of f32 attention scores computed at once by the composed path (GPUs, masks, f64):
 /// beyond it attention runs head by head, and a head's query rows in chunks (sliced attention),
 /// so large images need memory linear, not quadratic, in their size.
 pub const ATTENTION_CHUNK_BYTES: usize = 256 << 20;
@@ -13,8 +13,9 @@ pub const ATTENTION_CHUNK_BYTES: usize = 256 << 20;
 /// `softmax(q kᵀ · scale + mask) v` over `[B, H, L, d]` tensors. Scores and softmax run in f32
 /// whatever the input dtype (what diffusers' `upcast_attention`/`upcast_softmax` ask for). Rows
 /// of `q` are independent, so chunking them changes only the peak memory (and the matmul's
-/// rounding, by an ulp). On the CPU, without a mask and without gradients, the fused block-wise
-/// kernel ([`super::fused_attention`]) runs instead of the composed ops.
+/// rounding, by an ulp). On the CPU without a mask the fused block-wise kernel
+/// ([`super::fused_attention`]) runs instead of the composed ops: for inference, and in f32 with
+/// its backward for training.
 pub fn scaled_dot_product(
     q: &Tensor,
     k: &Tensor,

@@ -3,7 +3,8 @@
 //! needed on the CPU the convolution is computed as im2col followed by a matrix product
 //! (Chellapilla et al. 2006), so that both backward products (input and weight gradients) run
 //! through the optimised GEMM instead of candle's direct-loop `conv_transpose2d`. In f32 that is
-//! one op, [`ConvTrain`], with its own backward; other dtypes (the f64 gradient checks) compose
+//! one op, [`ConvTrain`], with its own backward (its three products in bf16 when
+//! [`super::set_bf16_products`] is on); other dtypes (the f64 gradient checks) compose
 //! [`Im2Col`] — a CustomOp whose backward is its adjoint, col2im, and vice versa — with candle's
 //! matrix product. Both forms are checked against finite differences or each other.
 
