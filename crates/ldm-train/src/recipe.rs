@@ -18,6 +18,9 @@ pub struct Recipe {
     /// more).
     pub vae_layers: usize,
     pub vae_groups: usize,
+    /// Latent channels. 16/32/64 with 4 channels (the first embedded model) read back only
+    /// 77 / 60 % of held-out scenes exactly (one / two objects): corners were lost. 32/64/64
+    /// with 8 channels, trained 12 000 steps, reads back 99.6 / 99.3 %.
     pub latent_channels: usize,
     /// U-Net widths, one per resolution; the last level has no attention.
     pub unet_channels: Vec<usize>,
@@ -41,10 +44,10 @@ impl Default for Recipe {
     fn default() -> Self {
         Self {
             image_size: 64,
-            vae_channels: vec![16, 32, 64],
+            vae_channels: vec![32, 64, 64],
             vae_layers: 1,
             vae_groups: 8,
-            latent_channels: 4,
+            latent_channels: 8,
             unet_channels: vec![64, 128, 128],
             unet_groups: 32,
             unet_heads: 4,
