@@ -202,6 +202,34 @@ impl FusedAttention {
     }
 }
 
+/// `[B, H, L, d]` sizes of attention's operands: `(b, h, lq, lk, d, dv)`.
+type Sizes = (usize, usize, usize, usize, usize, usize);
+
+/// `q`, `k`, `v` as contiguous f32 slices with their sizes, checked to fit together.
+#[allow(clippy::type_complexity)]
+fn operands<'a>(
+    op: &str,
+    (qs, ql): (&'a CpuStorage, &Layout),
+    (ks, kl): (&'a CpuStorage, &Layout),
+    (vs, vl): (&'a CpuStorage, &Layout),
+) -> Result<((&'a [f32], &'a [f32], &'a [f32]), Sizes)> {
+    let (b, h, lq, d) = ql.shape().dims4()?;
+    let (kb, kh, lk, kd) = kl.shape().dims4()?;
+    let (vb, vh, vk, dv) = vl.shape().dims4()?;
+    if (kb, kh, kd) != (b, h, d) || (vb, vh, vk) != (b, h, lk) {
+        candle_core::bail!(
+            "{op}: q {:?}, k {:?}, v {:?} do not fit",
+            ql.shape(),
+            kl.shape(),
+            vl.shape()
+        );
+    }
+    let q = contiguous_f32(qs, ql, op, "q")?;
+    let k = contiguous_f32(ks, kl, op, "k")?;
+    let v = contiguous_f32(vs, vl, op, "v")?;
+    Ok(((q, k, v), (b, h, lq, lk, d, dv)))
+}
+
 impl CustomOp3 for FusedAttention {
     fn name(&self) -> &'static str {
         "fused-attention"
@@ -216,22 +244,8 @@ impl CustomOp3 for FusedAttention {
         vs: &CpuStorage,
         vl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (b, h, lq, d) = ql.shape().dims4()?;
-        let (kb, kh, lk, kd) = kl.shape().dims4()?;
-        let (vb, vh, vk, dv) = vl.shape().dims4()?;
-        if (kb, kh, kd) != (b, h, d) || (vb, vh, vk) != (b, h, lk) {
-            candle_core::bail!(
-                "fused attention: q {:?}, k {:?}, v {:?} do not fit",
-                ql.shape(),
-                kl.shape(),
-                vl.shape()
-            );
-        }
-        let (q, k, v) = (
-            contiguous_f32(qs, ql, self.name(), "q")?,
-            contiguous_f32(ks, kl, self.name(), "k")?,
-            contiguous_f32(vs, vl, self.name(), "v")?,
-        );
+        let ((q, k, v), (b, h, lq, lk, d, dv)) =
+            operands(self.name(), (qs, ql), (ks, kl), (vs, vl))?;
         let rows = BLOCK_ROWS.min(BLOCK_BYTES / (4 * lk.max(1))).max(1);
         let mut out = vec![0f32; b * h * lq * dv];
         let scale = self.scale;
@@ -352,9 +366,8 @@ impl CustomOp3 for AttentionBackward {
         vs: &CpuStorage,
         vl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (b, h, lq, d) = ql.shape().dims4()?;
-        let (_, _, lk, _) = kl.shape().dims4()?;
-        let dv = vl.shape().dims4()?.3;
+        let ((q, k, v), (b, h, lq, lk, d, dv)) =
+            operands(self.name(), (qs, ql), (ks, kl), (vs, vl))?;
         if self.out.len() != b * h * lq * dv || self.dout.len() != self.out.len() {
             candle_core::bail!(
                 "{}: output or gradient does not fit {:?}",
@@ -362,11 +375,6 @@ impl CustomOp3 for AttentionBackward {
                 ql.shape()
             )
         }
-        let (q, k, v) = (
-            contiguous_f32(qs, ql, self.name(), "q")?,
-            contiguous_f32(ks, kl, self.name(), "k")?,
-            contiguous_f32(vs, vl, self.name(), "v")?,
-        );
         let rows = BLOCK_ROWS.min(BLOCK_BYTES / (4 * lk.max(1))).max(1);
         let scale = self.scale;
         let (nq, nk, nv) = (b * h * lq * d, b * h * lk * d, b * h * lk * dv);
