@@ -73,20 +73,11 @@ async fn generate(state: Shared, body: Value, img2img: bool) -> Result<Json<Valu
     let params = parsed
         .validate(&state.model.defaults, &state.limits, random_seed())
         .map_err(|e| ApiError::invalid(F, e))?;
-    let known = crate::model::list_controlnets(&state.model.controlnet_dirs);
-    if let Some(u) = params
-        .control
-        .iter()
-        .find(|u| !known.iter().any(|(name, _)| name == &u.model))
-    {
-        return Err(ApiError::invalid(
-            F,
-            crate::params::invalid(
-                "alwayson_scripts",
-                format!("no ControlNet `{}` (see /controlnet/model_list)", u.model),
-            ),
-        ));
-    }
+    // Unknown ControlNets are refused here, before the job is queued (the worker checks again).
+    state
+        .model
+        .controlnets_for(&params.control)
+        .map_err(|m| ApiError::invalid(F, crate::params::invalid("alwayson_scripts", m)))?;
     let sampler = state.model.sampler_of(&params).display_name();
     let p = params.clone();
     let finished = run_sync(&state, F, params).await?;
@@ -405,7 +396,7 @@ async fn loras(State(state): State<Shared>) -> Json<Value> {
 async fn controlnet_models(State(state): State<Shared>) -> Json<Value> {
     let names: Vec<String> = crate::model::list_controlnets(&state.model.controlnet_dirs)
         .into_iter()
-        .map(|(name, _)| name)
+        .map(|net| net.name)
         .collect();
     Json(json!({ "model_list": names }))
 }

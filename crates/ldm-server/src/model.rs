@@ -3,7 +3,7 @@
 //! after every step and stopping at the step after a cancel, interrupt or skip.
 
 use crate::jobs::{Flags, Image, Outcome, Progress, Update};
-use crate::params::{Defaults, GenParams};
+use crate::params::{ControlUnit, Defaults, GenParams};
 use candle_core::{DType, Device, Tensor};
 use image::RgbImage;
 use ldm_models::lora::LoraSpec;
@@ -48,32 +48,48 @@ pub struct Model {
 #[derive(Debug, Clone, PartialEq)]
 struct Extras {
     loras: Vec<LoraSpec>,
-    controlnets: Vec<PathBuf>,
+    controlnets: Vec<ControlNetFile>,
 }
 
-/// Whether a ControlNet-folder entry is a T2I-Adapter (sd-webui-controlnet lists them among
-/// its models).
-fn is_t2i_adapter(path: &Path) -> bool {
-    std::fs::read_to_string(path.join("config.json"))
-        .ok()
-        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-        .is_some_and(|v| v["_class_name"] == "T2IAdapter")
+/// An entry of the ControlNet folders: a ControlNet or a T2I-Adapter (sd-webui-controlnet
+/// lists both among its models).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ControlNetFile {
+    /// The folder's name or the file's stem: what requests name it by.
+    pub name: String,
+    pub path: PathBuf,
+    /// A diffusers `T2IAdapter` folder.
+    pub t2i_adapter: bool,
 }
 
 /// The ControlNets (and T2I-Adapters) in `dirs` by name: folders with a `config.json`, and
 /// `.safetensors` files.
-pub fn list_controlnets(dirs: &[PathBuf]) -> Vec<(String, PathBuf)> {
-    let mut out: Vec<(String, PathBuf)> = dirs
+pub fn list_controlnets(dirs: &[PathBuf]) -> Vec<ControlNetFile> {
+    let mut out: Vec<ControlNetFile> = dirs
         .iter()
         .filter_map(|d| std::fs::read_dir(d).ok())
         .flat_map(|entries| entries.flatten().map(|e| e.path()))
-        .filter_map(|p| {
-            let net = p.join("config.json").is_file()
-                || (p.is_file()
-                    && p.extension()
-                        .is_some_and(|x| x.eq_ignore_ascii_case("safetensors")));
-            let name = p.file_stem()?.to_string_lossy().into_owned();
-            net.then_some((name, p))
+        .filter_map(|path| {
+            let config = path.join("config.json");
+            let folder = config.is_file();
+            let file = path.is_file()
+                && path
+                    .extension()
+                    .is_some_and(|x| x.eq_ignore_ascii_case("safetensors"));
+            if !folder && !file {
+                return None;
+            }
+            let t2i_adapter = folder
+                && std::fs::read_to_string(&config)
+                    .ok()
+                    .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+                    .is_some_and(|v| v["_class_name"] == "T2IAdapter");
+            let name = path.file_stem()?.to_string_lossy().into_owned();
+            Some(ControlNetFile {
+                name,
+                path,
+                t2i_adapter,
+            })
         })
         .collect();
     out.sort();
@@ -128,6 +144,24 @@ impl Model {
         })
     }
 
+    /// The ControlNet-folder entries that request units name, in order; an unknown name is
+    /// an error that says so.
+    pub fn controlnets_for(&self, units: &[ControlUnit]) -> Result<Vec<ControlNetFile>, String> {
+        let known = list_controlnets(&self.controlnet_dirs);
+        units
+            .iter()
+            .map(|u| {
+                known
+                    .iter()
+                    .find(|net| net.name == u.model)
+                    .cloned()
+                    .ok_or_else(|| {
+                        format!("no ControlNet `{}` (see /controlnet/model_list)", u.model)
+                    })
+            })
+            .collect()
+    }
+
     /// The model with `extras` loaded: the cached variant when the last request that named any
     /// named the same, else the base weights with these merged and loaded (the old variant
     /// dropped first). ControlNets are loaded in order: request unit k uses `controlnets[k]`.
@@ -142,10 +176,10 @@ impl Model {
         let mut c = self.components.clone();
         c.apply_loras(&extras.loras)?;
         for net in &extras.controlnets {
-            if is_t2i_adapter(net) {
-                c.add_t2i_adapter(net)?;
+            if net.t2i_adapter {
+                c.add_t2i_adapter(&net.path)?;
             } else {
-                c.add_controlnet(net)?;
+                c.add_controlnet(&net.path)?;
             }
         }
         let c = Arc::new(c);
@@ -278,23 +312,9 @@ impl Model {
         report: &mut dyn FnMut(Update),
     ) -> ldm_pipeline::Result<Outcome> {
         let tagged = ldm_pipeline::extra_networks::prompt_loras(&p.prompt, &self.lora_dirs)?;
-        let known = list_controlnets(&self.controlnet_dirs);
-        let controlnets = p
-            .control
-            .iter()
-            .map(|u| {
-                known
-                    .iter()
-                    .find(|(name, _)| name == &u.model)
-                    .map(|(_, path)| path.clone())
-                    .ok_or_else(|| {
-                        ldm_pipeline::Error::InvalidRequest(format!(
-                            "no ControlNet `{}` (see /controlnet/model_list)",
-                            u.model
-                        ))
-                    })
-            })
-            .collect::<ldm_pipeline::Result<Vec<_>>>()?;
+        let controlnets = self
+            .controlnets_for(&p.control)
+            .map_err(ldm_pipeline::Error::InvalidRequest)?;
         let extras = Extras {
             loras: tagged.specs.clone(),
             controlnets,
@@ -310,9 +330,9 @@ impl Model {
         // Units in order: ControlNets and T2I-Adapters were loaded in this order, each kind
         // counted on its own.
         let (mut control, mut adapter, mut adapter_factor) = (Vec::new(), Vec::new(), 1.0);
-        for (u, path) in p.control.iter().zip(&extras.controlnets) {
+        for (u, net) in p.control.iter().zip(&extras.controlnets) {
             let image = control_to_tensor(u.image.clone(), p.width, p.height, &components.device)?;
-            if is_t2i_adapter(path) {
+            if net.t2i_adapter {
                 if u.start > 0.0 {
                     return Err(ldm_pipeline::Error::InvalidRequest(format!(
                         "the T2I-Adapter `{}` acts from the first step: guidance_start must be 0",
