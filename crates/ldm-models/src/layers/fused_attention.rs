@@ -334,13 +334,8 @@ impl CustomOp3 for FusedAttentionTrain {
             dout: grad.flatten_all()?.to_vec1()?,
         };
         let flat = q.apply_op3_no_bwd(k, v, &op)?;
-        let (nq, nk) = (q.elem_count(), k.elem_count());
-        let dq = flat.narrow(0, 0, nq)?.reshape(q.shape())?;
-        let dk = flat.narrow(0, nq, nk)?.reshape(k.shape())?;
-        let dv = flat
-            .narrow(0, nq + nk, v.elem_count())?
-            .reshape(v.shape())?;
-        Ok((Some(dq), Some(dk), Some(dv)))
+        let mut grads = super::split_flat(&flat, &[q.shape(), k.shape(), v.shape()])?.into_iter();
+        Ok((grads.next(), grads.next(), grads.next()))
     }
 }
 

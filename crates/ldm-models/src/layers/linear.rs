@@ -193,7 +193,7 @@ impl Linear {
         let (in_dim, out_dim) = (self.in_dim, self.out_dim);
         let rows = x.elem_count() / in_dim.max(1);
         crate::flops::add(crate::flops::matmul(rows, in_dim, out_dim));
-        let weight_t = match &self.weight {
+        let (weight, weight_t) = match &self.weight {
             Weight::Bf16(packed) => {
                 let op = PackedLinear {
                     weight: packed.clone(),
@@ -201,30 +201,18 @@ impl Linear {
                 };
                 return x.contiguous()?.apply_op1_no_bwd(&op);
             }
-            Weight::Dense { weight_t, .. } => weight_t,
+            Weight::Dense { weight, weight_t } => (weight, weight_t),
         };
-        if let Weight::Dense { weight, .. } = &self.weight {
-            let f32_cpu = x.device().is_cpu() && x.dtype() == DType::F32;
-            if f32_cpu && weight.track_op() && super::bf16_products() {
-                let y = x.contiguous()?.apply_op2(weight, MixedProduct)?;
-                return match &self.bias {
-                    Some(b) => super::ops::add_bias(&y, b, y.rank() - 1),
-                    None => Ok(y),
-                };
-            }
-        }
-        if x.track_op() && !weight_t.track_op() && x.device().is_cpu() && x.dtype() == DType::F32 {
-            let y = x.contiguous()?.apply_op1(FrozenProduct {
-                weight_t: weight_t.clone(),
-            })?;
-            return match &self.bias {
-                Some(b) => super::ops::add_bias(&y, b, y.rank() - 1),
-                None => Ok(y),
-            };
-        }
-        // Leading dimensions are folded into rows so that one 2-D product runs.
+        let f32_cpu = x.device().is_cpu() && x.dtype() == DType::F32;
         let dims = x.dims();
-        let y = if dims.len() > 2 && x.is_contiguous() {
+        let y = if f32_cpu && weight.track_op() && super::bf16_products() {
+            x.contiguous()?.apply_op2(weight, MixedProduct)?
+        } else if f32_cpu && x.track_op() && !weight_t.track_op() {
+            x.contiguous()?.apply_op1(FrozenProduct {
+                weight_t: weight_t.clone(),
+            })?
+        } else if dims.len() > 2 && x.is_contiguous() {
+            // Leading dimensions are folded into rows so that one 2-D product runs.
             let mut out_shape = dims.to_vec();
             *out_shape.last_mut().expect("rank > 2") = out_dim;
             x.reshape((rows, in_dim))?
@@ -335,10 +323,8 @@ impl candle_core::CustomOp2 for MixedProduct {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let flat = x.apply_op3_no_bwd(w, &grad.contiguous()?, &MixedProductBackward)?;
-        let nx = x.elem_count();
-        let dx = flat.narrow(0, 0, nx)?.reshape(x.shape())?;
-        let dw = flat.narrow(0, nx, w.elem_count())?.reshape(w.shape())?;
-        Ok((Some(dx), Some(dw)))
+        let mut grads = super::split_flat(&flat, &[x.shape(), w.shape()])?.into_iter();
+        Ok((grads.next(), grads.next()))
     }
 }
 

@@ -98,6 +98,21 @@ pub fn gelu(x: &Tensor) -> Result<Tensor> {
 /// What a three-input CustomOp's backward returns.
 type Gradients3 = (Option<Tensor>, Option<Tensor>, Option<Tensor>);
 
+/// A backward kernel's flat output cut into its inputs' gradients, in order, each in its
+/// input's shape.
+pub(crate) fn split_flat(flat: &Tensor, shapes: &[&candle_core::Shape]) -> Result<Vec<Tensor>> {
+    let mut at = 0;
+    shapes
+        .iter()
+        .map(|&shape| {
+            let n = shape.elem_count();
+            let g = flat.narrow(0, at, n)?.reshape(shape)?;
+            at += n;
+            Ok(g)
+        })
+        .collect()
+}
+
 /// The gradients of a three-input op (input, weight, bias) out of its backward kernel's flat
 /// `[dx | dW | db]` output.
 pub(crate) fn split_gradients(
@@ -106,9 +121,7 @@ pub(crate) fn split_gradients(
     w: &candle_core::Shape,
     bias_len: usize,
 ) -> Result<Gradients3> {
-    let (nx, nw) = (x.elem_count(), w.elem_count());
-    let dx = flat.narrow(0, 0, nx)?.reshape(x)?;
-    let dw = flat.narrow(0, nx, nw)?.reshape(w)?;
-    let db = flat.narrow(0, nx + nw, bias_len)?;
-    Ok((Some(dx), Some(dw), Some(db)))
+    let bias = candle_core::Shape::from(bias_len);
+    let mut grads = split_flat(flat, &[x, w, &bias])?.into_iter();
+    Ok((grads.next(), grads.next(), grads.next()))
 }
