@@ -52,6 +52,8 @@ pub struct StudentArgs {
     /// Parts of each batch computed in parallel, one thread each (default: one per core).
     #[arg(long)]
     shards: Option<usize>,
+    #[command(flatten)]
+    precision: crate::train::Precision,
 }
 
 #[derive(Args)]
@@ -195,6 +197,7 @@ pub fn run(cmd: DistillCommand, device: &Device) -> Result<()> {
     match cmd {
         DistillCommand::Guidance(a) => {
             let opts = guidance_options(&a)?;
+            a.common.precision.apply();
             opts.check()?;
             let teacher = crate::generate::model_path(a.common.teacher.as_deref())?;
             check_out(&a.common.out, "distill-train")?;
@@ -215,6 +218,7 @@ pub fn run(cmd: DistillCommand, device: &Device) -> Result<()> {
         }
         DistillCommand::Lcm(a) => {
             let opts = lcm_options(&a)?;
+            a.common.precision.apply();
             let teacher = crate::generate::model_path(a.common.teacher.as_deref())?;
             check_out(&a.common.out, "distill-train")?;
             let mut rep = Reporter::new(opts.steps);
@@ -252,6 +256,7 @@ pub fn run(cmd: DistillCommand, device: &Device) -> Result<()> {
         }
         DistillCommand::Progressive(a) => {
             let opts = progressive_options(&a)?;
+            a.common.precision.apply();
             opts.check()?;
             let teacher = crate::generate::model_path(a.common.teacher.as_deref())?;
             let foreign = a.common.out.is_dir()

@@ -35,6 +35,13 @@ pub struct Common {
     /// Steps between checkpoints (a killed run resumes from the last one).
     #[arg(long)]
     checkpoint_every: Option<usize>,
+    #[command(flatten)]
+    pub precision: Precision,
+}
+
+/// `--mixed-precision`, shared by `ldm train` and `ldm distill`.
+#[derive(Args)]
+pub struct Precision {
     /// `bf16`: the convolutions' and linear layers' products take bf16 operands and sum in
     /// f32, weights, gradients and AdamW stay f32 (PyTorch's bf16 autocast; diffusers' scripts
     /// call it `--mixed_precision bf16`). Fast on CPUs with AVX512-BF16.
@@ -48,9 +55,9 @@ pub enum MixedPrecision {
     Bf16,
 }
 
-impl Common {
+impl Precision {
     /// Switches the products' precision for this process (see [`MixedPrecision`]).
-    fn apply_precision(&self) {
+    pub fn apply(&self) {
         let bf16 = self.mixed_precision == MixedPrecision::Bf16;
         ldm_models::layers::set_bf16_products(bf16);
         if bf16 && !ldm_models::layers::bf16_gemm::available() {
@@ -449,13 +456,13 @@ pub fn run(cmd: TrainCommand, device: &Device) -> Result<()> {
     let started = Instant::now();
     match cmd {
         TrainCommand::Vae(a) => {
-            a.common.apply_precision();
+            a.common.precision.apply();
             let mut r = recipe(&a.common);
             a.arch.apply(&mut r)?;
             vae(&r, &vae_options(&a), &a.common.out, &device)?
         }
         TrainCommand::Unet(a) => {
-            a.common.apply_precision();
+            a.common.precision.apply();
             unet(
                 &recipe(&a.common),
                 &unet_options(&a)?,
@@ -464,7 +471,7 @@ pub fn run(cmd: TrainCommand, device: &Device) -> Result<()> {
             )?
         }
         TrainCommand::Shapes(a) => {
-            a.common.apply_precision();
+            a.common.precision.apply();
             let r = recipe(&a.common);
             std::fs::create_dir_all(&a.common.out)?;
             // The embedded model's recipe (its wall time is in the README): v-prediction on a

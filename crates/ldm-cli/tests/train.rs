@@ -712,6 +712,45 @@ fn guidance_distillation_makes_a_one_pass_student() {
         before == after,
         "a resumed finished run changed the student"
     );
+    // `--mixed-precision bf16` distils on products with bf16 operands: a loss curve near the
+    // f32 run's, not equal to it.
+    let losses = |dir: &Path| -> Vec<f64> {
+        std::fs::read_to_string(dir.join("distill-train/losses.csv"))
+            .unwrap()
+            .lines()
+            .skip(1)
+            .map(|l| l.split(',').nth(1).unwrap().parse().unwrap())
+            .collect()
+    };
+    let bf16 = dir.path().join("student-bf16");
+    let (ok, _, err) = ldm(&[
+        "distill",
+        "guidance",
+        "--teacher",
+        s(&teacher),
+        "--out",
+        s(&bf16),
+        "--steps",
+        "3",
+        "--batch",
+        "3",
+        "--pool",
+        "8",
+        "--embedding-dim",
+        "16",
+        "--mixed-precision",
+        "bf16",
+    ]);
+    assert!(ok, "{err}");
+    let (a, b) = (losses(&student), losses(&bf16));
+    assert_eq!((a.len(), b.len()), (3, 3));
+    let rel: Vec<f64> = a
+        .iter()
+        .zip(&b)
+        .map(|(a, b)| (a - b).abs() / a.abs())
+        .collect();
+    assert!(rel.iter().all(|&r| r < 0.05), "{a:?} vs {b:?}");
+    assert!(rel.iter().any(|&r| r > 0.0), "bf16 changed nothing");
 
     // Bad input: a clear error, nothing written.
     let fresh = dir.path().join("fresh");
