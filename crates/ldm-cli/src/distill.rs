@@ -4,7 +4,7 @@ use crate::train::{median_line, Reporter};
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use clap::{Args, Subcommand};
-use ldm_train::distill::guidance::{distill_guidance, GuidanceOptions};
+use ldm_train::distill::guidance::{distill_guidance, GuidanceLoss, GuidanceOptions};
 use ldm_train::distill::lcm::{distill_lcm, LcmOptions};
 use ldm_train::distill::progressive::ProgressiveOptions;
 use std::path::{Path, PathBuf};
@@ -157,6 +157,16 @@ pub struct GuidanceArgs {
     embedding_dim: Option<usize>,
     #[arg(long)]
     ema_decay: Option<f64>,
+    /// How each example's error counts: `relative` divides it by how far guidance moves the
+    /// teacher's prediction (the default), `plain` is the paper's mean squared error.
+    #[arg(long, value_enum)]
+    loss: Option<LossArg>,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LossArg {
+    Relative,
+    Plain,
 }
 
 fn guidance_options(a: &GuidanceArgs) -> Result<GuidanceOptions> {
@@ -169,6 +179,11 @@ fn guidance_options(a: &GuidanceArgs) -> Result<GuidanceOptions> {
         embedding_dim: a.embedding_dim.unwrap_or(d.embedding_dim),
         pool: c.pool.unwrap_or(d.pool),
         ema_decay: a.ema_decay.unwrap_or(d.ema_decay),
+        loss: match a.loss {
+            None => d.loss,
+            Some(LossArg::Relative) => GuidanceLoss::Relative,
+            Some(LossArg::Plain) => GuidanceLoss::Plain,
+        },
         seed: c.seed,
         checkpoint_every: c.checkpoint_every.unwrap_or(d.checkpoint_every).max(1),
         shards: c.shards.unwrap_or(d.shards).max(1),

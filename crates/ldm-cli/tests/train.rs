@@ -659,14 +659,14 @@ fn guidance_distillation_makes_a_one_pass_student() {
     ]);
     assert!(ok, "{err}");
     let student = dir.path().join("student");
-    let distil = |extra: &[&str]| {
+    let distil_to = |out: &Path, extra: &[&str]| {
         let mut args = vec![
             "distill",
             "guidance",
             "--teacher",
             s(&teacher),
             "--out",
-            s(&student),
+            s(out),
             "--steps",
             "3",
             "--batch",
@@ -679,6 +679,7 @@ fn guidance_distillation_makes_a_one_pass_student() {
         args.extend(extra);
         ldm(&args)
     };
+    let distil = |extra: &[&str]| distil_to(&student, extra);
     let (ok, out, err) = distil(&[]);
     assert!(ok, "{err}");
     assert!(out.contains("guidance-distilled student: 3 steps"), "{out}");
@@ -723,24 +724,7 @@ fn guidance_distillation_makes_a_one_pass_student() {
             .collect()
     };
     let bf16 = dir.path().join("student-bf16");
-    let (ok, _, err) = ldm(&[
-        "distill",
-        "guidance",
-        "--teacher",
-        s(&teacher),
-        "--out",
-        s(&bf16),
-        "--steps",
-        "3",
-        "--batch",
-        "3",
-        "--pool",
-        "8",
-        "--embedding-dim",
-        "16",
-        "--mixed-precision",
-        "bf16",
-    ]);
+    let (ok, _, err) = distil_to(&bf16, &["--mixed-precision", "bf16"]);
     assert!(ok, "{err}");
     let (a, b) = (losses(&student), losses(&bf16));
     assert_eq!((a.len(), b.len()), (3, 3));
@@ -751,6 +735,16 @@ fn guidance_distillation_makes_a_one_pass_student() {
         .collect();
     assert!(rel.iter().all(|&r| r < 0.05), "{a:?} vs {b:?}");
     assert!(rel.iter().any(|&r| r > 0.0), "bf16 changed nothing");
+    // `--loss plain` (the paper's mean) weighs the same examples otherwise: another curve.
+    let plain = dir.path().join("student-plain");
+    let (ok, _, err) = distil_to(&plain, &["--loss", "plain"]);
+    assert!(ok, "{err}");
+    let p = losses(&plain);
+    assert_eq!(p.len(), 3);
+    assert!(
+        p.iter().zip(&a).all(|(p, a)| p.is_finite() && p != a),
+        "{p:?} vs {a:?}"
+    );
 
     // Bad input: a clear error, nothing written.
     let fresh = dir.path().join("fresh");
@@ -788,6 +782,10 @@ fn guidance_distillation_makes_a_one_pass_student() {
     refuse(
         &as_strs(&distil_to_fresh(&teacher, &["--scales", "5,2"])),
         "guidance scales",
+    );
+    refuse(
+        &as_strs(&distil_to_fresh(&teacher, &["--loss", "huber"])),
+        "invalid value 'huber'",
     );
     // Into a folder that holds another model: refused, the folder untouched.
     let (ok, _, err) = ldm(&[

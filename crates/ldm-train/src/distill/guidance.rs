@@ -6,18 +6,52 @@
 //! the student's one pass at s is trained to match the teacher's guided prediction
 //! `x̂_u + s·(x̂_c − x̂_u)` — with the teacher's guidance rescale φ, as `ldm generate` would
 //! guide it — in the teacher's own parametrisation (ε, v or x₀; its squared error is the
-//! x-space error times a per-timestep weight). On the student `ldm generate --guidance s`
-//! makes one U-Net pass a step.
+//! x-space error times a per-timestep weight), each example's error divided by how far
+//! guidance moved its target ([`GuidanceLoss::Relative`], the default; the paper's plain mean
+//! is [`GuidanceLoss::Plain`]). On the student `ldm generate --guidance s` makes one U-Net
+//! pass a step.
 
 use super::{write_student, LatentPool, Student, StudentRun, Teacher};
 use crate::optim::warmup_cosine;
-use crate::parallel::sharded_loss_and_grads;
+use crate::parallel::{on_shards, shard_ranges, sharded_loss_and_grads};
 use crate::{Error, Progress, Result};
 use candle_core::{Device, Tensor};
 use ldm_models::layers::timestep::guidance_scale_embedding;
 use ldm_sampling::guidance::guide_each;
 use serde_json::json;
 use std::path::Path;
+
+/// How each example's squared error counts in the guidance-distillation loss.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GuidanceLoss {
+    /// The plain mean (Meng et al.): an example counts by how far the student is from its
+    /// target, so the noisiest steps, where guidance moves the prediction most and decides
+    /// least, dominate the gradient.
+    Plain,
+    /// Each example's error divided by the size of its guidance shift — how far guidance
+    /// moved the teacher's prediction, `mean((guided − conditional)²)`, plus a floor
+    /// [`RELATIVE_FLOOR`] for scales near 1 — the weights scaled to average 1 over the batch:
+    /// an example counts by the share of its guidance the student misses. On the embedded
+    /// model this keeps count and size where the plain mean loses them (docs/distillation-research.md).
+    Relative,
+}
+
+/// The floor under the guidance shift in [`GuidanceLoss::Relative`]'s weights (in squared units
+/// of the teacher's prediction).
+pub const RELATIVE_FLOOR: f64 = 0.05;
+
+/// `mean((a − b)²)` of each example: `[B]`.
+fn per_example_mse(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    Ok((a - b)?.sqr()?.flatten_from(1)?.mean(1)?)
+}
+
+/// [`GuidanceLoss::Relative`]'s weights from the examples' guidance shifts `[B]`:
+/// `1 / (shift + floor)`, scaled to average 1.
+pub fn relative_weights(shifts: &Tensor) -> Result<Tensor> {
+    let inverse = (shifts.detach() + RELATIVE_FLOOR)?.recip()?;
+    let mean = inverse.mean_all()?;
+    Ok(inverse.broadcast_div(&mean)?)
+}
 
 /// Options of `ldm distill guidance`.
 #[derive(Debug, Clone, PartialEq)]
@@ -38,6 +72,7 @@ pub struct GuidanceOptions {
     pub checkpoint_every: usize,
     /// Parts of each batch computed in parallel, one thread each.
     pub shards: usize,
+    pub loss: GuidanceLoss,
 }
 
 impl Default for GuidanceOptions {
@@ -55,6 +90,7 @@ impl Default for GuidanceOptions {
             pool: 4096,
             checkpoint_every: 200,
             shards: crate::parallel::cores(),
+            loss: GuidanceLoss::Relative,
         }
     }
 }
@@ -146,27 +182,38 @@ pub fn distill_guidance(
             Tensor::from_vec(ts.iter().map(|&t| t as f32).collect::<Vec<_>>(), b, device)?;
         let w: Vec<f64> = scales.iter().map(|s| s - 1.0).collect();
         let w_emb = guidance_scale_embedding(&w, opts.embedding_dim, device)?;
-        let (loss, grads) = sharded_loss_and_grads(opts.shards, b, &params, |r| {
+        // The teacher's guided prediction at each example's scale (the target) and how far
+        // guidance moved it from the conditional one; then each example's weight.
+        let ranges = shard_ranges(b, if device.is_cpu() { opts.shards } else { 1 });
+        let parts = on_shards(&ranges, |r| {
             let n = r.len();
             let (x, t) = (
                 noisy.narrow(0, r.start, n)?,
                 t_tensor.narrow(0, r.start, n)?,
             );
-            let ctx = context.narrow(0, r.start, n)?;
-            let empty = data.empty.repeat((n, 1, 1))?;
-            // The teacher's guided prediction at each example's scale: the target.
-            let uncond = teacher.predict(&x, &t, &empty)?;
-            let cond = teacher.predict(&x, &t, &ctx)?;
+            let uncond = teacher.predict(&x, &t, &data.empty.repeat((n, 1, 1))?)?;
+            let cond = teacher.predict(&x, &t, &context.narrow(0, r.start, n)?)?;
             let target = guide_each(&uncond, &cond, &scales[r.clone()], phi)?;
+            let shift = per_example_mse(&target, &cond)?;
+            Ok((target, shift))
+        })?;
+        let (targets, shifts): (Vec<Tensor>, Vec<Tensor>) = parts.into_iter().unzip();
+        let target = Tensor::cat(&targets, 0)?;
+        let weights = match opts.loss {
+            GuidanceLoss::Plain => Tensor::ones(b, candle_core::DType::F32, device)?,
+            GuidanceLoss::Relative => relative_weights(&Tensor::cat(&shifts, 0)?)?,
+        };
+        let (loss, grads) = sharded_loss_and_grads(opts.shards, b, &params, |r| {
+            let n = r.len();
             let pred = student.unet.forward_with(
-                &x,
-                &t,
-                &ctx,
+                &noisy.narrow(0, r.start, n)?,
+                &t_tensor.narrow(0, r.start, n)?,
+                &context.narrow(0, r.start, n)?,
                 None,
                 Some(&w_emb.narrow(0, r.start, n)?),
             )?;
-            let mse = (pred - target)?.sqr()?.mean_all()?;
-            Ok((mse * (n as f64 / b as f64))?)
+            let errors = per_example_mse(&pred, &target.narrow(0, r.start, n)?)?;
+            Ok(((errors * weights.narrow(0, r.start, n)?)?.sum_all()? / b as f64)?)
         })?;
         let lr = warmup_cosine(step, opts.lr, opts.warmup, opts.steps, 0.1);
         state.update(
@@ -184,4 +231,28 @@ pub fn distill_guidance(
         steps: state.step,
         final_loss: state.log.final_loss(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Relative weights are inversely proportional to shift + floor and average 1, whatever the
+    /// shifts' scale; a batch of equal shifts weighs each example 1 (the plain mean).
+    #[test]
+    fn relative_weights_undo_the_guidance_shift() -> Result<()> {
+        let dev = Device::Cpu;
+        let shifts = [2.95f32, 0.45, 0.0, 0.95];
+        let w: Vec<f32> = relative_weights(&Tensor::new(&shifts, &dev)?)?.to_vec1()?;
+        let mean = w.iter().sum::<f32>() / w.len() as f32;
+        assert!((mean - 1.0).abs() < 1e-6, "{w:?}");
+        for (i, j) in [(0, 1), (1, 2), (0, 3)] {
+            let expected =
+                (shifts[j] as f64 + RELATIVE_FLOOR) / (shifts[i] as f64 + RELATIVE_FLOOR);
+            assert!(((w[i] / w[j]) as f64 - expected).abs() < 1e-5, "{w:?}");
+        }
+        let equal: Vec<f32> = relative_weights(&Tensor::new(&[0.3f32; 5], &dev)?)?.to_vec1()?;
+        assert!(equal.iter().all(|&x| (x - 1.0).abs() < 1e-6), "{equal:?}");
+        Ok(())
+    }
 }
