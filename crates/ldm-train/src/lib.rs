@@ -11,6 +11,7 @@ pub mod error;
 pub mod eval;
 pub mod io;
 pub mod log;
+pub mod loss;
 pub mod lpips;
 pub mod noise;
 pub mod optim;

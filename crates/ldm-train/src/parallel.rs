@@ -3,7 +3,7 @@
 
 use crate::{Error, Result};
 use candle_core::backprop::GradStore;
-use candle_core::{Tensor, Var};
+use candle_core::{Device, Tensor, Var};
 use std::ops::Range;
 
 /// `f` applied to every job, the jobs grouped by `size` into at most `workers` balanced groups
@@ -98,6 +98,16 @@ pub fn on_own_pools<T: Send>(n: usize, f: impl Fn(usize) -> Result<T> + Sync) ->
     })
 }
 
+/// The shards a batch on `device` is computed in: `shards` on a CPU; on a GPU the whole
+/// batch is one pass (threads would only queue on its one stream).
+pub fn batch_shards(shards: usize, device: &Device) -> usize {
+    if device.is_cpu() {
+        shards
+    } else {
+        1
+    }
+}
+
 /// A batch of `b` cut into at most `shards` contiguous, non-empty parts of near-equal size.
 pub fn shard_ranges(b: usize, shards: usize) -> Vec<Range<usize>> {
     let shards = shards.clamp(1, b.max(1));
@@ -143,9 +153,10 @@ pub fn sharded_loss_and_grads(
     params: &[(String, Var)],
     shard_loss: impl Fn(Range<usize>) -> Result<Tensor> + Sync,
 ) -> Result<(Tensor, GradStore)> {
-    // On a GPU the whole batch is one pass: threads would only queue on its one stream.
-    let on_gpu = params.first().is_some_and(|(_, p)| !p.device().is_cpu());
-    let shards = if on_gpu { 1 } else { shards };
+    let shards = match params.first() {
+        Some((_, p)) => batch_shards(shards, p.device()),
+        None => shards,
+    };
     let mut results = on_shards(&shard_ranges(b, shards), |r| {
         let loss = shard_loss(r)?;
         let grads = loss.backward()?;
@@ -162,7 +173,6 @@ pub fn sharded_loss_and_grads(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::Device;
 
     #[test]
     fn shard_ranges_cover_the_batch() {

@@ -8,6 +8,7 @@
 use crate::checkpoint::TrainingState;
 use crate::component::{check_all_used, named_vars, strip, write_component, SeededInit};
 use crate::data::batch;
+use crate::loss::weighted_mse_share;
 use crate::optim::{warmup_cosine, AdamW, AdamWConfig, Ema};
 use crate::parallel::sharded_loss_and_grads;
 use crate::recipe::Recipe;
@@ -333,12 +334,12 @@ pub fn train_unet(
                 &context,
                 None,
             )?;
-            let per_sample = (pred - target.narrow(0, r.start, n)?)?
-                .sqr()?
-                .flatten_from(1)?
-                .mean(1)?; // [n]
-                           // This shard's part of the batch mean.
-            Ok(((per_sample * weights.narrow(0, r.start, n)?)?.sum_all()? / b as f64)?)
+            weighted_mse_share(
+                &pred,
+                &target.narrow(0, r.start, n)?,
+                &weights.narrow(0, r.start, n)?,
+                b,
+            )
         })?;
         let lr = warmup_cosine(step, opts.lr, opts.warmup, opts.steps, 0.1);
         state.update(

@@ -12,8 +12,9 @@
 //! pass a step.
 
 use super::{write_student, LatentPool, Student, StudentRun, Teacher};
+use crate::loss::{per_example_mse, weighted_mse_share};
 use crate::optim::warmup_cosine;
-use crate::parallel::{on_shards, shard_ranges, sharded_loss_and_grads};
+use crate::parallel::{batch_shards, on_shards, shard_ranges, sharded_loss_and_grads};
 use crate::{Error, Progress, Result};
 use candle_core::{Device, Tensor};
 use ldm_models::layers::timestep::guidance_scale_embedding;
@@ -39,11 +40,6 @@ pub enum GuidanceLoss {
 /// The floor under the guidance shift in [`GuidanceLoss::Relative`]'s weights (in squared units
 /// of the teacher's prediction).
 pub const RELATIVE_FLOOR: f64 = 0.05;
-
-/// `mean((a − b)²)` of each example: `[B]`.
-fn per_example_mse(a: &Tensor, b: &Tensor) -> Result<Tensor> {
-    Ok((a - b)?.sqr()?.flatten_from(1)?.mean(1)?)
-}
 
 /// [`GuidanceLoss::Relative`]'s weights from the examples' guidance shifts `[B]`:
 /// `1 / (shift + floor)`, scaled to average 1.
@@ -184,7 +180,7 @@ pub fn distill_guidance(
         let w_emb = guidance_scale_embedding(&w, opts.embedding_dim, device)?;
         // The teacher's guided prediction at each example's scale (the target) and how far
         // guidance moved it from the conditional one; then each example's weight.
-        let ranges = shard_ranges(b, if device.is_cpu() { opts.shards } else { 1 });
+        let ranges = shard_ranges(b, batch_shards(opts.shards, device));
         let parts = on_shards(&ranges, |r| {
             let n = r.len();
             let (x, t) = (
@@ -212,8 +208,12 @@ pub fn distill_guidance(
                 None,
                 Some(&w_emb.narrow(0, r.start, n)?),
             )?;
-            let errors = per_example_mse(&pred, &target.narrow(0, r.start, n)?)?;
-            Ok(((errors * weights.narrow(0, r.start, n)?)?.sum_all()? / b as f64)?)
+            weighted_mse_share(
+                &pred,
+                &target.narrow(0, r.start, n)?,
+                &weights.narrow(0, r.start, n)?,
+                b,
+            )
         })?;
         let lr = warmup_cosine(step, opts.lr, opts.warmup, opts.steps, 0.1);
         state.update(
