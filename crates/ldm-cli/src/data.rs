@@ -1,5 +1,6 @@
 //! `ldm data` and `ldm eval`: Shapes World images, prompt lists, and the evaluator.
 
+use crate::progress::Bar;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use ldm_train::shapes::{render::render, Scene, SIZES};
@@ -162,10 +163,10 @@ pub fn eval(cmd: EvalCommand, device: &candle_core::Device) -> Result<()> {
         return eval_autoencoder(dir.as_deref(), a.scenes, a.size, device);
     }
     if let Some(dir) = &a.images {
-        let pb = indicatif::ProgressBar::new(0);
+        let mut pb = Bar::new(0, false);
         let report = ldm_train::eval::evaluate_folder(dir, &mut |d, n| {
-            pb.set_length(n as u64);
-            pb.set_position(d as u64)
+            pb.set_length(n);
+            pb.set_position(d)
         })?;
         pb.finish_and_clear();
         crate::emit(format_args!("images in {}", dir.display()));
@@ -231,14 +232,14 @@ pub fn eval(cmd: EvalCommand, device: &candle_core::Device) -> Result<()> {
         }
         None => None,
     };
-    let pb = indicatif::ProgressBar::new(prompts.len() as u64);
+    let mut pb = Bar::new(prompts.len(), false);
     let started = std::time::Instant::now();
     let (report, psnr) = ldm_train::eval::evaluate_against(
         &components,
         &prompts,
         &opts,
         teacher.as_ref().map(|(c, r)| (c, r)),
-        &mut |d, _| pb.set_position(d as u64),
+        &mut |d, _| pb.set_position(d),
     )?;
     let seconds = started.elapsed().as_secs_f64();
     pb.finish_and_clear();
@@ -308,10 +309,9 @@ fn eval_autoencoder(
     if !size.is_multiple_of(factor) {
         bail!("--size {size} is not a multiple of the autoencoder's factor {factor}");
     }
-    let pb = indicatif::ProgressBar::new(scenes as u64);
-    let r = ldm_train::eval::round_trip(&vae, scenes, size, &device, &mut |d, _| {
-        pb.set_position(d as u64)
-    })?;
+    let mut pb = Bar::new(scenes, false);
+    let r =
+        ldm_train::eval::round_trip(&vae, scenes, size, &device, &mut |d, _| pb.set_position(d))?;
     pb.finish_and_clear();
     crate::emit(format_args!(
         "autoencoder {}: {scenes} held-out scenes at {size} px",

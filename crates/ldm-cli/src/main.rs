@@ -28,6 +28,7 @@ mod data;
 mod distill;
 mod embedded;
 mod generate;
+mod progress;
 mod serve;
 mod train;
 

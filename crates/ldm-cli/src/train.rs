@@ -1,9 +1,9 @@
 //! `ldm train` and `ldm data`: parse, call the trainers, show progress.
 
+use crate::progress::Bar;
 use anyhow::{bail, Result};
 use candle_core::Device;
 use clap::{Args, Subcommand};
-use indicatif::{ProgressBar, ProgressStyle};
 use ldm_train::component::InitScheme;
 use ldm_train::recipe::Recipe;
 use ldm_train::unet_trainer::{train_unet, TimestepSampling, UnetOptions};
@@ -222,21 +222,10 @@ pub struct ShapesArgs {
     snapshot_every: Option<usize>,
 }
 
-fn bar(total: usize) -> ProgressBar {
-    let pb = ProgressBar::new(total as u64);
-    pb.set_style(
-        ProgressStyle::with_template(
-            "{prefix} {bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}, {per_sec}] {msg}",
-        )
-        .unwrap_or_else(|_| ProgressStyle::default_bar()),
-    );
-    pb
-}
-
 /// A training phase's front-end: the progress bar, the checkpoints' notes above it, and the
 /// wall time between consecutive steps (for the median step time printed at the end).
 pub struct Reporter {
-    pb: ProgressBar,
+    pb: Bar,
     last: Option<Instant>,
     step_seconds: Vec<f64>,
 }
@@ -244,7 +233,7 @@ pub struct Reporter {
 impl Reporter {
     pub fn new(total: usize) -> Self {
         Self {
-            pb: bar(total),
+            pb: Bar::new(total, true),
             last: None,
             step_seconds: Vec::new(),
         }
@@ -252,11 +241,11 @@ impl Reporter {
 
     pub fn progress(&mut self) -> impl FnMut(&Progress) + '_ {
         move |p: &Progress| {
-            let pb = &self.pb;
+            let pb = &mut self.pb;
             pb.set_prefix(p.phase);
-            pb.set_length(p.total as u64);
-            pb.set_position(p.step as u64);
+            pb.set_length(p.total);
             pb.set_message(format!("loss {:.4}", p.loss));
+            pb.set_position(p.step);
             match &p.note {
                 Some(note) => pb.println(format!("{} step {}: {note}", p.phase, p.step)),
                 None => {
