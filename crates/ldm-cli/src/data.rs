@@ -155,6 +155,10 @@ pub struct EvalShapes {
     /// A U-Net LoRA file merged into the model, FILE or FILE:MULTIPLIER (as `ldm generate`).
     #[arg(long)]
     lora: Vec<String>,
+    /// Keep the generated images in DIR: PNGs and a captions.jsonl (read back by --images),
+    /// each line with the image's seed and what the reader made of it.
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["images", "autoencoder"])]
+    save: Option<PathBuf>,
 }
 
 pub fn eval(cmd: EvalCommand, device: &candle_core::Device) -> Result<()> {
@@ -214,6 +218,7 @@ pub fn eval(cmd: EvalCommand, device: &candle_core::Device) -> Result<()> {
             sampler,
             ..Default::default()
         },
+        save: a.save.clone(),
     };
     let teacher = match &a.teacher {
         Some(dir) => {

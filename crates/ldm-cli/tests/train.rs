@@ -112,6 +112,7 @@ fn a_miniature_model_trains_generates_and_evaluates() {
         "a red circle on a blue background\na square above a circle\n",
     )
     .unwrap();
+    let saved = dir.path().join("saved");
     let (ok, out, err) = ldm(&[
         "eval",
         "shapes",
@@ -123,12 +124,36 @@ fn a_miniature_model_trains_generates_and_evaluates() {
         "2",
         "--steps",
         "2",
+        "--save",
+        s(&saved),
     ]);
     assert!(ok, "{err}");
     assert!(
         out.contains("exact match") && out.contains("relation"),
         "{out}"
     );
+    // The kept images: four PNGs listed with their seeds and readings, which read back as the
+    // same table.
+    let list = std::fs::read_to_string(saved.join("captions.jsonl")).unwrap();
+    let lines: Vec<serde_json::Value> = list
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 4, "{list}");
+    for (l, seed) in lines.iter().zip([0, 0, 1, 1]) {
+        assert_eq!(l["seed"], seed, "{l}");
+        assert!(l["exact"].is_boolean() && l["objects_read"].is_u64() && l["missed"].is_array());
+        assert_eq!(png_size(&saved.join(l["file"].as_str().unwrap())), (64, 64));
+    }
+    let (ok, reread, err) = ldm(&["eval", "shapes", "--images", s(&saved)]);
+    assert!(ok, "{err}");
+    let table = |t: &str| {
+        t.lines()
+            .skip_while(|l| !l.contains("one object"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    assert_eq!(table(&reread), table(&out));
     // The autoencoder's round trip, read back (a model folder or its vae folder).
     for dir in [model.clone(), model.join("vae")] {
         let (ok, out, err) = ldm(&["eval", "shapes", "--autoencoder", s(&dir), "--scenes", "20"]);

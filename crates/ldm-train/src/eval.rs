@@ -3,6 +3,7 @@
 //! separately for one- and two-object prompts.
 
 use crate::data::{image_tensor, psnr, to_bytes};
+use crate::io::{write_atomic, write_png};
 use crate::shapes::read::{parse_caption, read, score, Score};
 use crate::shapes::render::render;
 use crate::shapes::{Scene, Statement};
@@ -11,7 +12,7 @@ use candle_core::{Device, Tensor};
 use ldm_models::vae::AutoencoderKL;
 use ldm_pipeline::{generate, Components, Request};
 use ldm_sampling::NoHook;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// How the evaluated images are generated.
 #[derive(Debug, Clone)]
@@ -22,6 +23,9 @@ pub struct EvalOptions {
     pub size: usize,
     /// The request's sampler, steps and guidance; prompt, size, seed and batch are filled in.
     pub request: Request,
+    /// Where to keep the images: PNGs and a `captions.jsonl` that `--images` reads back, each
+    /// line with the image's seed and what the reader made of it.
+    pub save: Option<PathBuf>,
 }
 
 /// Rates over a set of prompts.
@@ -70,14 +74,37 @@ pub struct EvalReport {
 }
 
 impl EvalReport {
-    /// Reads `rgb` (an `size`×`size` RGB image) back and scores it against `st`.
-    fn add(&mut self, st: &Statement, rgb: &[u8], size: usize) {
-        let sc = score(st, &read(rgb, size), size);
+    /// Reads `rgb` (an `size`×`size` RGB image) back and scores it against `st`; returns the
+    /// score and how many objects the reader found.
+    fn add(&mut self, st: &Statement, rgb: &[u8], size: usize) -> (Score, usize) {
+        let reading = read(rgb, size);
+        let sc = score(st, &reading, size);
         match st.objects.len() {
             1 => self.one.add(&sc),
             _ => self.two.add(&sc),
         }
+        (sc, reading.objects.len())
     }
+}
+
+/// One line of a saved evaluation's `captions.jsonl`: the image, and what the reader made of
+/// it (the attributes it missed, by name).
+fn saved_line(caption: &str, file: &str, seed: u64, sc: &Score, objects_read: usize) -> String {
+    let missed: Vec<&str> = sc
+        .attributes()
+        .iter()
+        .filter(|(_, (m, n))| m != n)
+        .map(|(name, _)| *name)
+        .collect();
+    serde_json::json!({
+        "caption": caption,
+        "file": file,
+        "seed": seed,
+        "exact": sc.exact(),
+        "objects_read": objects_read,
+        "missed": missed,
+    })
+    .to_string()
 }
 
 fn statement(caption: &str, line: usize) -> Result<Statement> {
@@ -111,6 +138,11 @@ pub fn evaluate_against(
 ) -> Result<(EvalReport, Option<f64>)> {
     let mut report = EvalReport::default();
     let mut psnrs = Vec::new();
+    let mut saved = String::new();
+    if let Some(dir) = &opts.save {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| Error::Msg(format!("creating {}: {e}", dir.display())))?;
+    }
     for (i, prompt) in prompts.iter().enumerate() {
         let st = statement(prompt, i + 1)?;
         let place = |r: &Request| Request {
@@ -122,8 +154,17 @@ pub fn evaluate_against(
             ..r.clone()
         };
         let out = generate(components, &place(&opts.request), &mut NoHook)?;
-        for img in &out.images {
-            report.add(&st, img.as_raw(), opts.size);
+        for (k, img) in out.images.iter().enumerate() {
+            let (sc, objects_read) = report.add(&st, img.as_raw(), opts.size);
+            if let Some(dir) = &opts.save {
+                // One generator per prompt's batch, seeded with its seed: `ldm generate
+                // --seed S --batch N` makes the same images.
+                let file = format!("{i:04}-{k}.png");
+                write_png(&dir.join(&file), img.as_raw(), opts.size)?;
+                let seed = opts.seed.wrapping_add(i as u64);
+                saved += &saved_line(prompt, &file, seed, &sc, objects_read);
+                saved.push('\n');
+            }
         }
         if let Some((teacher, request)) = reference {
             let theirs = generate(teacher, &place(request), &mut NoHook)?.latents;
@@ -136,6 +177,9 @@ pub fn evaluate_against(
             }
         }
         progress(i + 1, prompts.len());
+    }
+    if let Some(dir) = &opts.save {
+        write_atomic(&dir.join("captions.jsonl"), saved.as_bytes())?;
     }
     let psnr = (!psnrs.is_empty()).then(|| psnrs.iter().sum::<f64>() / psnrs.len() as f64);
     Ok((report, psnr))
@@ -304,6 +348,7 @@ mod tests {
                     guidance_rescale: c.default_guidance_rescale(),
                     ..Default::default()
                 },
+                save: None,
             };
             let r = evaluate(&c, &prompts, &opts, &mut |_, _| {}).unwrap();
             let rows = r.one.rows();
