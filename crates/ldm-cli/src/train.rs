@@ -107,6 +107,11 @@ pub struct VaeArgs {
     /// Parts of each batch computed in parallel, one thread each (default: one per core).
     #[arg(long)]
     shards: Option<usize>,
+    /// Start from the autoencoder in DIR (a `vae` folder or a model folder) and train only its
+    /// decoder: the encoder, its latents and the scaling factor stay, so a U-Net trained on
+    /// them stays valid (how sd-vae-ft-mse was made).
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["vae_channels", "vae_layers", "vae_groups", "latent_channels"])]
+    finetune_decoder: Option<PathBuf>,
     #[command(flatten)]
     arch: VaeArch,
 }
@@ -311,6 +316,14 @@ fn vae_options(a: &VaeArgs) -> VaeOptions {
         init: a.init,
         held_out: a.held_out.unwrap_or(d.held_out),
         shards: a.shards.unwrap_or(d.shards).max(1),
+        // A model folder names its autoencoder.
+        finetune_decoder: a.finetune_decoder.as_ref().map(|p| {
+            if p.join("vae/config.json").is_file() {
+                p.join("vae")
+            } else {
+                p.clone()
+            }
+        }),
         ..d
     }
 }

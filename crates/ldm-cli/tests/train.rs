@@ -541,6 +541,95 @@ fn the_autoencoder_trains_with_lpips() {
     assert!(dir.path().join("vae/config.json").exists());
 }
 
+/// `ldm train vae --finetune-decoder`: the encoder's tensors and the scaling factor come out
+/// byte for byte as they went in, the decoder's move; a source that is not an autoencoder, or
+/// an architecture flag beside it, is refused.
+#[test]
+fn a_decoder_fine_tune_keeps_the_encoder() {
+    let dir = tempfile::tempdir().unwrap();
+    let start = dir.path().join("start");
+    let (ok, _, err) = ldm(&[
+        "train",
+        "vae",
+        "--miniature",
+        "--steps",
+        "2",
+        "--batch",
+        "2",
+        "--out",
+        s(&start),
+    ]);
+    assert!(ok, "{err}");
+    let tuned = dir.path().join("tuned");
+    let (ok, out, err) = ldm(&[
+        "train",
+        "vae",
+        "--miniature",
+        "--finetune-decoder",
+        s(&start),
+        "--steps",
+        "2",
+        "--batch",
+        "2",
+        "--crop",
+        "0",
+        "--lr",
+        "1e-2",
+        "--out",
+        s(&tuned),
+    ]);
+    assert!(ok, "{err}");
+    assert!(out.contains("held-out PSNR"), "{out}");
+    let weights =
+        |d: &Path| safetensors_tensors(&d.join("vae/diffusion_pytorch_model.safetensors"));
+    let (a, b) = (weights(&start), weights(&tuned));
+    assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
+    let decoder_side = |k: &str| k.starts_with("decoder.") || k.starts_with("post_quant_conv.");
+    for (k, v) in &a {
+        if decoder_side(k) {
+            continue;
+        }
+        assert!(v == &b[k], "the encoder's {k} changed");
+    }
+    assert!(
+        a.iter().any(|(k, v)| decoder_side(k) && v != &b[k]),
+        "the decoder did not train"
+    );
+    let scaling = |d: &Path| -> serde_json::Value {
+        serde_json::from_slice::<serde_json::Value>(
+            &std::fs::read(d.join("vae/config.json")).unwrap(),
+        )
+        .unwrap()["scaling_factor"]
+            .clone()
+    };
+    assert_eq!(scaling(&start), scaling(&tuned));
+    for (extra, says) in [
+        (
+            vec!["--finetune-decoder", s(dir.path())],
+            "not an autoencoder folder",
+        ),
+        (
+            vec!["--finetune-decoder", s(&start), "--latent-channels", "8"],
+            "cannot be used with",
+        ),
+    ] {
+        let fresh = dir.path().join("fresh");
+        let mut args = vec![
+            "train",
+            "vae",
+            "--miniature",
+            "--steps",
+            "1",
+            "--out",
+            s(&fresh),
+        ];
+        args.extend(extra);
+        let (ok, _, err) = ldm(&args);
+        assert!(!ok && err.contains(says), "{args:?}: {err}");
+        assert!(!fresh.join("vae").exists());
+    }
+}
+
 #[test]
 fn bad_training_input_is_refused_clearly() {
     let dir = tempfile::tempdir().unwrap();
@@ -1030,6 +1119,28 @@ fn guidance_distillation_makes_a_one_pass_student() {
         s(&teacher.join("unet/diffusion_pytorch_model.safetensors")),
     ]);
     assert!(!ok && err.contains("in no LoRA naming"), "{err}");
+}
+
+/// Each tensor's raw bytes, by name.
+fn safetensors_tensors(path: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
+    let bytes = std::fs::read(path).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    let data = &bytes[8 + n..];
+    header
+        .as_object()
+        .unwrap()
+        .iter()
+        .filter(|(k, _)| *k != "__metadata__")
+        .map(|(k, v)| {
+            let o = &v["data_offsets"];
+            let (a, b) = (
+                o[0].as_u64().unwrap() as usize,
+                o[1].as_u64().unwrap() as usize,
+            );
+            (k.clone(), data[a..b].to_vec())
+        })
+        .collect()
 }
 
 fn safetensors_names(path: &Path) -> Vec<String> {

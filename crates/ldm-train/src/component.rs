@@ -3,9 +3,9 @@
 
 use crate::io::{write_json, write_safetensors};
 use crate::{Error, Result};
-use candle_core::{DType, Tensor, Var};
+use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::VarMap;
-use ldm_models::weights::Weights;
+use ldm_models::weights::{component_files, Checkpoint, Weights};
 use std::path::Path;
 
 pub use ldm_models::weights::init::{InitScheme, SeededInit};
@@ -33,6 +33,45 @@ pub fn named_vars(map: &VarMap, prefix: &str) -> Vec<(String, Var)> {
         .collect();
     vars.sort_by(|a, b| a.0.cmp(&b.0));
     vars
+}
+
+/// Sets each of `params` that the component folder `dir` holds to its weights (as f32) and
+/// returns the names it does not hold; every tensor of the folder must find a variable of its
+/// shape (a model grown from a trained one: a student from its teacher, a fine-tune from its
+/// start).
+pub fn set_from_folder(
+    params: &[(String, Var)],
+    dir: &Path,
+    device: &Device,
+) -> Result<Vec<String>> {
+    let weights = Checkpoint::open(&component_files(dir)?)?;
+    let mut missing = Vec::new();
+    let mut used = 0;
+    for (name, var) in params {
+        if !weights.tensors().contains_key(name) {
+            missing.push(name.clone());
+            continue;
+        }
+        let t = weights.load(name, DType::F32, device)?;
+        if t.dims() != var.dims() {
+            return Err(Error::Msg(format!(
+                "{} {name}: shape {:?}, the network's {:?}",
+                dir.display(),
+                t.dims(),
+                var.dims()
+            )));
+        }
+        var.set(&t)?;
+        used += 1;
+    }
+    if used != weights.tensors().len() {
+        return Err(Error::Msg(format!(
+            "{}: {} tensors have no place in the network",
+            dir.display(),
+            weights.tensors().len() - used
+        )));
+    }
+    Ok(missing)
 }
 
 /// Writes a component folder: `config.json` and `weights_file` holding `tensors` (names without

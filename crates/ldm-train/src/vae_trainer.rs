@@ -8,7 +8,9 @@
 //! weights are supplied.
 
 use crate::checkpoint::TrainingState;
-use crate::component::{named_vars, strip, write_component, InitScheme, SeededInit};
+use crate::component::{
+    named_vars, set_from_folder, strip, write_component, InitScheme, SeededInit,
+};
 use crate::data::batch;
 use crate::discriminator::{generator_loss, hinge_d_loss, PatchDiscriminator};
 use crate::eval::{round_trip, RoundTrip, HELD_OUT_SEED};
@@ -59,6 +61,11 @@ pub struct VaeOptions {
     /// Parts of each batch computed in parallel, one thread each (the gradient is the same for
     /// any number); one per core by default.
     pub shards: usize,
+    /// Start from the autoencoder in this folder and train only its decoder: the encoder, its
+    /// latents and the scaling factor stay as they are, so a U-Net trained on them stays valid
+    /// (how Stability's `sd-vae-ft-mse` decoder was made). The folder's architecture replaces
+    /// the recipe's.
+    pub finetune_decoder: Option<PathBuf>,
 }
 
 impl Default for VaeOptions {
@@ -81,8 +88,15 @@ impl Default for VaeOptions {
             lpips_weight: 1.0,
             init: InitScheme::Torch,
             shards: crate::parallel::cores(),
+            finetune_decoder: None,
         }
     }
+}
+
+/// Whether an autoencoder variable belongs to the decoder side (what
+/// [`VaeOptions::finetune_decoder`] trains).
+fn is_decoder_side(name: &str) -> bool {
+    name.starts_with("decoder.") || name.starts_with("post_quant_conv.")
 }
 
 /// What a finished autoencoder run measured.
@@ -118,10 +132,42 @@ pub fn train_vae(
         .as_deref()
         .map(|p| Lpips::load(p, device))
         .transpose()?;
+    // The architecture: the recipe's, or the fine-tuned autoencoder's own (its config as
+    // written, scaling factor included).
+    let start_config: Option<serde_json::Value> = match &opts.finetune_decoder {
+        Some(dir) => Some(serde_json::from_slice(
+            &std::fs::read(dir.join("config.json")).map_err(|e| {
+                Error::Msg(format!(
+                    "{}: not an autoencoder folder ({e})",
+                    dir.display()
+                ))
+            })?,
+        )?),
+        None => None,
+    };
+    let config = match (&start_config, &opts.finetune_decoder) {
+        (Some(json), Some(dir)) => VaeConfig::from_json(
+            &serde_json::from_value(json.clone())?,
+            &dir.join("config.json"),
+        )?,
+        _ => vae_config(recipe, 1.0)?,
+    };
     let varmap = VarMap::new();
     let vb = SeededInit::var_builder_with(&varmap, opts.seed, opts.init, device);
-    let vae = AutoencoderKL::new(vb, &vae_config(recipe, 1.0)?)?;
-    let params = named_vars(&varmap, "");
+    let vae = AutoencoderKL::new(vb, &config)?;
+    let mut params = named_vars(&varmap, "");
+    if let Some(dir) = &opts.finetune_decoder {
+        let missing = set_from_folder(&params, dir, device)?;
+        if !missing.is_empty() {
+            return Err(Error::Msg(format!(
+                "{}: lacks {} of the autoencoder's tensors ({})",
+                dir.display(),
+                missing.len(),
+                missing[0]
+            )));
+        }
+        params.retain(|(n, _)| is_decoder_side(n));
+    }
     let mut opt = AdamW::new(params.clone(), AdamWConfig::default())?;
     // The discriminator and its optimiser (Adam with β = (0.5, 0.9), as in the paper's code).
     let disc_map = VarMap::new();
@@ -165,15 +211,22 @@ pub fn train_vae(
     };
     let mut readbacks = ReadbackLog::resume(&state.dir().join("readback.csv"), state.step)?;
     let s = recipe.image_size;
+    let factor = config.downsample_factor();
     let side = opts.crop.map_or(s, |c| c.min(s));
+    if !side.is_multiple_of(factor) {
+        return Err(Error::Msg(format!(
+            "crop {side} is not a multiple of the autoencoder's factor {factor}"
+        )));
+    }
     let pixels = (3 * side * side) as f64;
+    let frozen_encoder = opts.finetune_decoder.is_some();
     while state.step < opts.steps {
         let (step, rng) = (state.step, &mut state.rng);
         let start = (step * opts.batch) as u64;
         let (x, _) = batch(opts.seed, start..start + opts.batch as u64, s, device)?;
         let x = match opts.crop {
             Some(c) if c < s => {
-                let f = recipe.downsample_factor();
+                let f = factor;
                 let slots = (s - c) / f + 1;
                 let (dy, dx) = (rng.below(slots) * f, rng.below(slots) * f);
                 x.narrow(2, dy, c)?.narrow(3, dx, c)?.contiguous()?
@@ -181,9 +234,9 @@ pub fn train_vae(
             _ => x,
         };
         let b = opts.batch;
-        let latent_side = side / recipe.downsample_factor();
+        let latent_side = side / factor;
         let eps = rng.randn(
-            &[b, recipe.latent_channels, latent_side, latent_side],
+            &[b, config.latent_channels, latent_side, latent_side],
             device,
         )?;
         let lr = warmup_cosine(step, opts.lr, opts.warmup, opts.steps, 0.1);
@@ -196,15 +249,20 @@ pub fn train_vae(
             let n = r.len();
             let x = x.narrow(0, r.start, n)?;
             let posterior = vae.encode(&x)?;
-            let recon = vae.decode(&posterior.sample(&eps.narrow(0, r.start, n)?)?)?;
+            let z = posterior.sample(&eps.narrow(0, r.start, n)?)?;
+            // A frozen encoder: no gradient flows into it, and its KL term is a constant.
+            let z = if frozen_encoder { z.detach() } else { z };
+            let recon = vae.decode(&z)?;
             let part = n as f64 / b as f64;
             let mut nll = ((&recon - &x)?.abs()?.mean_all()? * part)?;
             if let Some(net) = &lpips {
                 let d = net.forward(&x, &recon)?.sum_all()?;
                 nll = (nll + (d * (opts.lpips_weight / b as f64))?)?;
             }
-            let kl = posterior.kl()?.sum_all()?;
-            nll = (nll + (kl * (opts.kl_weight / pixels / b as f64))?)?;
+            if !frozen_encoder {
+                let kl = posterior.kl()?.sum_all()?;
+                nll = (nll + (kl * (opts.kl_weight / pixels / b as f64))?)?;
+            }
             let grads = nll.backward()?;
             let adv = match adversarial {
                 Some(d) => {
@@ -306,13 +364,25 @@ pub fn train_vae(
     let all = Tensor::cat(&latents, 0)?;
     let mean = all.mean_all()?.to_scalar::<f32>()? as f64;
     let var = (all - mean)?.sqr()?.mean_all()?.to_scalar::<f32>()? as f64;
-    let scaling_factor = 1.0 / var.sqrt().max(1e-6);
-    let values: Vec<Tensor> = params.iter().map(|(_, v)| v.as_tensor().clone()).collect();
+    // A fine-tuned decoder keeps its encoder's latents, so the scaling factor it was trained
+    // with stays.
+    let (scaling_factor, written_config) = match start_config {
+        Some(json) => (config.scaling_factor, json),
+        None => {
+            let f = 1.0 / var.sqrt().max(1e-6);
+            (f, recipe.vae_config(f))
+        }
+    };
+    let all_params = named_vars(&varmap, "");
+    let values: Vec<Tensor> = all_params
+        .iter()
+        .map(|(_, v)| v.as_tensor().clone())
+        .collect();
     write_component(
         &out.join("vae"),
-        &recipe.vae_config(scaling_factor),
+        &written_config,
         "diffusion_pytorch_model.safetensors",
-        &strip(&params, &values, ""),
+        &strip(&all_params, &values, ""),
         DType::F32,
     )?;
     let lpips = (!distances.is_empty())

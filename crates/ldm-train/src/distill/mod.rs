@@ -13,7 +13,7 @@ pub mod lcm;
 pub mod progressive;
 
 use crate::checkpoint::TrainingState;
-use crate::component::{named_vars, SeededInit};
+use crate::component::{named_vars, set_from_folder, SeededInit};
 use crate::data::batch;
 use crate::noise::TrainRng;
 use crate::optim::{AdamW, AdamWConfig, Ema};
@@ -21,7 +21,6 @@ use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::VarMap;
 use ldm_models::unet::{UNet2DConditionModel, UNetConfig};
-use ldm_models::weights::{component_files, Checkpoint};
 use ldm_pipeline::Components;
 use ldm_sampling::Prediction;
 use std::path::Path;
@@ -195,30 +194,11 @@ impl Student {
         let varmap = VarMap::new();
         let unet = UNet2DConditionModel::new(SeededInit::var_builder(&varmap, 0, device), &cfg)?;
         let params = named_vars(&varmap, "");
-        let weights = Checkpoint::open(&component_files(&unet_dir)?)?;
-        let mut used = 0;
-        for (name, var) in &params {
-            if weights.tensors().contains_key(name) {
-                let t = weights.load(name, DType::F32, device)?;
-                if t.dims() != var.dims() {
-                    return Err(Error::Msg(format!(
-                        "teacher {name}: shape {:?}, the student's {:?}",
-                        t.dims(),
-                        var.dims()
-                    )));
-                }
-                var.set(&t)?;
-                used += 1;
-            } else {
+        // What the teacher lacks (the guidance embedding) starts at zero.
+        for name in set_from_folder(&params, &unet_dir, device)? {
+            if let Some((_, var)) = params.iter().find(|(n, _)| *n == name) {
                 var.set(&var.as_tensor().zeros_like()?)?;
             }
-        }
-        if used != weights.tensors().len() {
-            return Err(Error::Msg(format!(
-                "{}: {} teacher tensors have no place in the student",
-                unet_dir.display(),
-                weights.tensors().len() - used
-            )));
         }
         Ok(Self {
             varmap,
