@@ -155,16 +155,17 @@ pub struct EvalShapes {
     /// A U-Net LoRA file merged into the model, FILE or FILE:MULTIPLIER (as `ldm generate`).
     #[arg(long)]
     lora: Vec<String>,
-    /// Keep the generated images in DIR: PNGs and a captions.jsonl (read back by --images),
-    /// each line with the image's seed and what the reader made of it.
-    #[arg(long, value_name = "DIR", conflicts_with_all = ["images", "autoencoder"])]
+    /// Keep the generated images (or with --autoencoder the reconstructions) in DIR: PNGs and
+    /// a captions.jsonl (read back by --images), each line with the image's seed (the scene's
+    /// index) and what the reader made of it.
+    #[arg(long, value_name = "DIR", conflicts_with = "images")]
     save: Option<PathBuf>,
 }
 
 pub fn eval(cmd: EvalCommand, device: &candle_core::Device) -> Result<()> {
     let EvalCommand::Shapes(a) = cmd;
     if let Some(dir) = &a.autoencoder {
-        return eval_autoencoder(dir.as_deref(), a.scenes, a.size, device);
+        return eval_autoencoder(dir.as_deref(), a.scenes, a.size, a.save.as_deref(), device);
     }
     if let Some(dir) = &a.images {
         let mut pb = Bar::new(0, false);
@@ -294,6 +295,7 @@ fn eval_autoencoder(
     dir: Option<&Path>,
     scenes: usize,
     size: usize,
+    save: Option<&Path>,
     device: &candle_core::Device,
 ) -> Result<()> {
     if scenes == 0 {
@@ -315,8 +317,9 @@ fn eval_autoencoder(
         bail!("--size {size} is not a multiple of the autoencoder's factor {factor}");
     }
     let mut pb = Bar::new(scenes, false);
-    let r =
-        ldm_train::eval::round_trip(&vae, scenes, size, &device, &mut |d, _| pb.set_position(d))?;
+    let r = ldm_train::eval::round_trip_saved(&vae, scenes, size, &device, save, &mut |d, _| {
+        pb.set_position(d)
+    })?;
     pb.finish_and_clear();
     crate::emit(format_args!(
         "autoencoder {}: {scenes} held-out scenes at {size} px",

@@ -165,6 +165,26 @@ fn a_miniature_model_trains_generates_and_evaluates() {
             "{out}"
         );
     }
+    // Its reconstructions kept: one PNG a scene, listed with the scene's index.
+    let kept = dir.path().join("round-trips");
+    let (ok, _, err) = ldm(&[
+        "eval",
+        "shapes",
+        "--autoencoder",
+        s(&model),
+        "--scenes",
+        "5",
+        "--save",
+        s(&kept),
+    ]);
+    assert!(ok, "{err}");
+    let list = std::fs::read_to_string(kept.join("captions.jsonl")).unwrap();
+    assert_eq!(list.lines().count(), 5, "{list}");
+    assert!(
+        list.lines().last().unwrap().contains("\"seed\":4"),
+        "{list}"
+    );
+    assert_eq!(png_size(&kept.join("0004.png")), (64, 64));
     let (ok, _, err) = ldm(&[
         "eval",
         "shapes",

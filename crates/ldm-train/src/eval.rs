@@ -219,9 +219,29 @@ pub fn round_trip(
     device: &Device,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<RoundTrip> {
+    round_trip_saved(vae, scenes, size, device, None, progress)
+}
+
+/// [`round_trip`], keeping the reconstructions in `save` when given: `NNNN.png` (scene NNNN
+/// of the held-out stream, which `ldm data shapes --seed` [`HELD_OUT_SEED`] renders) and a
+/// `captions.jsonl` with each one's caption and what the reader made of it against
+/// everything drawn.
+pub fn round_trip_saved(
+    vae: &AutoencoderKL,
+    scenes: usize,
+    size: usize,
+    device: &Device,
+    save: Option<&Path>,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<RoundTrip> {
     const CHUNK: usize = 16;
     let mut out = RoundTrip::default();
     let mut psnr_sum = 0.0;
+    let mut saved = String::new();
+    if let Some(dir) = save {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| Error::Msg(format!("creating {}: {e}", dir.display())))?;
+    }
     for first in (0..scenes).step_by(CHUNK) {
         let chunk: Vec<Scene> = (first..scenes.min(first + CHUNK))
             .map(|i| Scene::generate(HELD_OUT_SEED, i as u64, size))
@@ -233,12 +253,22 @@ pub fn round_trip(
             .collect::<Result<Vec<_>>>()?;
         let posterior = vae.encode(&Tensor::stack(&x, 0)?)?;
         let recon = to_bytes(&vae.decode(posterior.mode())?)?;
-        for ((scene, original), copy) in chunk.iter().zip(&rgb).zip(&recon) {
+        for (k, ((scene, original), copy)) in chunk.iter().zip(&rgb).zip(&recon).enumerate() {
             psnr_sum += psnr(original, copy).min(100.0);
             out.caption.add(&scene.stated, copy, size);
-            out.drawn.add(&scene.full_statement(), copy, size);
+            let (sc, objects_read) = out.drawn.add(&scene.full_statement(), copy, size);
+            if let Some(dir) = save {
+                let i = first + k;
+                let file = format!("{i:04}.png");
+                write_png(&dir.join(&file), copy, size)?;
+                saved += &saved_line(&scene.caption(), &file, i as u64, &sc, objects_read);
+                saved.push('\n');
+            }
         }
         progress(first + chunk.len(), scenes);
+    }
+    if let Some(dir) = save {
+        write_atomic(&dir.join("captions.jsonl"), saved.as_bytes())?;
     }
     out.psnr = psnr_sum / scenes.max(1) as f64;
     Ok(out)
