@@ -4,7 +4,7 @@ use crate::train::{median_line, Reporter};
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use clap::{Args, Subcommand};
-use ldm_train::distill::guidance::{distill_guidance, GuidanceLoss, GuidanceOptions};
+use ldm_train::distill::guidance::{distill_guidance, GuidanceLoss, GuidanceOptions, OwnStates};
 use ldm_train::distill::lcm::{distill_lcm, LcmOptions};
 use ldm_train::distill::progressive::ProgressiveOptions;
 use std::path::{Path, PathBuf};
@@ -161,6 +161,12 @@ pub struct GuidanceArgs {
     /// teacher's prediction (the default), `plain` is the paper's mean squared error.
     #[arg(long, value_enum)]
     loss: Option<LossArg>,
+    /// The share of each batch drawn from the student's own sampling trajectories (32 captions
+    /// at the teacher's default steps, sampled again every 100 steps), with the teacher's
+    /// guided prediction at each state as the target; 0: only the forward process's states,
+    /// as in the paper. Default 0.75.
+    #[arg(long, value_name = "SHARE")]
+    own_states: Option<f64>,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -183,6 +189,11 @@ fn guidance_options(a: &GuidanceArgs) -> Result<GuidanceOptions> {
             None => d.loss,
             Some(LossArg::Relative) => GuidanceLoss::Relative,
             Some(LossArg::Plain) => GuidanceLoss::Plain,
+        },
+        own_states: match a.own_states {
+            Some(share) if share == 0.0 => None,
+            Some(share) => d.own_states.map(|own| OwnStates { share, ..own }),
+            None => d.own_states,
         },
         seed: c.seed,
         checkpoint_every: c.checkpoint_every.unwrap_or(d.checkpoint_every).max(1),

@@ -882,6 +882,18 @@ fn guidance_distillation_makes_a_one_pass_student() {
         "{p:?} vs {a:?}"
     );
 
+    // `--own-states 0` trains on the forward process's states only (the default takes three
+    // quarters of each batch from the student's own sampling): other examples, another curve.
+    let own = dir.path().join("student-forward-only");
+    let (ok, _, err) = distil_to(&own, &["--own-states", "0"]);
+    assert!(ok, "{err}");
+    let o = losses(&own);
+    assert_eq!(o.len(), 3);
+    assert!(
+        o.iter().zip(&a).all(|(o, a)| o.is_finite() && o != a),
+        "{o:?} vs {a:?}"
+    );
+
     // Bad input: a clear error, nothing written.
     let fresh = dir.path().join("fresh");
     let refuse = |args: &[&str], says: &str| {
@@ -922,6 +934,10 @@ fn guidance_distillation_makes_a_one_pass_student() {
     refuse(
         &as_strs(&distil_to_fresh(&teacher, &["--loss", "huber"])),
         "invalid value 'huber'",
+    );
+    refuse(
+        &as_strs(&distil_to_fresh(&teacher, &["--own-states", "1.5"])),
+        "own-state share 1.5",
     );
     // Into a folder that holds another model: refused, the folder untouched.
     let (ok, _, err) = ldm(&[

@@ -8,10 +8,12 @@
 //! guide it — in the teacher's own parametrisation (ε, v or x₀; its squared error is the
 //! x-space error times a per-timestep weight), each example's error divided by how far
 //! guidance moved its target ([`GuidanceLoss::Relative`], the default; the paper's plain mean
-//! is [`GuidanceLoss::Plain`]). On the student `ldm generate --guidance s` makes one U-Net
-//! pass a step.
+//! is [`GuidanceLoss::Plain`]). Three quarters of each batch are states of the student's own
+//! sampling rather than of the forward process ([`OwnStates`]). On the student `ldm generate
+//! --guidance s` makes one U-Net pass a step.
 
-use super::{write_student, LatentPool, Student, StudentRun, Teacher};
+use super::progressive::{alpha_sigma, trailing_grid};
+use super::{write_student, x_and_eps, LatentPool, Student, StudentRun, Teacher};
 use crate::loss::{per_example_mse, weighted_mse_share};
 use crate::optim::warmup_cosine;
 use crate::parallel::{batch_shards, on_shards, shard_ranges, sharded_loss_and_grads};
@@ -69,6 +71,32 @@ pub struct GuidanceOptions {
     /// Parts of each batch computed in parallel, one thread each.
     pub shards: usize,
     pub loss: GuidanceLoss,
+    /// A share of each batch taken from the student's own sampling trajectories (three
+    /// quarters by default; `None`: the forward process's states only, as in the paper).
+    pub own_states: Option<OwnStates>,
+}
+
+/// States of the student's own sampling (the idea of DAgger, Ross et al. 2011): every `every`
+/// training steps, and at every checkpoint, the student samples `trajectories` captions from
+/// pure noise — DDIM on the trailing grid of the teacher's default step count, one pass a step,
+/// each at a scale drawn from the range — and `share` of each batch is drawn from the states
+/// it passed through, the teacher's guided prediction at each the target: the student learns
+/// where its own errors have led it, not only on the forward process's states. On the embedded
+/// model this is what keeps sizes and most counts (docs/distillation-research.md).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct OwnStates {
+    pub share: f64,
+    pub every: usize,
+    pub trajectories: usize,
+}
+/// The states of the student's latest trajectories.
+struct StatePool {
+    /// `[N, C, H, W]`.
+    z: Tensor,
+    t: Vec<usize>,
+    /// `[N, L, D]`.
+    context: Tensor,
+    scales: Vec<f64>,
 }
 
 impl Default for GuidanceOptions {
@@ -87,6 +115,11 @@ impl Default for GuidanceOptions {
             checkpoint_every: 200,
             shards: crate::parallel::cores(),
             loss: GuidanceLoss::Relative,
+            own_states: Some(OwnStates {
+                share: 0.75,
+                every: 100,
+                trajectories: 32,
+            }),
         }
     }
 }
@@ -113,8 +146,85 @@ impl GuidanceOptions {
         if !(self.lr.is_finite() && self.lr > 0.0) {
             return Err(Error::Msg(format!("learning rate {}", self.lr)));
         }
+        if let Some(own) = &self.own_states {
+            if !((0.0..=1.0).contains(&own.share) && own.every > 0 && own.trajectories > 0) {
+                return Err(Error::Msg(format!(
+                    "own-state share {}: need 0 to 1 (and at least one trajectory, refreshed \
+                     every step or more)",
+                    own.share
+                )));
+            }
+        }
         Ok(())
     }
+}
+
+/// Samples `own.trajectories` captions of `data` with the student (DDIM on the trailing grid of
+/// `steps`, one pass a step) and keeps every state it passes through.
+#[allow(clippy::too_many_arguments)]
+fn student_states(
+    student: &Student,
+    teacher: &Teacher,
+    data: &LatentPool,
+    own: &OwnStates,
+    opts: &GuidanceOptions,
+    rng: &mut crate::noise::TrainRng,
+    steps: usize,
+    latent_dims: &[usize],
+    device: &Device,
+) -> Result<StatePool> {
+    let abar = &teacher.alphas_cumprod;
+    let grid = trailing_grid(steps, abar.len());
+    let n = own.trajectories;
+    let picks: Vec<u32> = (0..n).map(|_| rng.below(data.len()) as u32).collect();
+    let context = data
+        .contexts
+        .index_select(&Tensor::new(picks.as_slice(), device)?, 0)?;
+    let scales: Vec<f64> = (0..n)
+        .map(|_| opts.scales.0 + (opts.scales.1 - opts.scales.0) * rng.uniform())
+        .collect();
+    let w: Vec<f64> = scales.iter().map(|s| s - 1.0).collect();
+    let w_emb = guidance_scale_embedding(&w, opts.embedding_dim, device)?;
+    let mut dims = latent_dims.to_vec();
+    dims[0] = n;
+    let mut z = rng.randn(&dims, device)?;
+    let (mut zs, mut ts) = (Vec::new(), Vec::new());
+    let ranges = shard_ranges(n, batch_shards(opts.shards, device));
+    for pair in grid.windows(2) {
+        let (Some(t), next) = (pair[0], pair[1]) else {
+            break;
+        };
+        zs.push(z.clone());
+        ts.extend(std::iter::repeat_n(t, n));
+        let (a, s) = alpha_sigma(abar, Some(t));
+        let (a2, s2) = alpha_sigma(abar, next);
+        let parts = on_shards(&ranges, |r| {
+            let m = r.len();
+            let zr = z.narrow(0, r.start, m)?;
+            let tt = Tensor::from_vec(vec![t as f32; m], m, device)?;
+            let out = student
+                .unet
+                .forward_with(
+                    &zr,
+                    &tt,
+                    &context.narrow(0, r.start, m)?,
+                    None,
+                    Some(&w_emb.narrow(0, r.start, m)?),
+                )?
+                .detach();
+            let col = |v: f64| Tensor::from_vec(vec![v as f32; m], (m, 1, 1, 1), device);
+            let (x, e) = x_and_eps(teacher.prediction, &zr, &out, &col(a)?, &col(s)?)?;
+            Ok(((x * a2)? + (e * s2)?)?)
+        })?;
+        z = Tensor::cat(&parts, 0)?;
+    }
+    let steps = zs.len();
+    Ok(StatePool {
+        z: Tensor::cat(&zs, 0)?,
+        t: ts,
+        context: context.repeat((steps, 1, 1))?,
+        scales: scales.repeat(steps),
+    })
 }
 
 /// What a finished run measured.
@@ -160,6 +270,8 @@ pub fn distill_guidance(
     let data = LatentPool::encode(&teacher, opts.pool, opts.seed, device)?;
     let abar = &teacher.alphas_cumprod;
     let train_steps = abar.len();
+    let mut states: Option<StatePool> = None;
+    let sampling_steps = teacher.components.default_steps();
     while state.step < opts.steps {
         let (step, rng) = (state.step, &mut state.rng);
         let b = opts.batch;
@@ -173,7 +285,57 @@ pub fn distill_guidance(
         let col = |v: Vec<f32>| Tensor::from_vec(v, (b, 1, 1, 1), device);
         let a = col(ts.iter().map(|&t| abar[t].sqrt()).collect())?;
         let s = col(ts.iter().map(|&t| (1.0 - abar[t]).sqrt()).collect())?;
-        let noisy = (x0.broadcast_mul(&a)? + noise.broadcast_mul(&s)?)?;
+        let mut noisy = (x0.broadcast_mul(&a)? + noise.broadcast_mul(&s)?)?;
+        let (mut ts, mut scales, mut context) = (ts, scales, context);
+        // The first examples replaced by states of the student's own trajectories.
+        if let Some(own) = &opts.own_states {
+            // Sampled afresh at every checkpoint too, where a resumed run starts: it then
+            // draws the same states as an uninterrupted one.
+            if states.is_none()
+                || step.is_multiple_of(own.every)
+                || step.is_multiple_of(opts.checkpoint_every)
+            {
+                states = Some(student_states(
+                    &student,
+                    &teacher,
+                    &data,
+                    own,
+                    opts,
+                    rng,
+                    sampling_steps,
+                    &dims,
+                    device,
+                )?);
+            }
+            let pool = states.as_ref().expect("sampled above");
+            let k = ((b as f64 * own.share).round() as usize).min(b);
+            if k > 0 {
+                let picks: Vec<usize> = (0..k).map(|_| rng.below(pool.t.len())).collect();
+                let idx = Tensor::new(
+                    picks
+                        .iter()
+                        .map(|&i| i as u32)
+                        .collect::<Vec<_>>()
+                        .as_slice(),
+                    device,
+                )?;
+                noisy = Tensor::cat(
+                    &[pool.z.index_select(&idx, 0)?, noisy.narrow(0, k, b - k)?],
+                    0,
+                )?;
+                context = Tensor::cat(
+                    &[
+                        pool.context.index_select(&idx, 0)?,
+                        context.narrow(0, k, b - k)?,
+                    ],
+                    0,
+                )?;
+                for (j, &i) in picks.iter().enumerate() {
+                    ts[j] = pool.t[i];
+                    scales[j] = pool.scales[i];
+                }
+            }
+        }
         let t_tensor =
             Tensor::from_vec(ts.iter().map(|&t| t as f32).collect::<Vec<_>>(), b, device)?;
         let w: Vec<f64> = scales.iter().map(|s| s - 1.0).collect();

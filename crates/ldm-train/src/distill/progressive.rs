@@ -131,7 +131,7 @@ pub fn trailing_grid(n: usize, train_steps: usize) -> Vec<Option<usize>> {
 }
 
 /// `(α, σ)` at a grid point (`None`: the clean end).
-fn alpha_sigma(abar: &[f32], t: Option<usize>) -> (f64, f64) {
+pub(crate) fn alpha_sigma(abar: &[f32], t: Option<usize>) -> (f64, f64) {
     match t {
         Some(t) => {
             let a = abar[t] as f64;
