@@ -79,6 +79,10 @@ pub struct LcmArgs {
     /// write OUT/pytorch_lora_weights.safetensors instead of a model folder.
     #[arg(long, value_name = "RANK")]
     lora: Option<usize>,
+    /// Start the student from DIR's U-Net instead of the teacher's: a guidance-distilled
+    /// student of the same teacher (`ldm distill guidance`), already guided in one pass.
+    #[arg(long, value_name = "DIR", conflicts_with = "lora")]
+    init: Option<PathBuf>,
 }
 
 fn lcm_options(a: &LcmArgs) -> Result<LcmOptions> {
@@ -93,6 +97,7 @@ fn lcm_options(a: &LcmArgs) -> Result<LcmOptions> {
         target_decay: a.target_decay.unwrap_or(d.target_decay),
         default_steps: a.default_steps.unwrap_or(d.default_steps),
         lora: a.lora,
+        init: a.init.clone(),
         pool: c.pool.unwrap_or(d.pool),
         seed: c.seed,
         checkpoint_every: c.checkpoint_every.unwrap_or(d.checkpoint_every).max(1),

@@ -1089,10 +1089,35 @@ fn guidance_distillation_makes_a_one_pass_student() {
         out.contains("latent PSNR against the teacher (3 steps): "),
         "{out}"
     );
-    // A distilled teacher, a checkpoint of another command, bad options: refused.
+    // Started from the guidance-distilled student (`--init`): another first loss than the
+    // teacher's start gives.
+    let lcm_init = dir.path().join("lcm-init");
+    let (ok, _, err) = ldm(&as_strs(&lcm_args(
+        &teacher,
+        &lcm_init,
+        &["--init", s(&student)],
+    )));
+    assert!(ok, "{err}");
+    let first_loss = |d: &Path| -> String {
+        let log = std::fs::read_to_string(d.join("distill-train/losses.csv")).unwrap();
+        log.lines()
+            .nth(1)
+            .unwrap()
+            .split(',')
+            .nth(1)
+            .unwrap()
+            .to_string()
+    };
+    assert_ne!(first_loss(&lcm_init), first_loss(&lcm));
+    // A distilled teacher, a start that is not the teacher's student, a checkpoint of another
+    // command, bad options: refused.
     refuse(
         &as_strs(&lcm_args(&student, &fresh, &[])),
         "already has a guidance embedding",
+    );
+    refuse(
+        &as_strs(&lcm_args(&teacher, &fresh, &["--init", s(&teacher)])),
+        "its U-Net is not the teacher's",
     );
     refuse(
         &as_strs(&lcm_args(&teacher, &fresh, &["--skeleton", "7"])),

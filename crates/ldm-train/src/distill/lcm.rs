@@ -37,9 +37,9 @@ use std::path::Path;
 /// Options of `ldm distill lcm`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LcmOptions {
-    /// Training steps. The defaults (600 steps at 5e-5) made the embedded `shapes-fast`:
-    /// 18.0 % one-object exact against 16.0 % for 300 at 1e-4, while 1500 at 1e-4 drifted
-    /// away from the teacher (12 % at its end, 21.5 % at its step 250; 2 seeds).
+    /// Training steps. 1500 at 5e-5 from the guidance-distilled student (`init`) made the
+    /// embedded `shapes-fast`; 600 from the teacher read 2 points lower at 4 steps, 1500 at
+    /// 1e-4 drifted away from the teacher (docs/distillation-research.md).
     pub steps: usize,
     pub batch: usize,
     pub lr: f64,
@@ -65,12 +65,15 @@ pub struct LcmOptions {
     pub default_steps: usize,
     /// LCM-LoRA of this rank instead of a full student.
     pub lora: Option<usize>,
+    /// Start the student from this folder's U-Net instead of the teacher's: a guidance-distilled
+    /// student of the same teacher, whose one pass at w is already the guided prediction.
+    pub init: Option<std::path::PathBuf>,
 }
 
 impl Default for LcmOptions {
     fn default() -> Self {
         Self {
-            steps: 600,
+            steps: 1500,
             batch: 16,
             lr: 5e-5,
             warmup: 50,
@@ -87,6 +90,7 @@ impl Default for LcmOptions {
             shards: crate::parallel::cores(),
             default_steps: 4,
             lora: None,
+            init: None,
         }
     }
 }
@@ -308,6 +312,31 @@ fn unet_from(
     )?)
 }
 
+/// Refuses an `--init` folder whose U-Net is not the teacher's with `change` applied.
+fn same_unet(teacher_dir: &Path, init: &Path, change: &serde_json::Value) -> Result<()> {
+    let read = |dir: &Path| -> Result<serde_json::Map<String, serde_json::Value>> {
+        let path = dir.join("unet/config.json");
+        let text =
+            std::fs::read(&path).map_err(|e| Error::Msg(format!("{}: {e}", path.display())))?;
+        let mut v: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&text)?;
+        v.retain(|k, _| !k.starts_with('_'));
+        Ok(v)
+    };
+    let mut expected = read(teacher_dir)?;
+    for (k, v) in change.as_object().into_iter().flatten() {
+        expected.insert(k.clone(), v.clone());
+    }
+    let got = read(init)?;
+    match expected.iter().find(|(k, v)| got.get(*k) != Some(*v)) {
+        None => Ok(()),
+        Some((k, v)) => Err(Error::Msg(format!(
+            "{}: its U-Net is not the teacher's with a guidance embedding of this width (`{k}` is {}, expected {v})",
+            init.display(),
+            got.get(k).map_or("absent".to_string(), |g| g.to_string())
+        ))),
+    }
+}
+
 /// Distils the model folder `teacher_dir` into a latent consistency model in `out` (a
 /// diffusers folder), or with `opts.lora` into an LCM-LoRA file
 /// (`out/pytorch_lora_weights.safetensors`); checkpoints in `out/distill-train`, resumed when
@@ -325,11 +354,14 @@ pub fn distill_lcm(
     if let Some(rank) = opts.lora {
         return distill_lcm_lora(teacher, teacher_dir, out, rank, opts, device, progress);
     }
-    let student = Student::from_teacher(
-        teacher_dir,
-        &json!({ "time_cond_proj_dim": opts.embedding_dim }),
-        device,
-    )?;
+    let change = json!({ "time_cond_proj_dim": opts.embedding_dim });
+    let student = match &opts.init {
+        Some(init) => {
+            same_unet(teacher_dir, init, &change)?;
+            Student::from_teacher(init, &json!({}), device)?
+        }
+        None => Student::from_teacher(teacher_dir, &change, device)?,
+    };
     let params = student.params.clone();
     let StudentRun {
         mut opt,
