@@ -196,7 +196,7 @@ fn guidance_options(a: &GuidanceArgs) -> Result<GuidanceOptions> {
             Some(LossArg::Plain) => GuidanceLoss::Plain,
         },
         own_states: match a.own_states {
-            Some(share) if share == 0.0 => None,
+            Some(0.0) => None,
             Some(share) => d.own_states.map(|own| OwnStates { share, ..own }),
             None => d.own_states,
         },
