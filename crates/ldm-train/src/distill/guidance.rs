@@ -12,8 +12,10 @@
 //! sampling rather than of the forward process ([`OwnStates`]). On the student `ldm generate
 //! --guidance s` makes one U-Net pass a step.
 
-use super::progressive::{alpha_sigma, trailing_grid};
-use super::{write_student, x_and_eps, LatentPool, Student, StudentRun, Teacher};
+use super::{
+    alpha_sigma, draw_scales, trailing_grid, write_student, x_and_eps, LatentPool, Student,
+    StudentRun, Teacher,
+};
 use crate::loss::{per_example_mse, weighted_mse_share};
 use crate::optim::warmup_cosine;
 use crate::parallel::{batch_shards, on_shards, shard_ranges, sharded_loss_and_grads};
@@ -180,9 +182,7 @@ fn student_states(
     let context = data
         .contexts
         .index_select(&Tensor::new(picks.as_slice(), device)?, 0)?;
-    let scales: Vec<f64> = (0..n)
-        .map(|_| opts.scales.0 + (opts.scales.1 - opts.scales.0) * rng.uniform())
-        .collect();
+    let scales = draw_scales(rng, n, opts.scales);
     let w: Vec<f64> = scales.iter().map(|s| s - 1.0).collect();
     let w_emb = guidance_scale_embedding(&w, opts.embedding_dim, device)?;
     let mut dims = latent_dims.to_vec();
@@ -278,9 +278,7 @@ pub fn distill_guidance(
         let (x0, context) = data.draw(rng, b, scaling, device)?;
         let dims = x0.dims().to_vec();
         let ts: Vec<usize> = (0..b).map(|_| rng.below(train_steps)).collect();
-        let scales: Vec<f64> = (0..b)
-            .map(|_| opts.scales.0 + (opts.scales.1 - opts.scales.0) * rng.uniform())
-            .collect();
+        let scales = draw_scales(rng, b, opts.scales);
         let noise = rng.randn(&dims, device)?;
         let col = |v: Vec<f32>| Tensor::from_vec(v, (b, 1, 1, 1), device);
         let a = col(ts.iter().map(|&t| abar[t].sqrt()).collect())?;
@@ -310,15 +308,8 @@ pub fn distill_guidance(
             let pool = states.as_ref().expect("sampled above");
             let k = ((b as f64 * own.share).round() as usize).min(b);
             if k > 0 {
-                let picks: Vec<usize> = (0..k).map(|_| rng.below(pool.t.len())).collect();
-                let idx = Tensor::new(
-                    picks
-                        .iter()
-                        .map(|&i| i as u32)
-                        .collect::<Vec<_>>()
-                        .as_slice(),
-                    device,
-                )?;
+                let picks: Vec<u32> = (0..k).map(|_| rng.below(pool.t.len()) as u32).collect();
+                let idx = Tensor::new(picks.as_slice(), device)?;
                 noisy = Tensor::cat(
                     &[pool.z.index_select(&idx, 0)?, noisy.narrow(0, k, b - k)?],
                     0,
@@ -331,8 +322,8 @@ pub fn distill_guidance(
                     0,
                 )?;
                 for (j, &i) in picks.iter().enumerate() {
-                    ts[j] = pool.t[i];
-                    scales[j] = pool.scales[i];
+                    ts[j] = pool.t[i as usize];
+                    scales[j] = pool.scales[i as usize];
                 }
             }
         }

@@ -16,7 +16,7 @@
 //! pseudo-Huber loss `√(d² + c²) − c` (c = 0.001). The target network is an exponential moving
 //! average of the student (decay 0.95) and is what is written out.
 
-use super::{write_student, x_and_eps, LatentPool, Student, StudentRun, Teacher};
+use super::{draw_scales, write_student, x_and_eps, LatentPool, Student, StudentRun, Teacher};
 use crate::checkpoint::TrainingState;
 use crate::noise::TrainRng;
 use crate::optim::{warmup_cosine, AdamW, AdamWConfig};
@@ -207,9 +207,7 @@ impl Lcm<'_> {
             .map(|_| self.points[rng.below(self.points.len())])
             .collect();
         let prev: Vec<usize> = ts.iter().map(|&t| t.saturating_sub(self.k)).collect();
-        let scales: Vec<f64> = (0..b)
-            .map(|_| opts.scales.0 + (opts.scales.1 - opts.scales.0) * rng.uniform())
-            .collect();
+        let scales = draw_scales(rng, b, opts.scales);
         let noise = rng.randn(&dims, device)?;
         let col = |v: Vec<f64>| {
             Tensor::from_vec(

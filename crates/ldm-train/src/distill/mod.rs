@@ -272,6 +272,33 @@ pub fn write_student(
     )
 }
 
+/// The trailing grid of `n` steps over `train_steps` training timesteps: `n` timesteps, then
+/// `None` for the clean end.
+pub fn trailing_grid(n: usize, train_steps: usize) -> Vec<Option<usize>> {
+    let step = train_steps as f64 / n as f64;
+    let mut grid: Vec<Option<usize>> = (0..n)
+        .map(|k| Some((train_steps as f64 - k as f64 * step).round() as usize - 1))
+        .collect();
+    grid.push(None);
+    grid
+}
+
+/// `(α, σ)` at a grid point (`None`: the clean end).
+pub fn alpha_sigma(abar: &[f32], t: Option<usize>) -> (f64, f64) {
+    match t {
+        Some(t) => {
+            let a = abar[t] as f64;
+            (a.sqrt(), (1.0 - a).max(0.0).sqrt())
+        }
+        None => (1.0, 0.0),
+    }
+}
+
+/// `n` guidance scales drawn uniformly from `lo..hi`, one per example.
+pub fn draw_scales(rng: &mut TrainRng, n: usize, (lo, hi): (f64, f64)) -> Vec<f64> {
+    (0..n).map(|_| lo + (hi - lo) * rng.uniform()).collect()
+}
+
 /// `(x̂, ε̂)` from a model output in `prediction`'s parametrisation at `(α, σ)` (columns
 /// `[B,1,1,1]`).
 pub fn x_and_eps(

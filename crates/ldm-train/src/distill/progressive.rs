@@ -17,7 +17,10 @@
 //! guidance-distilled student) and its students draw a scale per example, as in Meng et al.'s
 //! stage two.
 
-use super::{edit_scheduler, write_student, x_and_eps, LatentPool, Student, StudentRun, Teacher};
+use super::{
+    alpha_sigma, draw_scales, edit_scheduler, trailing_grid, write_student, x_and_eps, LatentPool,
+    Student, StudentRun, Teacher,
+};
 use crate::optim::warmup_cosine;
 use crate::parallel::sharded_loss_and_grads;
 use crate::{Error, Progress, Result};
@@ -119,28 +122,6 @@ impl ProgressiveOptions {
     }
 }
 
-/// The trailing grid of `n` steps over `train_steps` training timesteps: `n` timesteps, then
-/// `None` for the clean end.
-pub fn trailing_grid(n: usize, train_steps: usize) -> Vec<Option<usize>> {
-    let step = train_steps as f64 / n as f64;
-    let mut grid: Vec<Option<usize>> = (0..n)
-        .map(|k| Some((train_steps as f64 - k as f64 * step).round() as usize - 1))
-        .collect();
-    grid.push(None);
-    grid
-}
-
-/// `(α, σ)` at a grid point (`None`: the clean end).
-pub(crate) fn alpha_sigma(abar: &[f32], t: Option<usize>) -> (f64, f64) {
-    match t {
-        Some(t) => {
-            let a = abar[t] as f64;
-            (a.sqrt(), (1.0 - a).max(0.0).sqrt())
-        }
-        None => (1.0, 0.0),
-    }
-}
-
 /// The x̃ whose single DDIM step from `z` at `(α, σ)` lands on `z2` at `(α″, σ″)`:
 /// `(z″ − (σ″/σ)·z) / (α″ − (σ″/σ)·α)`. At the clean end (σ″ = 0) that is z″; at pure noise
 /// (α = 0, σ = 1) the denominator is α″.
@@ -234,9 +215,7 @@ fn halve(
         let dims = x0.dims().to_vec();
         // Each example's student step i: t = fine[2i] → t′ = fine[2i+1] → t″ = fine[2i+2].
         let steps: Vec<usize> = (0..b).map(|_| rng.below(n_student)).collect();
-        let scales: Vec<f64> = (0..b)
-            .map(|_| opts.scales.0 + (opts.scales.1 - opts.scales.0) * rng.uniform())
-            .collect();
+        let scales = draw_scales(rng, b, opts.scales);
         let noise = rng.randn(&dims, device)?;
         let col = |f: &dyn Fn(usize) -> f64| {
             Tensor::from_vec(
