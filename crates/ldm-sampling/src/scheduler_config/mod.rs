@@ -111,6 +111,17 @@ pub fn consistency_boundary(timestep: f64, timestep_scaling: f64) -> (f64, f64) 
     )
 }
 
+/// The timesteps of `steps`-step consistency sampling (LCM, TCD) on the `original`-point
+/// distillation skeleton `(n + 1)·k − 1` of `n_train` training timesteps (k = n_train /
+/// original), as diffusers' `LCMScheduler.set_timesteps` picks them: the skeleton from its top,
+/// point ⌊i·original / steps⌋ for the i-th step. The caller checks `steps ≤ original ≤ n_train`.
+pub fn consistency_timesteps(n_train: usize, original: usize, steps: usize) -> Vec<usize> {
+    let k = n_train / original;
+    (0..steps)
+        .map(|i| (original - i * original / steps) * k - 1)
+        .collect()
+}
+
 impl Plan {
     /// Factor from unit noise to the VE sample the samplers start from.
     pub fn initial_scale(&self) -> f64 {
@@ -359,6 +370,19 @@ pub fn python_json(text: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    /// diffusers' LCMScheduler on 1000 timesteps and a 50-point skeleton:
+    /// `set_timesteps(4)` → 999, 759, 499, 259; 2 → 999, 499; 1 → 999; 50 → every point.
+    #[test]
+    fn consistency_timesteps_are_diffusers() {
+        use super::consistency_timesteps as ts;
+        assert_eq!(ts(1000, 50, 4), vec![999, 759, 499, 259]);
+        assert_eq!(ts(1000, 50, 2), vec![999, 499]);
+        assert_eq!(ts(1000, 50, 1), vec![999]);
+        assert_eq!(ts(1000, 50, 3), vec![999, 679, 339]);
+        let all = ts(1000, 50, 50);
+        assert_eq!((all.len(), all[0], all[49]), (50, 999, 19));
+    }
+
     /// Every scheduler class that samples in σ, and PNDM (all but DDPM, DDIM, LCM and TCD,
     /// which step on ᾱ itself and handle ᾱ = 0), plans finite, strictly decreasing sigmas from
     /// σ ≈ 4096 on a zero-terminal-SNR v-prediction config.

@@ -378,10 +378,9 @@ impl Settings {
                 class.name()
             )));
         }
-        let k = n_train / original;
-        let origin: Vec<f64> = (1..=original).rev().map(|i| (i * k) as f64 - 1.0).collect();
-        let ts: Vec<f64> = (0..steps)
-            .map(|i| origin[(i as f64 * origin.len() as f64 / steps as f64).floor() as usize])
+        let ts: Vec<f64> = super::consistency_timesteps(n_train, original, steps)
+            .into_iter()
+            .map(|t| t as f64)
             .collect();
         let mut sigmas: Vec<f64> = ts.iter().map(|&t| sigma_at(schedule, t)).collect();
         let sampler = if class == SchedulerClass::Lcm {
