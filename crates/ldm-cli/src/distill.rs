@@ -4,8 +4,9 @@ use crate::train::{median_line, Reporter};
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use clap::{Args, Subcommand};
-use ldm_train::distill::guidance::{distill_guidance, GuidanceLoss, GuidanceOptions, OwnStates};
+use ldm_train::distill::guidance::{distill_guidance, GuidanceLoss, GuidanceOptions};
 use ldm_train::distill::lcm::{distill_lcm, LcmOptions};
+use ldm_train::distill::own_states::OwnStates;
 use ldm_train::distill::progressive::ProgressiveOptions;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -83,6 +84,23 @@ pub struct LcmArgs {
     /// student of the same teacher (`ldm distill guidance`), already guided in one pass.
     #[arg(long, value_name = "DIR", conflicts_with = "lora")]
     init: Option<PathBuf>,
+    /// The share of each batch drawn from the student's own few-step sampling (32 captions at
+    /// --default-steps by the target network, sampled again every 100 steps); 0: only the
+    /// forward process's states, as in the paper (the default).
+    #[arg(long, value_name = "SHARE", conflicts_with = "lora")]
+    own_states: Option<f64>,
+}
+
+/// `--own-states SHARE`: 0 turns them off, another share keeps the default's refresh.
+fn own_states(arg: Option<f64>, default: Option<OwnStates>) -> Option<OwnStates> {
+    match arg {
+        Some(0.0) => None,
+        Some(share) => Some(OwnStates {
+            share,
+            ..default.unwrap_or(OwnStates::with_share(share))
+        }),
+        None => default,
+    }
 }
 
 fn lcm_options(a: &LcmArgs) -> Result<LcmOptions> {
@@ -98,6 +116,7 @@ fn lcm_options(a: &LcmArgs) -> Result<LcmOptions> {
         default_steps: a.default_steps.unwrap_or(d.default_steps),
         lora: a.lora,
         init: a.init.clone(),
+        own_states: own_states(a.own_states, d.own_states),
         pool: c.pool.unwrap_or(d.pool),
         seed: c.seed,
         checkpoint_every: c.checkpoint_every.unwrap_or(d.checkpoint_every).max(1),
@@ -195,11 +214,7 @@ fn guidance_options(a: &GuidanceArgs) -> Result<GuidanceOptions> {
             Some(LossArg::Relative) => GuidanceLoss::Relative,
             Some(LossArg::Plain) => GuidanceLoss::Plain,
         },
-        own_states: match a.own_states {
-            Some(0.0) => None,
-            Some(share) => d.own_states.map(|own| OwnStates { share, ..own }),
-            None => d.own_states,
-        },
+        own_states: own_states(a.own_states, d.own_states),
         seed: c.seed,
         checkpoint_every: c.checkpoint_every.unwrap_or(d.checkpoint_every).max(1),
         shards: c.shards.unwrap_or(d.shards).max(1),

@@ -1104,6 +1104,17 @@ fn guidance_distillation_makes_a_one_pass_student() {
             .to_string()
     };
     assert_ne!(first_loss(&lcm_init), first_loss(&lcm));
+    // `--own-states 1`: every example a state of the target network's own 2-step sampling
+    // (sampled before the first step), so another first loss, and a finite curve.
+    let lcm_own = dir.path().join("lcm-own");
+    let (ok, _, err) = ldm(&as_strs(&lcm_args(
+        &teacher,
+        &lcm_own,
+        &["--own-states", "1"],
+    )));
+    assert!(ok, "{err}");
+    assert_ne!(first_loss(&lcm_own), first_loss(&lcm));
+    assert!(losses(&lcm_own).iter().all(|v| v.is_finite()));
     // A distilled teacher, a start that is not the teacher's student, a checkpoint of another
     // command, bad options: refused.
     refuse(
@@ -1117,6 +1128,18 @@ fn guidance_distillation_makes_a_one_pass_student() {
     refuse(
         &as_strs(&lcm_args(&teacher, &fresh, &["--skeleton", "7"])),
         "skeleton",
+    );
+    refuse(
+        &as_strs(&lcm_args(&teacher, &fresh, &["--own-states", "2"])),
+        "own-state share 2",
+    );
+    refuse(
+        &as_strs(&lcm_args(
+            &teacher,
+            &fresh,
+            &["--lora", "2", "--own-states", "0.5"],
+        )),
+        "cannot be used with",
     );
     let (ok, _, err) = ldm(&as_strs(&lcm_args(&teacher, &student, &[])));
     assert!(!ok && err.contains("a checkpoint of `guidance`"), "{err}");

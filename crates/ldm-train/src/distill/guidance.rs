@@ -12,9 +12,9 @@
 //! sampling rather than of the forward process ([`OwnStates`]). On the student `ldm generate
 //! --guidance s` makes one U-Net pass a step.
 
+use super::own_states::{OwnStates, Sampling, StatePool};
 use super::{
-    alpha_sigma, draw_scales, trailing_grid, write_student, x_and_eps, LatentPool, Student,
-    StudentRun, Teacher,
+    draw_scales, trailing_grid, write_student, x_and_eps, LatentPool, Student, StudentRun, Teacher,
 };
 use crate::loss::{per_example_mse, weighted_mse_share};
 use crate::optim::warmup_cosine;
@@ -78,29 +78,6 @@ pub struct GuidanceOptions {
     pub own_states: Option<OwnStates>,
 }
 
-/// States of the student's own sampling (the idea of DAgger, Ross et al. 2011): every `every`
-/// training steps, and at every checkpoint, the student samples `trajectories` captions from
-/// pure noise — DDIM on the trailing grid of the teacher's default step count, one pass a step,
-/// each at a scale drawn from the range — and `share` of each batch is drawn from the states
-/// it passed through, the teacher's guided prediction at each the target: the student learns
-/// where its own errors have led it, not only on the forward process's states. On the embedded
-/// model this is what keeps sizes and most counts (docs/distillation-research.md).
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct OwnStates {
-    pub share: f64,
-    pub every: usize,
-    pub trajectories: usize,
-}
-/// The states of the student's latest trajectories.
-struct StatePool {
-    /// `[N, C, H, W]`.
-    z: Tensor,
-    t: Vec<usize>,
-    /// `[N, L, D]`.
-    context: Tensor,
-    scales: Vec<f64>,
-}
-
 impl Default for GuidanceOptions {
     fn default() -> Self {
         Self {
@@ -117,11 +94,7 @@ impl Default for GuidanceOptions {
             checkpoint_every: 200,
             shards: crate::parallel::cores(),
             loss: GuidanceLoss::Relative,
-            own_states: Some(OwnStates {
-                share: 0.75,
-                every: 100,
-                trajectories: 32,
-            }),
+            own_states: Some(OwnStates::with_share(0.75)),
         }
     }
 }
@@ -149,81 +122,32 @@ impl GuidanceOptions {
             return Err(Error::Msg(format!("learning rate {}", self.lr)));
         }
         if let Some(own) = &self.own_states {
-            if !((0.0..=1.0).contains(&own.share) && own.every > 0 && own.trajectories > 0) {
-                return Err(Error::Msg(format!(
-                    "own-state share {}: need 0 to 1 (and at least one trajectory, refreshed \
-                     every step or more)",
-                    own.share
-                )));
-            }
+            own.check()?;
         }
         Ok(())
     }
 }
 
-/// Samples `own.trajectories` captions of `data` with the student (DDIM on the trailing grid of
-/// `steps`, one pass a step) and keeps every state it passes through.
-#[allow(clippy::too_many_arguments)]
+/// Samples the student's own states: DDIM on `how`'s grid, one pass a step.
 fn student_states(
     student: &Student,
     teacher: &Teacher,
-    data: &LatentPool,
+    how: &Sampling,
     own: &OwnStates,
-    opts: &GuidanceOptions,
     rng: &mut crate::noise::TrainRng,
-    steps: usize,
     latent_dims: &[usize],
     device: &Device,
 ) -> Result<StatePool> {
-    let abar = &teacher.alphas_cumprod;
-    let grid = trailing_grid(steps, abar.len());
-    let n = own.trajectories;
-    let picks: Vec<u32> = (0..n).map(|_| rng.below(data.len()) as u32).collect();
-    let context = data
-        .contexts
-        .index_select(&Tensor::new(picks.as_slice(), device)?, 0)?;
-    let scales = draw_scales(rng, n, opts.scales);
-    let w: Vec<f64> = scales.iter().map(|s| s - 1.0).collect();
-    let w_emb = guidance_scale_embedding(&w, opts.embedding_dim, device)?;
-    let mut dims = latent_dims.to_vec();
-    dims[0] = n;
-    let mut z = rng.randn(&dims, device)?;
-    let (mut zs, mut ts) = (Vec::new(), Vec::new());
-    let ranges = shard_ranges(n, batch_shards(opts.shards, device));
-    for pair in grid.windows(2) {
-        let (Some(t), next) = (pair[0], pair[1]) else {
-            break;
-        };
-        zs.push(z.clone());
-        ts.extend(std::iter::repeat_n(t, n));
-        let (a, s) = alpha_sigma(abar, Some(t));
-        let (a2, s2) = alpha_sigma(abar, next);
-        let parts = on_shards(&ranges, |r| {
-            let m = r.len();
-            let zr = z.narrow(0, r.start, m)?;
-            let tt = Tensor::from_vec(vec![t as f32; m], m, device)?;
-            let out = student
-                .unet
-                .forward_with(
-                    &zr,
-                    &tt,
-                    &context.narrow(0, r.start, m)?,
-                    None,
-                    Some(&w_emb.narrow(0, r.start, m)?),
-                )?
-                .detach();
-            let col = |v: f64| Tensor::from_vec(vec![v as f32; m], (m, 1, 1, 1), device);
-            let (x, e) = x_and_eps(teacher.prediction, &zr, &out, &col(a)?, &col(s)?)?;
-            Ok(((x * a2)? + (e * s2)?)?)
-        })?;
-        z = Tensor::cat(&parts, 0)?;
-    }
-    let steps = zs.len();
-    Ok(StatePool {
-        z: Tensor::cat(&zs, 0)?,
-        t: ts,
-        context: context.repeat((steps, 1, 1))?,
-        scales: scales.repeat(steps),
+    StatePool::sample(own, how, rng, latent_dims, device, |s| {
+        let m = s.z.dim(0)?;
+        let tt = Tensor::from_vec(vec![s.t as f32; m], m, device)?;
+        let out = student
+            .unet
+            .forward_with(s.z, &tt, s.context, None, Some(s.w_emb))?
+            .detach();
+        let col = |v: f64| Tensor::from_vec(vec![v as f32; m], (m, 1, 1, 1), device);
+        let (x, e) = x_and_eps(teacher.prediction, s.z, &out, &col(s.at.0)?, &col(s.at.1)?)?;
+        Ok(((x * s.at_next.0)? + (e * s.at_next.1)?)?)
     })
 }
 
@@ -271,7 +195,17 @@ pub fn distill_guidance(
     let abar = &teacher.alphas_cumprod;
     let train_steps = abar.len();
     let mut states: Option<StatePool> = None;
-    let sampling_steps = teacher.components.default_steps();
+    // The student's own sampling: DDIM on the teacher's default trailing grid.
+    let grid = trailing_grid(teacher.components.default_steps(), train_steps);
+    let sampling = Sampling {
+        data: &data,
+        abar,
+        grid: &grid,
+        scales: opts.scales,
+        embedding_dim: opts.embedding_dim,
+        fresh_noise: false,
+        shards: opts.shards,
+    };
     while state.step < opts.steps {
         let (step, rng) = (state.step, &mut state.rng);
         let b = opts.batch;
@@ -287,45 +221,14 @@ pub fn distill_guidance(
         let (mut ts, mut scales, mut context) = (ts, scales, context);
         // The first examples replaced by states of the student's own trajectories.
         if let Some(own) = &opts.own_states {
-            // Sampled afresh at every checkpoint too, where a resumed run starts: it then
-            // draws the same states as an uninterrupted one.
-            if states.is_none()
-                || step.is_multiple_of(own.every)
-                || step.is_multiple_of(opts.checkpoint_every)
-            {
+            if own.due(step, opts.checkpoint_every, &states) {
                 states = Some(student_states(
-                    &student,
-                    &teacher,
-                    &data,
-                    own,
-                    opts,
-                    rng,
-                    sampling_steps,
-                    &dims,
-                    device,
+                    &student, &teacher, &sampling, own, rng, &dims, device,
                 )?);
             }
             let pool = states.as_ref().expect("sampled above");
-            let k = ((b as f64 * own.share).round() as usize).min(b);
-            if k > 0 {
-                let picks: Vec<u32> = (0..k).map(|_| rng.below(pool.t.len()) as u32).collect();
-                let idx = Tensor::new(picks.as_slice(), device)?;
-                noisy = Tensor::cat(
-                    &[pool.z.index_select(&idx, 0)?, noisy.narrow(0, k, b - k)?],
-                    0,
-                )?;
-                context = Tensor::cat(
-                    &[
-                        pool.context.index_select(&idx, 0)?,
-                        context.narrow(0, k, b - k)?,
-                    ],
-                    0,
-                )?;
-                for (j, &i) in picks.iter().enumerate() {
-                    ts[j] = pool.t[i as usize];
-                    scales[j] = pool.scales[i as usize];
-                }
-            }
+            (noisy, context) =
+                pool.mix_into(own.count(b), rng, &noisy, &context, &mut ts, &mut scales)?;
         }
         let t_tensor =
             Tensor::from_vec(ts.iter().map(|&t| t as f32).collect::<Vec<_>>(), b, device)?;

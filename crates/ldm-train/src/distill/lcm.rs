@@ -16,6 +16,7 @@
 //! pseudo-Huber loss `√(d² + c²) − c` (c = 0.001). The target network is an exponential moving
 //! average of the student (decay 0.95) and is what is written out.
 
+use super::own_states::{OwnStates, Sampling, StatePool};
 use super::{draw_scales, write_student, x_and_eps, LatentPool, Student, StudentRun, Teacher};
 use crate::checkpoint::TrainingState;
 use crate::noise::TrainRng;
@@ -29,7 +30,7 @@ use ldm_models::lora::is_unet_target;
 use ldm_models::unet::UNet2DConditionModel;
 use ldm_models::weights::{component_files, Checkpoint};
 use ldm_sampling::guidance::guide_each;
-use ldm_sampling::scheduler_config::consistency_boundary;
+use ldm_sampling::scheduler_config::{consistency_boundary, consistency_timesteps};
 use serde_json::json;
 use std::collections::HashMap;
 use std::path::Path;
@@ -68,6 +69,10 @@ pub struct LcmOptions {
     /// Start the student from this folder's U-Net instead of the teacher's: a guidance-distilled
     /// student of the same teacher, whose one pass at w is already the guided prediction.
     pub init: Option<std::path::PathBuf>,
+    /// A share of each batch taken from the student's own few-step sampling (the target
+    /// network sampling at `default_steps`); `None`: the forward process's states only, as in
+    /// the paper. Full students only (LCM-LoRA has no guidance embedding to sample with).
+    pub own_states: Option<OwnStates>,
 }
 
 impl Default for LcmOptions {
@@ -91,6 +96,7 @@ impl Default for LcmOptions {
             default_steps: 4,
             lora: None,
             init: None,
+            own_states: None,
         }
     }
 }
@@ -125,6 +131,9 @@ impl LcmOptions {
                 "embedding width {}: need 4 to 4096",
                 self.embedding_dim
             )));
+        }
+        if let Some(own) = &self.own_states {
+            own.check()?;
         }
         if self.lora == Some(0) {
             return Err(Error::Msg(
@@ -199,15 +208,21 @@ struct Lcm<'a> {
 }
 
 impl Lcm<'_> {
-    fn draw(&self, rng: &mut TrainRng, device: &Device) -> Result<LcmBatch> {
+    /// A batch of forward-process states, its first examples replaced by `own` states of the
+    /// student's sampling when given.
+    fn draw(
+        &self,
+        rng: &mut TrainRng,
+        own: Option<(&StatePool, usize)>,
+        device: &Device,
+    ) -> Result<LcmBatch> {
         let (opts, abar, b) = (self.opts, self.abar, self.opts.batch);
         let (x0, context) = self.data.draw(rng, b, self.scaling, device)?;
         let dims = x0.dims().to_vec();
-        let ts: Vec<usize> = (0..b)
+        let mut ts: Vec<usize> = (0..b)
             .map(|_| self.points[rng.below(self.points.len())])
             .collect();
-        let prev: Vec<usize> = ts.iter().map(|&t| t.saturating_sub(self.k)).collect();
-        let scales = draw_scales(rng, b, opts.scales);
+        let mut scales = draw_scales(rng, b, opts.scales);
         let noise = rng.randn(&dims, device)?;
         let col = |v: Vec<f64>| {
             Tensor::from_vec(
@@ -232,8 +247,13 @@ impl Lcm<'_> {
         let timesteps = |t: &[usize]| {
             Tensor::from_vec(t.iter().map(|&t| t as f32).collect::<Vec<_>>(), b, device)
         };
+        let z = (x0.broadcast_mul(&alpha(&ts)?)? + noise.broadcast_mul(&sigma(&ts)?)?)?;
+        let (z, context) = match own {
+            Some((pool, k)) => pool.mix_into(k, rng, &z, &context, &mut ts, &mut scales)?,
+            None => (z, context),
+        };
+        let prev: Vec<usize> = ts.iter().map(|&t| t.saturating_sub(self.k)).collect();
         let (a, s) = (alpha(&ts)?, sigma(&ts)?);
-        let z = (x0.broadcast_mul(&a)? + noise.broadcast_mul(&s)?)?;
         let w: Vec<f64> = scales.iter().map(|s| s - 1.0).collect();
         let w_emb = match self.embedding {
             Some(dim) => Some(guidance_scale_embedding(&w, dim, device)?),
@@ -254,6 +274,47 @@ impl Lcm<'_> {
             out_prev: boundary(&prev, |c| c.1)?,
             scales,
             w_emb,
+        })
+    }
+
+    /// States of the student's own sampling: `default_steps`-step consistency sampling by
+    /// `net` (the target network, which is what is written out and sampled).
+    fn own_states(
+        &self,
+        own: &OwnStates,
+        net: &UNet2DConditionModel,
+        rng: &mut TrainRng,
+        device: &Device,
+    ) -> Result<StatePool> {
+        let opts = self.opts;
+        let mut grid: Vec<Option<usize>> =
+            consistency_timesteps(self.abar.len(), opts.skeleton, opts.default_steps)
+                .into_iter()
+                .map(Some)
+                .collect();
+        grid.push(None);
+        let how = Sampling {
+            data: self.data,
+            abar: self.abar,
+            grid: &grid,
+            scales: opts.scales,
+            embedding_dim: opts.embedding_dim,
+            fresh_noise: true,
+            shards: opts.shards,
+        };
+        StatePool::sample(own, &how, rng, self.data.means.dims(), device, |s| {
+            let m = s.z.dim(0)?;
+            let tt = Tensor::from_vec(vec![s.t as f32; m], m, device)?;
+            let out = net.forward_with(s.z, &tt, s.context, None, Some(s.w_emb))?;
+            let col = |v: f64| Tensor::from_vec(vec![v as f32; m], (m, 1, 1, 1), device);
+            let (a, sigma) = (col(s.at.0)?, col(s.at.1)?);
+            let (x, _) = x_and_eps(self.teacher.prediction, s.z, &out, &a, &sigma)?;
+            let (skip, c_out) = consistency_boundary(s.t as f64, opts.timestep_scaling);
+            let x0 = ((s.z * skip)? + (x * c_out)?)?;
+            Ok(match s.noise {
+                Some(noise) => ((x0 * s.at_next.0)? + (noise * s.at_next.1)?)?,
+                None => x0,
+            })
         })
     }
 
@@ -388,9 +449,9 @@ pub fn distill_lcm(
         embedding: Some(opts.embedding_dim),
     };
     let cfg = student.unet.config.clone();
+    let mut states: Option<StatePool> = None;
     while state.step < opts.steps {
         let step = state.step;
-        let batch = lcm.draw(&mut state.rng, device)?;
         // The target network: the EMA's current values in the student's modules.
         let target_unet = unet_from(
             params
@@ -401,6 +462,17 @@ pub fn distill_lcm(
             &cfg,
             device,
         )?;
+        if let Some(own) = &opts.own_states {
+            if own.due(step, opts.checkpoint_every, &states) {
+                states = Some(lcm.own_states(own, &target_unet, &mut state.rng, device)?);
+            }
+        }
+        let own = opts
+            .own_states
+            .as_ref()
+            .zip(states.as_ref())
+            .map(|(own, pool)| (pool, own.count(opts.batch)));
+        let batch = lcm.draw(&mut state.rng, own, device)?;
         let (loss, grads) = sharded_loss_and_grads(opts.shards, opts.batch, &params, |r| {
             lcm.shard_loss(&batch, r, &student.unet, &target_unet)
         })?;
@@ -526,7 +598,7 @@ fn distill_lcm_lora(
     let student = unet_from(tensors, &cfg, device)?;
     while state.step < opts.steps {
         let step = state.step;
-        let batch = lcm.draw(&mut state.rng, device)?;
+        let batch = lcm.draw(&mut state.rng, None, device)?;
         // The target is the student itself, its output detached.
         let (loss, grads) = sharded_loss_and_grads(opts.shards, opts.batch, &params, |r| {
             lcm.shard_loss(&batch, r, &student, &student)

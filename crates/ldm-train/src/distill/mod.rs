@@ -10,6 +10,7 @@
 
 pub mod guidance;
 pub mod lcm;
+pub mod own_states;
 pub mod progressive;
 
 use crate::checkpoint::TrainingState;
