@@ -141,6 +141,11 @@ pub struct ProgressiveArgs {
     /// Classifier-free guidance of a teacher without a guidance embedding.
     #[arg(long)]
     guidance: Option<f64>,
+    /// The share of each batch drawn from each student's own sampling on its grid (32
+    /// captions, sampled again every 100 steps), with its teacher's two steps from each state
+    /// as the target; 0: only the forward process's states, as in the paper (the default).
+    #[arg(long, value_name = "SHARE")]
+    own_states: Option<f64>,
 }
 
 fn scale_range(given: Option<&[f64]>, default: (f64, f64)) -> Result<(f64, f64)> {
@@ -156,6 +161,7 @@ fn progressive_options(a: &ProgressiveArgs) -> Result<ProgressiveOptions> {
     Ok(ProgressiveOptions {
         steps: a.steps,
         teacher_steps: a.teacher_steps.unwrap_or(4 * a.steps),
+        own_states: own_states(a.own_states, d.own_states),
         train_steps: a.train_steps.unwrap_or(d.train_steps),
         batch: c.batch.unwrap_or(d.batch),
         lr: c.lr.unwrap_or(d.lr),

@@ -1005,6 +1005,46 @@ fn guidance_distillation_makes_a_one_pass_student() {
     .map(|a| a.to_string())
     .collect();
     refuse(&as_strs(&bad), "power of two");
+    // `--own-states 1`: every example a state of the student's own 2-step sampling, so another
+    // loss curve for the same halving; a share above 1 refused.
+    let halved_own = dir.path().join("halved-own");
+    let own_args = |out: &Path, share: &str| -> Vec<String> {
+        [
+            "distill",
+            "progressive",
+            "--teacher",
+            s(&student),
+            "--out",
+            s(out),
+            "--steps",
+            "2",
+            "--teacher-steps",
+            "4",
+            "--train-steps",
+            "2",
+            "--batch",
+            "2",
+            "--pool",
+            "4",
+            "--own-states",
+            share,
+        ]
+        .iter()
+        .map(|a| a.to_string())
+        .collect()
+    };
+    let (ok, _, err) = ldm(&as_strs(&own_args(&halved_own, "1")));
+    assert!(ok, "{err}");
+    let (plain, own) = (
+        losses(&halved.join("steps-2")),
+        losses(&halved_own.join("steps-2")),
+    );
+    assert_eq!(own.len(), 2);
+    assert!(
+        own.iter().all(|v| v.is_finite()) && own != plain,
+        "{own:?} vs {plain:?}"
+    );
+    refuse(&as_strs(&own_args(&fresh, "2")), "own-state share 2");
 
     // Latent consistency distillation: an LCMScheduler folder that samples at its own
     // default steps with one pass a step.

@@ -130,7 +130,7 @@ impl GuidanceOptions {
 
 /// Samples the student's own states: DDIM on `how`'s grid, one pass a step.
 fn student_states(
-    student: &Student,
+    net: &ldm_models::unet::UNet2DConditionModel,
     teacher: &Teacher,
     how: &Sampling,
     own: &OwnStates,
@@ -141,9 +141,8 @@ fn student_states(
     StatePool::sample(own, how, rng, latent_dims, device, |s| {
         let m = s.z.dim(0)?;
         let tt = Tensor::from_vec(vec![s.t as f32; m], m, device)?;
-        let out = student
-            .unet
-            .forward_with(s.z, &tt, s.context, None, Some(s.w_emb))?
+        let out = net
+            .forward_with(s.z, &tt, s.context, None, s.w_emb)?
             .detach();
         let col = |v: f64| Tensor::from_vec(vec![v as f32; m], (m, 1, 1, 1), device);
         let (x, e) = x_and_eps(teacher.prediction, s.z, &out, &col(s.at.0)?, &col(s.at.1)?)?;
@@ -202,7 +201,7 @@ pub fn distill_guidance(
         abar,
         grid: &grid,
         scales: opts.scales,
-        embedding_dim: opts.embedding_dim,
+        embedding_dim: Some(opts.embedding_dim),
         fresh_noise: false,
         shards: opts.shards,
     };
@@ -223,7 +222,13 @@ pub fn distill_guidance(
         if let Some(own) = &opts.own_states {
             if own.due(step, opts.checkpoint_every, &states) {
                 states = Some(student_states(
-                    &student, &teacher, &sampling, own, rng, &dims, device,
+                    &student.unet,
+                    &teacher,
+                    &sampling,
+                    own,
+                    rng,
+                    &dims,
+                    device,
                 )?);
             }
             let pool = states.as_ref().expect("sampled above");

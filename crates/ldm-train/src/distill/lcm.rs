@@ -17,14 +17,15 @@
 //! average of the student (decay 0.95) and is what is written out.
 
 use super::own_states::{OwnStates, Sampling, StatePool};
-use super::{draw_scales, write_student, x_and_eps, LatentPool, Student, StudentRun, Teacher};
+use super::{
+    draw_scales, unet_from, write_student, x_and_eps, LatentPool, Student, StudentRun, Teacher,
+};
 use crate::checkpoint::TrainingState;
 use crate::noise::TrainRng;
 use crate::optim::{warmup_cosine, AdamW, AdamWConfig};
 use crate::parallel::sharded_loss_and_grads;
 use crate::{Error, Progress, Result};
 use candle_core::{DType, Device, Tensor, Var};
-use candle_nn::VarBuilder;
 use ldm_models::layers::timestep::guidance_scale_embedding;
 use ldm_models::lora::is_unet_target;
 use ldm_models::unet::UNet2DConditionModel;
@@ -298,14 +299,14 @@ impl Lcm<'_> {
             abar: self.abar,
             grid: &grid,
             scales: opts.scales,
-            embedding_dim: opts.embedding_dim,
+            embedding_dim: Some(opts.embedding_dim),
             fresh_noise: true,
             shards: opts.shards,
         };
         StatePool::sample(own, &how, rng, self.data.means.dims(), device, |s| {
             let m = s.z.dim(0)?;
             let tt = Tensor::from_vec(vec![s.t as f32; m], m, device)?;
-            let out = net.forward_with(s.z, &tt, s.context, None, Some(s.w_emb))?;
+            let out = net.forward_with(s.z, &tt, s.context, None, s.w_emb)?;
             let col = |v: f64| Tensor::from_vec(vec![v as f32; m], (m, 1, 1, 1), device);
             let (a, sigma) = (col(s.at.0)?, col(s.at.1)?);
             let (x, _) = x_and_eps(self.teacher.prediction, s.z, &out, &a, &sigma)?;
@@ -357,18 +358,6 @@ impl Lcm<'_> {
         let b = batch.scales.len();
         Ok((pseudo_huber(&pred, &target, self.opts.huber_c)? * (n as f64 / b as f64))?)
     }
-}
-
-/// A U-Net built from named tensors (a target network's values, merged LoRA weights).
-fn unet_from(
-    tensors: HashMap<String, Tensor>,
-    config: &ldm_models::unet::UNetConfig,
-    device: &Device,
-) -> Result<UNet2DConditionModel> {
-    Ok(UNet2DConditionModel::new(
-        VarBuilder::from_tensors(tensors, DType::F32, device),
-        config,
-    )?)
 }
 
 /// Refuses an `--init` folder whose U-Net is not the teacher's with `change` applied.

@@ -20,10 +20,11 @@ use crate::noise::TrainRng;
 use crate::optim::{AdamW, AdamWConfig, Ema};
 use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor, Var};
-use candle_nn::VarMap;
+use candle_nn::{VarBuilder, VarMap};
 use ldm_models::unet::{UNet2DConditionModel, UNetConfig};
 use ldm_pipeline::Components;
 use ldm_sampling::Prediction;
+use std::collections::HashMap;
 use std::path::Path;
 
 /// The teacher: a diffusers model folder of the SD1/SD2 kind, loaded in f32.
@@ -271,6 +272,18 @@ pub fn write_student(
         &crate::component::strip(&student.params, values, ""),
         DType::F32,
     )
+}
+
+/// A U-Net built from named tensors (a target network's values, merged LoRA weights).
+pub fn unet_from(
+    tensors: HashMap<String, Tensor>,
+    config: &ldm_models::unet::UNetConfig,
+    device: &Device,
+) -> Result<UNet2DConditionModel> {
+    Ok(UNet2DConditionModel::new(
+        VarBuilder::from_tensors(tensors, DType::F32, device),
+        config,
+    )?)
 }
 
 /// The trailing grid of `n` steps over `train_steps` training timesteps: `n` timesteps, then

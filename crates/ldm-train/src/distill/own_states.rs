@@ -69,8 +69,8 @@ pub struct TrajectoryStep<'a> {
     pub at: (f64, f64),
     pub at_next: (f64, f64),
     pub context: &'a Tensor,
-    /// The guidance embedding of each trajectory's w = s − 1.
-    pub w_emb: &'a Tensor,
+    /// The guidance embedding of each trajectory's w = s − 1 (none for a student without one).
+    pub w_emb: Option<&'a Tensor>,
     /// Fresh noise for a sampler that re-noises (drawn only when asked for).
     pub noise: Option<&'a Tensor>,
 }
@@ -92,7 +92,8 @@ pub struct Sampling<'a> {
     /// The timesteps of the student's sampler, then `None` for the clean end.
     pub grid: &'a [Option<usize>],
     pub scales: (f64, f64),
-    pub embedding_dim: usize,
+    /// The width of the student's guidance embedding (`None`: it has none).
+    pub embedding_dim: Option<usize>,
     /// Whether the sampler re-noises after each step (consistency sampling).
     pub fresh_noise: bool,
     pub shards: usize,
@@ -118,7 +119,10 @@ impl StatePool {
             .index_select(&Tensor::new(picks.as_slice(), device)?, 0)?;
         let scales = draw_scales(rng, n, how.scales);
         let w: Vec<f64> = scales.iter().map(|s| s - 1.0).collect();
-        let w_emb = guidance_scale_embedding(&w, how.embedding_dim, device)?;
+        let w_emb = match how.embedding_dim {
+            Some(dim) => Some(guidance_scale_embedding(&w, dim, device)?),
+            None => None,
+        };
         let mut dims = latent_dims.to_vec();
         dims[0] = n;
         let mut z = rng.randn(&dims, device)?;
@@ -138,6 +142,7 @@ impl StatePool {
                 let m = r.len();
                 let rows = |x: &Tensor| x.narrow(0, r.start, m);
                 let noise = noise.as_ref().map(rows).transpose()?;
+                let w_emb = w_emb.as_ref().map(rows).transpose()?;
                 let out = step(&TrajectoryStep {
                     z: &rows(&z)?,
                     t,
@@ -145,7 +150,7 @@ impl StatePool {
                     at: alpha_sigma(how.abar, Some(t)),
                     at_next: alpha_sigma(how.abar, next),
                     context: &rows(&context)?,
-                    w_emb: &rows(&w_emb)?,
+                    w_emb: w_emb.as_ref(),
                     noise: noise.as_ref(),
                 })?;
                 Ok(out.detach())

@@ -17,6 +17,7 @@
 //! guidance-distilled student) and its students draw a scale per example, as in Meng et al.'s
 //! stage two.
 
+use super::own_states::{OwnStates, Sampling, StatePool};
 use super::{
     alpha_sigma, draw_scales, edit_scheduler, trailing_grid, write_student, x_and_eps, LatentPool,
     Student, StudentRun, Teacher,
@@ -52,6 +53,9 @@ pub struct ProgressiveOptions {
     pub pool: usize,
     pub checkpoint_every: usize,
     pub shards: usize,
+    /// A share of each batch taken from the student's own sampling on its grid (DDIM, one
+    /// pass a step); `None`: the forward process's states only, as in the paper.
+    pub own_states: Option<OwnStates>,
 }
 
 impl Default for ProgressiveOptions {
@@ -71,6 +75,7 @@ impl Default for ProgressiveOptions {
             pool: 4096,
             checkpoint_every: 100,
             shards: crate::parallel::cores(),
+            own_states: None,
         }
     }
 }
@@ -99,6 +104,9 @@ impl ProgressiveOptions {
             return Err(Error::Msg(
                 "training steps, batch and pool must be at least 1".into(),
             ));
+        }
+        if let Some(own) = &self.own_states {
+            own.check()?;
         }
         let (lo, hi) = self.scales;
         if !(self.guidance.is_finite() && self.guidance >= 1.0 && 1.0 <= lo && lo <= hi) {
@@ -208,15 +216,82 @@ fn halve(
     let abar = &teacher.alphas_cumprod;
     let fine = trailing_grid(n_teacher, abar.len());
     let n_student = n_teacher / 2;
+    // The student's own sampling: DDIM on its grid, the even points of the teacher's.
+    let coarse = trailing_grid(n_student, abar.len());
+    let sampling = Sampling {
+        data: &data,
+        abar,
+        grid: &coarse,
+        scales: opts.scales,
+        embedding_dim: embedding,
+        fresh_noise: false,
+        shards: opts.shards,
+    };
+    let mut states: Option<StatePool> = None;
     while state.step < opts.train_steps {
         let (step, rng) = (state.step, &mut state.rng);
         let b = opts.batch;
         let (x0, context) = data.draw(rng, b, scaling, device)?;
         let dims = x0.dims().to_vec();
         // Each example's student step i: t = fine[2i] → t′ = fine[2i+1] → t″ = fine[2i+2].
-        let steps: Vec<usize> = (0..b).map(|_| rng.below(n_student)).collect();
-        let scales = draw_scales(rng, b, opts.scales);
+        let mut steps: Vec<usize> = (0..b).map(|_| rng.below(n_student)).collect();
+        let mut scales = draw_scales(rng, b, opts.scales);
         let noise = rng.randn(&dims, device)?;
+        let column = |v: Vec<f64>| {
+            Tensor::from_vec(
+                v.into_iter().map(|x| x as f32).collect::<Vec<_>>(),
+                (b, 1, 1, 1),
+                device,
+            )
+        };
+        let at = |steps: &[usize], which: fn((f64, f64)) -> f64| {
+            column(
+                steps
+                    .iter()
+                    .map(|&i| which(alpha_sigma(abar, coarse[i])))
+                    .collect(),
+            )
+        };
+        let z = (x0.broadcast_mul(&at(&steps, |p| p.0)?)?
+            + noise.broadcast_mul(&at(&steps, |p| p.1)?)?)?;
+        let (z, context) = match &opts.own_states {
+            None => (z, context),
+            Some(own) => {
+                if own.due(step, opts.checkpoint_every, &states) {
+                    let net = &student.unet;
+                    states = Some(StatePool::sample(
+                        own,
+                        &sampling,
+                        rng,
+                        &dims,
+                        device,
+                        |s| {
+                            let m = s.z.dim(0)?;
+                            let tt = Tensor::from_vec(vec![s.t as f32; m], m, device)?;
+                            let out = net.forward_with(s.z, &tt, s.context, None, s.w_emb)?;
+                            let col =
+                                |v: f64| Tensor::from_vec(vec![v as f32; m], (m, 1, 1, 1), device);
+                            let (x, e) = x_and_eps(
+                                teacher.prediction,
+                                s.z,
+                                &out,
+                                &col(s.at.0)?,
+                                &col(s.at.1)?,
+                            )?;
+                            Ok(((x * s.at_next.0)? + (e * s.at_next.1)?)?)
+                        },
+                    )?);
+                }
+                let pool = states.as_ref().expect("sampled above");
+                let mut ts: Vec<usize> = steps.iter().map(|&i| coarse[i].unwrap_or(0)).collect();
+                let mixed = pool.mix_into(own.count(b), rng, &z, &context, &mut ts, &mut scales)?;
+                // Back from timesteps to the student's step indices.
+                for (i, t) in steps.iter_mut().zip(&ts) {
+                    *i = coarse.iter().position(|&c| c == Some(*t)).unwrap_or(*i);
+                }
+                mixed
+            }
+        };
         let col = |f: &dyn Fn(usize) -> f64| {
             Tensor::from_vec(
                 steps.iter().map(|&i| f(i) as f32).collect::<Vec<_>>(),
@@ -245,7 +320,6 @@ fn halve(
             Ok(Tensor::from_vec(ts, b, device)?)
         };
         let (t0, t1) = (timestep(0)?, timestep(1)?);
-        let z = (x0.broadcast_mul(&a0)? + noise.broadcast_mul(&s0)?)?;
         // max(SNR, 1) at t, per example.
         let weights = col(&|i| {
             let (a, s) = alpha_sigma(abar, point(i, 0));
