@@ -950,24 +950,32 @@ fn guidance_distillation_makes_a_one_pass_student() {
     // Progressive distillation of the guided student (its scale drawn per example): 4 → 2 → 1
     // steps, each student a folder sampled on the trailing grid.
     let halved = dir.path().join("halved");
-    let (ok, out, err) = ldm(&[
-        "distill",
-        "progressive",
-        "--teacher",
-        s(&student),
-        "--out",
-        s(&halved),
-        "--steps",
-        "1",
-        "--teacher-steps",
-        "4",
-        "--train-steps",
-        "2",
-        "--batch",
-        "2",
-        "--pool",
-        "4",
-    ]);
+    let progressive = |out: &Path, steps: &str, extra: &[&str]| -> Vec<String> {
+        let mut v: Vec<String> = [
+            "distill",
+            "progressive",
+            "--teacher",
+            s(&student),
+            "--out",
+            s(out),
+            "--steps",
+            steps,
+            "--teacher-steps",
+            "4",
+            "--train-steps",
+            "2",
+            "--batch",
+            "2",
+            "--pool",
+            "4",
+        ]
+        .iter()
+        .map(|a| a.to_string())
+        .collect();
+        v.extend(extra.iter().map(|a| a.to_string()));
+        v
+    };
+    let (ok, out, err) = ldm(&as_strs(&progressive(&halved, "1", &[])));
     assert!(ok, "{err}");
     assert!(
         out.contains("2-step student") && out.contains("1-step student"),
@@ -1008,32 +1016,11 @@ fn guidance_distillation_makes_a_one_pass_student() {
     // `--own-states 1`: every example a state of the student's own 2-step sampling, so another
     // loss curve for the same halving; a share above 1 refused.
     let halved_own = dir.path().join("halved-own");
-    let own_args = |out: &Path, share: &str| -> Vec<String> {
-        [
-            "distill",
-            "progressive",
-            "--teacher",
-            s(&student),
-            "--out",
-            s(out),
-            "--steps",
-            "2",
-            "--teacher-steps",
-            "4",
-            "--train-steps",
-            "2",
-            "--batch",
-            "2",
-            "--pool",
-            "4",
-            "--own-states",
-            share,
-        ]
-        .iter()
-        .map(|a| a.to_string())
-        .collect()
-    };
-    let (ok, _, err) = ldm(&as_strs(&own_args(&halved_own, "1")));
+    let (ok, _, err) = ldm(&as_strs(&progressive(
+        &halved_own,
+        "2",
+        &["--own-states", "1"],
+    )));
     assert!(ok, "{err}");
     let (plain, own) = (
         losses(&halved.join("steps-2")),
@@ -1044,7 +1031,10 @@ fn guidance_distillation_makes_a_one_pass_student() {
         own.iter().all(|v| v.is_finite()) && own != plain,
         "{own:?} vs {plain:?}"
     );
-    refuse(&as_strs(&own_args(&fresh, "2")), "own-state share 2");
+    refuse(
+        &as_strs(&progressive(&fresh, "2", &["--own-states", "2"])),
+        "own-state share 2",
+    );
 
     // Latent consistency distillation: an LCMScheduler folder that samples at its own
     // default steps with one pass a step.
