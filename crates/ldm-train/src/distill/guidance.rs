@@ -13,9 +13,7 @@
 //! --guidance s` makes one U-Net pass a step.
 
 use super::own_states::{OwnStates, Sampling, StatePool};
-use super::{
-    draw_scales, trailing_grid, write_student, x_and_eps, LatentPool, Student, StudentRun, Teacher,
-};
+use super::{draw_scales, trailing_grid, write_student, LatentPool, Student, StudentRun, Teacher};
 use crate::loss::{per_example_mse, weighted_mse_share};
 use crate::optim::warmup_cosine;
 use crate::parallel::{batch_shards, on_shards, shard_ranges, sharded_loss_and_grads};
@@ -128,28 +126,6 @@ impl GuidanceOptions {
     }
 }
 
-/// Samples the student's own states: DDIM on `how`'s grid, one pass a step.
-fn student_states(
-    net: &ldm_models::unet::UNet2DConditionModel,
-    teacher: &Teacher,
-    how: &Sampling,
-    own: &OwnStates,
-    rng: &mut crate::noise::TrainRng,
-    latent_dims: &[usize],
-    device: &Device,
-) -> Result<StatePool> {
-    StatePool::sample(own, how, rng, latent_dims, device, |s| {
-        let m = s.z.dim(0)?;
-        let tt = Tensor::from_vec(vec![s.t as f32; m], m, device)?;
-        let out = net
-            .forward_with(s.z, &tt, s.context, None, s.w_emb)?
-            .detach();
-        let col = |v: f64| Tensor::from_vec(vec![v as f32; m], (m, 1, 1, 1), device);
-        let (x, e) = x_and_eps(teacher.prediction, s.z, &out, &col(s.at.0)?, &col(s.at.1)?)?;
-        Ok(((x * s.at_next.0)? + (e * s.at_next.1)?)?)
-    })
-}
-
 /// What a finished run measured.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DistillReport {
@@ -220,18 +196,11 @@ pub fn distill_guidance(
         let (mut ts, mut scales, mut context) = (ts, scales, context);
         // The first examples replaced by states of the student's own trajectories.
         if let Some(own) = &opts.own_states {
-            if own.due(step, opts.checkpoint_every, &states) {
-                states = Some(student_states(
-                    &student.unet,
-                    &teacher,
-                    &sampling,
-                    own,
-                    rng,
-                    &dims,
-                    device,
-                )?);
-            }
-            let pool = states.as_ref().expect("sampled above");
+            let pool = own.refreshed(&mut states, step, opts.checkpoint_every, || {
+                StatePool::sample(own, &sampling, rng, &dims, device, |s| {
+                    s.ddim(&student.unet, teacher.prediction)
+                })
+            })?;
             (noisy, context) =
                 pool.mix_into(own.count(b), rng, &noisy, &context, &mut ts, &mut scales)?;
         }

@@ -304,12 +304,7 @@ impl Lcm<'_> {
             shards: opts.shards,
         };
         StatePool::sample(own, &how, rng, self.data.means.dims(), device, |s| {
-            let m = s.z.dim(0)?;
-            let tt = Tensor::from_vec(vec![s.t as f32; m], m, device)?;
-            let out = net.forward_with(s.z, &tt, s.context, None, s.w_emb)?;
-            let col = |v: f64| Tensor::from_vec(vec![v as f32; m], (m, 1, 1, 1), device);
-            let (a, sigma) = (col(s.at.0)?, col(s.at.1)?);
-            let (x, _) = x_and_eps(self.teacher.prediction, s.z, &out, &a, &sigma)?;
+            let (x, _) = s.predict(net, self.teacher.prediction)?;
             let (skip, c_out) = consistency_boundary(s.t as f64, opts.timestep_scaling);
             let x0 = ((s.z * skip)? + (x * c_out)?)?;
             Ok(match s.noise {
@@ -452,9 +447,9 @@ pub fn distill_lcm(
             device,
         )?;
         if let Some(own) = &opts.own_states {
-            if own.due(step, opts.checkpoint_every, &states) {
-                states = Some(lcm.own_states(own, &target_unet, &mut state.rng, device)?);
-            }
+            own.refreshed(&mut states, step, opts.checkpoint_every, || {
+                lcm.own_states(own, &target_unet, &mut state.rng, device)
+            })?;
         }
         let own = opts
             .own_states

@@ -8,12 +8,14 @@
 //! default trailing grid, [`super::lcm`] with the multistep consistency sampler at the student's
 //! default steps.
 
-use super::{alpha_sigma, draw_scales, LatentPool};
+use super::{alpha_sigma, draw_scales, x_and_eps, LatentPool};
 use crate::noise::TrainRng;
 use crate::parallel::{batch_shards, on_shards, shard_ranges};
 use crate::{Error, Result};
 use candle_core::{Device, Tensor};
 use ldm_models::layers::timestep::guidance_scale_embedding;
+use ldm_models::unet::UNet2DConditionModel;
+use ldm_sampling::Prediction;
 
 /// How much of each batch comes from the student's own trajectories, and how often they are
 /// sampled afresh.
@@ -45,11 +47,21 @@ impl OwnStates {
         Ok(())
     }
 
-    /// Whether the states are sampled afresh before training step `step`: every `every` steps
-    /// and at every checkpoint too, where a resumed run starts, so that it draws the same states
-    /// as an uninterrupted one.
-    pub fn due(&self, step: usize, checkpoint_every: usize, pool: &Option<StatePool>) -> bool {
-        pool.is_none() || step.is_multiple_of(self.every) || step.is_multiple_of(checkpoint_every)
+    /// The pool for training step `step`, sampled afresh by `sample` every `every` steps and at
+    /// every checkpoint too, where a resumed run starts, so that it draws the same states as an
+    /// uninterrupted one.
+    pub fn refreshed<'a>(
+        &self,
+        pool: &'a mut Option<StatePool>,
+        step: usize,
+        checkpoint_every: usize,
+        sample: impl FnOnce() -> Result<StatePool>,
+    ) -> Result<&'a StatePool> {
+        let due = step.is_multiple_of(self.every) || step.is_multiple_of(checkpoint_every);
+        if due || pool.is_none() {
+            *pool = Some(sample()?);
+        }
+        Ok(pool.as_ref().expect("sampled above"))
     }
 
     /// How many of a batch of `b` examples are the student's own states.
@@ -73,6 +85,29 @@ pub struct TrajectoryStep<'a> {
     pub w_emb: Option<&'a Tensor>,
     /// Fresh noise for a sampler that re-noises (drawn only when asked for).
     pub noise: Option<&'a Tensor>,
+}
+
+impl TrajectoryStep<'_> {
+    /// `net`'s one pass at this step, read as (x̂, ε̂) in `prediction`'s parametrisation.
+    pub fn predict(
+        &self,
+        net: &UNet2DConditionModel,
+        prediction: Prediction,
+    ) -> Result<(Tensor, Tensor)> {
+        let (m, device) = (self.z.dim(0)?, self.z.device());
+        let t = Tensor::from_vec(vec![self.t as f32; m], m, device)?;
+        let out = net
+            .forward_with(self.z, &t, self.context, None, self.w_emb)?
+            .detach();
+        let col = |v: f64| Tensor::from_vec(vec![v as f32; m], (m, 1, 1, 1), device);
+        x_and_eps(prediction, self.z, &out, &col(self.at.0)?, &col(self.at.1)?)
+    }
+
+    /// DDIM's deterministic step to the next grid point, `√ᾱ′·x̂ + √(1−ᾱ′)·ε̂`, by `net`.
+    pub fn ddim(&self, net: &UNet2DConditionModel, prediction: Prediction) -> Result<Tensor> {
+        let (x, e) = self.predict(net, prediction)?;
+        Ok(((x * self.at_next.0)? + (e * self.at_next.1)?)?)
+    }
 }
 
 /// The states of the student's latest trajectories.

@@ -237,52 +237,25 @@ fn halve(
         let mut steps: Vec<usize> = (0..b).map(|_| rng.below(n_student)).collect();
         let mut scales = draw_scales(rng, b, opts.scales);
         let noise = rng.randn(&dims, device)?;
-        let column = |v: Vec<f64>| {
+        // A `[B,1,1,1]` column of `f` at each example's step.
+        let col = |steps: &[usize], f: &dyn Fn(usize) -> f64| {
             Tensor::from_vec(
-                v.into_iter().map(|x| x as f32).collect::<Vec<_>>(),
+                steps.iter().map(|&i| f(i) as f32).collect::<Vec<_>>(),
                 (b, 1, 1, 1),
                 device,
             )
         };
-        let at = |steps: &[usize], which: fn((f64, f64)) -> f64| {
-            column(
-                steps
-                    .iter()
-                    .map(|&i| which(alpha_sigma(abar, coarse[i])))
-                    .collect(),
-            )
-        };
-        let z = (x0.broadcast_mul(&at(&steps, |p| p.0)?)?
-            + noise.broadcast_mul(&at(&steps, |p| p.1)?)?)?;
+        let point = |i: usize, k: usize| fine[2 * i + k];
+        let z = (x0.broadcast_mul(&col(&steps, &|i| alpha_sigma(abar, point(i, 0)).0)?)?
+            + noise.broadcast_mul(&col(&steps, &|i| alpha_sigma(abar, point(i, 0)).1)?)?)?;
         let (z, context) = match &opts.own_states {
             None => (z, context),
             Some(own) => {
-                if own.due(step, opts.checkpoint_every, &states) {
-                    let net = &student.unet;
-                    states = Some(StatePool::sample(
-                        own,
-                        &sampling,
-                        rng,
-                        &dims,
-                        device,
-                        |s| {
-                            let m = s.z.dim(0)?;
-                            let tt = Tensor::from_vec(vec![s.t as f32; m], m, device)?;
-                            let out = net.forward_with(s.z, &tt, s.context, None, s.w_emb)?;
-                            let col =
-                                |v: f64| Tensor::from_vec(vec![v as f32; m], (m, 1, 1, 1), device);
-                            let (x, e) = x_and_eps(
-                                teacher.prediction,
-                                s.z,
-                                &out,
-                                &col(s.at.0)?,
-                                &col(s.at.1)?,
-                            )?;
-                            Ok(((x * s.at_next.0)? + (e * s.at_next.1)?)?)
-                        },
-                    )?);
-                }
-                let pool = states.as_ref().expect("sampled above");
+                let pool = own.refreshed(&mut states, step, opts.checkpoint_every, || {
+                    StatePool::sample(own, &sampling, rng, &dims, device, |s| {
+                        s.ddim(&student.unet, teacher.prediction)
+                    })
+                })?;
                 let mut ts: Vec<usize> = steps.iter().map(|&i| coarse[i].unwrap_or(0)).collect();
                 let mixed = pool.mix_into(own.count(b), rng, &z, &context, &mut ts, &mut scales)?;
                 // Back from timesteps to the student's step indices.
@@ -292,14 +265,7 @@ fn halve(
                 mixed
             }
         };
-        let col = |f: &dyn Fn(usize) -> f64| {
-            Tensor::from_vec(
-                steps.iter().map(|&i| f(i) as f32).collect::<Vec<_>>(),
-                (b, 1, 1, 1),
-                device,
-            )
-        };
-        let point = |i: usize, k: usize| fine[2 * i + k];
+        let col = |f: &dyn Fn(usize) -> f64| col(&steps, f);
         let (a0, s0) = (
             col(&|i| alpha_sigma(abar, point(i, 0)).0)?,
             col(&|i| alpha_sigma(abar, point(i, 0)).1)?,
