@@ -184,16 +184,15 @@ pub fn distill_guidance(
     while state.step < opts.steps {
         let (step, rng) = (state.step, &mut state.rng);
         let b = opts.batch;
-        let (x0, context) = data.draw(rng, b, scaling, device)?;
+        let (x0, mut context) = data.draw(rng, b, scaling, device)?;
         let dims = x0.dims().to_vec();
-        let ts: Vec<usize> = (0..b).map(|_| rng.below(train_steps)).collect();
-        let scales = draw_scales(rng, b, opts.scales);
+        let mut ts: Vec<usize> = (0..b).map(|_| rng.below(train_steps)).collect();
+        let mut scales = draw_scales(rng, b, opts.scales);
         let noise = rng.randn(&dims, device)?;
         let col = |v: Vec<f32>| Tensor::from_vec(v, (b, 1, 1, 1), device);
         let a = col(ts.iter().map(|&t| abar[t].sqrt()).collect())?;
         let s = col(ts.iter().map(|&t| (1.0 - abar[t]).sqrt()).collect())?;
         let mut noisy = (x0.broadcast_mul(&a)? + noise.broadcast_mul(&s)?)?;
-        let (mut ts, mut scales, mut context) = (ts, scales, context);
         // The first examples replaced by states of the student's own trajectories.
         if let Some(own) = &opts.own_states {
             let pool = own.refreshed(&mut states, step, opts.checkpoint_every, || {

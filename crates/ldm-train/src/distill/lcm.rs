@@ -18,7 +18,8 @@
 
 use super::own_states::{OwnStates, Sampling, StatePool};
 use super::{
-    draw_scales, unet_from, write_student, x_and_eps, LatentPool, Student, StudentRun, Teacher,
+    alpha_sigma, draw_scales, unet_from, write_student, x_and_eps, LatentPool, Student, StudentRun,
+    Teacher,
 };
 use crate::checkpoint::TrainingState;
 use crate::noise::TrainRng;
@@ -232,13 +233,8 @@ impl Lcm<'_> {
                 device,
             )
         };
-        let alpha = |t: &[usize]| col(t.iter().map(|&t| (abar[t] as f64).sqrt()).collect());
-        let sigma = |t: &[usize]| {
-            col(t
-                .iter()
-                .map(|&t| (1.0 - abar[t] as f64).max(0.0).sqrt())
-                .collect())
-        };
+        let alpha = |t: &[usize]| col(t.iter().map(|&t| alpha_sigma(abar, Some(t)).0).collect());
+        let sigma = |t: &[usize]| col(t.iter().map(|&t| alpha_sigma(abar, Some(t)).1).collect());
         let boundary = |t: &[usize], which: fn((f64, f64)) -> f64| {
             col(t
                 .iter()
@@ -446,16 +442,15 @@ pub fn distill_lcm(
             &cfg,
             device,
         )?;
-        if let Some(own) = &opts.own_states {
-            own.refreshed(&mut states, step, opts.checkpoint_every, || {
-                lcm.own_states(own, &target_unet, &mut state.rng, device)
-            })?;
-        }
-        let own = opts
-            .own_states
-            .as_ref()
-            .zip(states.as_ref())
-            .map(|(own, pool)| (pool, own.count(opts.batch)));
+        let own = match &opts.own_states {
+            Some(own) => Some((
+                own.refreshed(&mut states, step, opts.checkpoint_every, || {
+                    lcm.own_states(own, &target_unet, &mut state.rng, device)
+                })?,
+                own.count(opts.batch),
+            )),
+            None => None,
+        };
         let batch = lcm.draw(&mut state.rng, own, device)?;
         let (loss, grads) = sharded_loss_and_grads(opts.shards, opts.batch, &params, |r| {
             lcm.shard_loss(&batch, r, &student.unet, &target_unet)

@@ -75,9 +75,7 @@ pub struct TrajectoryStep<'a> {
     /// `[m, C, H, W]` at timestep `t`.
     pub z: &'a Tensor,
     pub t: usize,
-    /// The next grid point (`None`: the clean end).
-    pub next: Option<usize>,
-    /// `(α, σ)` at `t` and at `next`.
+    /// `(α, σ)` at `t` and at the next grid point (`(1, 0)` at the clean end).
     pub at: (f64, f64),
     pub at_next: (f64, f64),
     pub context: &'a Tensor,
@@ -181,7 +179,6 @@ impl StatePool {
                 let out = step(&TrajectoryStep {
                     z: &rows(&z)?,
                     t,
-                    next,
                     at: alpha_sigma(how.abar, Some(t)),
                     at_next: alpha_sigma(how.abar, next),
                     context: &rows(&context)?,
