@@ -195,6 +195,10 @@ pub struct UnetArgs {
     /// of a zero-terminal-SNR schedule in the loss (e.g. 0.1).
     #[arg(long)]
     snr_weight_floor: Option<f64>,
+    /// Weigh the latent cells the scene's objects cover 1 + this in the loss (each image's
+    /// weights averaging 1); 0 leaves the loss plain.
+    #[arg(long, default_value_t = 0.0)]
+    object_weight: f64,
     /// Start the U-Net's residual branches and its output convolution at zero (the resnets'
     /// conv2, the transformers' proj_out, conv_out), as the latent-diffusion code does.
     #[arg(long)]
@@ -365,6 +369,7 @@ fn unet_options(a: &UnetArgs) -> Result<UnetOptions> {
         ema_decay: a.ema_decay.unwrap_or(d.ema_decay),
         min_snr_gamma: a.min_snr_gamma,
         snr_weight_floor: a.snr_weight_floor,
+        object_weight: a.object_weight,
         zero_init: a.zero_init,
         zero_terminal_snr: a.zero_terminal_snr,
         pool: a.pool.unwrap_or(d.pool),
@@ -392,6 +397,9 @@ fn unet_options(a: &UnetArgs) -> Result<UnetOptions> {
             .is_some_and(|f| !(f.is_finite() && f > 0.0))
     {
         bail!("--min-snr-gamma and --snr-weight-floor must be positive numbers");
+    }
+    if !(opts.object_weight.is_finite() && opts.object_weight >= 0.0) {
+        bail!("--object-weight must be a finite number ≥ 0");
     }
     if opts.zero_terminal_snr && opts.prediction == ldm_sampling::Prediction::Epsilon {
         bail!("--zero-terminal-snr needs --prediction v_prediction or sample");
