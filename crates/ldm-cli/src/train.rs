@@ -59,8 +59,8 @@ impl Precision {
     /// Switches the products' precision for this process (see [`MixedPrecision`]).
     pub fn apply(&self) {
         let bf16 = self.mixed_precision == MixedPrecision::Bf16;
-        ldm_models::layers::set_bf16_products(bf16);
-        if bf16 && !ldm_models::layers::bf16_gemm::available() {
+        ldm_models::kernels::set_bf16_products(bf16);
+        if bf16 && !ldm_models::kernels::bf16_gemm::available() {
             crate::emit(format_args!(
                 "note: this CPU lacks AVX512-BF16; bf16 products run in a portable loop, slower than f32"
             ));

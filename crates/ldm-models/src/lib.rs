@@ -10,6 +10,7 @@ pub mod controlnet;
 pub mod error;
 pub mod flops;
 pub mod ip_adapter;
+pub mod kernels;
 pub mod layers;
 pub mod lora;
 pub mod model;

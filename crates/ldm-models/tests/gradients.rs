@@ -6,8 +6,8 @@
 
 use candle_core::{DType, Device, Module, Result, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
+use ldm_models::kernels::conv_train::conv2d_im2col;
 use ldm_models::layers::attention::{causal_mask, scaled_dot_product};
-use ldm_models::layers::conv::conv2d_im2col;
 use ldm_models::layers::norm::GroupNorm;
 use ldm_models::layers::ops::{softmax_last_dim, upsample_nearest2d, LayerNorm};
 

@@ -14,7 +14,7 @@ pub const ATTENTION_CHUNK_BYTES: usize = 256 << 20;
 /// whatever the input dtype (what diffusers' `upcast_attention`/`upcast_softmax` ask for). Rows
 /// of `q` are independent, so chunking them changes only the peak memory (and the matmul's
 /// rounding, by an ulp). On the CPU without a mask the fused block-wise kernel
-/// ([`super::fused_attention`]) runs instead of the composed ops: for inference, and in f32 with
+/// ([`crate::kernels::fused_attention`]) runs instead of the composed ops: for inference, and in f32 with
 /// its backward for training.
 pub fn scaled_dot_product(
     q: &Tensor,
@@ -41,7 +41,7 @@ fn attention_with(
         // Block-wise fused kernel: never more than a block of scores, so no slicing needed.
         let dtype = v.dtype();
         let f32 = |t: &Tensor| t.to_dtype(DType::F32)?.contiguous();
-        let op = super::fused_attention::FusedAttention {
+        let op = crate::kernels::fused_attention::FusedAttention {
             scale: scale as f32,
             bf16,
         };
@@ -66,7 +66,7 @@ fn attention_with(
             crate::flops::matmul(b * h * lq, d, lk)
                 + crate::flops::matmul(b * h * lq, lk, v.dim(3)?),
         );
-        let op = super::fused_attention::FusedAttentionTrain {
+        let op = crate::kernels::fused_attention::FusedAttentionTrain {
             scale: scale as f32,
         };
         return q

@@ -13,7 +13,7 @@
 //! block-wise form (FlashAttention's, Dao et al. 2022, §3.1): per block of query rows the
 //! probabilities are recomputed from `q` and `k`, and `dV`, `dK` accumulate over the blocks
 //! of a head, so the backward's memory is linear in the tokens too. Masked (causal) attention
-//! uses the composed path in [`super::attention`].
+//! uses the composed path in [`crate::layers::attention`].
 
 use super::bf16_gemm::{self, PackedRef};
 use super::cpu::{contiguous_f32, exp_nonpositive, gemm, Operand};

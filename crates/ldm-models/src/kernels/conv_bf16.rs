@@ -1,4 +1,4 @@
-//! The CPU inference convolution with bf16 weights ([`super::compute_dtype`]): f32 activations,
+//! The CPU inference convolution with bf16 weights ([`crate::layers::compute_dtype`]): f32 activations,
 //! bf16 operands, f32 accumulation on [`super::bf16_gemm`]'s kernels. The weight is reordered
 //! once, when the layer is built, to `[C_out, k·k, ⌈C/2⌉]` words — for each output channel and
 //! tap, the input channels in pairs — the layout both paths multiply by:

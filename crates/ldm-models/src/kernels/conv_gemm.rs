@@ -6,7 +6,7 @@
 //! convolutions skip the patches: the input already is the matrix. The bias initialises the
 //! output, which the GEMM then accumulates into.
 //!
-//! This path has no backward; training uses [`super::conv::conv2d_im2col`].
+//! This path has no backward; training uses [`super::conv_train::conv2d_im2col`].
 
 use super::cpu::{contiguous_f32, gemm, Operand};
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape};
