@@ -125,6 +125,13 @@ fn group_norm_fused() {
     check("group norm", &[x, w, b], 16, |t| {
         GroupNorm::new(t[1].clone(), t[2].clone(), 3, 1e-5)?.forward(&t[0])
     });
+    // With the SiLU fused in (every ResNet block's pre-activation): β enters the backward.
+    let x = (tensor(&[2, 6, 4, 3], 16, 2.0) + 0.7).unwrap();
+    let w = (tensor(&[6], 17, 0.5) + 1.0).unwrap();
+    let b = tensor(&[6], 18, 1.5);
+    check("group norm + SiLU", &[x, w, b], 16, |t| {
+        GroupNorm::new(t[1].clone(), t[2].clone(), 3, 1e-5)?.forward_silu(&t[0])
+    });
 }
 
 #[test]

@@ -176,6 +176,13 @@ pub fn silu(x: f32) -> f32 {
 /// `x·Φ(x)` with the error function of Abramowitz & Stegun 7.1.26 (absolute error 1.5e-7).
 #[inline(always)]
 pub fn gelu_erf(x: f32) -> f32 {
+    0.5 * x * (1.0 + erf_half_sqrt2(x).0)
+}
+
+/// `erf(x/√2)` (Abramowitz & Stegun 7.1.26, absolute error 1.5e-7) and `e^(−x²/2)`, which
+/// that formula computes on the way.
+#[inline(always)]
+fn erf_half_sqrt2(x: f32) -> (f32, f32) {
     let z = x * std::f32::consts::FRAC_1_SQRT_2;
     let a = z.abs();
     let t = 1.0 / 0.327_591_1f32.mul_add(a, 1.0);
@@ -184,9 +191,57 @@ pub fn gelu_erf(x: f32) -> f32 {
     let p = p.mul_add(t, 1.421_413_8);
     let p = p.mul_add(t, -0.284_496_72);
     let p = p.mul_add(t, 0.254_829_6);
-    let erf_abs = 1.0 - p * t * exp_nonpositive(-a * a);
-    let erf = if z >= 0.0 { erf_abs } else { -erf_abs };
-    0.5 * x * (1.0 + erf)
+    let gauss = exp_nonpositive(-a * a);
+    let erf_abs = 1.0 - p * t * gauss;
+    (if z >= 0.0 { erf_abs } else { -erf_abs }, gauss)
+}
+
+/// GEGLU's backward for one element: `hidden · gelu(gate)`'s gradients for the output gradient
+/// `dy`, `(dy·gelu(gate), dy·hidden·gelu'(gate))` with `gelu'(x) = Φ(x) + x·φ(x)`.
+#[inline(always)]
+fn geglu_backward_one(hidden: f32, gate: f32, dy: f32) -> (f32, f32) {
+    let (erf, gauss) = erf_half_sqrt2(gate);
+    let cdf = 0.5 * (1.0 + erf);
+    const INV_SQRT_2PI: f32 = 0.398_942_3;
+    let dgelu = gate.mul_add(gauss * INV_SQRT_2PI, cdf);
+    (dy * gate * cdf, dy * hidden * dgelu)
+}
+
+#[inline(always)]
+fn geglu_backward_body(h: &[f32], dy: &[f32], dh: &mut [f32]) {
+    let half = dy.len();
+    let (hidden, gate) = h.split_at(half);
+    let (d_hidden, d_gate) = dh.split_at_mut(half);
+    for i in 0..half {
+        let (a, b) = geglu_backward_one(hidden[i], gate[i], dy[i]);
+        d_hidden[i] = a;
+        d_gate[i] = b;
+    }
+}
+
+/// GEGLU's backward over one row: `h` is `[hidden | gate]`, `dy` the output gradient (half as
+/// long), `dh` receives `[d hidden | d gate]`; vectorised for the running CPU.
+pub fn geglu_backward_row(h: &[f32], dy: &[f32], dh: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx512f,avx512vl,fma")]
+        unsafe fn avx512(h: &[f32], dy: &[f32], dh: &mut [f32]) {
+            geglu_backward_body(h, dy, dh)
+        }
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn avx2(h: &[f32], dy: &[f32], dh: &mut [f32]) {
+            geglu_backward_body(h, dy, dh)
+        }
+        if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512vl") {
+            // SAFETY: the CPU has the features the function is compiled for.
+            return unsafe { avx512(h, dy, dh) };
+        }
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            // SAFETY: as above.
+            return unsafe { avx2(h, dy, dh) };
+        }
+    }
+    geglu_backward_body(h, dy, dh)
 }
 
 /// `x·σ(1.702·x)` (OpenAI CLIP's activation) as `silu(1.702·x) / 1.702`.
@@ -230,6 +285,50 @@ macro_rules! vectorised_map {
     };
 }
 
+/// `dy · silu'(n)` = `dy·σ(n)·(1 + n·(1 − σ(n)))`: SiLU's backward at `n` for the output
+/// gradient `dy`.
+#[inline(always)]
+pub fn silu_backward(n: f32, dy: f32) -> f32 {
+    let e = exp_nonpositive(-n.abs());
+    let sigmoid = if n >= 0.0 {
+        1.0 / (1.0 + e)
+    } else {
+        e / (1.0 + e)
+    };
+    dy * sigmoid * n.mul_add(1.0 - sigmoid, 1.0)
+}
+
+#[inline(always)]
+fn zip_body(v: &mut [f32], w: &[f32], f: impl Fn(f32, f32) -> f32) {
+    for (x, &y) in v.iter_mut().zip(w) {
+        *x = f(*x, y);
+    }
+}
+
+/// `v[i] = silu_backward(v[i], dy[i])` over two slices, vectorised for the running CPU.
+pub fn silu_backward_slice(v: &mut [f32], dy: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx512f,avx512vl,fma")]
+        unsafe fn avx512(v: &mut [f32], dy: &[f32]) {
+            zip_body(v, dy, silu_backward)
+        }
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn avx2(v: &mut [f32], dy: &[f32]) {
+            zip_body(v, dy, silu_backward)
+        }
+        if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512vl") {
+            // SAFETY: the CPU has the features the function is compiled for.
+            return unsafe { avx512(v, dy) };
+        }
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            // SAFETY: as above.
+            return unsafe { avx2(v, dy) };
+        }
+    }
+    zip_body(v, dy, silu_backward)
+}
+
 vectorised_map!(silu_slice, silu);
 vectorised_map!(gelu_erf_slice, gelu_erf);
 vectorised_map!(quick_gelu_slice, quick_gelu);
@@ -259,6 +358,42 @@ mod tests {
         assert!(worst < 1e-6, "relative error {worst}");
         assert!(exp_nonpositive(-1000.0) < 1e-37 && exp_nonpositive(-1000.0).is_normal());
         assert_eq!(exp_nonpositive(0.0), 1.0);
+    }
+
+    #[test]
+    fn silu_backward_matches_its_derivative() {
+        let mut worst = 0f64;
+        for i in -8000..8000 {
+            let x = i as f32 * 0.005; // -40 … 40
+            let xd = x as f64;
+            let sg = 1.0 / (1.0 + (-xd).exp());
+            let want = 0.7 * sg * (1.0 + xd * (1.0 - sg));
+            let mut v = [x];
+            silu_backward_slice(&mut v, &[0.7]);
+            worst = worst.max((v[0] as f64 - want).abs() / (1.0 + want.abs()));
+        }
+        assert!(worst < 1e-6, "{worst}");
+    }
+
+    #[test]
+    fn geglu_backward_matches_its_derivatives() {
+        let mut worst = 0f64;
+        for i in -8000..8000 {
+            let gate = i as f32 * 0.001; // -8 … 8
+            let (hidden, dy) = (1.3f32, -0.6f32);
+            let (mut dh, g) = ([0f32; 2], gate as f64);
+            geglu_backward_row(&[hidden, gate], &[dy], &mut dh);
+            let cdf = 0.5 * (1.0 + erf(g / std::f64::consts::SQRT_2));
+            let pdf = (-g * g / 2.0).exp() / (2.0 * std::f64::consts::PI).sqrt();
+            let want = [
+                dy as f64 * g * cdf,
+                dy as f64 * hidden as f64 * (cdf + g * pdf),
+            ];
+            for k in 0..2 {
+                worst = worst.max((dh[k] as f64 - want[k]).abs() / (1.0 + want[k].abs()));
+            }
+        }
+        assert!(worst < 1e-6, "{worst}");
     }
 
     #[test]

@@ -169,6 +169,48 @@ impl CustomOp1 for Geglu {
         }
         Ok((CpuStorage::F32(out), Shape::from(shape)))
     }
+
+    fn bwd(&self, h: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(
+            h.apply_op2_no_bwd(&grad.contiguous()?, &GegluBackward)?,
+        ))
+    }
+}
+
+/// [`Geglu`]'s backward: inputs `h` `[…, 2n]` and `dy` `[…, n]`; output `dh` `[…, 2n]`, one
+/// pass ([`cpu::geglu_backward_row`]).
+#[derive(Debug, Clone, Copy)]
+struct GegluBackward;
+
+impl CustomOp2 for GegluBackward {
+    fn name(&self) -> &'static str {
+        "geglu-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        hs: &CpuStorage,
+        hl: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let h = cpu::contiguous_f32(hs, hl, self.name(), "input")?;
+        let dy = cpu::contiguous_f32(gs, gl, self.name(), "gradient")?;
+        let width = *hl.dims().last().unwrap_or(&0);
+        if !width.is_multiple_of(2) || dy.len() * 2 != h.len() {
+            candle_core::bail!(
+                "geglu backward: gradient {:?} for input {:?}",
+                gl.shape(),
+                hl.shape()
+            );
+        }
+        let half = width / 2;
+        let mut dh = vec![0f32; h.len()];
+        dh.par_chunks_mut(width.max(1))
+            .zip(h.par_chunks(width.max(1)).zip(dy.par_chunks(half.max(1))))
+            .for_each(|(dh, (h, dy))| cpu::geglu_backward_row(h, dy, dh));
+        Ok((CpuStorage::F32(dh), hl.shape().clone()))
+    }
 }
 
 /// `(outer, C, inner)` of a layout split at `axis`.

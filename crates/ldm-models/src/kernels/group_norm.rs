@@ -3,7 +3,9 @@
 //! backward; here one pass computes each group's statistics and the output, and one pass the
 //! input, scale and shift gradients:
 //! `x̂ = (x − μ)·r`, `dx = r·(dx̂ − mean(dx̂) − x̂·mean(dx̂·x̂))` with `dx̂ = dy·γ`,
-//! `dγ = Σ dy·x̂`, `dβ = Σ dy`. f32 inference can apply SiLU in the same pass.
+//! `dγ = Σ dy·x̂`, `dβ = Σ dy`. SiLU can follow in the same pass (`silu(γ·x̂ + β)`, every
+//! ResNet block's pre-activation); its backward then recomputes the norm's output `n` and
+//! takes `dy·σ(n)·(1 + n·(1 − σ(n)))` as the norm's output gradient, in the same pass too.
 
 use super::cpu::{self, contiguous, lane_sum};
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
@@ -13,21 +15,27 @@ use rayon::prelude::*;
 pub(crate) struct GroupNormOp {
     pub(crate) groups: usize,
     pub(crate) eps: f64,
-    /// Apply SiLU to the output (f32 only, no backward).
+    /// Apply SiLU to the output.
     pub(crate) silu: bool,
 }
 
-/// The backward pass: inputs `x`, `γ`, `dy`; output `[dx (N·C·S) | dγ (C) | dβ (C)]` flat.
+/// The backward pass: inputs `x`, `γ` (or `[γ | β]` after a SiLU), `dy`; output
+/// `[dx (N·C·S) | dγ (C) | dβ (C)]` flat.
 #[derive(Debug, Clone, Copy)]
 struct GroupNormBackward {
     groups: usize,
     eps: f64,
+    silu: bool,
 }
 
 /// The float types the fused kernels run in.
 trait Float: num_traits::Float + Send + Sync + 'static {
     fn of(v: f64) -> Self;
     fn f(self) -> f64;
+    /// `n[i] ← dy[i]·silu'(n[i])`: SiLU's backward, in place over the recomputed outputs.
+    fn silu_backward_slice(n: &mut [Self], dy: &[Self]);
+    /// SiLU over a slice, in place.
+    fn silu_slice(v: &mut [Self]);
 }
 impl Float for f32 {
     fn of(v: f64) -> Self {
@@ -36,6 +44,12 @@ impl Float for f32 {
     fn f(self) -> f64 {
         self as f64
     }
+    fn silu_backward_slice(n: &mut [f32], dy: &[f32]) {
+        cpu::silu_backward_slice(n, dy)
+    }
+    fn silu_slice(v: &mut [f32]) {
+        cpu::silu_slice(v)
+    }
 }
 impl Float for f64 {
     fn of(v: f64) -> Self {
@@ -43,6 +57,15 @@ impl Float for f64 {
     }
     fn f(self) -> f64 {
         self
+    }
+    fn silu_backward_slice(n: &mut [f64], dy: &[f64]) {
+        for (n, &d) in n.iter_mut().zip(dy) {
+            let sg = 1.0 / (1.0 + (-*n).exp());
+            *n = d * sg * (1.0 + *n * (1.0 - sg));
+        }
+    }
+    fn silu_slice(v: &mut [f64]) {
+        v.iter_mut().for_each(|x| *x /= 1.0 + (-*x).exp());
     }
 }
 
@@ -98,7 +121,7 @@ fn forward<T: Float>(
     groups: usize,
     eps: f64,
     (c, s): (usize, usize),
-    activation: Option<fn(&mut [T])>,
+    silu: bool,
 ) -> Vec<T> {
     let cg = c / groups;
     let mut out = vec![T::zero(); x.len()];
@@ -117,16 +140,19 @@ fn forward<T: Float>(
                     o[j] = v[j] * scale + shift;
                 }
             }
-            if let Some(f) = activation {
-                f(o);
+            if silu {
+                T::silu_slice(o);
             }
         });
     out
 }
 
+/// `[dx | dγ | dβ]`; with `beta` the output went through a SiLU, whose derivative at the
+/// recomputed `n = γ·x̂ + β` turns `dy` into the norm's output gradient first.
 fn backward<T: Float>(
     x: &[T],
     w: &[T],
+    beta: Option<&[T]>,
     dy: &[T],
     groups: usize,
     eps: f64,
@@ -142,6 +168,25 @@ fn backward<T: Float>(
         .map(|(i, (dxg, (v, g)))| {
             let (mean, r) = stats(v, eps);
             let grp = i % groups;
+            // After a SiLU: dn = dy·σ(n)·(1 + n·(1 − σ(n))), n recomputed as the forward did.
+            let dn: Vec<T>;
+            let g = match beta {
+                Some(beta) => {
+                    let mut d = vec![T::zero(); g.len()];
+                    for k in 0..cg {
+                        let ch = grp * cg + k;
+                        let scale = w[ch].f() * r;
+                        let (scale, shift) = (T::of(scale), T::of(beta[ch].f() - mean * scale));
+                        for j in k * s..(k + 1) * s {
+                            d[j] = v[j] * scale + shift;
+                        }
+                    }
+                    T::silu_backward_slice(&mut d, g);
+                    dn = d;
+                    &dn[..]
+                }
+                None => g,
+            };
             let m = (cg * s) as f64;
             // Σ dy·x̂ and Σ dy per channel, in eight independent f64 lanes (as in `stats`) so
             // that the loop vectorises; the group's Σ dy·γ and Σ dy·γ·x̂ follow from them.
@@ -208,15 +253,7 @@ impl CustomOp3 for GroupNormOp {
         bl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (_, c, s) = dims(xl, self.groups)?;
-        let (g, eps) = (self.groups, self.eps);
-        if self.silu {
-            let x = cpu::contiguous_f32(xs, xl, self.name(), "input")?;
-            let w = cpu::contiguous_f32(ws, wl, self.name(), "weight")?;
-            let b = cpu::contiguous_f32(bs, bl, self.name(), "bias")?;
-            let f: fn(&mut [f32]) = cpu::silu_slice;
-            let out = forward(x, w, b, g, eps, (c, s), Some(f));
-            return Ok((CpuStorage::F32(out), xl.shape().clone()));
-        }
+        let (g, eps, silu) = (self.groups, self.eps, self.silu);
         let out = with_floats!((xs, xl), (ws, wl), (bs, bl), |x, w, b| forward(
             x,
             w,
@@ -224,7 +261,7 @@ impl CustomOp3 for GroupNormOp {
             g,
             eps,
             (c, s),
-            None
+            silu
         ));
         Ok((out, xl.shape().clone()))
     }
@@ -233,19 +270,23 @@ impl CustomOp3 for GroupNormOp {
         &self,
         x: &Tensor,
         weight: &Tensor,
-        _bias: &Tensor,
+        bias: &Tensor,
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let c = x.dim(1)?;
-        let flat = x.apply_op3_no_bwd(
-            weight,
-            &grad.contiguous()?,
-            &GroupNormBackward {
-                groups: self.groups,
-                eps: self.eps,
-            },
-        )?;
+        let op = GroupNormBackward {
+            groups: self.groups,
+            eps: self.eps,
+            silu: self.silu,
+        };
+        // After a SiLU the backward recomputes the norm's output, which takes β too.
+        let params = if self.silu {
+            Tensor::cat(&[weight, bias], 0)?
+        } else {
+            weight.clone()
+        };
+        let flat = x.apply_op3_no_bwd(&params, &grad.contiguous()?, &op)?;
         super::split_gradients(&flat, x.shape(), weight.shape(), c)
     }
 }
@@ -264,15 +305,15 @@ impl CustomOp3 for GroupNormBackward {
         gl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (_, c, s) = dims(xl, self.groups)?;
-        let (groups, eps) = (self.groups, self.eps);
-        let out = with_floats!((xs, xl), (ws, wl), (gs, gl), |x, w, dy| backward(
-            x,
-            w,
-            dy,
-            groups,
-            eps,
-            (c, s)
-        ));
+        let (groups, eps, silu) = (self.groups, self.eps, self.silu);
+        let out = with_floats!((xs, xl), (ws, wl), (gs, gl), |x, params, dy| {
+            let (w, beta) = if silu {
+                (&params[..c], Some(&params[c..]))
+            } else {
+                (params, None)
+            };
+            backward(x, w, beta, dy, groups, eps, (c, s))
+        });
         let len = xl.shape().elem_count() + 2 * c;
         Ok((out, Shape::from(len)))
     }

@@ -100,11 +100,16 @@ impl Module for LayerNorm {
 }
 
 /// GEGLU (Shazeer 2020): the last dimension of `h` is `[hidden | gate]`; returns
-/// `hidden · gelu(gate)` with the exact (erf) GELU. One pass on the CPU for f32 inference.
+/// `hidden · gelu(gate)` with the exact (erf) GELU. One pass on the CPU in f32, and one for
+/// its backward; elsewhere (and in f64, the gradient checks) a composition.
 pub fn geglu(h: &Tensor) -> Result<Tensor> {
     let half = h.dim(D::Minus1)? / 2;
-    if !h.track_op() && h.device().is_cpu() && h.dtype() == DType::F32 {
-        return h.contiguous()?.apply_op1_no_bwd(&Geglu);
+    if h.device().is_cpu() && h.dtype() == DType::F32 {
+        return if h.track_op() {
+            h.contiguous()?.apply_op1(Geglu)
+        } else {
+            h.contiguous()?.apply_op1_no_bwd(&Geglu)
+        };
     }
     let (hidden, gate) = (
         h.narrow(D::Minus1, 0, half)?,
@@ -190,6 +195,27 @@ mod tests {
 
     /// The fused bias op against the broadcast it replaces: values, and both gradients, for a
     /// convolution's channel axis (long rows) and a linear layer's last axis (short rows).
+    /// The fused GEGLU's output and input gradient against the composition (narrow, erf-GELU,
+    /// product) that f64 and other devices run.
+    #[test]
+    fn geglu_training_matches_the_composition() -> Result<()> {
+        let dev = Device::Cpu;
+        let h = Var::from_tensor(&(Tensor::randn(0f32, 2.0, (3, 5, 14), &dev)?))?;
+        let dy = Tensor::randn(0f32, 1.0, (3, 5, 7), &dev)?;
+        let fused = geglu(h.as_tensor())?;
+        let (hidden, gate) = (h.narrow(2, 0, 7)?, h.narrow(2, 7, 7)?);
+        let composed = (hidden * gate.gelu_erf()?)?;
+        assert!(max_abs(&fused, &composed) < 1e-5);
+        let g1 = (&fused * &dy)?.sum_all()?.backward()?;
+        let g2 = (&composed * &dy)?.sum_all()?.backward()?;
+        let (a, b) = (
+            g1.get(h.as_tensor()).unwrap(),
+            g2.get(h.as_tensor()).unwrap(),
+        );
+        assert!(max_abs(a, b) < 1e-4, "{}", max_abs(a, b));
+        Ok(())
+    }
+
     #[test]
     fn add_bias_matches_broadcast() -> Result<()> {
         let dev = Device::Cpu;
