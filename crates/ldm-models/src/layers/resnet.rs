@@ -5,6 +5,7 @@
 use super::conv2d;
 use crate::layers::linear::{linear, Linear};
 use crate::layers::norm::GroupNorm;
+use crate::layers::ops::add_bias;
 use crate::layers::Conv2d;
 use candle_core::{Result, Tensor};
 use candle_nn::{Module, VarBuilder};
@@ -74,8 +75,17 @@ impl ResnetBlock2D {
         let h = self.conv1.forward(&self.norm1.forward_silu(x)?)?;
         let h = match (&self.time_emb_proj, temb) {
             (Some(proj), Some(temb)) => {
-                let t = proj.forward(&temb.silu()?)?.unsqueeze(2)?.unsqueeze(3)?;
-                h.broadcast_add(&t)?
+                // Each image's own channel bias: as rows `[B·C, H·W]` with a bias `[B·C]`, one
+                // fused pass forward and a per-row sum backward (`add_bias`), where a broadcast
+                // add would reduce over the spatial axes in its backward.
+                let t = proj.forward(&temb.silu()?)?;
+                let (b, c, hh, ww) = h.dims4()?;
+                if t.dims() == [b, c] {
+                    let rows = h.contiguous()?.reshape((b * c, hh * ww))?;
+                    add_bias(&rows, &t.contiguous()?.reshape(b * c)?, 0)?.reshape((b, c, hh, ww))?
+                } else {
+                    h.broadcast_add(&t.unsqueeze(2)?.unsqueeze(3)?)?
+                }
             }
             _ => h,
         };
