@@ -107,6 +107,7 @@ fn dims(l: &Layout, groups: usize) -> Result<(usize, usize, usize)> {
 
 /// Mean and reciprocal standard deviation of one group's values (two-pass, f64 sums kept in
 /// eight independent lanes so that the loops vectorise: [`lane_sum`]).
+#[inline(always)]
 fn stats<T: Float>(v: &[T], eps: f64) -> (f64, f64) {
     let n = v.len().max(1) as f64;
     let mean = lane_sum(v, |x| x.f()) / n;
@@ -129,20 +130,22 @@ fn forward<T: Float>(
         .zip(x.par_chunks(cg * s))
         .enumerate()
         .for_each(|(i, (o, v))| {
-            let (mean, r) = stats(v, eps);
-            let g = i % groups;
-            for k in 0..cg {
-                let ch = g * cg + k;
-                let scale = w[ch].f() * r;
-                let shift = b[ch].f() - mean * scale;
-                let (scale, shift) = (T::of(scale), T::of(shift));
-                for j in k * s..(k + 1) * s {
-                    o[j] = v[j] * scale + shift;
+            cpu::simd(|| {
+                let (mean, r) = stats(v, eps);
+                let g = i % groups;
+                for k in 0..cg {
+                    let ch = g * cg + k;
+                    let scale = w[ch].f() * r;
+                    let shift = b[ch].f() - mean * scale;
+                    let (scale, shift) = (T::of(scale), T::of(shift));
+                    for j in k * s..(k + 1) * s {
+                        o[j] = v[j] * scale + shift;
+                    }
                 }
-            }
-            if silu {
-                T::silu_slice(o);
-            }
+                if silu {
+                    T::silu_slice(o);
+                }
+            })
         });
     out
 }
@@ -166,62 +169,68 @@ fn backward<T: Float>(
         .zip(x.par_chunks(cg * s).zip(dy.par_chunks(cg * s)))
         .enumerate()
         .map(|(i, (dxg, (v, g)))| {
-            let (mean, r) = stats(v, eps);
-            let grp = i % groups;
-            // After a SiLU: dn = dy·σ(n)·(1 + n·(1 − σ(n))), n recomputed as the forward did.
-            let dn: Vec<T>;
-            let g = match beta {
-                Some(beta) => {
-                    let mut d = vec![T::zero(); g.len()];
-                    for k in 0..cg {
-                        let ch = grp * cg + k;
-                        let scale = w[ch].f() * r;
-                        let (scale, shift) = (T::of(scale), T::of(beta[ch].f() - mean * scale));
-                        for j in k * s..(k + 1) * s {
-                            d[j] = v[j] * scale + shift;
+            cpu::simd(|| {
+                let (mean, r) = stats(v, eps);
+                let grp = i % groups;
+                // After a SiLU: dn = dy·σ(n)·(1 + n·(1 − σ(n))), n recomputed as the forward did.
+                let dn: Vec<T>;
+                let g = match beta {
+                    Some(beta) => {
+                        let mut d = vec![T::zero(); g.len()];
+                        for k in 0..cg {
+                            let ch = grp * cg + k;
+                            let scale = w[ch].f() * r;
+                            let (scale, shift) = (T::of(scale), T::of(beta[ch].f() - mean * scale));
+                            for j in k * s..(k + 1) * s {
+                                d[j] = v[j] * scale + shift;
+                            }
+                        }
+                        T::silu_backward_slice(&mut d, g);
+                        dn = d;
+                        &dn[..]
+                    }
+                    None => g,
+                };
+                let m = (cg * s) as f64;
+                // Σ dy·x̂ and Σ dy per channel, in eight independent f64 lanes (as in `stats`) so
+                // that the loop vectorises; the group's Σ dy·γ and Σ dy·γ·x̂ follow from them.
+                let (mut sum_dxh, mut sum_dxh_xh) = (0f64, 0f64);
+                let mut per_channel = Vec::with_capacity(cg);
+                for k in 0..cg {
+                    let gamma = w[grp * cg + k].f();
+                    let (vc, gc) = (&v[k * s..(k + 1) * s], &g[k * s..(k + 1) * s]);
+                    let (mut lanes_g, mut lanes_b) = ([0f64; 8], [0f64; 8]);
+                    let (mut vs, mut gs) = (vc.chunks_exact(8), gc.chunks_exact(8));
+                    for (v8, g8) in (&mut vs).zip(&mut gs) {
+                        for l in 0..8 {
+                            let d = g8[l].f();
+                            lanes_g[l] += d * (v8[l].f() - mean) * r;
+                            lanes_b[l] += d;
                         }
                     }
-                    T::silu_backward_slice(&mut d, g);
-                    dn = d;
-                    &dn[..]
+                    let (mut dgamma, mut dbeta) =
+                        (lanes_g.iter().sum::<f64>(), lanes_b.iter().sum());
+                    for (&x, &d) in vs.remainder().iter().zip(gs.remainder()) {
+                        dgamma += d.f() * (x.f() - mean) * r;
+                        dbeta += d.f();
+                    }
+                    sum_dxh += gamma * dbeta;
+                    sum_dxh_xh += gamma * dgamma;
+                    per_channel.push((dgamma, dbeta));
                 }
-                None => g,
-            };
-            let m = (cg * s) as f64;
-            // Σ dy·x̂ and Σ dy per channel, in eight independent f64 lanes (as in `stats`) so
-            // that the loop vectorises; the group's Σ dy·γ and Σ dy·γ·x̂ follow from them.
-            let (mut sum_dxh, mut sum_dxh_xh) = (0f64, 0f64);
-            let mut per_channel = Vec::with_capacity(cg);
-            for k in 0..cg {
-                let gamma = w[grp * cg + k].f();
-                let (vc, gc) = (&v[k * s..(k + 1) * s], &g[k * s..(k + 1) * s]);
-                let (mut lanes_g, mut lanes_b) = ([0f64; 8], [0f64; 8]);
-                let (mut vs, mut gs) = (vc.chunks_exact(8), gc.chunks_exact(8));
-                for (v8, g8) in (&mut vs).zip(&mut gs) {
-                    for l in 0..8 {
-                        let d = g8[l].f();
-                        lanes_g[l] += d * (v8[l].f() - mean) * r;
-                        lanes_b[l] += d;
+                let (a, b) = (sum_dxh / m, sum_dxh_xh / m);
+                // dx = r·(dy·γ − a − x̂·b) = dy·(rγ) + x·(−r²b) + (r²b·μ − r·a): per channel an
+                // affine map of (dy, x) with constants in f64, the pass itself in T.
+                for k in 0..cg {
+                    let gamma = w[grp * cg + k].f();
+                    let (k1, k2) = (T::of(r * gamma), T::of(-r * r * b));
+                    let k3 = T::of(r * r * b * mean - r * a);
+                    for j in k * s..(k + 1) * s {
+                        dxg[j] = g[j] * k1 + v[j] * k2 + k3;
                     }
                 }
-                let (mut dgamma, mut dbeta) = (lanes_g.iter().sum::<f64>(), lanes_b.iter().sum());
-                for (&x, &d) in vs.remainder().iter().zip(gs.remainder()) {
-                    dgamma += d.f() * (x.f() - mean) * r;
-                    dbeta += d.f();
-                }
-                sum_dxh += gamma * dbeta;
-                sum_dxh_xh += gamma * dgamma;
-                per_channel.push((dgamma, dbeta));
-            }
-            let (a, b) = (sum_dxh / m, sum_dxh_xh / m);
-            for k in 0..cg {
-                let gamma = w[grp * cg + k].f();
-                for j in k * s..(k + 1) * s {
-                    let xh = (v[j].f() - mean) * r;
-                    dxg[j] = T::of(r * (g[j].f() * gamma - a - xh * b));
-                }
-            }
-            per_channel
+                per_channel
+            })
         })
         .collect();
     let mut dgamma = vec![0f64; c];
