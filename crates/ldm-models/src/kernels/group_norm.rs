@@ -172,33 +172,30 @@ fn backward<T: Float>(
             cpu::simd(|| {
                 let (mean, r) = stats(v, eps);
                 let grp = i % groups;
-                // After a SiLU: dn = dy·σ(n)·(1 + n·(1 − σ(n))), n recomputed as the forward did.
-                let dn: Vec<T>;
-                let g = match beta {
-                    Some(beta) => {
-                        let mut d = vec![T::zero(); g.len()];
-                        for k in 0..cg {
-                            let ch = grp * cg + k;
-                            let scale = w[ch].f() * r;
-                            let (scale, shift) = (T::of(scale), T::of(beta[ch].f() - mean * scale));
-                            for j in k * s..(k + 1) * s {
-                                d[j] = v[j] * scale + shift;
-                            }
+                // After a SiLU: dn = dy·σ(n)·(1 + n·(1 − σ(n))), n recomputed as the forward did,
+                // written into this group's part of dx (no buffer of its own: a temporary per
+                // group churned glibc's per-thread heaps) and read from there below.
+                if let Some(beta) = beta {
+                    for k in 0..cg {
+                        let ch = grp * cg + k;
+                        let scale = w[ch].f() * r;
+                        let (scale, shift) = (T::of(scale), T::of(beta[ch].f() - mean * scale));
+                        for j in k * s..(k + 1) * s {
+                            dxg[j] = v[j] * scale + shift;
                         }
-                        T::silu_backward_slice(&mut d, g);
-                        dn = d;
-                        &dn[..]
                     }
-                    None => g,
-                };
+                    T::silu_backward_slice(dxg, g);
+                }
+                let in_place = beta.is_some();
                 let m = (cg * s) as f64;
                 // Σ dy·x̂ and Σ dy per channel, in eight independent f64 lanes (as in `stats`) so
                 // that the loop vectorises; the group's Σ dy·γ and Σ dy·γ·x̂ follow from them.
                 let (mut sum_dxh, mut sum_dxh_xh) = (0f64, 0f64);
                 let mut per_channel = Vec::with_capacity(cg);
+                let grad: &[T] = if in_place { dxg } else { g };
                 for k in 0..cg {
                     let gamma = w[grp * cg + k].f();
-                    let (vc, gc) = (&v[k * s..(k + 1) * s], &g[k * s..(k + 1) * s]);
+                    let (vc, gc) = (&v[k * s..(k + 1) * s], &grad[k * s..(k + 1) * s]);
                     let (mut lanes_g, mut lanes_b) = ([0f64; 8], [0f64; 8]);
                     let (mut vs, mut gs) = (vc.chunks_exact(8), gc.chunks_exact(8));
                     for (v8, g8) in (&mut vs).zip(&mut gs) {
@@ -226,7 +223,8 @@ fn backward<T: Float>(
                     let (k1, k2) = (T::of(r * gamma), T::of(-r * r * b));
                     let k3 = T::of(r * r * b * mean - r * a);
                     for j in k * s..(k + 1) * s {
-                        dxg[j] = g[j] * k1 + v[j] * k2 + k3;
+                        let d = if in_place { dxg[j] } else { g[j] };
+                        dxg[j] = d * k1 + v[j] * k2 + k3;
                     }
                 }
                 per_channel
