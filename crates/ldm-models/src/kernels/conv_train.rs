@@ -85,11 +85,6 @@ impl Geometry {
 /// fixed-size arrays (which the compiler turns into register shuffles), the ragged edges one
 /// element at a time.
 fn transpose<T: WithDType>(src: &[T], rows: usize, cols: usize, dst: &mut [T]) {
-    super::cpu::simd(|| transpose_body(src, rows, cols, dst))
-}
-
-#[inline(always)]
-fn transpose_body<T: WithDType>(src: &[T], rows: usize, cols: usize, dst: &mut [T]) {
     const B: usize = 8;
     let (rb, cb) = (rows / B * B, cols / B * B);
     for r0 in (0..rb).step_by(B) {

@@ -117,38 +117,6 @@ pub fn gemm(
     }
 }
 
-/// Runs `f` compiled for the widest vector instructions this CPU has (AVX-512, else AVX2 with
-/// FMA, else the baseline x86-64 the crate is built for): `f` and what it inlines — the
-/// `#[inline(always)]` loops of a kernel — vectorise with those registers. The choice is made at
-/// run time, so the binary still runs on any x86-64 (and elsewhere `f` runs as it is).
-#[inline(always)]
-pub fn simd<R>(f: impl FnOnce() -> R) -> R {
-    #[cfg(target_arch = "x86_64")]
-    {
-        #[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512dq,fma")]
-        unsafe fn avx512<R>(f: impl FnOnce() -> R) -> R {
-            f()
-        }
-        #[target_feature(enable = "avx2,fma")]
-        unsafe fn avx2<R>(f: impl FnOnce() -> R) -> R {
-            f()
-        }
-        if is_x86_feature_detected!("avx512f")
-            && is_x86_feature_detected!("avx512vl")
-            && is_x86_feature_detected!("avx512bw")
-            && is_x86_feature_detected!("avx512dq")
-        {
-            // SAFETY: the CPU has the features the function is compiled for.
-            return unsafe { avx512(f) };
-        }
-        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-            // SAFETY: as above.
-            return unsafe { avx2(f) };
-        }
-    }
-    f()
-}
-
 /// `Σ f(v)` in f64, kept in eight independent lanes (added in a fixed order, so the result is
 /// deterministic) so that the loop vectorises: a single accumulator is a chain of dependent
 /// adds the compiler may not reorder.

@@ -242,13 +242,11 @@ fn add_channel_bias<T: num_traits::Float + Send + Sync>(
 ) -> Vec<T> {
     let mut out = x.to_vec();
     out.par_chunks_mut((c * inner).max(1)).for_each(|block| {
-        cpu::simd(|| {
-            for (row, &bv) in block.chunks_mut(inner.max(1)).zip(b) {
-                for v in row {
-                    *v = *v + bv;
-                }
+        for (row, &bv) in block.chunks_mut(inner.max(1)).zip(b) {
+            for v in row {
+                *v = *v + bv;
             }
-        })
+        }
     });
     out
 }
@@ -264,29 +262,25 @@ fn channel_sums<T: num_traits::Float + Send + Sync>(
         (0..c)
             .into_par_iter()
             .map(|ch| {
-                cpu::simd(|| {
-                    (0..outer)
-                        .map(|o| {
-                            let start = (o * c + ch) * inner;
-                            lane_sum(&g[start..start + inner], f)
-                        })
-                        .sum()
-                })
+                (0..outer)
+                    .map(|o| {
+                        let start = (o * c + ch) * inner;
+                        lane_sum(&g[start..start + inner], f)
+                    })
+                    .sum()
             })
             .collect()
     } else {
         let band = (outer / (4 * rayon::current_num_threads()).max(1)).max(1);
         g.par_chunks((band * c * inner).max(1))
             .map(|block| {
-                cpu::simd(|| {
-                    let mut acc = vec![0f64; c];
-                    for row in block.chunks(c * inner) {
-                        for (a, ch) in acc.iter_mut().zip(row.chunks(inner.max(1))) {
-                            *a += lane_sum(ch, f);
-                        }
+                let mut acc = vec![0f64; c];
+                for row in block.chunks(c * inner) {
+                    for (a, ch) in acc.iter_mut().zip(row.chunks(inner.max(1))) {
+                        *a += lane_sum(ch, f);
                     }
-                    acc
-                })
+                }
+                acc
             })
             .reduce(
                 || vec![0f64; c],

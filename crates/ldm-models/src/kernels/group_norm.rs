@@ -130,22 +130,20 @@ fn forward<T: Float>(
         .zip(x.par_chunks(cg * s))
         .enumerate()
         .for_each(|(i, (o, v))| {
-            cpu::simd(|| {
-                let (mean, r) = stats(v, eps);
-                let g = i % groups;
-                for k in 0..cg {
-                    let ch = g * cg + k;
-                    let scale = w[ch].f() * r;
-                    let shift = b[ch].f() - mean * scale;
-                    let (scale, shift) = (T::of(scale), T::of(shift));
-                    for j in k * s..(k + 1) * s {
-                        o[j] = v[j] * scale + shift;
-                    }
+            let (mean, r) = stats(v, eps);
+            let g = i % groups;
+            for k in 0..cg {
+                let ch = g * cg + k;
+                let scale = w[ch].f() * r;
+                let shift = b[ch].f() - mean * scale;
+                let (scale, shift) = (T::of(scale), T::of(shift));
+                for j in k * s..(k + 1) * s {
+                    o[j] = v[j] * scale + shift;
                 }
-                if silu {
-                    T::silu_slice(o);
-                }
-            })
+            }
+            if silu {
+                T::silu_slice(o);
+            }
         });
     out
 }
@@ -169,66 +167,63 @@ fn backward<T: Float>(
         .zip(x.par_chunks(cg * s).zip(dy.par_chunks(cg * s)))
         .enumerate()
         .map(|(i, (dxg, (v, g)))| {
-            cpu::simd(|| {
-                let (mean, r) = stats(v, eps);
-                let grp = i % groups;
-                // After a SiLU: dn = dy·σ(n)·(1 + n·(1 − σ(n))), n recomputed as the forward did,
-                // written into this group's part of dx (no buffer of its own: a temporary per
-                // group churned glibc's per-thread heaps) and read from there below.
-                if let Some(beta) = beta {
-                    for k in 0..cg {
-                        let ch = grp * cg + k;
-                        let scale = w[ch].f() * r;
-                        let (scale, shift) = (T::of(scale), T::of(beta[ch].f() - mean * scale));
-                        for j in k * s..(k + 1) * s {
-                            dxg[j] = v[j] * scale + shift;
-                        }
-                    }
-                    T::silu_backward_slice(dxg, g);
-                }
-                let in_place = beta.is_some();
-                let m = (cg * s) as f64;
-                // Σ dy·x̂ and Σ dy per channel, in eight independent f64 lanes (as in `stats`) so
-                // that the loop vectorises; the group's Σ dy·γ and Σ dy·γ·x̂ follow from them.
-                let (mut sum_dxh, mut sum_dxh_xh) = (0f64, 0f64);
-                let mut per_channel = Vec::with_capacity(cg);
-                let grad: &[T] = if in_place { dxg } else { g };
+            let (mean, r) = stats(v, eps);
+            let grp = i % groups;
+            // After a SiLU: dn = dy·σ(n)·(1 + n·(1 − σ(n))), n recomputed as the forward did,
+            // written into this group's part of dx (no buffer of its own: a temporary per
+            // group churned glibc's per-thread heaps) and read from there below.
+            if let Some(beta) = beta {
                 for k in 0..cg {
-                    let gamma = w[grp * cg + k].f();
-                    let (vc, gc) = (&v[k * s..(k + 1) * s], &grad[k * s..(k + 1) * s]);
-                    let (mut lanes_g, mut lanes_b) = ([0f64; 8], [0f64; 8]);
-                    let (mut vs, mut gs) = (vc.chunks_exact(8), gc.chunks_exact(8));
-                    for (v8, g8) in (&mut vs).zip(&mut gs) {
-                        for l in 0..8 {
-                            let d = g8[l].f();
-                            lanes_g[l] += d * (v8[l].f() - mean) * r;
-                            lanes_b[l] += d;
-                        }
-                    }
-                    let (mut dgamma, mut dbeta) =
-                        (lanes_g.iter().sum::<f64>(), lanes_b.iter().sum());
-                    for (&x, &d) in vs.remainder().iter().zip(gs.remainder()) {
-                        dgamma += d.f() * (x.f() - mean) * r;
-                        dbeta += d.f();
-                    }
-                    sum_dxh += gamma * dbeta;
-                    sum_dxh_xh += gamma * dgamma;
-                    per_channel.push((dgamma, dbeta));
-                }
-                let (a, b) = (sum_dxh / m, sum_dxh_xh / m);
-                // dx = r·(dy·γ − a − x̂·b) = dy·(rγ) + x·(−r²b) + (r²b·μ − r·a): per channel an
-                // affine map of (dy, x) with constants in f64, the pass itself in T.
-                for k in 0..cg {
-                    let gamma = w[grp * cg + k].f();
-                    let (k1, k2) = (T::of(r * gamma), T::of(-r * r * b));
-                    let k3 = T::of(r * r * b * mean - r * a);
+                    let ch = grp * cg + k;
+                    let scale = w[ch].f() * r;
+                    let (scale, shift) = (T::of(scale), T::of(beta[ch].f() - mean * scale));
                     for j in k * s..(k + 1) * s {
-                        let d = if in_place { dxg[j] } else { g[j] };
-                        dxg[j] = d * k1 + v[j] * k2 + k3;
+                        dxg[j] = v[j] * scale + shift;
                     }
                 }
-                per_channel
-            })
+                T::silu_backward_slice(dxg, g);
+            }
+            let in_place = beta.is_some();
+            let m = (cg * s) as f64;
+            // Σ dy·x̂ and Σ dy per channel, in eight independent f64 lanes (as in `stats`) so
+            // that the loop vectorises; the group's Σ dy·γ and Σ dy·γ·x̂ follow from them.
+            let (mut sum_dxh, mut sum_dxh_xh) = (0f64, 0f64);
+            let mut per_channel = Vec::with_capacity(cg);
+            let grad: &[T] = if in_place { dxg } else { g };
+            for k in 0..cg {
+                let gamma = w[grp * cg + k].f();
+                let (vc, gc) = (&v[k * s..(k + 1) * s], &grad[k * s..(k + 1) * s]);
+                let (mut lanes_g, mut lanes_b) = ([0f64; 8], [0f64; 8]);
+                let (mut vs, mut gs) = (vc.chunks_exact(8), gc.chunks_exact(8));
+                for (v8, g8) in (&mut vs).zip(&mut gs) {
+                    for l in 0..8 {
+                        let d = g8[l].f();
+                        lanes_g[l] += d * (v8[l].f() - mean) * r;
+                        lanes_b[l] += d;
+                    }
+                }
+                let (mut dgamma, mut dbeta) = (lanes_g.iter().sum::<f64>(), lanes_b.iter().sum());
+                for (&x, &d) in vs.remainder().iter().zip(gs.remainder()) {
+                    dgamma += d.f() * (x.f() - mean) * r;
+                    dbeta += d.f();
+                }
+                sum_dxh += gamma * dbeta;
+                sum_dxh_xh += gamma * dgamma;
+                per_channel.push((dgamma, dbeta));
+            }
+            let (a, b) = (sum_dxh / m, sum_dxh_xh / m);
+            // dx = r·(dy·γ − a − x̂·b) = dy·(rγ) + x·(−r²b) + (r²b·μ − r·a): per channel an
+            // affine map of (dy, x) with constants in f64, the pass itself in T.
+            for k in 0..cg {
+                let gamma = w[grp * cg + k].f();
+                let (k1, k2) = (T::of(r * gamma), T::of(-r * r * b));
+                let k3 = T::of(r * r * b * mean - r * a);
+                for j in k * s..(k + 1) * s {
+                    let d = if in_place { dxg[j] } else { g[j] };
+                    dxg[j] = d * k1 + v[j] * k2 + k3;
+                }
+            }
+            per_channel
         })
         .collect();
     let mut dgamma = vec![0f64; c];

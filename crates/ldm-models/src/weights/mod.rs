@@ -522,9 +522,9 @@ pub fn component_files(dir: &Path) -> Result<Vec<PathBuf>> {
 /// ([`release_free_memory`] still returns it explicitly). Threads other than the main one (a
 /// training step's shards) allocate from arenas of 64 MB heaps, which glibc unmaps as soon as
 /// one falls empty, whatever the trim threshold — a live set that rises and falls across a
-/// heap's end maps, faults in and unmaps it again at every step (measured: 1363 unmaps of 64
-/// MB in 22 autoencoder steps, steps up to 1.7× slower, depending on where the boundaries
-/// fell); a top pad of a whole heap keeps such heaps. Call once at start-up; glibc only
+/// heap's end maps, faults in and unmaps it again at every step (docs/shapes-research.md,
+/// "Fused training kernels and the allocator"); a top pad of a whole heap keeps such heaps.
+/// Call once at start-up; glibc only
 /// (`mallopt`), a no-op elsewhere.
 pub fn keep_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
