@@ -196,7 +196,8 @@ pub struct UnetArgs {
     #[arg(long)]
     snr_weight_floor: Option<f64>,
     /// Weigh the latent cells the scene's objects cover 1 + this in the loss (each image's
-    /// weights averaging 1); 0 leaves the loss plain.
+    /// weights averaging 1); 0 leaves the loss plain. Experimental: it biases the model towards
+    /// larger and more objects (docs/shapes-research.md).
     #[arg(long, default_value_t = 0.0)]
     object_weight: f64,
     /// Start the U-Net's residual branches and its output convolution at zero (the resnets'

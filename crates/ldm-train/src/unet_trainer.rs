@@ -56,7 +56,10 @@ pub struct UnetOptions {
     /// Latent cells the scene's objects cover weigh `1 + object_weight` in the loss against 1
     /// for the background, each example's weights scaled to average 1 (0: off). An object
     /// covers 5–14 % of a Shapes picture, so under a plain loss the words that place it are
-    /// worth little against the background's.
+    /// worth little against the background's. A weight that depends on where the objects are
+    /// also moves the loss's optimum towards drawing them (docs/shapes-research.md, "Weighting
+    /// the objects in the loss": two objects came out as overlapping blobs), so it is off in
+    /// the recipe.
     pub object_weight: f64,
     pub grad_clip: f64,
     /// Start every residual branch's last layer and the output convolution at zero: the
