@@ -5,6 +5,33 @@
 
 use candle_core::{backend::BackendStorage, CpuStorage, Layout, Result};
 
+/// Defines `fn $name(args) { body }` compiled three times — for AVX-512, for AVX2 with FMA and
+/// for the baseline the crate is built for — and calls the widest the CPU has (detected at
+/// run time). The body's `#[inline(always)]` loops then vectorise with those registers.
+macro_rules! best_isa {
+    ($(#[$m:meta])* pub fn $name:ident($($a:ident: $t:ty),* $(,)?) $body:block) => {
+        $(#[$m])*
+        pub fn $name($($a: $t),*) {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f,avx512vl,fma")]
+                unsafe fn avx512($($a: $t),*) $body
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn avx2($($a: $t),*) $body
+                if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512vl") {
+                    // SAFETY: the CPU has the features the function is compiled for.
+                    return unsafe { avx512($($a),*) };
+                }
+                if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                    // SAFETY: as above.
+                    return unsafe { avx2($($a),*) };
+                }
+            }
+            $body
+        }
+    };
+}
+
 /// The elements of a contiguous tensor's storage; `op` names the kernel in the error.
 pub fn contiguous<'a, T>(s: &'a [T], l: &Layout, op: &str) -> Result<&'a [T]> {
     match l.contiguous_offsets() {
@@ -219,29 +246,12 @@ fn geglu_backward_body(h: &[f32], dy: &[f32], dh: &mut [f32]) {
     }
 }
 
-/// GEGLU's backward over one row: `h` is `[hidden | gate]`, `dy` the output gradient (half as
-/// long), `dh` receives `[d hidden | d gate]`; vectorised for the running CPU.
-pub fn geglu_backward_row(h: &[f32], dy: &[f32], dh: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        #[target_feature(enable = "avx512f,avx512vl,fma")]
-        unsafe fn avx512(h: &[f32], dy: &[f32], dh: &mut [f32]) {
-            geglu_backward_body(h, dy, dh)
-        }
-        #[target_feature(enable = "avx2,fma")]
-        unsafe fn avx2(h: &[f32], dy: &[f32], dh: &mut [f32]) {
-            geglu_backward_body(h, dy, dh)
-        }
-        if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512vl") {
-            // SAFETY: the CPU has the features the function is compiled for.
-            return unsafe { avx512(h, dy, dh) };
-        }
-        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-            // SAFETY: as above.
-            return unsafe { avx2(h, dy, dh) };
-        }
+best_isa! {
+    /// GEGLU's backward over one row: `h` is `[hidden | gate]`, `dy` the output gradient (half
+    /// as long), `dh` receives `[d hidden | d gate]`; vectorised for the running CPU.
+    pub fn geglu_backward_row(h: &[f32], dy: &[f32], dh: &mut [f32]) {
+        geglu_backward_body(h, dy, dh)
     }
-    geglu_backward_body(h, dy, dh)
 }
 
 /// `x·σ(1.702·x)` (OpenAI CLIP's activation) as `silu(1.702·x) / 1.702`.
@@ -259,31 +269,18 @@ fn map_body(v: &mut [f32], f: impl Fn(f32) -> f32) {
 
 macro_rules! vectorised_map {
     ($name:ident, $f:path) => {
-        /// Applies the function to every element, vectorised for the running CPU.
-        pub fn $name(v: &mut [f32]) {
-            #[cfg(target_arch = "x86_64")]
-            {
-                #[target_feature(enable = "avx512f,avx512vl,fma")]
-                unsafe fn avx512(v: &mut [f32]) {
-                    map_body(v, $f)
-                }
-                #[target_feature(enable = "avx2,fma")]
-                unsafe fn avx2(v: &mut [f32]) {
-                    map_body(v, $f)
-                }
-                if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512vl") {
-                    // SAFETY: the CPU has the features the function is compiled for.
-                    return unsafe { avx512(v) };
-                }
-                if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-                    // SAFETY: as above.
-                    return unsafe { avx2(v) };
-                }
+        best_isa! {
+            /// Applies the function to every element, vectorised for the running CPU.
+            pub fn $name(v: &mut [f32]) {
+                map_body(v, $f)
             }
-            map_body(v, $f)
         }
     };
 }
+
+vectorised_map!(silu_slice, silu);
+vectorised_map!(gelu_erf_slice, gelu_erf);
+vectorised_map!(quick_gelu_slice, quick_gelu);
 
 /// `dy · silu'(n)` = `dy·σ(n)·(1 + n·(1 − σ(n)))`: SiLU's backward at `n` for the output
 /// gradient `dy`.
@@ -305,33 +302,12 @@ fn zip_body(v: &mut [f32], w: &[f32], f: impl Fn(f32, f32) -> f32) {
     }
 }
 
-/// `v[i] = silu_backward(v[i], dy[i])` over two slices, vectorised for the running CPU.
-pub fn silu_backward_slice(v: &mut [f32], dy: &[f32]) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        #[target_feature(enable = "avx512f,avx512vl,fma")]
-        unsafe fn avx512(v: &mut [f32], dy: &[f32]) {
-            zip_body(v, dy, silu_backward)
-        }
-        #[target_feature(enable = "avx2,fma")]
-        unsafe fn avx2(v: &mut [f32], dy: &[f32]) {
-            zip_body(v, dy, silu_backward)
-        }
-        if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512vl") {
-            // SAFETY: the CPU has the features the function is compiled for.
-            return unsafe { avx512(v, dy) };
-        }
-        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-            // SAFETY: as above.
-            return unsafe { avx2(v, dy) };
-        }
+best_isa! {
+    /// `v[i] = silu_backward(v[i], dy[i])` over two slices, vectorised for the running CPU.
+    pub fn silu_backward_slice(v: &mut [f32], dy: &[f32]) {
+        zip_body(v, dy, silu_backward)
     }
-    zip_body(v, dy, silu_backward)
 }
-
-vectorised_map!(silu_slice, silu);
-vectorised_map!(gelu_erf_slice, gelu_erf);
-vectorised_map!(quick_gelu_slice, quick_gelu);
 
 /// [`silu_slice`], [`gelu_erf_slice`] or [`quick_gelu_slice`] over a large buffer, in parallel
 /// chunks.
