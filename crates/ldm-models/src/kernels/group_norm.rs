@@ -115,6 +115,29 @@ fn stats<T: Float>(v: &[T], eps: f64) -> (f64, f64) {
     (mean, 1.0 / (var + eps).sqrt())
 }
 
+/// `out = γ·x̂ + β` for one group `grp` of `cg` channels of `s` values (`x̂ = (v − mean)·r`, as a
+/// per-channel scale and shift): the forward's output before any SiLU, and what the backward
+/// recomputes after one — the same arithmetic, so the same values.
+#[inline(always)]
+fn normalise_group<T: Float>(
+    v: &[T],
+    out: &mut [T],
+    (w, b): (&[T], &[T]),
+    grp: usize,
+    (cg, s): (usize, usize),
+    (mean, r): (f64, f64),
+) {
+    for k in 0..cg {
+        let ch = grp * cg + k;
+        let scale = w[ch].f() * r;
+        let shift = b[ch].f() - mean * scale;
+        let (scale, shift) = (T::of(scale), T::of(shift));
+        for j in k * s..(k + 1) * s {
+            out[j] = v[j] * scale + shift;
+        }
+    }
+}
+
 fn forward<T: Float>(
     x: &[T],
     w: &[T],
@@ -131,16 +154,7 @@ fn forward<T: Float>(
         .enumerate()
         .for_each(|(i, (o, v))| {
             let (mean, r) = stats(v, eps);
-            let g = i % groups;
-            for k in 0..cg {
-                let ch = g * cg + k;
-                let scale = w[ch].f() * r;
-                let shift = b[ch].f() - mean * scale;
-                let (scale, shift) = (T::of(scale), T::of(shift));
-                for j in k * s..(k + 1) * s {
-                    o[j] = v[j] * scale + shift;
-                }
-            }
+            normalise_group(v, o, (w, b), i % groups, (cg, s), (mean, r));
             if silu {
                 T::silu_slice(o);
             }
@@ -173,14 +187,7 @@ fn backward<T: Float>(
             // written into this group's part of dx (no buffer of its own: a temporary per
             // group churned glibc's per-thread heaps) and read from there below.
             if let Some(beta) = beta {
-                for k in 0..cg {
-                    let ch = grp * cg + k;
-                    let scale = w[ch].f() * r;
-                    let (scale, shift) = (T::of(scale), T::of(beta[ch].f() - mean * scale));
-                    for j in k * s..(k + 1) * s {
-                        dxg[j] = v[j] * scale + shift;
-                    }
-                }
+                normalise_group(v, dxg, (w, beta), grp, (cg, s), (mean, r));
                 T::silu_backward_slice(dxg, g);
             }
             let in_place = beta.is_some();

@@ -1,6 +1,7 @@
 //! Group normalisation (Wu & He 2018), diffusers' `GroupNorm` layer. On the CPU in f32 and f64
 //! it runs the fused kernel of [`crate::kernels::group_norm`] (forward and backward in one pass
-//! each, SiLU fused for inference); other devices and dtypes use candle's composition.
+//! each, optionally with the SiLU that follows it fused in); other devices and dtypes use
+//! candle's composition.
 
 use crate::kernels::group_norm::GroupNormOp;
 use candle_core::{DType, Result, Tensor};
@@ -64,13 +65,8 @@ impl GroupNorm {
             eps: self.eps,
             silu: true,
         };
-        let tracked = x.track_op() || self.weight.track_op() || self.bias.track_op();
-        if tracked {
-            x.contiguous()?.apply_op3(&self.weight, &self.bias, op)
-        } else {
-            x.contiguous()?
-                .apply_op3_no_bwd(&self.weight, &self.bias, &op)
-        }
+        // candle records the op for the backward only when an input takes a gradient.
+        x.contiguous()?.apply_op3(&self.weight, &self.bias, op)
     }
 }
 

@@ -105,11 +105,8 @@ impl Module for LayerNorm {
 pub fn geglu(h: &Tensor) -> Result<Tensor> {
     let half = h.dim(D::Minus1)? / 2;
     if h.device().is_cpu() && h.dtype() == DType::F32 {
-        return if h.track_op() {
-            h.contiguous()?.apply_op1(Geglu)
-        } else {
-            h.contiguous()?.apply_op1_no_bwd(&Geglu)
-        };
+        // Recorded for the backward only when `h` takes a gradient.
+        return h.contiguous()?.apply_op1(Geglu);
     }
     let (hidden, gate) = (
         h.narrow(D::Minus1, 0, half)?,
