@@ -64,17 +64,19 @@ pub struct LcmArgs {
     /// Training steps.
     #[arg(long)]
     steps: Option<usize>,
-    /// Width of the guidance embedding (time_cond_proj_dim).
-    #[arg(long)]
+    /// Width of the guidance embedding (time_cond_proj_dim; LCM-LoRA has none).
+    #[arg(long, conflicts_with = "lora")]
     embedding_dim: Option<usize>,
     /// Points of the DDIM skeleton (original_inference_steps).
     #[arg(long)]
     skeleton: Option<usize>,
-    /// Decay of the target network (an EMA of the student; what is written out).
-    #[arg(long)]
+    /// Decay of the target network (an EMA of the student; what is written out). LCM-LoRA's
+    /// target is the student itself, as in diffusers' script.
+    #[arg(long, conflicts_with = "lora")]
     target_decay: Option<f64>,
-    /// Sampling steps the student's folder defaults to.
-    #[arg(long)]
+    /// Sampling steps the student's folder defaults to (LCM-LoRA writes a LoRA file, no
+    /// folder).
+    #[arg(long, conflicts_with = "lora")]
     default_steps: Option<usize>,
     /// LCM-LoRA: train rank-RANK LoRA factors on the teacher (no guidance embedding) and
     /// write OUT/pytorch_lora_weights.safetensors instead of a model folder.

@@ -1039,7 +1039,9 @@ fn guidance_distillation_makes_a_one_pass_student() {
     // Latent consistency distillation: an LCMScheduler folder that samples at its own
     // default steps with one pass a step.
     let lcm = dir.path().join("lcm");
-    let lcm_args = |teacher: &Path, out: &Path, extra: &[&str]| -> Vec<String> {
+    // `ldm distill lcm` for a few steps: `lora_args` as LCM-LoRA takes them, `lcm_args` with
+    // the full student's small guidance embedding and its default steps too.
+    let lora_args = |teacher: &Path, out: &Path, extra: &[&str]| -> Vec<String> {
         let mut v: Vec<String> = [
             "distill",
             "lcm",
@@ -1053,16 +1055,16 @@ fn guidance_distillation_makes_a_one_pass_student() {
             "3",
             "--pool",
             "8",
-            "--embedding-dim",
-            "16",
-            "--default-steps",
-            "2",
         ]
         .iter()
         .map(|a| a.to_string())
         .collect();
         v.extend(extra.iter().map(|a| a.to_string()));
         v
+    };
+    let lcm_args = |teacher: &Path, out: &Path, extra: &[&str]| -> Vec<String> {
+        let full = ["--embedding-dim", "16", "--default-steps", "2"];
+        lora_args(teacher, out, &[&full[..], extra].concat())
     };
     let (ok, out, err) = ldm(&as_strs(&lcm_args(&teacher, &lcm, &[])));
     assert!(ok, "{err}");
@@ -1163,21 +1165,23 @@ fn guidance_distillation_makes_a_one_pass_student() {
         &as_strs(&lcm_args(&teacher, &fresh, &["--own-states", "2"])),
         "own-state share 2",
     );
-    refuse(
-        &as_strs(&lcm_args(
-            &teacher,
-            &fresh,
-            &["--lora", "2", "--own-states", "0.5"],
-        )),
-        "cannot be used with",
-    );
+    // Options LCM-LoRA has no use for are refused, not silently ignored.
+    for extra in [
+        ["--own-states", "0.5"],
+        ["--target-decay", "0"],
+        ["--embedding-dim", "64"],
+        ["--default-steps", "2"],
+    ] {
+        let args = lora_args(&teacher, &fresh, &[&["--lora", "2"][..], &extra].concat());
+        refuse(&as_strs(&args), "cannot be used with");
+    }
     let (ok, _, err) = ldm(&as_strs(&lcm_args(&teacher, &student, &[])));
     assert!(!ok && err.contains("a checkpoint of `guidance`"), "{err}");
 
     // LCM-LoRA: a LoRA file in diffusers' naming that `ldm generate --lora` merges into the
     // teacher and samples with LCM.
     let lcm_lora = dir.path().join("lcm-lora");
-    let (ok, out, err) = ldm(&as_strs(&lcm_args(&teacher, &lcm_lora, &["--lora", "2"])));
+    let (ok, out, err) = ldm(&as_strs(&lora_args(&teacher, &lcm_lora, &["--lora", "2"])));
     assert!(ok, "{err}");
     assert!(out.contains("LCM-LoRA: 3 steps"), "{out}");
     let file = lcm_lora.join("pytorch_lora_weights.safetensors");
@@ -1211,11 +1215,11 @@ fn guidance_distillation_makes_a_one_pass_student() {
     ]);
     assert!(ok, "{err}");
     refuse(
-        &as_strs(&lcm_args(&teacher, &fresh, &["--lora", "0"])),
+        &as_strs(&lora_args(&teacher, &fresh, &["--lora", "0"])),
         "rank of 0",
     );
     refuse(
-        &as_strs(&lcm_args(&teacher, &fresh, &["--lora", "100000"])),
+        &as_strs(&lora_args(&teacher, &fresh, &["--lora", "100000"])),
         "above the width",
     );
     // A LoRA file that is not one, or names layers the model lacks: refused.
