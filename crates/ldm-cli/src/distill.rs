@@ -70,9 +70,10 @@ pub struct LcmArgs {
     /// Points of the DDIM skeleton (original_inference_steps).
     #[arg(long)]
     skeleton: Option<usize>,
-    /// Decay of the target network (an EMA of the student; what is written out). LCM-LoRA's
-    /// target is the student itself, as in diffusers' script.
-    #[arg(long, conflicts_with = "lora")]
+    /// Decay of the target network, an EMA of the student (with --lora, of the factors) and
+    /// what is written out [default: 0.95; with --lora 0: the student itself, as diffusers'
+    /// LCM-LoRA script].
+    #[arg(long)]
     target_decay: Option<f64>,
     /// Sampling steps the student's folder defaults to (LCM-LoRA writes a LoRA file, no
     /// folder).
@@ -114,7 +115,7 @@ fn lcm_options(a: &LcmArgs) -> Result<LcmOptions> {
         scales: scale_range(c.scales.as_deref(), d.scales)?,
         embedding_dim: a.embedding_dim.unwrap_or(d.embedding_dim),
         skeleton: a.skeleton.unwrap_or(d.skeleton),
-        target_decay: a.target_decay.unwrap_or(d.target_decay),
+        target_decay: a.target_decay,
         default_steps: a.default_steps.unwrap_or(d.default_steps),
         lora: a.lora,
         init: a.init.clone(),

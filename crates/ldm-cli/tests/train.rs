@@ -1168,7 +1168,6 @@ fn guidance_distillation_makes_a_one_pass_student() {
     // Options LCM-LoRA has no use for are refused, not silently ignored.
     for extra in [
         ["--own-states", "0.5"],
-        ["--target-decay", "0"],
         ["--embedding-dim", "64"],
         ["--default-steps", "2"],
     ] {
@@ -1195,6 +1194,28 @@ fn guidance_distillation_makes_a_one_pass_student() {
     assert!(
         names.iter().any(|n| n.ends_with("conv1.lora_B.weight")),
         "{names:?}"
+    );
+    // With a target decay the EMA of the factors is the target and what is written: the same
+    // names, other values than the online factors of the same run.
+    let ema_run = dir.path().join("lcm-lora-ema");
+    let args = lora_args(
+        &teacher,
+        &ema_run,
+        &["--lora", "2", "--target-decay", "0.5"],
+    );
+    let (ok, _, err) = ldm(&as_strs(&args));
+    assert!(ok, "{err}");
+    let (online, ema) = (
+        safetensors_tensors(&file),
+        safetensors_tensors(&ema_run.join("pytorch_lora_weights.safetensors")),
+    );
+    assert_eq!(
+        online.keys().collect::<Vec<_>>(),
+        ema.keys().collect::<Vec<_>>()
+    );
+    assert!(
+        online.iter().any(|(k, v)| v != &ema[k]),
+        "the EMA is the online factors"
     );
     let png = dir.path().join("lcm-lora.png");
     let (ok, _, err) = ldm(&[

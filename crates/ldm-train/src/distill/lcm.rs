@@ -23,7 +23,7 @@ use super::{
 };
 use crate::checkpoint::TrainingState;
 use crate::noise::TrainRng;
-use crate::optim::{warmup_cosine, AdamW, AdamWConfig};
+use crate::optim::{warmup_cosine, AdamW, AdamWConfig, Ema};
 use crate::parallel::sharded_loss_and_grads;
 use crate::{Error, Progress, Result};
 use candle_core::{DType, Device, Tensor, Var};
@@ -57,8 +57,10 @@ pub struct LcmOptions {
     pub timestep_scaling: f64,
     /// The pseudo-Huber loss's c.
     pub huber_c: f64,
-    /// Decay of the target network (an EMA of the student).
-    pub target_decay: f64,
+    /// Decay of the target network, an EMA of the student (of the factors with `lora`), which
+    /// is also what is written out; `None`: 0.95 for a full student, 0 with `lora` — the
+    /// student itself, as in diffusers' LCM-LoRA script ([`LcmOptions::target_decay`]).
+    pub target_decay: Option<f64>,
     pub grad_clip: f64,
     pub seed: u64,
     pub pool: usize,
@@ -89,7 +91,7 @@ impl Default for LcmOptions {
             skeleton: 50,
             timestep_scaling: 10.0,
             huber_c: 0.001,
-            target_decay: 0.95,
+            target_decay: None,
             grad_clip: 1.0,
             seed: 0,
             pool: 4096,
@@ -104,6 +106,12 @@ impl Default for LcmOptions {
 }
 
 impl LcmOptions {
+    /// The target network's decay: as given, or the default of the kind of student.
+    pub fn target_decay(&self) -> f64 {
+        self.target_decay
+            .unwrap_or(if self.lora.is_some() { 0.0 } else { 0.95 })
+    }
+
     pub fn check(&self, train_steps: usize) -> Result<()> {
         if self.steps == 0 || self.batch == 0 || self.pool == 0 {
             return Err(Error::Msg(
@@ -146,12 +154,15 @@ impl LcmOptions {
         if !(positive(self.lr)
             && positive(self.huber_c)
             && positive(self.timestep_scaling)
-            && (0.0..1.0).contains(&self.target_decay))
+            && (0.0..1.0).contains(&self.target_decay()))
         {
             return Err(Error::Msg(format!(
                 "learning rate {}, Huber c {}, timestep scaling {}, target decay {}: the first \
                  three must be positive, the decay in [0, 1)",
-                self.lr, self.huber_c, self.timestep_scaling, self.target_decay
+                self.lr,
+                self.huber_c,
+                self.timestep_scaling,
+                self.target_decay()
             )));
         }
         Ok(())
@@ -413,7 +424,7 @@ pub fn distill_lcm(
         opts.steps,
         opts.checkpoint_every,
         opts.seed,
-        opts.target_decay,
+        opts.target_decay(),
         device,
     )?;
     let data = LatentPool::encode(&teacher, opts.pool, opts.seed, device)?;
@@ -481,7 +492,8 @@ pub const LORA_FILE: &str = "pytorch_lora_weights.safetensors";
 /// LCM-LoRA (Luo et al. 2023b): rank-`rank` LoRA factors on the teacher's U-Net layers of
 /// [`UNET_TARGETS`](ldm_models::lora::UNET_TARGETS), no guidance embedding (the teacher's
 /// scale is still drawn per example), and the student itself, without gradients, as the
-/// target network. A starts as PEFT's default (variance 1/(3·fan_in)), B at zero, α = r.
+/// target network — or with a target decay, an EMA of the factors, which is then also what
+/// is written. A starts as PEFT's default (variance 1/(3·fan_in)), B at zero, α = r.
 /// The student is a second U-Net on the teacher's weights with the factors beside its layers
 /// (only they take gradients), built once on the same tensors as the teacher.
 fn distill_lcm_lora(
@@ -543,6 +555,8 @@ fn distill_lcm_lora(
         ));
     }
     let mut opt = AdamW::new(params.clone(), AdamWConfig::default())?;
+    let decay = opts.target_decay();
+    let mut ema = Ema::new(&params, decay)?;
     std::fs::create_dir_all(out)?;
     let mut state = TrainingState::resume_or_start(
         &out.join("distill-train"),
@@ -551,7 +565,7 @@ fn distill_lcm_lora(
         opts.steps,
         opts.seed,
         &mut [&mut opt],
-        None,
+        (decay > 0.0).then_some(&mut ema),
         device,
     )?;
     let data = LatentPool::encode(teacher, opts.pool, opts.seed, device)?;
@@ -574,20 +588,53 @@ fn distill_lcm_lora(
         let key = name.strip_prefix("unet.").unwrap_or(name);
         tensors.insert(key.to_string(), var.as_tensor().clone());
     }
+    let plain = tensors.clone();
     let student = unet_from(tensors, &cfg, device)?;
+    let with_factors = |values: &[Tensor]| -> Result<UNet2DConditionModel> {
+        let mut t = plain.clone();
+        for ((name, _), v) in params.iter().zip(values) {
+            let key = name.strip_prefix("unet.").unwrap_or(name);
+            t.insert(key.to_string(), v.clone());
+        }
+        unet_from(t, &cfg, device)
+    };
     while state.step < opts.steps {
         let step = state.step;
         let batch = lcm.draw(&mut state.rng, None, device)?;
-        // The target is the student itself, its output detached.
+        let target = if decay > 0.0 {
+            Some(with_factors(&ema.shadow)?)
+        } else {
+            None
+        };
+        // The target: the EMA's factors, or the student itself (its output detached).
         let (loss, grads) = sharded_loss_and_grads(opts.shards, opts.batch, &params, |r| {
-            lcm.shard_loss(&batch, r, &student, &student)
+            lcm.shard_loss(&batch, r, &student, target.as_ref().unwrap_or(&student))
         })?;
         let lr = warmup_cosine(step, opts.lr, opts.warmup, opts.steps, 0.1);
-        state.update(&loss, grads, &mut opt, None, lr, opts.grad_clip, progress)?;
+        let ema_now = (decay > 0.0).then_some(&mut ema);
+        state.update(
+            &loss,
+            grads,
+            &mut opt,
+            ema_now,
+            lr,
+            opts.grad_clip,
+            progress,
+        )?;
     }
     let tensors: Vec<(String, Tensor)> = params
         .iter()
-        .map(|(name, v)| (name.clone(), v.as_tensor().detach()))
+        .zip(&ema.shadow)
+        .map(|((name, v), e)| {
+            (
+                name.clone(),
+                if decay > 0.0 {
+                    e.clone()
+                } else {
+                    v.as_tensor().detach()
+                },
+            )
+        })
         .collect();
     crate::io::write_safetensors(&out.join(LORA_FILE), &tensors)?;
     Ok(LcmReport {
@@ -665,7 +712,7 @@ mod tests {
                 ..ok.clone()
             },
             LcmOptions {
-                target_decay: 1.0,
+                target_decay: Some(1.0),
                 ..ok.clone()
             },
             LcmOptions {
