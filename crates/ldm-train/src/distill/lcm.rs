@@ -581,28 +581,22 @@ fn distill_lcm_lora(
         phi: teacher.components.default_guidance_rescale(),
         embedding: None,
     };
-    // The student: the teacher's weights with the factors beside each adapted layer (α/r = 1),
-    // built once; the optimiser updates the factors in place.
-    let mut tensors = base;
-    for (name, var) in &params {
-        let key = name.strip_prefix("unet.").unwrap_or(name);
-        tensors.insert(key.to_string(), var.as_tensor().clone());
-    }
-    let plain = tensors.clone();
-    let student = unet_from(tensors, &cfg, device)?;
-    let with_factors = |values: &[Tensor]| -> Result<UNet2DConditionModel> {
-        let mut t = plain.clone();
+    // The teacher's weights with factors (one value a parameter) beside each adapted layer
+    // (α/r = 1).
+    let with_factors = |values: Vec<Tensor>| -> Result<UNet2DConditionModel> {
+        let mut tensors = base.clone();
         for ((name, _), v) in params.iter().zip(values) {
-            let key = name.strip_prefix("unet.").unwrap_or(name);
-            t.insert(key.to_string(), v.clone());
+            tensors.insert(name.strip_prefix("unet.").unwrap_or(name).to_string(), v);
         }
-        unet_from(t, &cfg, device)
+        unet_from(tensors, &cfg, device)
     };
+    // The student, built once on the factors' variables: the optimiser updates them in place.
+    let student = with_factors(params.iter().map(|(_, v)| v.as_tensor().clone()).collect())?;
     while state.step < opts.steps {
         let step = state.step;
         let batch = lcm.draw(&mut state.rng, None, device)?;
         let target = if decay > 0.0 {
-            Some(with_factors(&ema.shadow)?)
+            Some(with_factors(ema.shadow.clone())?)
         } else {
             None
         };
