@@ -180,8 +180,8 @@ def main():
             rows.append((f"autoencoder ({side} px)", b, t_ldm, t_pt, t_ldm_bf, t_bf))
 
     lines = [
-        f"Training step on {args.device}, {args.threads} threads, median of {args.steps} steps "
-        f"(torch {torch.__version__}); samples/s, ratio = ldm / PyTorch",
+        f"Training step on {args.device} ({cpu_description()}), {args.threads} threads, median of "
+        f"{args.steps} steps (torch {torch.__version__}); samples/s, ratio = ldm / PyTorch",
         "",
         "| model | batch | ldm f32 | PyTorch f32 | ratio | ldm bf16 products | PyTorch bf16 autocast "
         "| ratio (bf16) | ldm bf16 / PyTorch f32 |",
@@ -212,6 +212,22 @@ def bf16_run(cmd, out):
         shutil.copytree(Path(out) / "vae", fresh / "vae")
     cmd[i + 1] = str(fresh)
     return cmd + ["--mixed-precision", "bf16"]
+
+
+def cpu_description():
+    """The CPU's name, family/model and the features the ratios depend on (the same build is
+    faster or slower than PyTorch on different CPUs, and bf16 products pay on some only)."""
+    info = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            info.setdefault(key.strip(), value.strip())
+    except OSError:
+        return "CPU unknown"
+    flags = set(info.get("flags", "").split())
+    has = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
+    return (f"{info.get('model name', '?')}, family {info.get('cpu family', '?')} model "
+            f"{info.get('model', '?')}, {' '.join(has) or 'no AVX2'}")
 
 
 def subprocess_median(cmd, env):
