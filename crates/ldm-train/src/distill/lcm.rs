@@ -555,8 +555,13 @@ fn distill_lcm_lora(
         ));
     }
     let mut opt = AdamW::new(params.clone(), AdamWConfig::default())?;
+    // With a decay, an EMA of the factors is the target network and what is written.
     let decay = opts.target_decay();
-    let mut ema = Ema::new(&params, decay)?;
+    let mut ema = if decay > 0.0 {
+        Some(Ema::new(&params, decay)?)
+    } else {
+        None
+    };
     std::fs::create_dir_all(out)?;
     let mut state = TrainingState::resume_or_start(
         &out.join("distill-train"),
@@ -565,7 +570,7 @@ fn distill_lcm_lora(
         opts.steps,
         opts.seed,
         &mut [&mut opt],
-        (decay > 0.0).then_some(&mut ema),
+        ema.as_mut(),
         device,
     )?;
     let data = LatentPool::encode(teacher, opts.pool, opts.seed, device)?;
@@ -595,40 +600,26 @@ fn distill_lcm_lora(
     while state.step < opts.steps {
         let step = state.step;
         let batch = lcm.draw(&mut state.rng, None, device)?;
-        let target = if decay > 0.0 {
-            Some(with_factors(ema.shadow.clone())?)
-        } else {
-            None
+        let target = match &ema {
+            Some(ema) => Some(with_factors(ema.shadow.clone())?),
+            None => None,
         };
         // The target: the EMA's factors, or the student itself (its output detached).
         let (loss, grads) = sharded_loss_and_grads(opts.shards, opts.batch, &params, |r| {
             lcm.shard_loss(&batch, r, &student, target.as_ref().unwrap_or(&student))
         })?;
         let lr = warmup_cosine(step, opts.lr, opts.warmup, opts.steps, 0.1);
-        let ema_now = (decay > 0.0).then_some(&mut ema);
-        state.update(
-            &loss,
-            grads,
-            &mut opt,
-            ema_now,
-            lr,
-            opts.grad_clip,
-            progress,
-        )?;
+        let ema = ema.as_mut();
+        state.update(&loss, grads, &mut opt, ema, lr, opts.grad_clip, progress)?;
     }
+    let values: Vec<Tensor> = match ema {
+        Some(ema) => ema.shadow,
+        None => params.iter().map(|(_, v)| v.as_tensor().detach()).collect(),
+    };
     let tensors: Vec<(String, Tensor)> = params
         .iter()
-        .zip(&ema.shadow)
-        .map(|((name, v), e)| {
-            (
-                name.clone(),
-                if decay > 0.0 {
-                    e.clone()
-                } else {
-                    v.as_tensor().detach()
-                },
-            )
-        })
+        .map(|(name, _)| name.clone())
+        .zip(values)
         .collect();
     crate::io::write_safetensors(&out.join(LORA_FILE), &tensors)?;
     Ok(LcmReport {
