@@ -201,6 +201,11 @@ pub struct UnetArgs {
     /// larger and more objects (docs/shapes-research.md).
     #[arg(long, default_value_t = 0.0)]
     object_weight: f64,
+    /// Weight of a token-level grounding loss (TokenCompose's): each object word's
+    /// cross-attention should fall on its object, the position word's included; 0 leaves it
+    /// out. Experimental (docs/shapes-research.md).
+    #[arg(long, default_value_t = 0.0)]
+    attention_grounding: f64,
     /// Start the U-Net's residual branches and its output convolution at zero (the resnets'
     /// conv2, the transformers' proj_out, conv_out), as the latent-diffusion code does.
     #[arg(long)]
@@ -372,6 +377,7 @@ fn unet_options(a: &UnetArgs) -> Result<UnetOptions> {
         min_snr_gamma: a.min_snr_gamma,
         snr_weight_floor: a.snr_weight_floor,
         object_weight: a.object_weight,
+        attention_grounding: a.attention_grounding,
         zero_init: a.zero_init,
         zero_terminal_snr: a.zero_terminal_snr,
         pool: a.pool.unwrap_or(d.pool),
@@ -399,6 +405,9 @@ fn unet_options(a: &UnetArgs) -> Result<UnetOptions> {
             .is_some_and(|f| !(f.is_finite() && f > 0.0))
     {
         bail!("--min-snr-gamma and --snr-weight-floor must be positive numbers");
+    }
+    if !(opts.attention_grounding.is_finite() && opts.attention_grounding >= 0.0) {
+        bail!("--attention-grounding must be a finite number ≥ 0");
     }
     if !(opts.object_weight.is_finite() && opts.object_weight >= 0.0) {
         bail!("--object-weight must be a finite number ≥ 0");

@@ -338,6 +338,89 @@ fn bf16_products_train_close_to_the_f32_curve() {
     assert!(png.exists());
 }
 
+/// `--attention-grounding W` adds W × the grounding loss (each object word's attention off its
+/// object, in [0, 1]) to the U-Net's: the first step, on the same weights and batch, costs more
+/// by a share of W, and the run writes a model that generates.
+#[test]
+fn attention_grounding_adds_its_term_to_the_loss() {
+    let dir = tempfile::tempdir().unwrap();
+    let vae = dir.path().join("vae");
+    let (ok, _, err) = ldm(&[
+        "train",
+        "vae",
+        "--miniature",
+        "--steps",
+        "2",
+        "--held-out",
+        "4",
+        "--out",
+        s(&vae),
+    ]);
+    assert!(ok, "{err}");
+    let first_losses = |weight: &str| -> Vec<f64> {
+        let out = dir.path().join(format!("unet-{weight}"));
+        copy_dir(&vae.join("vae"), &out.join("vae"));
+        let (ok, _, err) = ldm(&[
+            "train",
+            "unet",
+            "--miniature",
+            "--steps",
+            "3",
+            "--batch",
+            "4",
+            "--pool",
+            "16",
+            "--caption-dropout",
+            "0",
+            "--attention-grounding",
+            weight,
+            "--out",
+            s(&out),
+        ]);
+        assert!(ok, "{weight}: {err}");
+        std::fs::read_to_string(out.join("unet-train/losses.csv"))
+            .unwrap()
+            .lines()
+            .skip(1)
+            .map(|l| l.split(',').nth(1).unwrap().parse().unwrap())
+            .collect()
+    };
+    let (plain, grounded) = (first_losses("0"), first_losses("2"));
+    let extra = grounded[0] - plain[0];
+    assert!(
+        extra > 0.05 && extra <= 2.0,
+        "{plain:?} against {grounded:?}"
+    );
+    assert!(
+        grounded[2] != plain[2] + extra,
+        "the term changes the training, not only the loss"
+    );
+    let png = dir.path().join("grounded.png");
+    let model = dir.path().join("unet-2");
+    let (ok, _, err) = ldm(&[
+        "generate",
+        "a red circle",
+        "--model",
+        s(&model),
+        "--steps",
+        "2",
+        "--out",
+        s(&png),
+    ]);
+    assert!(ok && png.exists(), "{err}");
+    let (ok, _, err) = ldm(&[
+        "train",
+        "unet",
+        "--attention-grounding=-1",
+        "--out",
+        s(&model),
+    ]);
+    assert!(
+        !ok && err.contains("--attention-grounding must be"),
+        "{err}"
+    );
+}
+
 /// The autoencoder's batch split over threads trains the same model as one thread: the shards'
 /// losses are their parts of the batch means, so the gradient is the whole batch's.
 #[test]

@@ -50,12 +50,109 @@ pub fn pixel_weighted_mse_share(
     Ok(((per_example * weights)?.sum_all()? / b as f64)?)
 }
 
+/// Token-level grounding (TokenCompose, Wang et al. 2024, its token loss): for each object
+/// word, the share of its cross-attention that falls on its object, `Σ A·M / Σ A` over the
+/// layer's query positions, and the loss `(1 − share)²`, summed over the chosen words of each
+/// example. `map`: one layer's recorded attention `[n, Lq, Lk]` (Lq = r², r dividing the
+/// masks' side), `masks`: `[n, J, h, h]` each object's latent-grid coverage, `chosen`:
+/// `[n, J, Lk]` in {0, 1}, which tokens name object j. Returns `[n]`.
+///
+/// The denoising target is untouched: this teaches where the words' attention goes — at pure
+/// noise, where the caption alone can say where an object is, to the region its position word
+/// names — which the denoising loss rewards too little to learn (docs/shapes-research.md).
+pub fn grounding_per_example(map: &Tensor, masks: &Tensor, chosen: &Tensor) -> Result<Tensor> {
+    let (n, lq, _) = map.dims3()?;
+    let (_, j, h, _) = masks.dims4()?;
+    let r = (lq as f64).sqrt().round() as usize;
+    let masks = if r == h {
+        masks.clone()
+    } else {
+        masks.avg_pool2d(h / r)?
+    };
+    let masks = masks.reshape((n, j, r * r))?.contiguous()?;
+    let inside = masks.matmul(&map.contiguous()?)?; // [n, J, Lk]
+    let total = (map.sum_keepdim(1)? + 1e-8)?; // [n, 1, Lk]
+    let share = inside.broadcast_div(&total)?;
+    let miss = share.affine(-1.0, 1.0)?.sqr()?;
+    Ok((miss * chosen)?.flatten_from(1)?.sum(1)?)
+}
+
+/// A shard's part of a batch of `b`'s grounding loss: each example's
+/// [`grounding_per_example`] summed over the recorded layers `maps` and divided by its chosen
+/// words × layers (a mean; 0 for an example with none), summed over the shard, divided by `b`.
+pub fn grounding_share(
+    maps: &[Tensor],
+    masks: &Tensor,
+    chosen: &Tensor,
+    b: usize,
+) -> Result<Tensor> {
+    let words = (chosen.flatten_from(1)?.sum(1)? * maps.len() as f64)?.maximum(1.0)?;
+    let mut sum = masks.zeros_like()?.flatten_from(1)?.sum(1)?;
+    for map in maps {
+        sum = (sum + grounding_per_example(map, masks, chosen)?)?;
+    }
+    Ok(((sum / words)?.sum_all()? / b as f64)?)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use candle_core::Device;
 
     /// Shares of a split batch add up to the whole batch's weighted mean.
+    /// Attention wholly on the object costs nothing; wholly off it, 1 a chosen word; the
+    /// loss's gradient agrees with finite differences of the attention logits.
+    #[test]
+    fn grounding_counts_attention_off_the_object() -> Result<()> {
+        use candle_core::Var;
+        let dev = Device::Cpu;
+        // 1 example, 2 × 2 queries, 3 tokens; object 0 covers the top row, object 1 nothing.
+        let masks =
+            Tensor::new(&[1f64, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0], &dev)?.reshape((1, 2, 2, 2))?;
+        let chosen = Tensor::new(&[0f64, 1.0, 0.0, 0.0, 0.0, 0.0], &dev)?.reshape((1, 2, 3))?;
+        let on = Tensor::new(
+            &[0f64, 1.0, 0.0, 0.0, 1.0, 0.0, 1.0, 0.0, 0.0, 1.0, 0.0, 0.0],
+            &dev,
+        )?
+        .reshape((1, 4, 3))?;
+        let off = Tensor::new(
+            &[1f64, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 1.0, 0.0],
+            &dev,
+        )?
+        .reshape((1, 4, 3))?;
+        let v = |t: Tensor| -> Result<f64> { Ok(t.to_vec1::<f64>()?[0]) };
+        assert!(v(grounding_per_example(&on, &masks, &chosen)?)?.abs() < 1e-12);
+        assert!((v(grounding_per_example(&off, &masks, &chosen)?)? - 1.0).abs() < 1e-6);
+        // One word, two layers (one on, one off): a mean of 0.5, over a batch of 2.
+        let share = grounding_share(&[on.clone(), off.clone()], &masks, &chosen, 2)?;
+        assert!((share.to_scalar::<f64>()? - 0.25).abs() < 1e-9);
+        // Gradient through a softmax over the tokens, against finite differences, in f64.
+        let logits = Var::from_tensor(&Tensor::randn(0f64, 1.0, (1, 4, 3), &dev)?)?;
+        let loss = |l: &Tensor| -> Result<Tensor> {
+            let map = ldm_models::layers::ops::softmax_last_dim(l)?;
+            Ok(grounding_per_example(&map, &masks, &chosen)?.sum_all()?)
+        };
+        let grads = loss(logits.as_tensor())?.backward()?;
+        let g = grads
+            .get(&logits)
+            .unwrap()
+            .flatten_all()?
+            .to_vec1::<f64>()?;
+        let base = logits.as_tensor().flatten_all()?.to_vec1::<f64>()?;
+        for (i, gi) in g.iter().enumerate() {
+            let at = |d: f64| -> Result<f64> {
+                let mut x = base.clone();
+                x[i] += d;
+                loss(&Tensor::from_vec(x, (1, 4, 3), &dev)?)?
+                    .to_scalar::<f64>()
+                    .map_err(Into::into)
+            };
+            let fd = (at(1e-6)? - at(-1e-6)?) / 2e-6;
+            assert!((fd - gi).abs() < 1e-6, "{i}: {fd} against {gi}");
+        }
+        Ok(())
+    }
+
     #[test]
     fn shares_add_up_to_the_weighted_mean() -> Result<()> {
         let dev = Device::Cpu;

@@ -7,8 +7,10 @@
 
 use crate::checkpoint::TrainingState;
 use crate::component::{check_all_used, named_vars, strip, write_component, SeededInit};
-use crate::data::{batch, object_masks};
-use crate::loss::{object_pixel_weights, pixel_weighted_mse_share, weighted_mse_share};
+use crate::data::{batch, object_grounding, object_masks};
+use crate::loss::{
+    grounding_share, object_pixel_weights, pixel_weighted_mse_share, weighted_mse_share,
+};
 use crate::optim::{warmup_cosine, AdamW, AdamWConfig, Ema};
 use crate::parallel::sharded_loss_and_grads;
 use crate::recipe::Recipe;
@@ -61,6 +63,12 @@ pub struct UnetOptions {
     /// the objects in the loss": two objects came out as overlapping blobs), so it is off in
     /// the recipe.
     pub object_weight: f64,
+    /// Weight of a token-level grounding loss beside the denoising loss (0: off): each object
+    /// word's cross-attention (its size, colour and shape words, and the position word) should
+    /// fall on its object, `(1 − share on the object)²` averaged over the words and the
+    /// cross-attention layers (TokenCompose's token loss, Wang et al. 2024; the renderer knows
+    /// every object's mask). Unlike `object_weight` it leaves the denoising target alone.
+    pub attention_grounding: f64,
     pub grad_clip: f64,
     /// Start every residual branch's last layer and the output convolution at zero: the
     /// resnets' `conv2`, the transformers' `proj_out` and `conv_out` (the latent-diffusion
@@ -106,6 +114,7 @@ impl Default for UnetOptions {
             min_snr_gamma: None,
             snr_weight_floor: None,
             object_weight: 0.0,
+            attention_grounding: 0.0,
             grad_clip: 1.0,
             zero_init: false,
             zero_terminal_snr: false,
@@ -264,6 +273,7 @@ pub fn train_unet(
     let scaling = vae.config.scaling_factor;
     let (mut means, mut stds, mut ids, mut masks) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut own_masks, mut chosen) = (Vec::new(), Vec::new());
     let chunk = 64;
     for first in (0..opts.pool).step_by(chunk) {
         let n = chunk.min(opts.pool - first) as u64;
@@ -273,6 +283,14 @@ pub fn train_unet(
             let factor = s / posterior.mean.dim(3)?;
             let range = first as u64..first as u64 + n;
             masks.push(object_masks(opts.seed, range, s, factor, device)?);
+        }
+        if opts.attention_grounding > 0.0 {
+            let factor = s / posterior.mean.dim(3)?;
+            let range = first as u64..first as u64 + n;
+            let len = recipe.text_context;
+            let (m, c) = object_grounding(opts.seed, range, s, factor, len, device)?;
+            own_masks.push(m);
+            chosen.push(c);
         }
         means.push(posterior.mean.clone());
         stds.push(posterior.std()?);
@@ -286,6 +304,11 @@ pub fn train_unet(
         None
     } else {
         Some(Tensor::cat(&masks, 0)?.contiguous()?)
+    };
+    let grounding = if own_masks.is_empty() {
+        None
+    } else {
+        Some((Tensor::cat(&own_masks, 0)?, Tensor::cat(&chosen, 0)?))
     };
     let empty = tokenizer.encode("")?;
 
@@ -307,14 +330,22 @@ pub fn train_unet(
         let dims = mean.dims().to_vec();
         let x0 = ((mean + (std * rng.randn(&dims, device)?)?)? * scaling)?;
         let mut tokens: Vec<u32> = Vec::with_capacity(b * empty.len());
+        let mut kept: Vec<f32> = Vec::with_capacity(b);
         for &p in &picks {
-            let row = if rng.uniform() < opts.caption_dropout {
-                &empty
-            } else {
-                &ids[p as usize]
-            };
-            tokens.extend_from_slice(row);
+            let dropped = rng.uniform() < opts.caption_dropout;
+            tokens.extend_from_slice(if dropped { &empty } else { &ids[p as usize] });
+            kept.push(if dropped { 0.0 } else { 1.0 });
         }
+        // Each example's object masks and the tokens naming its objects (none when its caption
+        // was dropped).
+        let grounding = match &grounding {
+            Some((m, c)) => {
+                let kept = Tensor::from_vec(kept, (b, 1, 1), device)?;
+                let c = c.index_select(&picks_t, 0)?.broadcast_mul(&kept)?;
+                Some((m.index_select(&picks_t, 0)?, c))
+            }
+            None => None,
+        };
         let tokens = Tensor::from_vec(tokens, (b, empty.len()), device)?;
         let ts: Vec<usize> = (0..b)
             .map(|_| match opts.timesteps {
@@ -355,22 +386,37 @@ pub fn train_unet(
             let context = text
                 .forward(&tokens.narrow(0, r.start, n)?)?
                 .last_hidden_state;
-            let pred = unet.forward(
-                &noisy.narrow(0, r.start, n)?,
-                &t_tensor.narrow(0, r.start, n)?,
-                &context,
-                None,
-            )?;
+            let forward = || {
+                unet.forward(
+                    &noisy.narrow(0, r.start, n)?,
+                    &t_tensor.narrow(0, r.start, n)?,
+                    &context,
+                    None,
+                )
+            };
+            let (pred, maps) = if grounding.is_some() {
+                ldm_models::layers::attention::record_cross_attention(forward)?
+            } else {
+                (forward()?, Vec::new())
+            };
             let (target, weights) = (
                 target.narrow(0, r.start, n)?,
                 weights.narrow(0, r.start, n)?,
             );
-            match &pixel_weights {
+            let denoising = match &pixel_weights {
                 Some(pw) => {
                     let pw = pw.narrow(0, r.start, n)?;
                     pixel_weighted_mse_share(&pred, &target, &pw, &weights, b)
                 }
                 None => weighted_mse_share(&pred, &target, &weights, b),
+            }?;
+            match &grounding {
+                Some((m, c)) if !maps.is_empty() => {
+                    let (m, c) = (m.narrow(0, r.start, n)?, c.narrow(0, r.start, n)?);
+                    let share = (grounding_share(&maps, &m, &c, b)? * opts.attention_grounding)?;
+                    Ok((denoising + share)?)
+                }
+                _ => Ok(denoising),
             }
         })?;
         let lr = warmup_cosine(step, opts.lr, opts.warmup, opts.steps, 0.1);

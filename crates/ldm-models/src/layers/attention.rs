@@ -4,6 +4,7 @@
 use crate::layers::linear::{linear, Linear};
 use candle_core::{DType, Result, Tensor};
 use candle_nn::{Module, VarBuilder};
+use std::cell::RefCell;
 
 /// Bytes of f32 attention scores computed at once by the composed path (GPUs, masks, f64):
 /// beyond it attention runs head by head, and a head's query rows in chunks (sliced attention),
@@ -228,7 +229,10 @@ impl Attention {
         context: Option<&Tensor>,
         ip: Option<&IpTokens>,
     ) -> Result<Tensor> {
-        let (q, text) = self.attend(x, context.unwrap_or(x))?;
+        let (q, text) = match context {
+            Some(context) if recording() => self.attend_recorded(x, context)?,
+            _ => self.attend(x, context.unwrap_or(x))?,
+        };
         let out = match (&self.ip, ip) {
             (Some((to_k_ip, to_v_ip)), Some(ip)) => {
                 let tokens = ip.tokens.to_dtype(x.dtype())?;
@@ -257,6 +261,46 @@ impl Attention {
         let out = attention_with(&q, &k, &v, self.scale, None, self.to_q.is_packed_bf16())?;
         Ok((q, out))
     }
+
+    /// [`Self::attend`] by the composed ops, its probabilities (mean over heads) recorded for
+    /// [`record_cross_attention`].
+    fn attend_recorded(&self, x: &Tensor, context: &Tensor) -> Result<(Tensor, Tensor)> {
+        let q = split_heads(&self.to_q.forward(x)?, self.heads)?.contiguous()?;
+        let k = split_heads(&self.to_k.forward(context)?, self.heads)?.contiguous()?;
+        let v = split_heads(&self.to_v.forward(context)?, self.heads)?.contiguous()?;
+        let scores = (q.matmul(&k.t()?)? * self.scale)?;
+        let probs = super::ops::softmax_last_dim(&scores)?; // [B, H, Lq, Lk]
+        let out = probs.matmul(&v)?;
+        let map = probs.mean(1)?;
+        CROSS_ATTENTION_MAPS.with(|m| {
+            if let Some(maps) = m.borrow_mut().as_mut() {
+                maps.push(map);
+            }
+        });
+        Ok((q, out))
+    }
+}
+
+thread_local! {
+    /// Cross-attention maps recorded on this thread, while [`record_cross_attention`] runs.
+    static CROSS_ATTENTION_MAPS: RefCell<Option<Vec<Tensor>>> = const { RefCell::new(None) };
+}
+
+fn recording() -> bool {
+    CROSS_ATTENTION_MAPS.with(|m| m.borrow().is_some())
+}
+
+/// Runs `f` (a forward pass) and returns, beside its result, every cross-attention layer's
+/// attention probabilities in the order the layers ran: `[B, Lq, Lk]` each, the mean over
+/// heads, each query's row summing to 1 over the context tokens. The recorded layers compute
+/// their scores by the composed ops, so the maps take gradients (a training loss on where the
+/// text's tokens attend: token-level grounding, as TokenCompose does with segmentation masks).
+/// Per thread: forward passes on other threads (training shards) record their own.
+pub fn record_cross_attention<T>(f: impl FnOnce() -> Result<T>) -> Result<(T, Vec<Tensor>)> {
+    let outer = CROSS_ATTENTION_MAPS.with(|m| m.borrow_mut().replace(Vec::new()));
+    let out = f();
+    let maps = CROSS_ATTENTION_MAPS.with(|m| std::mem::replace(&mut *m.borrow_mut(), outer));
+    Ok((out?, maps.unwrap_or_default()))
 }
 
 /// A causal mask `[L, L]`: 0 on and below the diagonal, -inf above.
@@ -271,6 +315,32 @@ pub fn causal_mask(len: usize, device: &candle_core::Device) -> Result<Tensor> {
 mod tests {
     use super::*;
     use candle_core::Device;
+
+    /// Recording runs the same attention by the composed ops and hands back each
+    /// cross-attention layer's maps, rows summing to 1; self-attention is not recorded.
+    #[test]
+    fn recorded_cross_attention_is_the_same_attention() -> Result<()> {
+        let dev = Device::Cpu;
+        let map = candle_nn::VarMap::new();
+        let vb = VarBuilder::from_varmap(&map, DType::F32, &dev);
+        let cross = Attention::new(vb.pp("cross"), 16, Some(12), 2, 8, false)?;
+        let own = Attention::new(vb.pp("own"), 16, None, 2, 8, false)?;
+        let x = Tensor::randn(0f32, 1.0, (3, 10, 16), &dev)?;
+        let ctx = Tensor::randn(0f32, 1.0, (3, 7, 12), &dev)?;
+        let plain = cross.forward(&own.forward(&x, None)?, Some(&ctx))?;
+        let (recorded, maps) =
+            record_cross_attention(|| cross.forward(&own.forward(&x, None)?, Some(&ctx)))?;
+        let diff = (&plain - &recorded)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(diff < 1e-5, "{diff}");
+        assert_eq!(maps.len(), 1);
+        assert_eq!(maps[0].dims(), &[3, 10, 7]);
+        let rows = maps[0].sum(2)?.flatten_all()?.to_vec1::<f32>()?;
+        assert!(rows.iter().all(|r| (r - 1.0).abs() < 1e-5), "{rows:?}");
+        // Outside the recording nothing is kept.
+        let (_, none) = record_cross_attention(|| Ok(()))?;
+        assert!(none.is_empty() && !recording());
+        Ok(())
+    }
 
     #[test]
     fn sliced_attention_equals_whole() -> Result<()> {

@@ -409,6 +409,35 @@ fn noun_phrase(o: &ObjectStatement) -> String {
     format!("{} {}", article(words[0]), words.join(" "))
 }
 
+/// The words of [`caption`]`(st)` (counted from 0, split at spaces) that describe each stated
+/// object: its size, colour and shape words, and for the first object the last word of a
+/// position phrase ("left", "top", "center"). The relation's words belong to both objects and
+/// the background's to neither, so they are left out.
+pub fn object_words(st: &Statement) -> Vec<Vec<usize>> {
+    let words = |text: &str| text.split(' ').count();
+    let mut out = Vec::with_capacity(st.objects.len());
+    let mut at = 0;
+    for (k, o) in st.objects.iter().enumerate() {
+        if k == 1 {
+            if let Some(r) = st.relation {
+                at += words(r.phrase());
+            }
+        }
+        // The article, then the object's own words.
+        let own = words(&noun_phrase(o)) - 1;
+        let mut mine: Vec<usize> = (at + 1..at + 1 + own).collect();
+        at += own + 1;
+        if k == 0 {
+            if let Some(p) = st.position {
+                at += words(p.phrase());
+                mine.push(at - 1);
+            }
+        }
+        out.push(mine);
+    }
+    out
+}
+
 /// The caption of a statement, by the spec's templates.
 pub fn caption(st: &Statement) -> String {
     let mut out = noun_phrase(&st.objects[0]);
@@ -432,6 +461,32 @@ pub fn caption(st: &Statement) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Each object's words are its attributes' names, and the position word follows the first.
+    #[test]
+    fn object_words_name_each_object() {
+        for i in 0..300 {
+            let scene = Scene::generate(3, i, 64);
+            let st = &scene.stated;
+            let caption = caption(st);
+            let words: Vec<&str> = caption.split(' ').collect();
+            let each = object_words(st);
+            assert_eq!(each.len(), st.objects.len());
+            for (k, (o, mine)) in st.objects.iter().zip(&each).enumerate() {
+                let named: Vec<&str> = mine.iter().map(|&w| words[w]).collect();
+                let mut expected: Vec<&str> = Vec::new();
+                expected.extend(o.size.map(|s| s.name()));
+                expected.extend(o.colour.map(|c| PALETTE[c].0));
+                expected.push(o.shape.name());
+                if k == 0 {
+                    expected.extend(st.position.map(|p| p.phrase().rsplit(' ').next().unwrap()));
+                }
+                assert_eq!(named, expected, "{caption}");
+                // The drawn object is the stated one.
+                assert_eq!(scene.objects[k].shape, o.shape);
+            }
+        }
+    }
 
     #[test]
     fn scenes_are_pure_and_follow_the_rules() {

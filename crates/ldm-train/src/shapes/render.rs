@@ -35,6 +35,23 @@ pub fn coverage(scene: &Scene) -> Vec<f32> {
     out
 }
 
+/// [`coverage`] of each object alone: one `size × size` map per object, in the scene's order
+/// (a subsample counts for the first object that contains it, as it is drawn).
+pub fn coverage_each(scene: &Scene) -> Vec<Vec<f32>> {
+    let n = scene.size * scene.size;
+    let mut out = vec![Vec::with_capacity(n); scene.objects.len()];
+    for_each_pixel(scene, |hits| {
+        for (k, map) in out.iter_mut().enumerate() {
+            let mine = hits
+                .iter()
+                .filter(|h| h.is_some_and(|o| std::ptr::eq(o, &scene.objects[k])))
+                .count();
+            map.push(mine as f32 / (SUPER * SUPER) as f32);
+        }
+    });
+    out
+}
+
 /// Calls `f` for each pixel in row-major order with what each of its subsamples hits: the
 /// first object that contains it, or `None` (the background).
 fn for_each_pixel(scene: &Scene, mut f: impl FnMut(&[Option<&Object>])) {
@@ -64,6 +81,22 @@ fn for_each_pixel(scene: &Scene, mut f: impl FnMut(&[Option<&Object>])) {
 mod tests {
     use super::super::*;
     use super::*;
+
+    /// The objects' own coverages add up to the scene's.
+    #[test]
+    fn each_objects_coverage_adds_up_to_the_scenes() {
+        for i in 0..40 {
+            let scene = Scene::generate(2, i, 64);
+            let each = coverage_each(&scene);
+            assert_eq!(each.len(), scene.objects.len());
+            let all = coverage(&scene);
+            for (p, c) in all.iter().enumerate() {
+                let sum: f32 = each.iter().map(|m| m[p]).sum();
+                assert!((sum - c).abs() < 1e-6);
+            }
+            assert!(each.iter().all(|m| m.iter().sum::<f32>() > 10.0));
+        }
+    }
 
     #[test]
     fn only_palette_colours_and_blends_of_them() {
