@@ -79,7 +79,8 @@ pub fn grounding_per_example(map: &Tensor, masks: &Tensor, chosen: &Tensor) -> R
 
 /// A shard's part of a batch of `b`'s grounding loss: each example's
 /// [`grounding_per_example`] summed over the recorded layers `maps` and divided by its chosen
-/// words × layers (a mean; 0 for an example with none), summed over the shard, divided by `b`.
+/// words × layers (a mean; 0 for an example with none, and with no layers), summed over the
+/// shard, divided by `b`.
 pub fn grounding_share(
     maps: &[Tensor],
     masks: &Tensor,
@@ -87,7 +88,7 @@ pub fn grounding_share(
     b: usize,
 ) -> Result<Tensor> {
     let words = (chosen.flatten_from(1)?.sum(1)? * maps.len() as f64)?.maximum(1.0)?;
-    let mut sum = masks.zeros_like()?.flatten_from(1)?.sum(1)?;
+    let mut sum = Tensor::zeros(chosen.dim(0)?, chosen.dtype(), chosen.device())?;
     for map in maps {
         sum = (sum + grounding_per_example(map, masks, chosen)?)?;
     }
@@ -99,7 +100,6 @@ mod tests {
     use super::*;
     use candle_core::Device;
 
-    /// Shares of a split batch add up to the whole batch's weighted mean.
     /// Attention wholly on the object costs nothing; wholly off it, 1 a chosen word; the
     /// loss's gradient agrees with finite differences of the attention logits.
     #[test]
@@ -153,6 +153,7 @@ mod tests {
         Ok(())
     }
 
+    /// Shares of a split batch add up to the whole batch's weighted mean.
     #[test]
     fn shares_add_up_to_the_weighted_mean() -> Result<()> {
         let dev = Device::Cpu;

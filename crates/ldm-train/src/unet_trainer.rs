@@ -277,16 +277,14 @@ pub fn train_unet(
     let chunk = 64;
     for first in (0..opts.pool).step_by(chunk) {
         let n = chunk.min(opts.pool - first) as u64;
-        let (x, captions) = batch(opts.seed, first as u64..first as u64 + n, s, device)?;
+        let range = first as u64..first as u64 + n;
+        let (x, captions) = batch(opts.seed, range.clone(), s, device)?;
         let posterior = vae.encode(&x)?;
+        let factor = s / posterior.mean.dim(3)?;
         if opts.object_weight > 0.0 {
-            let factor = s / posterior.mean.dim(3)?;
-            let range = first as u64..first as u64 + n;
-            masks.push(object_masks(opts.seed, range, s, factor, device)?);
+            masks.push(object_masks(opts.seed, range.clone(), s, factor, device)?);
         }
         if opts.attention_grounding > 0.0 {
-            let factor = s / posterior.mean.dim(3)?;
-            let range = first as u64..first as u64 + n;
             let len = recipe.text_context;
             let (m, c) = object_grounding(opts.seed, range, s, factor, len, device)?;
             own_masks.push(m);
@@ -411,7 +409,7 @@ pub fn train_unet(
                 None => weighted_mse_share(&pred, &target, &weights, b),
             }?;
             match &grounding {
-                Some((m, c)) if !maps.is_empty() => {
+                Some((m, c)) => {
                     let (m, c) = (m.narrow(0, r.start, n)?, c.narrow(0, r.start, n)?);
                     let share = (grounding_share(&maps, &m, &c, b)? * opts.attention_grounding)?;
                     Ok((denoising + share)?)

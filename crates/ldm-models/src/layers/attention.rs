@@ -125,6 +125,17 @@ fn attention_block(
     scale: f64,
     mask: Option<&Tensor>,
 ) -> Result<Tensor> {
+    Ok(attention_block_with_probs(q, k, v, scale, mask)?.0)
+}
+
+/// [`attention_block`] and its probabilities, `[B, H, Lq, Lk]` in the values' dtype.
+fn attention_block_with_probs(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    mask: Option<&Tensor>,
+) -> Result<(Tensor, Tensor)> {
     let dtype = v.dtype();
     let (b, h, lq, d) = q.dims4()?;
     let (lk, dv) = (k.dim(2)?, v.dim(3)?);
@@ -144,7 +155,7 @@ fn attention_block(
         None => scores,
     };
     let probs = super::ops::softmax_last_dim(&scores)?.to_dtype(dtype)?;
-    probs.matmul(&v.contiguous()?)
+    Ok((probs.matmul(&v.contiguous()?)?, probs))
 }
 
 /// `[B, L, H·d]` → `[B, H, L, d]`.
@@ -229,10 +240,8 @@ impl Attention {
         context: Option<&Tensor>,
         ip: Option<&IpTokens>,
     ) -> Result<Tensor> {
-        let (q, text) = match context {
-            Some(context) if recording() => self.attend_recorded(x, context)?,
-            _ => self.attend(x, context.unwrap_or(x))?,
-        };
+        let record = context.is_some() && recording();
+        let (q, text) = self.attend(x, context.unwrap_or(x), record)?;
         let out = match (&self.ip, ip) {
             (Some((to_k_ip, to_v_ip)), Some(ip)) => {
                 let tokens = ip.tokens.to_dtype(x.dtype())?;
@@ -253,30 +262,24 @@ impl Attention {
     }
 
     /// The heads' queries of `x` and their attention over `context` (`[B, H, L, d]` each):
-    /// what the text and the image branches share.
-    fn attend(&self, x: &Tensor, context: &Tensor) -> Result<(Tensor, Tensor)> {
+    /// what the text and the image branches share. `record`: by the composed ops, the
+    /// probabilities (mean over heads) kept for [`record_cross_attention`].
+    fn attend(&self, x: &Tensor, context: &Tensor, record: bool) -> Result<(Tensor, Tensor)> {
         let q = split_heads(&self.to_q.forward(x)?, self.heads)?;
         let k = split_heads(&self.to_k.forward(context)?, self.heads)?;
         let v = split_heads(&self.to_v.forward(context)?, self.heads)?;
-        let out = attention_with(&q, &k, &v, self.scale, None, self.to_q.is_packed_bf16())?;
-        Ok((q, out))
-    }
-
-    /// [`Self::attend`] by the composed ops, its probabilities (mean over heads) recorded for
-    /// [`record_cross_attention`].
-    fn attend_recorded(&self, x: &Tensor, context: &Tensor) -> Result<(Tensor, Tensor)> {
-        let q = split_heads(&self.to_q.forward(x)?, self.heads)?.contiguous()?;
-        let k = split_heads(&self.to_k.forward(context)?, self.heads)?.contiguous()?;
-        let v = split_heads(&self.to_v.forward(context)?, self.heads)?.contiguous()?;
-        let scores = (q.matmul(&k.t()?)? * self.scale)?;
-        let probs = super::ops::softmax_last_dim(&scores)?; // [B, H, Lq, Lk]
-        let out = probs.matmul(&v)?;
-        let map = probs.mean(1)?;
-        CROSS_ATTENTION_MAPS.with(|m| {
-            if let Some(maps) = m.borrow_mut().as_mut() {
-                maps.push(map);
-            }
-        });
+        let out = if record {
+            let (out, probs) = attention_block_with_probs(&q, &k, &v, self.scale, None)?;
+            let map = probs.mean(1)?;
+            CROSS_ATTENTION_MAPS.with(|m| {
+                if let Some(maps) = m.borrow_mut().as_mut() {
+                    maps.push(map);
+                }
+            });
+            out
+        } else {
+            attention_with(&q, &k, &v, self.scale, None, self.to_q.is_packed_bf16())?
+        };
         Ok((q, out))
     }
 }
