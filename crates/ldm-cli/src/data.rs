@@ -132,8 +132,17 @@ pub struct EvalShapes {
     /// zero-terminal-SNR models (the embedded one), else 0.
     #[arg(long)]
     guidance_rescale: Option<f64>,
+    /// Sampler name, as `ldm generate` takes it (ldm's, ComfyUI's or A1111's); the model's own
+    /// by default.
     #[arg(long)]
     sampler: Option<String>,
+    /// Sigma schedule, as `ldm generate` takes it; the one the sampler's name implies ("DPM++
+    /// 2M Karras"), else the model's own.
+    #[arg(long)]
+    schedule: Option<String>,
+    /// Noise strength of DDIM / ancestral samplers; TCD's gamma (0 unless given).
+    #[arg(long)]
+    eta: Option<f64>,
     /// Image side in pixels.
     #[arg(long, default_value_t = 64)]
     size: usize,
@@ -199,10 +208,7 @@ pub fn eval(cmd: EvalCommand, device: &candle_core::Device) -> Result<()> {
     let mut components = ldm_pipeline::Components::load(&model, candle_core::DType::F32, &device)
         .with_context(|| format!("loading {}", model.display()))?;
     crate::generate::apply_loras(&mut components, &a.lora)?;
-    let sampler = match &a.sampler {
-        Some(name) => Some(ldm_sampling::names::SamplerName::parse(name)?.0),
-        None => None,
-    };
+    let (sampler, schedule) = crate::generate::sampler_and_schedule(&a.sampler, &a.schedule)?;
     let steps = a.steps.unwrap_or_else(|| components.default_steps());
     let guidance = a.guidance.unwrap_or_else(|| components.default_guidance());
     let guidance_rescale = a
@@ -217,6 +223,8 @@ pub fn eval(cmd: EvalCommand, device: &candle_core::Device) -> Result<()> {
             guidance_scale: guidance,
             guidance_rescale,
             sampler,
+            schedule,
+            eta: a.eta,
             ..Default::default()
         },
         save: a.save.clone(),

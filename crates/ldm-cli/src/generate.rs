@@ -167,6 +167,27 @@ fn adapters(
     Ok(out)
 }
 
+/// `--sampler` and `--schedule` as the user gave them: the schedule given, else the one the
+/// sampler's name implies ("DPM++ 2M Karras"), else the model's own.
+pub fn sampler_and_schedule(
+    sampler: &Option<String>,
+    schedule: &Option<String>,
+) -> Result<(Option<SamplerName>, SigmaSchedule)> {
+    let (sampler, implied) = match sampler {
+        Some(name) => {
+            let (s, sched) = SamplerName::parse(name)?;
+            (Some(s), sched)
+        }
+        None => (None, None),
+    };
+    let schedule = match (schedule, implied) {
+        (Some(s), _) => SigmaSchedule::parse(s)?,
+        (None, Some(s)) => s,
+        (None, None) => SigmaSchedule::Default,
+    };
+    Ok((sampler, schedule))
+}
+
 pub fn run(a: GenerateArgs, device: &Device) -> Result<()> {
     let model = model_path(a.model.as_deref())?;
     let dtype = match a.dtype.as_str() {
@@ -180,18 +201,7 @@ pub fn run(a: GenerateArgs, device: &Device) -> Result<()> {
         "philox" => RngKind::Philox,
         other => bail!("unknown rng `{other}` (torch, philox)"),
     };
-    let (sampler, implied) = match &a.sampler {
-        Some(name) => {
-            let (s, sched) = SamplerName::parse(name)?;
-            (Some(s), sched)
-        }
-        None => (None, None),
-    };
-    let schedule = match (&a.schedule, implied) {
-        (Some(s), _) => SigmaSchedule::parse(s)?,
-        (None, Some(s)) => s,
-        (None, None) => SigmaSchedule::Default,
-    };
+    let (sampler, schedule) = sampler_and_schedule(&a.sampler, &a.schedule)?;
     if a.count == 0 {
         bail!("--count must be at least 1 (the number of batches to make)");
     }

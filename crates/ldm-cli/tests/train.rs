@@ -154,6 +154,74 @@ fn a_miniature_model_trains_generates_and_evaluates() {
             .join("\n")
     };
     assert_eq!(table(&reread), table(&out));
+    // A sampler named with its schedule, and eta, are those `ldm generate` takes: the kept image
+    // is the one `ldm generate` makes with the same flags and seed.
+    let named = dir.path().join("named");
+    let sampling = [
+        "--sampler",
+        "Euler a Karras",
+        "--eta",
+        "0.5",
+        "--steps",
+        "3",
+    ];
+    let mut args = vec![
+        "eval",
+        "shapes",
+        "--model",
+        s(&model),
+        "--prompts",
+        s(&prompts),
+        "--seeds",
+        "1",
+        "--seed",
+        "7",
+        "--save",
+        s(&named),
+    ];
+    args.extend(sampling);
+    let (ok, _, err) = ldm(&args);
+    assert!(ok, "{err}");
+    let list = std::fs::read_to_string(named.join("captions.jsonl")).unwrap();
+    let first: serde_json::Value = serde_json::from_str(list.lines().next().unwrap()).unwrap();
+    assert_eq!(first["seed"], 7, "{list}");
+    let pixels = |p: &Path| image::open(p).unwrap().to_rgb8().into_raw();
+    let generated = dir.path().join("named.png");
+    let mut args = vec![
+        "generate",
+        first["caption"].as_str().unwrap(),
+        "--model",
+        s(&model),
+        "--seed",
+        "7",
+        "--out",
+        s(&generated),
+    ];
+    args.extend(sampling);
+    let (ok, _, err) = ldm(&args);
+    assert!(ok, "{err}");
+    let kept = pixels(&named.join(first["file"].as_str().unwrap()));
+    assert_eq!(kept, pixels(&generated));
+    let (ok, _, err) = ldm(&[
+        "generate",
+        first["caption"].as_str().unwrap(),
+        "--model",
+        s(&model),
+        "--seed",
+        "7",
+        "--steps",
+        "3",
+        "--sampler",
+        "Euler a",
+        "--out",
+        s(&generated),
+    ]);
+    assert!(ok, "{err}");
+    assert_ne!(
+        kept,
+        pixels(&generated),
+        "the schedule and eta made a difference"
+    );
     // The autoencoder's round trip, read back (a model folder or its vae folder).
     for dir in [model.clone(), model.join("vae")] {
         let (ok, out, err) = ldm(&["eval", "shapes", "--autoencoder", s(&dir), "--scenes", "20"]);
