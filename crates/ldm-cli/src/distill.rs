@@ -75,6 +75,10 @@ pub struct LcmArgs {
     /// LCM-LoRA script].
     #[arg(long)]
     target_decay: Option<f64>,
+    /// The pseudo-Huber loss's c, `√(d² + c²) − c` for each latent value [default: 0.001, as
+    /// diffusers' LCM scripts]; much larger than the errors, it is the squared error / 2c.
+    #[arg(long)]
+    huber_c: Option<f64>,
     /// Sampling steps the student's folder defaults to (LCM-LoRA writes a LoRA file, no
     /// folder).
     #[arg(long, conflicts_with = "lora")]
@@ -116,6 +120,7 @@ fn lcm_options(a: &LcmArgs) -> Result<LcmOptions> {
         embedding_dim: a.embedding_dim.unwrap_or(d.embedding_dim),
         skeleton: a.skeleton.unwrap_or(d.skeleton),
         target_decay: a.target_decay,
+        huber_c: a.huber_c.unwrap_or(d.huber_c),
         default_steps: a.default_steps.unwrap_or(d.default_steps),
         lora: a.lora,
         init: a.init.clone(),

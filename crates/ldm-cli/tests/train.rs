@@ -1298,6 +1298,11 @@ fn guidance_distillation_makes_a_one_pass_student() {
     assert!(ok, "{err}");
     assert_ne!(first_loss(&lcm_own), first_loss(&lcm));
     assert!(losses(&lcm_own).iter().all(|v| v.is_finite()));
+    // `--huber-c 10`: nearly the squared error over 20, so another first loss.
+    let lcm_l2 = dir.path().join("lcm-l2");
+    let (ok, _, err) = ldm(&as_strs(&lcm_args(&teacher, &lcm_l2, &["--huber-c", "10"])));
+    assert!(ok, "{err}");
+    assert_ne!(first_loss(&lcm_l2), first_loss(&lcm));
     // A distilled teacher, a start that is not the teacher's student, a checkpoint of another
     // command, bad options: refused.
     refuse(
@@ -1315,6 +1320,10 @@ fn guidance_distillation_makes_a_one_pass_student() {
     refuse(
         &as_strs(&lcm_args(&teacher, &fresh, &["--own-states", "2"])),
         "own-state share 2",
+    );
+    refuse(
+        &as_strs(&lcm_args(&teacher, &fresh, &["--huber-c", "0"])),
+        "Huber c 0",
     );
     // Options LCM-LoRA has no use for are refused, not silently ignored.
     for extra in [
