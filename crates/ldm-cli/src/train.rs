@@ -206,6 +206,11 @@ pub struct UnetArgs {
     /// out. Experimental (docs/shapes-research.md).
     #[arg(long, default_value_t = 0.0)]
     attention_grounding: f64,
+    /// Weight of an auxiliary mask loss: a linear head on the U-Net's last features predicts
+    /// where each named object lies (the renderer's masks), dropped when the model is written;
+    /// 0 leaves it out. Experimental (docs/shapes-research.md).
+    #[arg(long, default_value_t = 0.0)]
+    layout_head: f64,
     /// Start the U-Net's residual branches and its output convolution at zero (the resnets'
     /// conv2, the transformers' proj_out, conv_out), as the latent-diffusion code does.
     #[arg(long)]
@@ -378,6 +383,7 @@ fn unet_options(a: &UnetArgs) -> Result<UnetOptions> {
         snr_weight_floor: a.snr_weight_floor,
         object_weight: a.object_weight,
         attention_grounding: a.attention_grounding,
+        layout_head: a.layout_head,
         zero_init: a.zero_init,
         zero_terminal_snr: a.zero_terminal_snr,
         pool: a.pool.unwrap_or(d.pool),
@@ -408,6 +414,9 @@ fn unet_options(a: &UnetArgs) -> Result<UnetOptions> {
     }
     if !(opts.attention_grounding.is_finite() && opts.attention_grounding >= 0.0) {
         bail!("--attention-grounding must be a finite number ≥ 0");
+    }
+    if !(opts.layout_head.is_finite() && opts.layout_head >= 0.0) {
+        bail!("--layout-head must be a finite number ≥ 0");
     }
     if !(opts.object_weight.is_finite() && opts.object_weight >= 0.0) {
         bail!("--object-weight must be a finite number ≥ 0");

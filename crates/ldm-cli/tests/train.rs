@@ -411,6 +411,55 @@ fn bf16_products_train_close_to_the_f32_curve() {
 /// by a share of W, and the run writes a model that generates.
 #[test]
 fn attention_grounding_adds_its_term_to_the_loss() {
+    auxiliary_loss_adds_its_term("--attention-grounding", (0.025, 1.0));
+}
+
+/// `--layout-head W` adds W × the mask head's cross-entropy (about ln 2 a cell from a fresh
+/// head) in the same way; the head is trained and checkpointed with the model (a run resumed
+/// from its checkpoint ends where an unbroken one does) and not written into the U-Net.
+#[test]
+fn layout_head_adds_its_term_to_the_loss() {
+    let dir = auxiliary_loss_adds_its_term("--layout-head", (0.3, 1.5));
+    let unet =
+        |d: &Path| std::fs::read(d.join("unet/diffusion_pytorch_model.safetensors")).unwrap();
+    let whole = dir.path().join("unet-2");
+    let parts = dir.path().join("parts");
+    copy_dir(&whole.join("vae"), &parts.join("vae"));
+    for steps in ["2", "3"] {
+        let (ok, _, err) = ldm(&[
+            "train",
+            "unet",
+            "--miniature",
+            "--steps",
+            steps,
+            "--batch",
+            "4",
+            "--pool",
+            "16",
+            "--caption-dropout",
+            "0",
+            "--layout-head",
+            "2",
+            "--checkpoint-every",
+            "1",
+            "--out",
+            s(&parts),
+        ]);
+        assert!(ok, "{err}");
+    }
+    assert!(
+        unet(&parts) == unet(&whole),
+        "the resumed run ends elsewhere"
+    );
+    let (ok, out, err) = ldm(&["info", s(&whole), "--check"]);
+    assert!(ok && out.contains("check unet: ok"), "{out}{err}");
+}
+
+/// Trains a miniature U-Net 3 steps with `flag` 0 and 2 (into `unet-0` and `unet-2` of the
+/// returned folder) and checks the first step's loss rose by 2 × a term per unit weight
+/// within `range`, that the term changed the training, that the model generates, and that a
+/// negative weight is refused.
+fn auxiliary_loss_adds_its_term(flag: &str, range: (f64, f64)) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     let vae = dir.path().join("vae");
     let (ok, _, err) = ldm(&[
@@ -440,7 +489,7 @@ fn attention_grounding_adds_its_term_to_the_loss() {
             "16",
             "--caption-dropout",
             "0",
-            "--attention-grounding",
+            flag,
             weight,
             "--out",
             s(&out),
@@ -453,17 +502,17 @@ fn attention_grounding_adds_its_term_to_the_loss() {
             .map(|l| l.split(',').nth(1).unwrap().parse().unwrap())
             .collect()
     };
-    let (plain, grounded) = (first_losses("0"), first_losses("2"));
-    let extra = grounded[0] - plain[0];
+    let (plain, added) = (first_losses("0"), first_losses("2"));
+    let extra = (added[0] - plain[0]) / 2.0;
     assert!(
-        extra > 0.05 && extra <= 2.0,
-        "{plain:?} against {grounded:?}"
+        extra > range.0 && extra <= range.1,
+        "{flag}: {plain:?} against {added:?}"
     );
     assert!(
-        grounded[2] != plain[2] + extra,
+        added[2] != plain[2] + 2.0 * extra,
         "the term changes the training, not only the loss"
     );
-    let png = dir.path().join("grounded.png");
+    let png = dir.path().join("added.png");
     let model = dir.path().join("unet-2");
     let (ok, _, err) = ldm(&[
         "generate",
@@ -476,17 +525,10 @@ fn attention_grounding_adds_its_term_to_the_loss() {
         s(&png),
     ]);
     assert!(ok && png.exists(), "{err}");
-    let (ok, _, err) = ldm(&[
-        "train",
-        "unet",
-        "--attention-grounding=-1",
-        "--out",
-        s(&model),
-    ]);
-    assert!(
-        !ok && err.contains("--attention-grounding must be"),
-        "{err}"
-    );
+    let negative = format!("{flag}=-1");
+    let (ok, _, err) = ldm(&["train", "unet", &negative, "--out", s(&model)]);
+    assert!(!ok && err.contains(&format!("{flag} must be")), "{err}");
+    dir
 }
 
 /// The autoencoder's batch split over threads trains the same model as one thread: the shards'

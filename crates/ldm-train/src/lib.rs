@@ -10,6 +10,7 @@ pub mod distill;
 pub mod error;
 pub mod eval;
 pub mod io;
+pub mod layout_head;
 pub mod log;
 pub mod loss;
 pub mod lpips;

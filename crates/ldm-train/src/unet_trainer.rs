@@ -8,6 +8,7 @@
 use crate::checkpoint::TrainingState;
 use crate::component::{check_all_used, named_vars, strip, write_component, SeededInit};
 use crate::data::{batch, object_grounding, object_masks};
+use crate::layout_head::{mask_loss_share, LayoutHead};
 use crate::loss::{
     grounding_share, object_pixel_weights, pixel_weighted_mse_share, weighted_mse_share,
 };
@@ -69,6 +70,13 @@ pub struct UnetOptions {
     /// cross-attention layers (TokenCompose's token loss, Wang et al. 2024; the renderer knows
     /// every object's mask). Unlike `object_weight` it leaves the denoising target alone.
     pub attention_grounding: f64,
+    /// Weight of an auxiliary mask loss beside the denoising loss (0: off): a linear head on
+    /// the features `conv_out` reads predicts each named object's coverage of every latent
+    /// cell (the renderer's masks, first and second object), under a binary cross-entropy
+    /// ([`crate::layout_head`]). At pure noise only the caption says where an object will be,
+    /// and the masks pay for that far more than the denoising loss does. The head is not
+    /// written out.
+    pub layout_head: f64,
     pub grad_clip: f64,
     /// Start every residual branch's last layer and the output convolution at zero: the
     /// resnets' `conv2`, the transformers' `proj_out` and `conv_out` (the latent-diffusion
@@ -115,6 +123,7 @@ impl Default for UnetOptions {
             snr_weight_floor: None,
             object_weight: 0.0,
             attention_grounding: 0.0,
+            layout_head: 0.0,
             grad_clip: 1.0,
             zero_init: false,
             zero_terminal_snr: false,
@@ -255,6 +264,15 @@ pub fn train_unet(
     }
     let mut params = named_vars(&text_map, "text_encoder.");
     params.extend(named_vars(&unet_map, "unet."));
+    let head_map = VarMap::new();
+    let head = if opts.layout_head > 0.0 {
+        let vb = SeededInit::var_builder(&head_map, opts.seed.wrapping_add(2), device);
+        let head = LayoutHead::new(vb, unet_cfg.block_out_channels[0], 2)?;
+        params.extend(named_vars(&head_map, "layout_head."));
+        Some(head)
+    } else {
+        None
+    };
     let mut opt = AdamW::new(params.clone(), AdamWConfig::default())?;
     let mut ema = Ema::new(&params, opts.ema_decay)?;
     let mut state = TrainingState::resume_or_start(
@@ -284,7 +302,7 @@ pub fn train_unet(
         if opts.object_weight > 0.0 {
             masks.push(object_masks(opts.seed, range.clone(), s, factor, device)?);
         }
-        if opts.attention_grounding > 0.0 {
+        if opts.attention_grounding > 0.0 || opts.layout_head > 0.0 {
             let len = recipe.text_context;
             let (m, c) = object_grounding(opts.seed, range, s, factor, len, device)?;
             own_masks.push(m);
@@ -303,10 +321,16 @@ pub fn train_unet(
     } else {
         Some(Tensor::cat(&masks, 0)?.contiguous()?)
     };
-    let grounding = if own_masks.is_empty() {
-        None
+    let (own_masks, grounding) = if own_masks.is_empty() {
+        (None, None)
     } else {
-        Some((Tensor::cat(&own_masks, 0)?, Tensor::cat(&chosen, 0)?))
+        let m = Tensor::cat(&own_masks, 0)?;
+        let grounding = if opts.attention_grounding > 0.0 {
+            Some((m.clone(), Tensor::cat(&chosen, 0)?))
+        } else {
+            None
+        };
+        (Some(m), grounding)
     };
     let empty = tokenizer.encode("")?;
 
@@ -336,6 +360,10 @@ pub fn train_unet(
         }
         // Each example's object masks and the tokens naming its objects (none when its caption
         // was dropped).
+        let layout = match (&head, &own_masks) {
+            (Some(_), Some(m)) => Some(m.index_select(&picks_t, 0)?),
+            _ => None,
+        };
         let grounding = match &grounding {
             Some((m, c)) => {
                 let kept = Tensor::from_vec(kept, (b, 1, 1), device)?;
@@ -384,18 +412,31 @@ pub fn train_unet(
             let context = text
                 .forward(&tokens.narrow(0, r.start, n)?)?
                 .last_hidden_state;
-            let forward = || {
-                unet.forward(
-                    &noisy.narrow(0, r.start, n)?,
-                    &t_tensor.narrow(0, r.start, n)?,
-                    &context,
-                    None,
-                )
+            let (sample, t) = (
+                noisy.narrow(0, r.start, n)?,
+                t_tensor.narrow(0, r.start, n)?,
+            );
+            let mut features = None;
+            let mut forward = || match head {
+                Some(_) => {
+                    let (pred, f) = unet.forward_and_features(&sample, &t, &context, None)?;
+                    features = Some(f);
+                    Ok(pred)
+                }
+                None => unet.forward(&sample, &t, &context, None),
             };
             let (pred, maps) = if grounding.is_some() {
                 ldm_models::layers::attention::record_cross_attention(forward)?
             } else {
                 (forward()?, Vec::new())
+            };
+            let layout = match (&head, &features, &layout) {
+                (Some(h), Some(f), Some(m)) => {
+                    let logits = h.forward(f)?;
+                    let share = mask_loss_share(&logits, &m.narrow(0, r.start, n)?, b)?;
+                    Some((share * opts.layout_head)?)
+                }
+                _ => None,
             };
             let (target, weights) = (
                 target.narrow(0, r.start, n)?,
@@ -408,14 +449,18 @@ pub fn train_unet(
                 }
                 None => weighted_mse_share(&pred, &target, &weights, b),
             }?;
-            match &grounding {
+            let loss = match &grounding {
                 Some((m, c)) => {
                     let (m, c) = (m.narrow(0, r.start, n)?, c.narrow(0, r.start, n)?);
                     let share = (grounding_share(&maps, &m, &c, b)? * opts.attention_grounding)?;
-                    Ok((denoising + share)?)
+                    (denoising + share)?
                 }
-                _ => Ok(denoising),
-            }
+                _ => denoising,
+            };
+            Ok(match layout {
+                Some(share) => (loss + share)?,
+                None => loss,
+            })
         })?;
         let lr = warmup_cosine(step, opts.lr, opts.warmup, opts.steps, 0.1);
         state.update(

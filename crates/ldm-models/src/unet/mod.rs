@@ -512,6 +512,36 @@ impl UNet2DConditionModel {
         added: Option<&AddedCond>,
         extras: &UNetExtras,
     ) -> Result<Tensor> {
+        let x = self.decode(sample, timesteps, context, added, extras)?;
+        self.conv_out.forward(&self.conv_norm_out.forward_silu(&x)?)
+    }
+
+    /// [`Self::forward`] and, beside the output, what its last convolution reads:
+    /// `silu(conv_norm_out(x))` `[B, block_out_channels[0], h, w]`, the decoder's features at
+    /// the latent's resolution (for a training loss on what they hold, such as an auxiliary
+    /// head that predicts where the scene's objects are).
+    pub fn forward_and_features(
+        &self,
+        sample: &Tensor,
+        timesteps: &Tensor,
+        context: &Tensor,
+        added: Option<&AddedCond>,
+    ) -> Result<(Tensor, Tensor)> {
+        let x = self.decode(sample, timesteps, context, added, &UNetExtras::default())?;
+        let features = self.conv_norm_out.forward_silu(&x)?;
+        Ok((self.conv_out.forward(&features)?, features))
+    }
+
+    /// Everything before the output layers: the embedding, the down and mid blocks (with
+    /// `extras`' residuals) and the up blocks.
+    fn decode(
+        &self,
+        sample: &Tensor,
+        timesteps: &Tensor,
+        context: &Tensor,
+        added: Option<&AddedCond>,
+        extras: &UNetExtras,
+    ) -> Result<Tensor> {
         let cfg = &self.config;
         let emb = self.encoder.embed(
             cfg,
@@ -556,7 +586,6 @@ impl UNet2DConditionModel {
                 x = up.forward(&x, size)?;
             }
         }
-
-        self.conv_out.forward(&self.conv_norm_out.forward_silu(&x)?)
+        Ok(x)
     }
 }
