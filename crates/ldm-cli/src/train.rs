@@ -211,6 +211,11 @@ pub struct UnetArgs {
     /// 0 leaves it out. Experimental (docs/shapes-research.md).
     #[arg(long, default_value_t = 0.0)]
     layout_head: f64,
+    /// A share of each batch (each example with this probability) drawn from the noisiest
+    /// steps, ln σ ~ N(3, 0.5) (t ≈ 800–960), where a layout is decided and the recipe's
+    /// timesteps hardly go; 0 leaves them out. Experimental (docs/shapes-research.md).
+    #[arg(long, default_value_t = 0.0)]
+    noisy_share: f64,
     /// Start the U-Net's residual branches and its output convolution at zero (the resnets'
     /// conv2, the transformers' proj_out, conv_out), as the latent-diffusion code does.
     #[arg(long)]
@@ -384,6 +389,13 @@ fn unet_options(a: &UnetArgs) -> Result<UnetOptions> {
         object_weight: a.object_weight,
         attention_grounding: a.attention_grounding,
         layout_head: a.layout_head,
+        extra_timesteps: (a.noisy_share > 0.0).then_some((
+            a.noisy_share,
+            TimestepSampling::LogNormal {
+                mean: 3.0,
+                std: 0.5,
+            },
+        )),
         zero_init: a.zero_init,
         zero_terminal_snr: a.zero_terminal_snr,
         pool: a.pool.unwrap_or(d.pool),
@@ -414,6 +426,9 @@ fn unet_options(a: &UnetArgs) -> Result<UnetOptions> {
     }
     if !(opts.attention_grounding.is_finite() && opts.attention_grounding >= 0.0) {
         bail!("--attention-grounding must be a finite number ≥ 0");
+    }
+    if !(0.0..=1.0).contains(&a.noisy_share) {
+        bail!("--noisy-share must lie in [0, 1]");
     }
     if !(opts.layout_head.is_finite() && opts.layout_head >= 0.0) {
         bail!("--layout-head must be a finite number ≥ 0");

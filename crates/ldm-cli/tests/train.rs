@@ -451,6 +451,11 @@ fn layout_head_adds_its_term_to_the_loss() {
         unet(&parts) == unet(&whole),
         "the resumed run ends elsewhere"
     );
+    let (ok, _, err) = ldm(&["train", "unet", "--noisy-share", "2", "--out", s(&parts)]);
+    assert!(
+        !ok && err.contains("--noisy-share must lie in [0, 1]"),
+        "{err}"
+    );
     let (ok, out, err) = ldm(&["info", s(&whole), "--check"]);
     assert!(ok && out.contains("check unet: ok"), "{out}{err}");
 }

@@ -12,6 +12,7 @@ use crate::layout_head::{mask_loss_share, LayoutHead};
 use crate::loss::{
     grounding_share, object_pixel_weights, pixel_weighted_mse_share, weighted_mse_share,
 };
+use crate::noise::TrainRng;
 use crate::optim::{warmup_cosine, AdamW, AdamWConfig, Ema};
 use crate::parallel::sharded_loss_and_grads;
 use crate::recipe::Recipe;
@@ -45,6 +46,11 @@ pub struct UnetOptions {
     pub warmup: usize,
     pub prediction: Prediction,
     pub timesteps: TimestepSampling,
+    /// A share of each batch drawn from this second distribution instead (each example with
+    /// that probability): `ldm train unet --noisy-share` draws them from the noisiest steps,
+    /// where a layout is decided and the recipe's log-normal hardly goes (σ > 11, t > 850, for
+    /// 6 % of its examples).
+    pub extra_timesteps: Option<(f64, TimestepSampling)>,
     pub caption_dropout: f64,
     pub ema_decay: f64,
     pub min_snr_gamma: Option<f64>,
@@ -117,6 +123,7 @@ impl Default for UnetOptions {
             warmup: 100,
             prediction: Prediction::Epsilon,
             timesteps: TimestepSampling::Uniform,
+            extra_timesteps: None,
             caption_dropout: 0.1,
             ema_decay: 0.995,
             min_snr_gamma: None,
@@ -183,6 +190,22 @@ fn loss_weight(opts: &UnetOptions, a: f32) -> f64 {
         Some(floor) if w.is_finite() => w.max(floor),
         Some(floor) => floor,
         None => w,
+    }
+}
+
+/// One example's training timestep: from [`UnetOptions::timesteps`], or with the share of
+/// [`UnetOptions::extra_timesteps`] from that distribution.
+fn draw_timestep(opts: &UnetOptions, rng: &mut TrainRng, sched: &NoiseSchedule) -> usize {
+    let sampling = match opts.extra_timesteps {
+        Some((share, extra)) if rng.uniform() < share => extra,
+        _ => opts.timesteps,
+    };
+    match sampling {
+        TimestepSampling::Uniform => rng.below(TRAIN_STEPS),
+        TimestepSampling::LogNormal { mean, std } => {
+            let sigma = (mean + std * rng.normal()).exp();
+            (sched.sigma_to_t(sigma).round() as usize).min(TRAIN_STEPS - 1)
+        }
     }
 }
 
@@ -373,15 +396,7 @@ pub fn train_unet(
             None => None,
         };
         let tokens = Tensor::from_vec(tokens, (b, empty.len()), device)?;
-        let ts: Vec<usize> = (0..b)
-            .map(|_| match opts.timesteps {
-                TimestepSampling::Uniform => rng.below(TRAIN_STEPS),
-                TimestepSampling::LogNormal { mean, std } => {
-                    let sigma = (mean + std * rng.normal()).exp();
-                    (sched.sigma_to_t(sigma).round() as usize).min(TRAIN_STEPS - 1)
-                }
-            })
-            .collect();
+        let ts: Vec<usize> = (0..b).map(|_| draw_timestep(opts, rng, &sched)).collect();
         let abar: Vec<f32> = ts.iter().map(|&t| sched.alphas_cumprod[t]).collect();
         let col = |v: Vec<f32>| Tensor::from_vec(v, (b, 1, 1, 1), device);
         let a = col(abar.iter().map(|a| a.sqrt()).collect())?;
@@ -551,6 +566,56 @@ impl Model<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The recipe's log-normal hardly reaches the noisiest steps; an extra share drawn from
+    /// ln σ ~ N(3, 0.5) puts about that share of the examples there, and no share draws
+    /// exactly as before.
+    #[test]
+    fn an_extra_share_of_timesteps_goes_to_the_noisiest_steps() -> Result<()> {
+        let sched = schedule(true)?;
+        let recipe = UnetOptions {
+            timesteps: TimestepSampling::LogNormal {
+                mean: 0.5,
+                std: 1.2,
+            },
+            ..UnetOptions::default()
+        };
+        let noisy = |opts: &UnetOptions| -> Vec<usize> {
+            let mut rng = TrainRng::new(7);
+            (0..4000)
+                .map(|_| draw_timestep(opts, &mut rng, &sched))
+                .collect()
+        };
+        let share =
+            |ts: &[usize]| ts.iter().filter(|&&t| t >= 850).count() as f64 / ts.len() as f64;
+        let plain = share(&noisy(&recipe));
+        assert!(plain < 0.08, "{plain}");
+        let extra = |p: f64| UnetOptions {
+            extra_timesteps: Some((
+                p,
+                TimestepSampling::LogNormal {
+                    mean: 3.0,
+                    std: 0.5,
+                },
+            )),
+            ..recipe.clone()
+        };
+        let all = share(&noisy(&extra(1.0)));
+        assert!(all > 0.8, "{all}");
+        let quarter = share(&noisy(&extra(0.25)));
+        assert!(
+            (quarter - (0.75 * plain + 0.25 * all)).abs() < 0.03,
+            "{quarter}"
+        );
+        // The plain draws are those of the trainer before the option: one normal each.
+        let mut rng = TrainRng::new(7);
+        let first = (0.5 + 1.2 * rng.normal()).exp();
+        assert_eq!(
+            noisy(&recipe)[0],
+            (sched.sigma_to_t(first).round() as usize).min(TRAIN_STEPS - 1)
+        );
+        Ok(())
+    }
 
     /// `zero_init` zeroes every resnet's conv2, every transformer's proj_out and conv_out of
     /// the recipe's U-Net, nothing else, and the fresh model then predicts exactly zero.
