@@ -654,4 +654,27 @@ mod tests {
         assert_eq!(out.abs()?.max_all()?.to_scalar::<f32>()?, 0.0);
         Ok(())
     }
+
+    /// `forward_and_features` gives `forward`'s output, and the features `conv_out` reads on
+    /// the latent's grid (what `--layout-head` is trained on).
+    #[test]
+    fn forward_and_features_is_forward_with_its_last_features() -> Result<()> {
+        let dev = Device::Cpu;
+        let recipe = Recipe::miniature();
+        let cfg = UNetConfig::from_json(
+            &serde_json::from_value(recipe.unet_config())?,
+            Path::new("unet/config.json"),
+        )?;
+        let map = VarMap::new();
+        let unet = UNet2DConditionModel::new(SeededInit::var_builder(&map, 3, &dev), &cfg)?;
+        let sample = Tensor::randn(0f32, 1.0, (2, cfg.in_channels, 8, 8), &dev)?;
+        let t = Tensor::new(&[10f32, 900.0], &dev)?;
+        let context = Tensor::randn(0f32, 1.0, (2, 5, recipe.text_hidden), &dev)?;
+        let out = unet.forward(&sample, &t, &context, None)?;
+        let (same, features) = unet.forward_and_features(&sample, &t, &context, None)?;
+        let v = |x: &Tensor| x.flatten_all().and_then(|x| x.to_vec1::<f32>());
+        assert_eq!(v(&out)?, v(&same)?);
+        assert_eq!(features.dims(), [2, cfg.block_out_channels[0], 8, 8]);
+        Ok(())
+    }
 }
