@@ -617,18 +617,28 @@ mod tests {
         Ok(())
     }
 
-    /// `zero_init` zeroes every resnet's conv2, every transformer's proj_out and conv_out of
-    /// the recipe's U-Net, nothing else, and the fresh model then predicts exactly zero.
-    #[test]
-    fn zero_init_starts_residual_branches_at_zero() -> Result<()> {
+    /// The recipe's miniature U-Net, seeded into `map`, and inputs for it: two 8 × 8 samples,
+    /// their timesteps and a random context.
+    fn miniature_unet(map: &VarMap) -> Result<(UNet2DConditionModel, UNetConfig, [Tensor; 3])> {
         let dev = Device::Cpu;
         let recipe = Recipe::miniature();
         let cfg = UNetConfig::from_json(
             &serde_json::from_value(recipe.unet_config())?,
             Path::new("unet/config.json"),
         )?;
+        let unet = UNet2DConditionModel::new(SeededInit::var_builder(map, 3, &dev), &cfg)?;
+        let sample = Tensor::randn(0f32, 1.0, (2, cfg.in_channels, 8, 8), &dev)?;
+        let t = Tensor::new(&[10f32, 900.0], &dev)?;
+        let context = Tensor::randn(0f32, 1.0, (2, 5, recipe.text_hidden), &dev)?;
+        Ok((unet, cfg, [sample, t, context]))
+    }
+
+    /// `zero_init` zeroes every resnet's conv2, every transformer's proj_out and conv_out of
+    /// the recipe's U-Net, nothing else, and the fresh model then predicts exactly zero.
+    #[test]
+    fn zero_init_starts_residual_branches_at_zero() -> Result<()> {
         let map = VarMap::new();
-        let unet = UNet2DConditionModel::new(SeededInit::var_builder(&map, 3, &dev), &cfg)?;
+        let (unet, _, [sample, t, context]) = miniature_unet(&map)?;
         zero_residual_outputs(&map)?;
         let (mut conv2, mut proj_out, mut others) = (0, 0, 0);
         for (name, var) in map.data().lock().unwrap().iter() {
@@ -647,9 +657,6 @@ mod tests {
             conv2 >= 2 && proj_out >= 2 && others > 10,
             "{conv2} {proj_out} {others}"
         );
-        let sample = Tensor::randn(0f32, 1.0, (2, cfg.in_channels, 8, 8), &dev)?;
-        let t = Tensor::new(&[10f32, 900.0], &dev)?;
-        let context = Tensor::randn(0f32, 1.0, (2, 5, recipe.text_hidden), &dev)?;
         let out = unet.forward(&sample, &t, &context, None)?;
         assert_eq!(out.abs()?.max_all()?.to_scalar::<f32>()?, 0.0);
         Ok(())
@@ -659,17 +666,8 @@ mod tests {
     /// the latent's grid (what `--layout-head` is trained on).
     #[test]
     fn forward_and_features_is_forward_with_its_last_features() -> Result<()> {
-        let dev = Device::Cpu;
-        let recipe = Recipe::miniature();
-        let cfg = UNetConfig::from_json(
-            &serde_json::from_value(recipe.unet_config())?,
-            Path::new("unet/config.json"),
-        )?;
         let map = VarMap::new();
-        let unet = UNet2DConditionModel::new(SeededInit::var_builder(&map, 3, &dev), &cfg)?;
-        let sample = Tensor::randn(0f32, 1.0, (2, cfg.in_channels, 8, 8), &dev)?;
-        let t = Tensor::new(&[10f32, 900.0], &dev)?;
-        let context = Tensor::randn(0f32, 1.0, (2, 5, recipe.text_hidden), &dev)?;
+        let (unet, cfg, [sample, t, context]) = miniature_unet(&map)?;
         let out = unet.forward(&sample, &t, &context, None)?;
         let (same, features) = unet.forward_and_features(&sample, &t, &context, None)?;
         let v = |x: &Tensor| x.flatten_all().and_then(|x| x.to_vec1::<f32>());
